@@ -1,0 +1,32 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .cache/install.stamp
+
+.PHONY: install demo test lint bench clean
+
+# torch first, pinned: on these machines 2.13.0 is a local CPU build; an unpinned torch pulls CUDA wheels.
+$(STAMP): pyproject.toml
+	@mkdir -p .cache
+	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
+		|| $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PYTHON) -m slime.embedded.demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+bench: install
+	$(PYTHON) benchmarks/run_all.py
+
+clean:
+	rm -rf .cache/install.stamp build *.egg-info

@@ -1,0 +1,1 @@
+"""ta_opd: the TA-OPD method library (pure torch)."""
