@@ -1,0 +1,245 @@
+"""Start embedded SGLang servers (and a real sglang-router in front) as subprocesses.
+
+Usage::
+
+    from slime.backends.embedded_sglang.launch import launch_server, launch_engine_group
+
+    srv = launch_server("/ckpt/student", api_key="k")          # waits for /health
+    requests.post(srv.url + "/generate", json=..., headers=srv.headers)
+    srv.stop()
+
+    group = launch_engine_group("/ckpt/student", num_engines=2)  # N engines + sglang-router
+    group.url            # the router: what rollout clients talk to
+    group.engine_urls    # the engines: weight updates go to each of them
+    group.stop()         # stops only the processes it started, by pid
+
+Works from inside a Ray actor (plain ``subprocess`` + HTTP polling, no signals installed).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+
+_SERVER_MODULE = "slime.backends.embedded_sglang.server"
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def _wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str] | None,
+                  log_path: str | None) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = ""
+            if log_path and os.path.exists(log_path):
+                tail = Path(log_path).read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode} before it was healthy\n{tail}")
+        try:
+            r = requests.get(url, timeout=2, headers=headers)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except requests.RequestException as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not healthy after {timeout:.0f} s (last: {last}); log: {log_path}")
+
+
+@dataclass
+class ServerHandle:
+    """A running embedded server subprocess."""
+
+    model_path: str
+    host: str
+    port: int
+    api_key: str | None
+    extra_args: tuple[str, ...] = ()
+    log_file: str | None = None
+    env: dict[str, str] | None = None
+    startup_timeout: float = 180.0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    _log: IO[Any] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", _SERVER_MODULE, "--model-path", str(self.model_path), "--host", self.host,
+               "--port", str(self.port)]  # fmt: skip
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd + list(self.extra_args)
+
+    def start(self) -> ServerHandle:
+        env = dict(os.environ)
+        env.update(self.env or {})
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.log_file:
+            Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        out = self._log if self._log is not None else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)  # fmt: skip
+        try:
+            _wait_http_ok(self.url + "/health", self.proc, self.startup_timeout, None, self.log_file)
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def is_alive(self) -> bool:
+        """The process runs and answers /health."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            return requests.get(self.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """Stop this server (only its own pid)."""
+        if self.proc is not None:
+            _stop_process(self.proc)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self) -> ServerHandle:
+        """Stop and start again on the same port (a new pid)."""
+        self.stop()
+        return self.start()
+
+
+def launch_server(model_path: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
+                  api_key: str | None = None, extra_args: Sequence[str] = (), log_file: str | None = None,
+                  env: dict[str, str] | None = None, startup_timeout: float = 180.0) -> ServerHandle:  # fmt: skip
+    """Start ``python -m slime.backends.embedded_sglang.server`` and wait until /health answers 200."""
+    handle = ServerHandle(str(model_path), host, port or find_free_port(host), api_key, tuple(extra_args), log_file,
+                          env, startup_timeout)  # fmt: skip
+    return handle.start()
+
+
+@dataclass
+class EngineGroup:
+    """N embedded engines, optionally behind a real sglang-router."""
+
+    engines: list[ServerHandle]
+    router_proc: subprocess.Popen | None
+    router_host: str
+    router_port: int | None
+    api_key: str | None
+
+    @property
+    def url(self) -> str:
+        """What clients use: the router when there is one, else the single engine."""
+        if self.router_proc is not None:
+            return f"http://{self.router_host}:{self.router_port}"
+        return self.engines[0].url
+
+    @property
+    def engine_urls(self) -> list[str]:
+        return [e.url for e in self.engines]
+
+    @property
+    def pids(self) -> list[int]:
+        pids = [e.pid for e in self.engines if e.pid is not None]
+        return pids + ([self.router_proc.pid] if self.router_proc is not None else [])
+
+    def stop(self) -> None:
+        """Stop the router and the engines this group started (by pid)."""
+        if self.router_proc is not None:
+            _stop_process(self.router_proc)
+        for e in self.engines:
+            e.stop()
+
+
+def launch_router(worker_urls: Sequence[str], port: int | None = None, host: str = "127.0.0.1",
+                  api_key: str | None = None, log_file: str | None = None, extra_args: Sequence[str] = (),
+                  startup_timeout: float = 120.0) -> tuple[subprocess.Popen, int]:  # fmt: skip
+    """Start ``python -m sglang_router.launch_router`` in front of ``worker_urls``; wait until it routes.
+
+    The router binds 0.0.0.0 by default; we always pass ``--host`` (loopback unless told otherwise).
+    """
+    port = port or find_free_port(host)
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
+           "--worker-urls", *worker_urls, "--policy", "round_robin", "--log-level", "warn"]  # fmt: skip
+    if api_key:
+        cmd += ["--api-key", api_key]
+    cmd += list(extra_args)
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    out: Any = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:
+        # /readiness answers 200 once at least one worker is registered and healthy.
+        _wait_http_ok(f"http://{host}:{port}/readiness", proc, startup_timeout, headers, log_file)
+    except Exception:
+        _stop_process(proc)
+        raise
+    return proc, port
+
+
+def launch_engine_group(model_path: str | os.PathLike, num_engines: int, api_key: str | None = None,
+                        router: bool = True, host: str = "127.0.0.1", router_port: int | None = None,
+                        extra_args: Sequence[str] = (), log_dir: str | None = None,
+                        env: dict[str, str] | None = None, startup_timeout: float = 180.0) -> EngineGroup:  # fmt: skip
+    """Start ``num_engines`` embedded engines and (``router=True``) a sglang-router in front of them."""
+    if num_engines < 1:
+        raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    engines: list[ServerHandle] = []
+    try:
+        for i in range(num_engines):
+            log = os.path.join(log_dir, f"engine_{i}.log") if log_dir else None
+            engines.append(
+                launch_server(model_path, host=host, api_key=api_key, extra_args=extra_args, log_file=log, env=env,
+                              startup_timeout=startup_timeout)  # fmt: skip
+            )
+        proc = None
+        port = None
+        if router:
+            log = os.path.join(log_dir, "router.log") if log_dir else None
+            proc, port = launch_router([e.url for e in engines], port=router_port, host=host, api_key=api_key,
+                                       log_file=log)  # fmt: skip
+        return EngineGroup(engines, proc, host, port, api_key)
+    except Exception:
+        for e in engines:
+            e.stop()
+        raise

@@ -1,0 +1,315 @@
+"""The embedded torch trainer: one process (CPU or one GPU) training a HF causal LM with OPD.
+
+Per rollout (METHOD.md §1):
+1. old log-probs of every response token, no grad (or the rollout's with ``--use-rollout-logprobs``);
+2. advantages = base estimator + λ·(teacher_logp − old_logp), detached;
+3. ``num_steps_per_rollout`` optimizer steps over consecutive global batches; each step accumulates
+   gradients over micro-batches whose losses use the step's global sample/token counts, so the
+   result does not depend on ``--micro-batch-size``;
+4. AdamW step after ``--clip-grad``.
+
+The class is a plain Python class (unit tests construct it directly); ``RayTrainGroup`` wraps it
+with ``ray.remote``. Upstream's Megatron actor has the same method names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slime.backends.torch_utils import checkpoint as ckpt
+from slime.backends.torch_utils.loss import compute_advantages, policy_loss
+from slime.backends.torch_utils.model import (
+    build_response_batch,
+    load_hf_model,
+    sampled_token_log_probs,
+    sparse_head_matches_dense,
+)
+from slime.ray.train_actor import TrainRayActor
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_SUBDIR = "weights"
+
+
+def _as_rollout_data(ref: Any) -> dict[str, Any]:
+    """Accept the data dict itself, a Ray ObjectRef to it, or an upstream-style ``Box(ref)``."""
+    inner = getattr(ref, "inner", ref)
+    if type(inner).__name__ == "ObjectRef":
+        import ray
+
+        inner = ray.get(inner)
+    if not isinstance(inner, dict):
+        raise TypeError(f"rollout data must be a dict of per-sample lists, got {type(inner).__name__}")
+    return inner
+
+
+def _float_list(values: Any, n: int, name: str, sample: int) -> torch.Tensor:
+    t = torch.as_tensor(values if not isinstance(values, torch.Tensor) else values.tolist(), dtype=torch.float64)
+    if t.numel() != n:
+        raise ValueError(f"sample {sample}: {name} has {t.numel()} entries, expected response_length={n}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"sample {sample}: {name} holds non-finite values (NaN/inf from a server?)")
+    return t
+
+
+class TorchTrainRayActor(TrainRayActor):
+    """Trainer actor of the embedded torch backend (one rank)."""
+
+    def init(self, args: Namespace, role: str = "actor", with_ref: bool = False, with_opd_teacher: bool = False):
+        """Load the student (``--load`` checkpoint if any, else ``--hf-checkpoint``); returns the start rollout id."""
+        super().init(args, role, with_ref, with_opd_teacher)
+        if self._world_size != 1:
+            raise ValueError(
+                f"the torch backend trains on one rank; got world size {self._world_size} "
+                "(use --actor-num-nodes 1 --actor-num-gpus-per-node 1, or the megatron backend)"
+            )
+        if with_ref or with_opd_teacher:
+            raise ValueError("the torch backend supports neither a reference model nor --opd-type megatron")
+        if args.hf_checkpoint is None:
+            raise ValueError("the torch trainer needs --hf-checkpoint (the student's HF directory)")
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.use_gpu else "cpu")
+        dtype = args.train_dtype or ("bfloat16" if getattr(args, "bf16", False) else "float32")
+        self.model = load_hf_model(args.hf_checkpoint, dtype=dtype, device=self.device)
+        self.model.train()
+        self.sparse = bool(getattr(args, "sparse_lm_head", True))
+        if self.sparse and not sparse_head_matches_dense(self.model, self.model.config.vocab_size):
+            logger.warning("logits != lm_head(last_hidden_state) for this model: using the dense LM-head path")
+            self.sparse = False
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+        )
+        self.global_step = 0
+        self.weight_version = 0
+        self.last_rollout_id = -1
+        self.loaded_from: str | None = None
+        start_rollout_id = 0
+        if args.load is not None and os.path.isdir(args.load):
+            latest = ckpt.latest_checkpoint(args.load)
+            if latest is not None:
+                state = ckpt.load_checkpoint(
+                    latest, self.model, None if getattr(args, "no_load_optim", False) else self.optimizer
+                )
+                self.global_step = int(state.get("global_step", 0))
+                self.weight_version = int(state.get("weight_version", 0))
+                self.last_rollout_id = int(state["rollout_id"])
+                start_rollout_id = self.last_rollout_id + 1
+                self.loaded_from = str(latest)
+                logger.info("resumed from %s: next rollout %d, step %d", latest, start_rollout_id, self.global_step)
+        return start_rollout_id
+
+    # ------------------------------------------------------------------ log-probs
+    def _micro_batches(self, indices: list[int], size: int) -> list[list[int]]:
+        return [indices[s : s + size] for s in range(0, len(indices), size)]
+
+    def _batch(self, data: dict[str, Any], idx: list[int]):
+        batch = build_response_batch(
+            [list(data["tokens"][i]) for i in idx],
+            [int(data["prompt_lengths"][i]) for i in idx],
+            [int(data["response_lengths"][i]) for i in idx],
+            pad_id=int(self.model.config.pad_token_id or 0),
+        )
+        batch.input_ids = batch.input_ids.to(self.device)
+        return batch
+
+    @torch.no_grad()
+    def compute_log_probs(self, data: dict[str, Any]) -> list[torch.Tensor]:
+        """Sampled-token log-probs of every response token under the current weights (no grad), per sample."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[torch.Tensor] = []
+        for idx in self._micro_batches(list(range(len(data["tokens"]))), self.args.micro_batch_size):
+            batch = self._batch(data, idx)
+            logp = sampled_token_log_probs(
+                self.model,
+                batch,
+                temperature=self.args.rollout_temperature,
+                sparse=self.sparse,
+                chunk_size=self.args.lm_head_chunk_size,
+            ).cpu()
+            out.extend(logp.split([int(data["response_lengths"][i]) for i in idx]))
+        self.model.train(was_training)
+        return [t.double() for t in out]
+
+    # ------------------------------------------------------------------ training
+    def train(self, rollout_id: int, rollout_data_ref: Any, external_data: Any = None) -> dict[str, float]:
+        """Train on one rollout; returns the step metrics (floats)."""
+        t0 = time.perf_counter()
+        data = _as_rollout_data(rollout_data_ref)
+        n = len(data["tokens"])
+        resp_lens = [int(r) for r in data["response_lengths"]]
+        loss_masks = [_float_list(data["loss_masks"][i], resp_lens[i], "loss_mask", i).bool() for i in range(n)]
+        if self.args.use_rollout_logprobs:
+            old = [_float_list(data["rollout_log_probs"][i], resp_lens[i], "rollout_log_probs", i) for i in range(n)]
+        else:
+            old = self.compute_log_probs(data)
+        teacher = None
+        if data.get("teacher_log_probs") is not None:
+            teacher = [
+                _float_list(data["teacher_log_probs"][i], resp_lens[i], "teacher_log_probs", i) for i in range(n)
+            ]
+        rewards = [float(r) if not isinstance(r, dict) else 0.0 for r in data.get("rewards", [0.0] * n)]
+        advantages = compute_advantages(self.args, old, teacher, rewards, resp_lens)
+        t_logp = time.perf_counter()
+
+        gbs = self.args.global_batch_size
+        num_steps = max(1, math.ceil(n / gbs))
+        step_metrics = [
+            self._train_step(data, list(range(s * gbs, min(n, (s + 1) * gbs))), old, advantages, loss_masks)
+            for s in range(num_steps)
+        ]
+        metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
+        metrics["train/step"] = float(self.global_step)
+        metrics["perf/log_probs_time"] = t_logp - t0
+        metrics["perf/train_time"] = time.perf_counter() - t0
+        self.last_rollout_id = rollout_id
+        return metrics
+
+    def _train_step(self, data, idx, old, advantages, loss_masks) -> dict[str, float]:
+        args = self.args
+        kept_total = int(sum(int(loss_masks[i].sum()) for i in idx))
+        global_tokens = max(kept_total, 1)
+        global_samples = len(idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, clipped = 0.0, 0.0
+        dtype = next(self.model.parameters()).dtype
+        for mb in self._micro_batches(idx, args.micro_batch_size):
+            if not any(bool(loss_masks[i].any()) for i in mb):
+                continue  # no kept token: contributes exactly zero loss and gradient
+            batch = self._batch(data, mb)
+            mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
+            old_mb = torch.cat([old[i] for i in mb])
+            adv_mb = torch.cat([advantages[i] for i in mb])
+            if self.sparse:
+                sel = mask.nonzero().squeeze(-1)  # LM head only at kept positions
+                rows_mask = torch.ones(sel.numel(), dtype=torch.bool)
+            else:
+                sel = torch.arange(mask.numel())
+                rows_mask = mask
+            logp = sampled_token_log_probs(
+                self.model, batch, select=sel, temperature=args.rollout_temperature, sparse=self.sparse
+            )
+            dev = logp.device
+            loss, n_clipped = policy_loss(
+                args,
+                logp,
+                old_mb[sel].to(dev, logp.dtype),
+                adv_mb[sel].to(dev, logp.dtype),
+                rows_mask.to(dev),
+                batch.sample_index[sel].to(dev),
+                global_token_count=global_tokens,
+                global_sample_count=global_samples,
+            )
+            loss.backward()
+            loss_sum += float(loss.detach())
+            clipped += float(n_clipped)
+        if args.clip_grad and args.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        else:
+            grads = [p.grad.detach().double().norm() for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        lr = self._lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.global_step += 1
+        del dtype
+        return {
+            "train/loss": loss_sum,
+            "train/grad_norm": float(grad_norm),
+            "train/clipfrac": clipped / global_tokens,
+            "train/lr": lr,
+            "train/kept_tokens": float(kept_total),
+            "train/samples": float(global_samples),
+        }
+
+    def _lr(self) -> float:
+        warmup = getattr(self.args, "lr_warmup_iters", 0) or 0
+        if warmup > 0 and self.global_step < warmup:
+            return self.args.lr * (self.global_step + 1) / warmup
+        return self.args.lr
+
+    @staticmethod
+    def _rollout_metrics(old, teacher, loss_masks, resp_lens) -> dict[str, float]:
+        out = {
+            "train/response_length_mean": float(np.mean(resp_lens)) if resp_lens else 0.0,
+            "train/response_tokens": float(sum(resp_lens)),
+        }
+        if teacher is not None and resp_lens and sum(resp_lens) > 0:
+            # sampled-token reverse KL estimate, log p_S(y) − log p_T(y), under the pre-step weights
+            diff = torch.cat([o - t for o, t in zip(old, teacher, strict=True)])
+            kept = torch.cat(loss_masks)
+            out["train/teacher_kl_all"] = float(diff.mean())
+            out["train/teacher_kl_kept"] = float(diff[kept].mean()) if bool(kept.any()) else 0.0
+        return out
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def _output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> str:
+        """Write the current weights as a HF safetensors dir (atomic)."""
+        return str(ckpt.save_hf_weights(self.model, out_dir, tokenizer_dir=self.args.hf_checkpoint))
+
+    def update_weights(self) -> str | None:
+        """Push the current weights to the rollout engines from disk; keeps only the newest pushed dir."""
+        if self._rank != 0:
+            return None
+        self.weight_version += 1
+        root = self._output_dir() / WEIGHTS_SUBDIR
+        path = self.save_hf(root / f"weight_v{self.weight_version:06d}")
+        if getattr(self, "rollout_manager", None) is not None:
+            import ray
+
+            ray.get(self.rollout_manager.update_weights_from_disk.remote(path))
+        for old in root.glob("weight_v*"):
+            if old.name != Path(path).name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def save_model(self, rollout_id: int, force_sync: bool = False) -> str | None:
+        """Atomic checkpoint of model + optimizer + RNG + counters under ``--save``."""
+        if self._rank != 0 or self.args.save is None:
+            return None
+        path = ckpt.save_checkpoint(
+            self.args.save,
+            rollout_id,
+            self.model,
+            self.optimizer,
+            trainer_state={"global_step": self.global_step, "weight_version": self.weight_version},
+            args_snapshot=vars(self.args),
+            tokenizer_dir=self.args.hf_checkpoint,
+            keep_last_n=self.args.keep_last_n_checkpoints,
+        )
+        return str(path)
+
+    def state_for_test(self) -> dict[str, torch.Tensor]:
+        """A copy of the parameters (tests compare runs with it)."""
+        return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+
+    def sleep(self, tags=None) -> None:  # the embedded backend keeps weights resident
+        return None
+
+    def wake_up(self, tags=None) -> None:
+        return None

@@ -1,0 +1,107 @@
+"""Placement groups and the creation of the RolloutManager and the training group (upstream's layout).
+
+GPU cluster: one placement group of ``{"GPU": 1, "CPU": 1}`` bundles — the actor's
+``actor_num_nodes × actor_num_gpus_per_node`` first, then ``--rollout-num-gpus`` for the engines;
+with ``--colocate`` both share ``max(actor, rollout)`` bundles. The embedded torch backend trains
+on one rank, so it reserves one actor bundle whatever the flags say.
+
+CPU-only machine (no GPU registered with Ray): the training ranks get ``{"CPU": 1}`` bundles and
+the rollout side gets none (embedded engines run as processes of the RolloutManager).
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+
+from slime.ray.actor_group import RayTrainGroup, resolve_actor_cls
+
+logger = logging.getLogger(__name__)
+
+PlacementGroupInfo = tuple[Any, list[int], list[Any]]
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def actor_world_size(args: Namespace) -> int:
+    """Ranks of the training group: the flags' GPU count, or 1 for the single-rank torch backend."""
+    from slime.backends.torch_utils.actor import TorchTrainRayActor
+
+    requested = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if resolve_actor_cls(args) is TorchTrainRayActor:
+        if requested > 1:
+            logger.info("torch backend: one training rank (flags ask for %d GPUs)", requested)
+        return 1
+    return requested
+
+
+def placement_layout(args: Namespace, use_gpu: bool) -> tuple[int, int]:
+    """``(bundles, rollout_offset)``: total bundles, and where the rollout engines' bundles start."""
+    actor = actor_world_size(args)
+    if not use_gpu:
+        return actor, actor
+    rollout = args.rollout_num_gpus or 0
+    if args.colocate:
+        return max(actor, rollout), 0
+    return actor + rollout, actor
+
+
+def _create_placement_group(num_bundles: int, use_gpu: bool) -> PlacementGroupInfo:
+    if num_bundles == 0:
+        return None, [], []
+    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+    available = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0)
+    if available < num_bundles:
+        kind = "GPUs" if use_gpu else "CPUs"
+        raise ValueError(
+            f"the placement group needs {num_bundles} {kind} (actor + rollout flags) but the Ray cluster has "
+            f"{available:g}; lower --actor-num-gpus-per-node/--rollout-num-gpus or add nodes"
+        )
+    pg = placement_group([dict(bundle) for _ in range(num_bundles)], strategy="PACK")
+    ray.get(pg.ready())
+    # bundles are used in creation order; upstream reorders by node IP and GPU id for multi-node packing
+    return pg, list(range(num_bundles)), [None] * num_bundles
+
+
+def create_placement_groups(args: Namespace) -> dict[str, PlacementGroupInfo]:
+    """``{"actor": (pg, bundle_indices, gpu_ids), "rollout": (...)}`` sized from the flags."""
+    use_gpu = cluster_has_gpus()
+    num_bundles, rollout_offset = placement_layout(args, use_gpu)
+    logger.info("placement group: %d %s bundles", num_bundles, "GPU" if use_gpu else "CPU")
+    pg, indices, gpu_ids = _create_placement_group(num_bundles, use_gpu)
+    actor_n = actor_world_size(args)
+    return {
+        "actor": (pg, indices[:actor_n], gpu_ids[:actor_n]),
+        "rollout": (pg, indices[rollout_offset:], gpu_ids[rollout_offset:]),
+        "use_gpu": use_gpu,  # type: ignore[dict-item]
+    }
+
+
+def create_rollout_manager(args: Namespace, pg: PlacementGroupInfo):
+    """Start the RolloutManager actor (it owns the engines, the router and the teacher server)."""
+    from slime.ray.rollout import create_rollout_manager as start_rollout_manager
+
+    return start_rollout_manager(args, pg)
+
+
+def create_training_models(args: Namespace, pgs: dict[str, Any], rollout_manager) -> tuple[RayTrainGroup, int]:
+    """The actor training group, initialised; returns it and the rollout id to start from."""
+    use_gpu = pgs.get("use_gpu", False)
+    group = RayTrainGroup(
+        args,
+        num_nodes=args.actor_num_nodes,
+        num_gpus_per_node=args.actor_num_gpus_per_node,
+        pg=pgs["actor"],
+        num_gpus_per_actor=0.4 if use_gpu else 0,  # as upstream: leaves room for colocated engines
+        num_cpus_per_actor=1,
+    )
+    start_ids = group.create(rollout_manager=rollout_manager)
+    if len(set(start_ids)) != 1:
+        raise RuntimeError(f"training ranks disagree on the rollout id to resume from: {start_ids}")
+    return group, start_ids[0]

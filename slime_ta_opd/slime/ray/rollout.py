@@ -1,0 +1,359 @@
+"""``RolloutManager``: the Ray actor that owns the rollout servers, the data source and the rollout.
+
+It starts (embedded backend) ``--rollout-num-engines`` SGLang-API engines behind a real
+sglang-router and, for ``--use-opd --opd-type sglang`` without ``--rm-url``, a teacher server
+from ``--opd-teacher-hf-checkpoint``; it points ``args.sglang_router_ip/port`` and
+``args.rm_url`` at them. With ``--sglang-router-ip/--sglang-router-port`` given it starts no
+engines and uses that router (an existing SGLang deployment).
+
+``generate(rollout_id)`` runs the rollout plug-in, then the reward post-process plug-in on all
+samples of the step (as upstream: for TA-OPD that is where tokens are selected), and returns
+the rollout data dict documented in docs/design.md. The class is plain; ``ray.remote`` is
+applied where it is created (``create_rollout_manager``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from argparse import Namespace
+from typing import Any
+
+import torch
+
+from slime.rollout.base_types import call_rollout_fn
+from slime.utils.async_utils import run
+from slime.utils.http_utils import get, init_http_client, post
+from slime.utils.misc import load_function
+from slime.utils.types import Sample
+
+logger = logging.getLogger(__name__)
+
+# Per-sample keys of the rollout data dict (lists in sample order).
+PER_SAMPLE_KEYS = (
+    "tokens",
+    "response_lengths",
+    "prompt_lengths",
+    "loss_masks",
+    "rewards",
+    "raw_reward",
+    "truncated",
+    "sample_indices",
+    "rollout_ids",
+    "rollout_mask_sums",
+    "rollout_log_probs",
+    "teacher_log_probs",
+)
+
+
+def _float_list(values: Any) -> list[float]:
+    if torch.is_tensor(values):
+        return [float(v) for v in values.detach().cpu().reshape(-1).tolist()]
+    return [float(v) for v in values]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+class RolloutManager:
+    """Owns rollout servers, the data source and the rollout/eval plug-ins (see the module doc)."""
+
+    def __init__(self, args: Namespace, pg: Any = None):
+        self.args = args
+        self.pg = pg
+        self._engine_group = None
+        self._teacher = None
+        init_http_client(args)
+        self.data_source = load_function(args.data_source_path)(args)
+        self.generate_rollout = load_function(args.rollout_function_path)
+        self.eval_generate_rollout = load_function(args.eval_function_path or args.rollout_function_path)
+        self.custom_reward_post_process_func = (
+            load_function(args.custom_reward_post_process_path) if args.custom_reward_post_process_path else None
+        )
+        self.custom_convert_func = (
+            load_function(args.custom_convert_samples_to_train_data_path)
+            if getattr(args, "custom_convert_samples_to_train_data_path", None)
+            else None
+        )
+        try:
+            self._start_servers()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.rollout_id = -1
+
+    # ------------------------------------------------------------------ servers
+    def _start_servers(self) -> None:
+        args = self.args
+        backend = getattr(args, "rollout_backend", "auto")
+        external = args.sglang_router_ip is not None and args.sglang_router_port is not None
+        if backend == "sglang" and not external:
+            raise ValueError(
+                "--rollout-backend sglang starts no engines here: pass --sglang-router-ip/--sglang-router-port "
+                "of a running SGLang router (managed SGLang engines belong to the scale-out backend)"
+            )
+        if not external:
+            if args.hf_checkpoint is None:
+                raise ValueError("the embedded rollout backend needs --hf-checkpoint (the student)")
+            from slime.backends.embedded_sglang.launch import launch_engine_group
+
+            n = max(1, int(args.rollout_num_engines or 1))
+            logger.info("starting %d embedded engine(s) from %s behind sglang-router", n, args.hf_checkpoint)
+            self._engine_group = launch_engine_group(
+                args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir()
+            )
+            host, _, port = self._engine_group.url.split("://", 1)[-1].rstrip("/").rpartition(":")
+            args.sglang_router_ip, args.sglang_router_port = host, int(port)
+        if args.use_opd and args.opd_type == "sglang" and args.rm_url is None:
+            if args.opd_teacher_hf_checkpoint is None:
+                raise ValueError("--opd-type sglang needs --rm-url or --opd-teacher-hf-checkpoint")
+            from slime.backends.embedded_sglang.launch import launch_server
+
+            logger.info("starting the embedded teacher server from %s", args.opd_teacher_hf_checkpoint)
+            log_dir = self._log_dir()
+            self._teacher = launch_server(
+                args.opd_teacher_hf_checkpoint,
+                api_key=args.api_key,
+                log_file=None if log_dir is None else os.path.join(log_dir, "teacher.log"),
+            )
+            args.rm_url = f"{self._teacher.url.rstrip('/')}/generate"
+
+    def _log_dir(self) -> str | None:
+        out = getattr(self.args, "output_dir", None)
+        if out is None:
+            return None
+        path = os.path.join(out, "logs")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def server_info(self) -> dict[str, Any]:
+        """Where the servers are (the trainer's copy of args does not see the actor's updates)."""
+        return {
+            "router_url": f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}",
+            "sglang_router_ip": self.args.sglang_router_ip,
+            "sglang_router_port": self.args.sglang_router_port,
+            "engine_urls": self.engine_urls(),
+            "rm_url": self.args.rm_url,
+            "teacher_url": None if self._teacher is None else self._teacher.url,
+        }
+
+    def engine_urls(self) -> list[str]:
+        """Base URLs of the student engines (not the router); empty for an external router."""
+        return [] if self._engine_group is None else list(self._engine_group.engine_urls)
+
+    def update_weights_from_disk(self, path: str) -> list[dict[str, Any]]:
+        """Load new student weights on every engine (each engine directly, not through the router)."""
+        urls = self.engine_urls()
+        if not urls:
+            raise RuntimeError("no engines owned by this RolloutManager; update an external deployment yourself")
+
+        async def push():
+            import asyncio
+
+            return await asyncio.gather(*(post(f"{u}/update_weights_from_disk", {"model_path": path}) for u in urls))
+
+        answers = run(push())
+        failed = [(u, a) for u, a in zip(urls, answers, strict=True) if not (isinstance(a, dict) and a.get("success"))]
+        if failed:
+            raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
+        return list(answers)
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health`` of the router, each engine and the teacher: {url: True | error text}."""
+        urls = [f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"] + self.engine_urls()
+        if self._teacher is not None:
+            urls.append(self._teacher.url)
+
+        async def probe(url: str):
+            try:
+                await get(f"{url.rstrip('/')}/health", max_retries=0, timeout=10, expect_json=False)
+                return True
+            except Exception as e:  # report, do not raise: this is a status call
+                return f"{type(e).__name__}: {e}"
+
+        async def probe_all():
+            import asyncio
+
+            return await asyncio.gather(*(probe(u) for u in urls))
+
+        return dict(zip(urls, run(probe_all()), strict=True))
+
+    def shutdown(self) -> None:
+        """Stop the servers this manager started (by their handles; nothing else)."""
+        for name in ("_teacher", "_engine_group"):
+            handle = getattr(self, name, None)
+            if handle is not None:
+                try:
+                    handle.stop()
+                except Exception:
+                    logger.exception("stopping %s failed", name)
+                setattr(self, name, None)
+
+    # ------------------------------------------------------------------ data
+    def get_num_rollout_per_epoch(self) -> int:
+        return len(self.data_source) // self.args.rollout_batch_size
+
+    def save(self, rollout_id: int) -> None:
+        self.data_source.save(rollout_id)
+
+    def load(self, rollout_id: int | None = None) -> None:
+        self.data_source.load(rollout_id)
+
+    # ------------------------------------------------------------------ rollout
+    def generate(self, rollout_id: int, return_samples: bool = False) -> dict[str, Any]:
+        """One rollout step → the rollout data dict (keys: docs/design.md "Rollout data")."""
+        start = time.perf_counter()
+        self.rollout_id = rollout_id
+        out = call_rollout_fn(self.generate_rollout, self.args, rollout_id, self.data_source, evaluation=False)
+        samples = out.samples
+        while samples and isinstance(samples[0], list):
+            samples = [s for group in samples for s in group]
+        if not samples:
+            raise RuntimeError(f"rollout {rollout_id} produced no samples")
+        data = self._convert_samples_to_train_data(samples)
+        metrics = dict(out.metrics or {})
+        metrics.update(data.pop("_metrics"))
+        metrics["rollout/time_s"] = time.perf_counter() - start
+        data["rollout_id"] = rollout_id
+        data["metrics"] = metrics
+        if return_samples:
+            data["samples"] = [s.to_dict() for s in samples]
+        return data
+
+    def eval(self, rollout_id: int) -> dict[str, Any]:
+        """Evaluation on ``--eval-prompt-data``: {"rollout_id", "metrics", "data": {name: {rewards, truncated}}}."""
+        out = call_rollout_fn(self.eval_generate_rollout, self.args, rollout_id, self.data_source, evaluation=True)
+        data = {name: {k: v for k, v in entry.items() if k != "samples"} for name, entry in (out.data or {}).items()}
+        return {"rollout_id": rollout_id, "metrics": dict(out.metrics or {}), "data": data}
+
+    def _post_process_rewards(self, samples: list[Sample]) -> tuple[list[Any], list[float]]:
+        fn = self.custom_reward_post_process_func
+        if fn is not None:
+            # the contract is (args, samples, **kwargs); rollout_id goes to plug-ins that take it
+            params = inspect.signature(fn).parameters
+            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            if takes_kwargs or "rollout_id" in params:
+                return fn(self.args, samples, rollout_id=self.rollout_id)
+            return fn(self.args, samples)
+        raw = [s.get_reward_value(self.args) for s in samples]
+        if not all(_is_number(r) for r in raw):
+            bad = next(r for r in raw if not _is_number(r))
+            raise TypeError(
+                f"rewards must be numbers without --custom-reward-post-process-path (or set --reward-key); got {bad!r}"
+            )
+        args = self.args
+        n = args.n_samples_per_prompt
+        if (
+            args.advantage_estimator in ("grpo", "gspo", "cispo", "reinforce_plus_plus_baseline")
+            and args.rewards_normalization
+            and len(raw) % n == 0
+        ):
+            # GRPO-style group normalisation, as upstream's default post-process
+            rewards = torch.tensor(raw, dtype=torch.float64).reshape(-1, n)
+            rewards = rewards - rewards.mean(dim=-1, keepdim=True)
+            if args.advantage_estimator in ("grpo", "gspo", "cispo") and args.grpo_std_normalization and n > 1:
+                rewards = rewards / (rewards.std(dim=-1, keepdim=True) + 1e-6)
+            return raw, rewards.flatten().tolist()
+        return raw, [float(r) for r in raw]
+
+    def _convert_samples_to_train_data(self, samples: list[Sample]) -> dict[str, Any]:
+        if self.custom_convert_func is not None:
+            data = self.custom_convert_func(self.args, samples)
+            data.setdefault("_metrics", {})
+            return data
+        raw_rewards, rewards = self._post_process_rewards(samples)
+        if len(raw_rewards) != len(samples) or len(rewards) != len(samples):
+            raise ValueError(
+                f"reward post-process returned {len(raw_rewards)}/{len(rewards)} rewards for {len(samples)} samples"
+            )
+        metrics: dict[str, float] = {}
+        step_metrics = samples[0].metadata.pop("opd_step_metrics", None) if samples[0].metadata else None
+        if step_metrics:
+            metrics.update({k: float(v) for k, v in step_metrics.items()})
+
+        loss_masks, teacher, prompt_lengths = [], [], []
+        for s in samples:
+            if s.loss_mask is None:
+                s.loss_mask = [1] * s.response_length
+            if len(s.loss_mask) != s.response_length:
+                raise ValueError(
+                    f"sample {s.index}: loss_mask length {len(s.loss_mask)} != response_length {s.response_length}"
+                )
+            if s.remove_sample:
+                s.loss_mask = [0] * s.response_length
+            loss_masks.append([int(m) for m in s.loss_mask])
+            prompt_len = len(s.tokens) - s.response_length
+            if prompt_len < 1:
+                raise ValueError(
+                    f"sample {s.index}: {len(s.tokens)} tokens cannot hold a prompt and "
+                    f"{s.response_length} response tokens"
+                )
+            prompt_lengths.append(prompt_len)
+            if s.teacher_log_probs is not None:
+                t = _float_list(s.teacher_log_probs)
+                if len(t) != s.response_length:
+                    raise ValueError(
+                        f"sample {s.index}: {len(t)} teacher log-probs for a response of {s.response_length} tokens"
+                    )
+                teacher.append(t)
+        if teacher and len(teacher) != len(samples):
+            raise ValueError("teacher_log_probs set on some samples but not all")
+        if self.args.use_opd and self.args.opd_type == "sglang" and not teacher:
+            raise ValueError("--use-opd --opd-type sglang: the reward post-process set no sample.teacher_log_probs")
+
+        rollout_ids = [s.rollout_id if s.rollout_id is not None else s.index for s in samples]
+        mask_sum_by_rollout: dict[int, int] = {}
+        for rid, m in zip(rollout_ids, loss_masks, strict=True):
+            mask_sum_by_rollout[rid] = mask_sum_by_rollout.get(rid, 0) + sum(m)
+        data: dict[str, Any] = {
+            "tokens": [list(map(int, s.tokens)) for s in samples],
+            "response_lengths": [s.response_length for s in samples],
+            "prompt_lengths": prompt_lengths,
+            "loss_masks": loss_masks,
+            "rewards": [float(r) for r in rewards],
+            "truncated": [int(s.status == Sample.Status.TRUNCATED) for s in samples],
+            "sample_indices": [s.index for s in samples],
+            "rollout_ids": rollout_ids,
+            "rollout_mask_sums": [mask_sum_by_rollout[r] for r in rollout_ids],
+        }
+        if all(_is_number(r) for r in raw_rewards):
+            data["raw_reward"] = [float(r) for r in raw_rewards]
+        if all(s.rollout_log_probs is not None for s in samples):
+            data["rollout_log_probs"] = [_float_list(s.rollout_log_probs) for s in samples]
+        if teacher:
+            data["teacher_log_probs"] = teacher
+        if all(s.train_metadata is not None for s in samples):
+            data["metadata"] = [s.train_metadata for s in samples]
+
+        n_valid = sum(s.response_length for s in samples)
+        n_kept = sum(sum(m) for m in loss_masks)
+        metrics["rollout/loss_mask_tokens"] = float(n_kept)
+        metrics["rollout/response_tokens"] = float(n_valid)
+        metrics["rollout/kept_token_ratio"] = n_kept / max(n_valid, 1)
+        metrics["rollout/reward_mean"] = sum(data["rewards"]) / len(samples)
+        if "raw_reward" in data:
+            metrics["rollout/raw_reward_mean"] = sum(data["raw_reward"]) / len(samples)
+        if teacher and "rollout_log_probs" in data:
+            # mean sampled-token reverse KL estimate log p_S - log p_T (METHOD.md §9), over all tokens
+            student_lp = torch.tensor([x for row in data["rollout_log_probs"] for x in row], dtype=torch.float64)
+            teacher_lp = torch.tensor([x for row in teacher for x in row], dtype=torch.float64)
+            diff = student_lp - teacher_lp
+            diff = diff[torch.isfinite(diff)]
+            if diff.numel():
+                metrics["rollout/teacher_kl_sampled"] = float(diff.mean())
+        data["_metrics"] = metrics
+        return data
+
+
+def create_rollout_manager(args: Namespace, pg: Any = None, **ray_options) -> Any:
+    """Start the RolloutManager as a Ray actor (``ray.remote`` applied here) and wait until it is up."""
+    import ray
+
+    options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1}
+    options.update(ray_options)
+    actor = ray.remote(RolloutManager).options(**options).remote(args, pg)
+    ray.get(actor.server_info.remote())  # surfaces constructor errors here
+    return actor

@@ -1,0 +1,602 @@
+"""The one flat argument namespace shared by every component of the stack.
+
+Flag names and defaults follow upstream slime (``slime/utils/arguments.py``) for everything
+this stack supports, so launch scripts carry over; TA-OPD flags live in
+``slime.utils.opd_config``. Defaults live here only: a ``--config FILE.yaml`` overrides
+defaults (keys in flag form ``rollout-batch-size`` or dest form ``rollout_batch_size``), and
+flags on the command line override the YAML. ``validate_args`` rejects contradictory
+settings before any actor or server starts.
+
+Usage::
+
+    python -m slime.utils.arguments --dump-markdown > docs/arguments.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sglang_rollout.generate_rollout"
+DEFAULT_DATA_SOURCE = "slime.rollout.data_source.RolloutDataSourceWithBuffer"
+OPD_REWARD_FUNC = "slime.rollout.on_policy_distillation.reward_func"
+OPD_POST_PROCESS = "slime.rollout.on_policy_distillation.post_process_rewards"
+ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
+# sd_* room: the self-distillation losses (METHOD.md §7-8) register here when they land.
+LOSS_TYPES = ("policy_loss", "sft_loss", "custom_loss")
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("cluster")
+    g.add_argument("--actor-num-nodes", type=int, default=1, help="Number of nodes for the training actor.")
+    g.add_argument("--actor-num-gpus-per-node", type=int, default=8, help="GPUs per node for the training actor.")
+    g.add_argument(
+        "--rollout-num-gpus",
+        type=int,
+        default=None,
+        help="GPUs for rollout engines; with --colocate defaults to actor_num_nodes * actor_num_gpus_per_node.",
+    )
+    g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1, help="GPUs per engine (SGLang tp_size).")
+    g.add_argument(
+        "--rollout-num-engines",
+        type=int,
+        default=None,
+        help=(
+            "Embedded stack: number of engines to start (CPU runs have no GPUs to count). "
+            "Default: rollout_num_gpus // rollout_num_gpus_per_engine, at least 1."
+        ),
+    )
+    g.add_argument("--num-gpus-per-node", type=int, default=8, help="GPUs per node for rollout.")
+    g.add_argument("--colocate", action="store_true", default=False, help="Train and roll out on the same GPUs.")
+    g.add_argument("--offload", action="store_true", default=False, help="Offload train and rollout when idle.")
+    g.add_argument(
+        "--train-backend",
+        type=str,
+        default="auto",
+        choices=["auto", "torch", "megatron"],
+        help="auto: megatron when megatron-core and CUDA are available, else the embedded torch trainer.",
+    )
+    g.add_argument(
+        "--rollout-backend",
+        type=str,
+        default="auto",
+        choices=["auto", "embedded", "sglang"],
+        help="auto: the embedded SGLang-API server (embedded) unless --sglang-router-ip/port name a running router.",
+    )
+
+
+def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("rollout")
+    g.add_argument("--hf-checkpoint", type=str, default=None, help="HF checkpoint of the student (tokenizer+engine).")
+    g.add_argument(
+        "--rollout-function-path",
+        type=str,
+        default=DEFAULT_ROLLOUT_FUNCTION,
+        help="generate_rollout(args, rollout_id, data_source, evaluation=False) -> RolloutFnTrainOutput | samples.",
+    )
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="Sampling temperature (> 0).")
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-top-k", type=int, default=-1)
+    g.add_argument("--rollout-max-context-len", type=int, default=None)
+    g.add_argument(
+        "--rollout-max-prompt-len",
+        type=int,
+        default=None,
+        help="Longest prompt in tokens; longer prompts are an error unless --rollout-filter-long-prompts.",
+    )
+    g.add_argument(
+        "--rollout-filter-long-prompts",
+        action="store_true",
+        default=False,
+        help="Drop (and count) prompts longer than --rollout-max-prompt-len instead of raising, as upstream does.",
+    )
+    g.add_argument("--rollout-max-response-len", type=int, default=None, help="max_new_tokens of rollout (required).")
+    g.add_argument("--rollout-skip-special-tokens", action="store_true", default=False)
+    g.add_argument("--rollout-stop", type=str, nargs="+", default=None, help="Stop strings.")
+    g.add_argument("--rollout-stop-token-ids", type=int, nargs="+", default=None, help="Stop token ids.")
+    g.add_argument("--rollout-shuffle", action="store_true", default=False, help="Shuffle prompts every epoch.")
+    g.add_argument("--rollout-seed", type=int, default=42, help="Seed of the prompt shuffle.")
+    g.add_argument("--over-sampling-batch-size", type=int, default=None, help="Default: --rollout-batch-size.")
+    g.add_argument("--custom-generate-function-path", type=str, default=None, help="async (args, sample, params).")
+    g.add_argument(
+        "--rollout-data-postprocess-path",
+        type=str,
+        default=None,
+        help="(args, rollout_id, rollout_data) called on the trainer after log-probs are known.",
+    )
+    g.add_argument("--buffer-filter-path", type=str, default=None, help="(args, rollout_id, buffer, num) -> groups.")
+    g.add_argument("--update-weights-interval", type=int, default=1)
+    g.add_argument("--sglang-router-ip", type=str, default=None, help="Router IP (set by the RolloutManager).")
+    g.add_argument("--sglang-router-port", type=int, default=None, help="Router port (set by the RolloutManager).")
+    g.add_argument("--sglang-server-concurrency", type=int, default=512, help="In-flight requests per engine.")
+    g.add_argument("--api-key", type=str, default=None, help="API key of our own servers (Authorization: Bearer).")
+    g.add_argument("--http-timeout", type=float, default=600.0, help="Seconds per HTTP request to a server.")
+    g.add_argument("--http-max-retries", type=int, default=5, help="Retries of a transient HTTP failure.")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--num-rollout", type=int, default=None, help="Number of rollout steps.")
+    g.add_argument("--num-epoch", type=int, default=None, help="Epochs (ignored when --num-rollout is set).")
+    g.add_argument(
+        "--disable-rollout-global-dataset",
+        action="store_false",
+        dest="rollout_global_dataset",
+        help="Do not read --prompt-data into the data source (a custom rollout manages data).",
+    )
+    g.add_argument("--data-source-path", type=str, default=DEFAULT_DATA_SOURCE, help="Data source class.")
+    g.add_argument("--prompt-data", type=str, default=None, help="JSONL prompt file.")
+    g.add_argument("--apply-chat-template", action="store_true", default=False)
+    g.add_argument("--apply-chat-template-kwargs", type=_json_dict, default={})
+    g.add_argument("--input-key", type=str, default="input", help="JSON key of the prompt.")
+    g.add_argument("--label-key", type=str, default=None, help="JSON key of the label.")
+    g.add_argument("--metadata-key", type=str, default="metadata", help="JSON key of per-prompt metadata.")
+    g.add_argument("--tool-key", type=str, default="tools", help="JSON key of tools for the chat template.")
+    g.add_argument("--start-rollout-id", type=int, default=None)
+    g.add_argument("--rollout-batch-size", type=int, default=None, help="Prompts per rollout step (required).")
+    g.add_argument("--n-samples-per-prompt", type=int, default=1, help="Responses per prompt.")
+    g.add_argument(
+        "--global-batch-size", type=int, default=None, help="Samples per optimizer step; default one step/rollout."
+    )
+    g.add_argument("--num-steps-per-rollout", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--use-dynamic-batch-size", action="store_true", default=False)
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None)
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval-function-path", type=str, default=None, help="Default: --rollout-function-path.")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-prompt-data", type=str, nargs="+", default=None, help="name path [name path ...].")
+    g.add_argument("--skip-eval-before-train", action="store_true", default=False)
+    g.add_argument("--eval-input-key", type=str, default=None)
+    g.add_argument("--eval-label-key", type=str, default=None)
+    g.add_argument("--n-samples-per-eval-prompt", type=int, default=1)
+    g.add_argument("--eval-temperature", type=float, default=None)
+    g.add_argument("--eval-top-p", type=float, default=None)
+    g.add_argument("--eval-top-k", type=int, default=None)
+    g.add_argument("--eval-max-response-len", type=int, default=None)
+    g.add_argument("--eval-max-prompt-len", type=int, default=None)
+    g.add_argument(
+        "--eval-custom-rm-path",
+        type=str,
+        default=None,
+        help="async (args, sample, **kwargs) -> reward for eval (e.g. slime.embedded.task.reward_func).",
+    )
+    g.add_argument("--eval-rm-type", type=str, default=None, help="Built-in eval reward: exact_match | remote_rm.")
+
+
+def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--ref-load", type=str, default=None, help="Reference checkpoint (initial weights without --load).")
+    g.add_argument("--load", type=str, default=None, help="Checkpoint directory to resume from.")
+    g.add_argument("--save", type=str, default=None, help="Checkpoint directory to write.")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=None, help="Delete older checkpoints (default all).")
+    g.add_argument("--no-save-optim", action="store_true", default=False)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true", default=False)
+    g.add_argument("--calculate-per-token-loss", action="store_true", default=False)
+    g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range.")
+    g.add_argument(
+        "--eps-clip-high",
+        type=float,
+        default=0.28,
+        help="PPO upper clip (METHOD.md §1 default 0.28; upstream's default is --eps-clip).",
+    )
+    g.add_argument("--eps-clip-c", type=float, default=None, help="Dual-clip lower bound.")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="Reward-shaping KL coefficient (to the ref model).")
+    g.add_argument("--use-kl-loss", action="store_true", default=False)
+    g.add_argument("--kl-loss-coef", type=float, default=0.0)
+    g.add_argument("--kl-loss-type", type=str, default="k1", choices=["k1", "k2", "k3", "low_var_kl"])
+    g.add_argument("--entropy-coef", type=float, default=0.0)
+    g.add_argument("--loss-type", type=str, default="policy_loss", choices=list(LOSS_TYPES))
+    g.add_argument("--custom-loss-function-path", type=str, default=None, help="With --loss-type custom_loss.")
+    g.add_argument("--advantage-estimator", type=str, default="grpo", choices=list(ADVANTAGE_ESTIMATORS))
+    g.add_argument("--custom-advantage-function-path", type=str, default=None, help="(args, rollout_data) -> None.")
+    g.add_argument("--normalize-advantages", action="store_true", default=False)
+    g.add_argument("--disable-grpo-std-normalization", action="store_false", dest="grpo_std_normalization")
+    g.add_argument("--disable-rewards-normalization", action="store_false", dest="rewards_normalization")
+    # torch trainer backend (slime/backends/torch_utils; docs/training.md)
+    g.add_argument(
+        "--no-sparse-lm-head",
+        action="store_false",
+        dest="sparse_lm_head",
+        help="Torch trainer: apply the LM head to every position (dense reference path) instead of kept tokens only.",
+    )
+    g.add_argument(
+        "--lm-head-chunk-size", type=int, default=4096, help="Torch trainer: rows per LM-head chunk (no-grad passes)."
+    )
+    g.add_argument(
+        "--train-dtype",
+        type=str,
+        default=None,
+        choices=["float32", "bfloat16", "float64"],
+        help="Torch trainer parameter dtype (default float32, bfloat16 with --bf16).",
+    )
+    g.add_argument("--use-rollout-logprobs", action="store_true", default=False, help="Old log-probs = rollout's.")
+
+
+def _add_opd_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("on-policy distillation")
+    g.add_argument("--use-opd", action="store_true", default=False, help="Enable on-policy distillation.")
+    g.add_argument("--opd-type", type=str, default=None, choices=["sglang", "megatron"])
+    g.add_argument("--opd-kl-coef", type=float, default=1.0, help="λ of the OPD advantage (METHOD.md §1).")
+    g.add_argument("--opd-teacher-load", type=str, default=None, help="Teacher checkpoint for --opd-type megatron.")
+    g.add_argument(
+        "--opd-teacher-hf-checkpoint",
+        type=str,
+        default=None,
+        help="Embedded stack: start a teacher server from this HF checkpoint when --rm-url is not given.",
+    )
+    g.add_argument(
+        "--opd-teacher-temperature", type=float, default=1.0, help="Temperature of the teacher's scoring prefill."
+    )
+
+
+def _add_reward_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("reward")
+    g.add_argument("--rm-type", type=str, default=None)
+    g.add_argument("--reward-key", type=str, default=None, help="Key of the reward value in a dict reward.")
+    g.add_argument("--eval-reward-key", type=str, default=None)
+    g.add_argument("--group-rm", action="store_true", default=False)
+    g.add_argument(
+        "--rm-url", type=str, default=None, help="Reward/teacher server URL, e.g. http://HOST:PORT/generate."
+    )
+    g.add_argument("--custom-rm-path", type=str, default=None, help="async (args, sample, **kwargs) -> reward.")
+    g.add_argument(
+        "--custom-reward-post-process-path",
+        type=str,
+        default=None,
+        help="(args, samples, **kwargs) -> (raw_rewards, rewards); default: GRPO group normalisation.",
+    )
+    g.add_argument("--custom-convert-samples-to-train-data-path", type=str, default=None)
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging and outputs")
+    g.add_argument("--output-dir", type=str, default="outputs/run", help="Metrics, logs and default checkpoints.")
+    g.add_argument("--metrics-path", type=str, default=None, help="JSONL metrics (default OUTPUT_DIR/metrics.jsonl).")
+    g.add_argument("--use-wandb", action="store_true", default=False)
+    g.add_argument("--wandb-project", type=str, default=None)
+    g.add_argument("--wandb-group", type=str, default=None)
+    g.add_argument("--wandb-mode", type=str, default=None, choices=["online", "offline", "disabled"])
+    g.add_argument("--use-tensorboard", action="store_true", default=False)
+    g.add_argument("--tb-project-name", type=str, default=None, help="TensorBoard log dir (default OUTPUT_DIR/tb).")
+    g.add_argument("--tb-experiment-name", type=str, default=None)
+    g.add_argument("--preflight", action="store_true", default=False, help="Run the preflight checks only and exit.")
+    g.add_argument("--skip-preflight", action="store_true", default=False, help="Do not run preflight checks.")
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+ArgsProvider = Callable[[argparse.ArgumentParser], Any]
+
+
+def get_parser(extra_args_providers: Iterable[ArgsProvider] = ()) -> argparse.ArgumentParser:
+    """The flat parser. ``extra_args_providers`` add project- or user-specific flags (as upstream)."""
+    parser = argparse.ArgumentParser(
+        prog="slime", description="slime-compatible OPD / TA-OPD training stack", allow_abbrev=False
+    )
+    parser.add_argument("--config", type=str, default=None, help="YAML file overriding defaults.")
+    for add in (
+        _add_cluster_arguments,
+        _add_rollout_arguments,
+        _add_data_arguments,
+        _add_eval_arguments,
+        _add_algo_arguments,
+        _add_opd_arguments,
+        _add_reward_arguments,
+        _add_logging_arguments,
+        add_ta_opd_arguments,
+    ):
+        add(parser)
+    for provider in extra_args_providers:
+        provider(parser)
+    return parser
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag: value, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    by_flag = {opt.lstrip("-"): a for a in actions.values() for opt in a.option_strings}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key_s = str(key).lstrip("-")
+        action = by_flag.get(key_s) or actions.get(key_s) or actions.get(key_s.replace("-", "_"))
+        if action is None:
+            raise ValueError(f"--config {path!r}: unknown key {key!r} (not a flag of this parser)")
+        flag_form = key_s in by_flag
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path!r}: {key} is a switch and needs true/false, got {value!r}")
+            if isinstance(action, argparse._StoreFalseAction) and flag_form:
+                value = not value  # "disable-x: true" means dest x = False
+        elif value is not None and action.type is not None:
+            try:
+                if isinstance(value, list):
+                    value = [action.type(v) if isinstance(v, str | int | float) else v for v in value]
+                elif isinstance(value, str | int | float):
+                    value = action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise ValueError(f"--config {path!r}: bad value for {key}: {value!r} ({e})") from e
+        if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+            value = [value]
+        if action.choices is not None and value is not None:
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if v not in action.choices]
+            if bad:
+                raise ValueError(f"--config {path!r}: {key}={value!r} not in {list(action.choices)}")
+        out[action.dest] = value
+    return out
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+    validate: bool = True,
+    extra_args_providers: Iterable[ArgsProvider] = (),
+) -> argparse.Namespace:
+    """Parse ``argv`` (default ``sys.argv[1:]``); YAML from ``--config`` overrides defaults, flags override YAML."""
+    parser = get_parser(extra_args_providers)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(parser, known.config))
+    args = parser.parse_args(argv)
+    if validate:
+        validate_args(args)
+    return args
+
+
+def _resolve_eval_datasets(args: argparse.Namespace) -> list[dict[str, str]]:
+    values = list(args.eval_prompt_data or [])
+    if len(values) == 1:
+        values = ["eval", values[0]]
+    if len(values) % 2:
+        raise ValueError(f"--eval-prompt-data takes name/path pairs, got {values}")
+    datasets = [{"name": values[i], "path": values[i + 1]} for i in range(0, len(values), 2)]
+    for d in datasets:
+        if not os.path.isfile(d["path"]):
+            raise FileNotFoundError(f"--eval-prompt-data {d['name']}: file {d['path']!r} does not exist")
+    return datasets
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived values and reject contradictory flags (ValueError / FileNotFoundError), in place."""
+    if args.rollout_batch_size is None:
+        raise ValueError("--rollout-batch-size is required")
+    if args.rollout_max_response_len is None:
+        raise ValueError("--rollout-max-response-len is required (max_new_tokens of each rollout)")
+    _positive(
+        args,
+        "rollout_batch_size",
+        "n_samples_per_prompt",
+        "rollout_max_response_len",
+        "micro_batch_size",
+        "global_batch_size",
+        "num_steps_per_rollout",
+        "rollout_num_gpus_per_engine",
+        "rollout_num_engines",
+        "actor_num_nodes",
+        "actor_num_gpus_per_node",
+        "rollout_max_prompt_len",
+        "n_samples_per_eval_prompt",
+        "sglang_server_concurrency",
+        "http_timeout",
+        "save_interval",
+        "eval_interval",
+        "keep_last_n_checkpoints",
+        "update_weights_interval",
+    )
+    if args.rollout_temperature <= 0:
+        raise ValueError(f"--rollout-temperature must be > 0 (0 is greedy decoding), got {args.rollout_temperature}")
+    if not 0 < args.rollout_top_p <= 1:
+        raise ValueError(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
+    if args.num_rollout is not None and args.num_rollout < 0:
+        raise ValueError(f"--num-rollout must be >= 0, got {args.num_rollout}")
+    if args.http_max_retries < 0:
+        raise ValueError(f"--http-max-retries must be >= 0, got {args.http_max_retries}")
+
+    # batch sizes: global batch counts samples, one optimizer step per global batch
+    samples_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt
+    if args.num_steps_per_rollout is not None:
+        if samples_per_rollout % args.num_steps_per_rollout:
+            raise ValueError(
+                f"--num-steps-per-rollout {args.num_steps_per_rollout} does not divide rollout_batch_size * "
+                f"n_samples_per_prompt = {samples_per_rollout}"
+            )
+        gbs = samples_per_rollout // args.num_steps_per_rollout
+        if args.global_batch_size is not None and args.global_batch_size != gbs:
+            raise ValueError(
+                f"--global-batch-size {args.global_batch_size} contradicts --num-steps-per-rollout "
+                f"{args.num_steps_per_rollout} (which gives {gbs})"
+            )
+        args.global_batch_size = gbs
+    if args.global_batch_size is None:
+        args.global_batch_size = samples_per_rollout
+    if samples_per_rollout % args.global_batch_size:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} must divide rollout_batch_size * n_samples_per_prompt = "
+            f"{args.rollout_batch_size} * {args.n_samples_per_prompt} = {samples_per_rollout}"
+        )
+    if args.global_batch_size % args.micro_batch_size:
+        raise ValueError(
+            f"--micro-batch-size {args.micro_batch_size} must divide --global-batch-size {args.global_batch_size}"
+        )
+    if args.over_sampling_batch_size is None:
+        args.over_sampling_batch_size = args.rollout_batch_size
+    if args.over_sampling_batch_size < args.rollout_batch_size:
+        raise ValueError(
+            f"--over-sampling-batch-size {args.over_sampling_batch_size} < "
+            f"--rollout-batch-size {args.rollout_batch_size}"
+        )
+
+    # placement
+    actor_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
+    if args.colocate:
+        if args.rollout_num_gpus is None:
+            args.rollout_num_gpus = actor_gpus
+        elif args.rollout_num_gpus > actor_gpus:
+            raise ValueError(
+                f"--colocate puts rollout on the training GPUs, but --rollout-num-gpus {args.rollout_num_gpus} > "
+                f"actor_num_nodes * actor_num_gpus_per_node = {actor_gpus}"
+            )
+        args.offload = True
+    if args.rollout_num_gpus is not None:
+        if args.rollout_num_gpus < 0:
+            raise ValueError(f"--rollout-num-gpus must be >= 0, got {args.rollout_num_gpus}")
+        if args.rollout_num_gpus % args.rollout_num_gpus_per_engine:
+            raise ValueError(
+                f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine} must divide "
+                f"--rollout-num-gpus {args.rollout_num_gpus}"
+            )
+    if args.rollout_num_engines is None:
+        gpus = args.rollout_num_gpus or 0
+        args.rollout_num_engines = max(1, gpus // args.rollout_num_gpus_per_engine)
+    if (args.sglang_router_ip is None) != (args.sglang_router_port is None):
+        raise ValueError("--sglang-router-ip and --sglang-router-port must be given together")
+
+    # plug-ins
+    if args.loss_type == "custom_loss" and not args.custom_loss_function_path:
+        raise ValueError("--loss-type custom_loss needs --custom-loss-function-path")
+    if args.custom_loss_function_path and args.loss_type != "custom_loss":
+        raise ValueError("--custom-loss-function-path is only used with --loss-type custom_loss")
+    if args.eval_function_path is None:
+        args.eval_function_path = args.rollout_function_path
+
+    # OPD (same rules as upstream)
+    if args.use_opd:
+        if args.opd_type is None:
+            raise ValueError("--use-opd needs --opd-type sglang|megatron")
+        if args.opd_type == "megatron":
+            if args.opd_teacher_load is None:
+                raise ValueError("--opd-type megatron needs --opd-teacher-load DIR")
+            if not os.path.exists(args.opd_teacher_load):
+                raise FileNotFoundError(f"--opd-teacher-load {args.opd_teacher_load!r} does not exist")
+        else:
+            if args.opd_teacher_load is not None:
+                raise ValueError("--opd-teacher-load is for --opd-type megatron; with sglang the teacher is a server")
+            if args.rm_url is None and args.opd_teacher_hf_checkpoint is None:
+                raise ValueError("--opd-type sglang needs --rm-url (a teacher server) or --opd-teacher-hf-checkpoint")
+            if args.custom_rm_path is None:
+                args.custom_rm_path = OPD_REWARD_FUNC
+            if args.custom_reward_post_process_path is None:
+                args.custom_reward_post_process_path = OPD_POST_PROCESS
+        if args.opd_kl_coef < 0:
+            raise ValueError(f"--opd-kl-coef must be >= 0, got {args.opd_kl_coef}")
+        if args.opd_teacher_temperature <= 0:
+            raise ValueError(f"--opd-teacher-temperature must be > 0, got {args.opd_teacher_temperature}")
+    else:
+        if args.opd_type is not None:
+            raise ValueError(f"--opd-type {args.opd_type} is set but --use-opd is not")
+        if args.opd_teacher_load is not None:
+            raise ValueError("--opd-teacher-load is set but --use-opd is not")
+        if args.opd_teacher_hf_checkpoint is not None:
+            raise ValueError("--opd-teacher-hf-checkpoint is set but --use-opd is not")
+    if args.opd_teacher_hf_checkpoint is not None and not os.path.isdir(args.opd_teacher_hf_checkpoint):
+        raise FileNotFoundError(f"--opd-teacher-hf-checkpoint {args.opd_teacher_hf_checkpoint!r} is not a directory")
+    validate_ta_opd_args(args)
+
+    # files
+    if args.hf_checkpoint is not None and os.path.isabs(args.hf_checkpoint) and not os.path.exists(args.hf_checkpoint):
+        raise FileNotFoundError(f"--hf-checkpoint {args.hf_checkpoint!r} does not exist")
+    if args.rollout_global_dataset and args.prompt_data is not None and not os.path.isfile(args.prompt_data):
+        raise FileNotFoundError(f"--prompt-data {args.prompt_data!r} does not exist")
+    if args.load is not None and not os.path.exists(args.load):
+        # resuming with --load == --save on a first run starts fresh, as upstream does
+        if args.save is None or os.path.abspath(args.save) != os.path.abspath(args.load):
+            raise FileNotFoundError(f"--load {args.load!r} does not exist")
+        logger.info("--load %s does not exist yet (same as --save): starting from scratch", args.load)
+    if args.ref_load is not None and not os.path.exists(args.ref_load):
+        raise FileNotFoundError(f"--ref-load {args.ref_load!r} does not exist")
+    args.eval_datasets = _resolve_eval_datasets(args)
+    if args.eval_interval is not None and not args.eval_datasets:
+        raise ValueError("--eval-interval needs --eval-prompt-data name path")
+    if args.metrics_path is None:
+        args.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if args.preflight and args.skip_preflight:
+        raise ValueError("--preflight and --skip-preflight contradict each other")
+    return args
+
+
+def dump_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+    """A Markdown flag reference generated from the parser (docs/arguments.md)."""
+    parser = parser or get_parser()
+    lines = [
+        "# Flags",
+        "",
+        "Generated by `python -m slime.utils.arguments --dump-markdown`; do not edit by hand.",
+        "Defaults live in the parser; `--config FILE.yaml` overrides them and command-line flags override the YAML.",
+        "",
+    ]
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        lines += [f"## {group.title}", "", "| flag | default | choices | help |", "|---|---|---|---|"]
+        for a in actions:
+            flags = ", ".join(f"`{o}`" for o in a.option_strings)
+            default = "" if a.default is None or a.default == argparse.SUPPRESS else f"`{a.default}`"
+            choices = ", ".join(str(c) for c in a.choices) if a.choices else ""
+            text = (a.help or "").replace("|", "\\|")
+            lines.append(f"| {flags} | {default} | {choices} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dump-markdown" in argv:
+        sys.stdout.write(dump_markdown())
+        return 0
+    args = parse_args(argv)
+    for key, value in sorted(vars(args).items()):
+        print(f"{key} = {value!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

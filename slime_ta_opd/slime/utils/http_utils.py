@@ -1,0 +1,268 @@
+"""Async HTTP client helpers for talking to SGLang-API servers and the router.
+
+``post(url, payload)`` and ``get(url)`` keep upstream slime's names and first arguments.
+One aiohttp session per event loop is shared by every call (connection reuse); each call
+has a timeout, and transient failures (connection errors, timeouts, HTTP 5xx and 429) are
+retried a bounded number of times with exponential backoff plus jitter. Anything else, or
+running out of retries, raises ``HTTPRequestError`` naming the url, the attempts and the
+last error. A call never returns a silent empty answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections import Counter
+from typing import Any
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+
+# Defaults, replaced by ``init_http_client(args)`` (flags --http-timeout, --http-max-retries, --api-key).
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_BACKOFF_BASE_S = 0.5
+DEFAULT_BACKOFF_MAX_S = 10.0
+DEFAULT_CONNECTION_LIMIT = 256
+
+_config: dict[str, Any] = {
+    "timeout": DEFAULT_TIMEOUT_S,
+    "max_retries": DEFAULT_MAX_RETRIES,
+    "api_key": None,
+    "connection_limit": DEFAULT_CONNECTION_LIMIT,
+}
+_sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
+# Counters for metrics: "retries" (transient failures that were retried), "failures"
+# (calls that raised), "requests" (calls made). Read with ``get_retry_stats()``.
+_stats: Counter[str] = Counter()
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class HTTPRequestError(RuntimeError):
+    """A request that failed for good: non-retryable status, bad body, or retries exhausted."""
+
+    def __init__(self, message: str, *, url: str, attempts: int, status: int | None = None):
+        super().__init__(message)
+        self.url = url
+        self.attempts = attempts
+        self.status = status
+
+
+class _Retryable(Exception):
+    pass
+
+
+def init_http_client(args) -> None:
+    """Take timeout, retry budget and API key for our own servers from the parsed flags."""
+    _config["timeout"] = float(getattr(args, "http_timeout", DEFAULT_TIMEOUT_S))
+    _config["max_retries"] = int(getattr(args, "http_max_retries", DEFAULT_MAX_RETRIES))
+    _config["api_key"] = getattr(args, "api_key", None)
+    concurrency = getattr(args, "sglang_server_concurrency", None)
+    if concurrency:
+        _config["connection_limit"] = max(DEFAULT_CONNECTION_LIMIT, int(concurrency))
+
+
+def get_retry_stats() -> dict[str, int]:
+    """Counts since start (or the last reset): requests, retries, failures."""
+    return {"requests": _stats["requests"], "retries": _stats["retries"], "failures": _stats["failures"]}
+
+
+def reset_retry_stats() -> dict[str, int]:
+    """Return the counts and zero them (the rollout reports them per step)."""
+    out = get_retry_stats()
+    _stats.clear()
+    return out
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    entry = _sessions.get(id(loop))
+    if entry is None or entry[0] is not loop or entry[1].closed:
+        connector = aiohttp.TCPConnector(limit=_config["connection_limit"])
+        session = aiohttp.ClientSession(connector=connector)
+        _sessions[id(loop)] = (loop, session)
+        return session
+    return entry[1]
+
+
+async def close_session() -> None:
+    """Close the current loop's shared session (call before the loop ends)."""
+    entry = _sessions.pop(id(asyncio.get_running_loop()), None)
+    if entry is not None and not entry[1].closed:
+        await entry[1].close()
+
+
+def _headers(api_key: str | None, headers: dict[str, str] | None) -> dict[str, str]:
+    out = dict(headers or {})
+    key = api_key if api_key is not None else _config["api_key"]
+    if key:
+        out.setdefault("Authorization", f"Bearer {key}")
+    return out
+
+
+async def _request(
+    method: str,
+    url: str,
+    payload: Any = None,
+    *,
+    api_key: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    backoff_base: float = DEFAULT_BACKOFF_BASE_S,
+    backoff_max: float = DEFAULT_BACKOFF_MAX_S,
+    expect_json: bool = True,
+) -> Any:
+    timeout = _config["timeout"] if timeout is None else float(timeout)
+    max_retries = _config["max_retries"] if max_retries is None else int(max_retries)
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    attempts_allowed = max_retries + 1
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    hdrs = _headers(api_key, headers)
+    _stats["requests"] += 1
+    last_error: str = "no attempt made"
+    for attempt in range(1, attempts_allowed + 1):
+        try:
+            session = _session()
+            async with session.request(method, url, json=payload, headers=hdrs, timeout=client_timeout) as resp:
+                body = await resp.text()
+                if resp.status in RETRYABLE_STATUS:
+                    raise _Retryable(f"HTTP {resp.status}: {body[:300]}")
+                if resp.status >= 400:
+                    _stats["failures"] += 1
+                    raise HTTPRequestError(
+                        f"{method} {url} failed with HTTP {resp.status} (not retried): {body[:500]}",
+                        url=url,
+                        attempts=attempt,
+                        status=resp.status,
+                    )
+                if not expect_json:
+                    return body
+                if not body.strip():
+                    _stats["failures"] += 1
+                    raise HTTPRequestError(
+                        f"{method} {url} returned HTTP {resp.status} with an empty body; expected JSON",
+                        url=url,
+                        attempts=attempt,
+                        status=resp.status,
+                    )
+                try:
+                    return await resp.json(content_type=None)
+                except ValueError as e:
+                    _stats["failures"] += 1
+                    raise HTTPRequestError(
+                        f"{method} {url} returned a body that is not JSON: {body[:300]!r}",
+                        url=url,
+                        attempts=attempt,
+                        status=resp.status,
+                    ) from e
+        except _Retryable as e:
+            last_error = str(e)
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            last_error = f"{type(e).__name__}: {e}"
+        if attempt < attempts_allowed:
+            _stats["retries"] += 1
+            delay = min(backoff_max, backoff_base * (2 ** (attempt - 1)))
+            delay *= 0.5 + random.random()  # jitter in [0.5, 1.5)
+            logger.warning(
+                "%s %s attempt %d/%d failed (%s); retrying in %.2fs",
+                method,
+                url,
+                attempt,
+                attempts_allowed,
+                last_error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+    _stats["failures"] += 1
+    raise HTTPRequestError(
+        f"{method} {url} failed after {attempts_allowed} attempts; last error: {last_error}",
+        url=url,
+        attempts=attempts_allowed,
+    )
+
+
+async def post(
+    url: str,
+    payload: Any,
+    max_retries: int | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    api_key: str | None = None,
+    timeout: float | None = None,
+    backoff_base: float = DEFAULT_BACKOFF_BASE_S,
+    backoff_max: float = DEFAULT_BACKOFF_MAX_S,
+) -> Any:
+    """POST ``payload`` as JSON and return the decoded JSON answer (see the module doc for retries).
+
+    ``max_retries`` counts retries after the first attempt (attempts = max_retries + 1).
+    ``api_key`` (or the one from ``init_http_client``) is sent as ``Authorization: Bearer``.
+    """
+    return await _request(
+        "POST",
+        url,
+        payload,
+        api_key=api_key,
+        headers=headers,
+        timeout=timeout,
+        max_retries=max_retries,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+    )
+
+
+async def get(
+    url: str,
+    max_retries: int | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    api_key: str | None = None,
+    timeout: float | None = None,
+    backoff_base: float = DEFAULT_BACKOFF_BASE_S,
+    backoff_max: float = DEFAULT_BACKOFF_MAX_S,
+    expect_json: bool = True,
+) -> Any:
+    """GET ``url``; JSON answer decoded (or the text with ``expect_json=False``)."""
+    return await _request(
+        "GET",
+        url,
+        None,
+        api_key=api_key,
+        headers=headers,
+        timeout=timeout,
+        max_retries=max_retries,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        expect_json=expect_json,
+    )
+
+
+def is_port_available(port: int, host: str = "127.0.0.1") -> bool:
+    """True if ``host:port`` can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def find_available_port(base_port: int = 0, host: str = "127.0.0.1") -> int:
+    """A free port: the OS's pick for ``base_port=0``, else the first free one from ``base_port`` up."""
+    if base_port == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    port = base_port
+    while not is_port_available(port, host):
+        port += 1
+        if port > 65535:
+            raise RuntimeError(f"no free port at or above {base_port} on {host}")
+    return port

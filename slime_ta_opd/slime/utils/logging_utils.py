@@ -1,0 +1,117 @@
+"""Per-step metrics: JSONL and CSV always (offline), TensorBoard / W&B when asked for and installed.
+
+``<output-dir>/metrics.jsonl`` gets one JSON object per rollout step (appended and flushed, so a
+crash loses at most the line being written); ``metrics.csv`` is rewritten atomically from all
+records so far, so a metric that appears later simply adds a column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from slime.utils.misc import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logger(level: int = logging.INFO) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+class MetricsLogger:
+    """Writes each step's metrics dict to every configured sink."""
+
+    def __init__(self, args: Namespace):
+        self.output_dir = Path(args.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = Path(getattr(args, "metrics_path", None) or self.output_dir / "metrics.jsonl")
+        self.csv_path = self.jsonl_path.with_suffix(".csv")
+        self.records: list[dict[str, Any]] = []
+        if self.jsonl_path.exists():  # a resumed run keeps the earlier steps' lines
+            with open(self.jsonl_path) as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
+        self._tb = None
+        self._wandb = None
+        if getattr(args, "use_tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                log_dir = args.tb_project_name or str(self.output_dir / "tb")
+                if getattr(args, "tb_experiment_name", None):
+                    log_dir = os.path.join(log_dir, args.tb_experiment_name)
+                self._tb = SummaryWriter(log_dir=log_dir)
+            except ImportError as e:
+                logger.warning("--use-tensorboard: TensorBoard is not installed (%s); `pip install tensorboard`", e)
+        if getattr(args, "use_wandb", False):
+            try:
+                import wandb
+
+                self._wandb = wandb.init(
+                    project=args.wandb_project or "slime-ta-opd",
+                    group=args.wandb_group,
+                    mode=args.wandb_mode,
+                    dir=str(self.output_dir),
+                    config={k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)},
+                )
+            except ImportError as e:
+                logger.warning("--use-wandb: wandb is not installed (%s); `pip install wandb`", e)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"rollout_id": int(step), **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        self.records = [r for r in self.records if r.get("rollout_id") != step] + [record]
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._write_csv()
+        numeric = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        return record
+
+    def _write_csv(self) -> None:
+        columns = ["rollout_id"] + sorted({k for r in self.records for k in r} - {"rollout_id"})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in self.records:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()})
+        atomic_write_text(self.csv_path, buf.getvalue())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSONL records of a run, one dict per line (later lines for a repeated rollout id win)."""
+    by_id: dict[Any, dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_id[rec.get("rollout_id")] = rec
+    return list(by_id.values())

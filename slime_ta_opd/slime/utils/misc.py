@@ -1,0 +1,76 @@
+"""Small helpers shared by the stack: plug-in loading by dotted path, atomic writes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+
+@cache
+def load_function(path: str) -> Callable[..., Any]:
+    """Load ``pkg.module.attr`` (a function or a class) named by a flag or config string.
+
+    Raises ValueError for a malformed path, ImportError naming the module when it cannot be
+    imported, AttributeError naming the attribute when the module lacks it, and TypeError
+    when the attribute is not callable.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"plug-in path must be a non-empty dotted string 'pkg.module.fn', got {path!r}")
+    path = path.strip()
+    # upstream also accepts "pkg/module.py:fn"-free dotted form only; keep one syntax.
+    module_path, _, attr = path.rpartition(".")
+    if not module_path or not attr:
+        raise ValueError(f"plug-in path {path!r} must look like 'pkg.module.fn' (module path, a dot, a name)")
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as e:
+        raise ImportError(f"cannot load plug-in {path!r}: module {module_path!r} not found ({e})") from e
+    try:
+        fn = getattr(module, attr)
+    except AttributeError as e:
+        raise AttributeError(f"cannot load plug-in {path!r}: module {module_path!r} has no attribute {attr!r}") from e
+    if not callable(fn):
+        raise TypeError(f"plug-in {path!r} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+class SingletonMeta(type):
+    """Metaclass giving one instance per class (upstream uses it for the rollout's global state)."""
+
+    _instances: dict[type, Any] = {}
+
+    def __call__(cls, *args, **kwargs):
+        if cls not in cls._instances:
+            cls._instances[cls] = super().__call__(*args, **kwargs)
+        return cls._instances[cls]
+
+    def clear_instances(cls) -> None:
+        cls._instances.pop(cls, None)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

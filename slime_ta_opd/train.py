@@ -1,0 +1,140 @@
+"""Entry point: ``python slime_ta_opd/train.py [slime flags]`` (upstream slime's train loop).
+
+rollout (student sampling → teacher scoring → selection, in the RolloutManager) → train →
+push weights → eval / log / save. See docs/training.md.
+"""
+
+import logging
+import signal
+import sys
+import time
+
+import ray
+from tqdm import tqdm
+
+from slime.ray.placement_group import create_placement_groups, create_rollout_manager, create_training_models
+from slime.utils.arguments import parse_args
+from slime.utils.logging_utils import MetricsLogger, configure_logger
+
+logger = logging.getLogger("slime.train")
+
+
+def should_run_periodic_action(rollout_id: int, interval: int | None, num_rollout: int | None = None) -> bool:
+    if interval is None:
+        return False
+    return (num_rollout is not None and rollout_id == num_rollout - 1) or (rollout_id + 1) % interval == 0
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {k if "/" in k else f"{prefix}/{k}": v for k, v in (metrics or {}).items()}
+
+
+def train(args) -> dict:
+    """Run the loop; returns the last step's logged metrics. Servers and actors are stopped on any exit."""
+    configure_logger()
+    started_ray = not ray.is_initialized()
+    if started_ray:  # RAY_ADDRESS joins an existing cluster; otherwise a local Ray starts here
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    rollout_manager, actor_model, record = None, None, {}
+    metrics_logger = MetricsLogger(args)
+    try:
+        pgs = create_placement_groups(args)
+        rollout_manager = create_rollout_manager(args, pgs["rollout"])
+        if getattr(args, "preflight", False):
+            from slime.utils.preflight import run_preflight  # the preflight helper lands separately
+
+            return run_preflight(args, rollout_manager)
+        actor_model, start_rollout_id = create_training_models(args, pgs, rollout_manager)
+        if args.start_rollout_id is None:
+            args.start_rollout_id = start_rollout_id
+        if args.num_rollout is None:  # derive from --num-epoch as upstream
+            args.num_rollout = ray.get(rollout_manager.get_num_rollout_per_epoch.remote()) * (args.num_epoch or 1)
+        if args.start_rollout_id > 0:  # resumed: the data position and the engines' weights follow the checkpoint
+            if args.rollout_global_dataset:
+                ray.get(rollout_manager.load.remote(args.start_rollout_id - 1))
+            actor_model.update_weights()
+        if args.eval_interval is not None and args.start_rollout_id == 0 and not args.skip_eval_before_train:
+            metrics_logger.log(-1, _prefixed("eval", ray.get(rollout_manager.eval.remote(0)).get("metrics")))
+
+        t_start, first_kl = time.perf_counter(), None
+        bar = tqdm(
+            range(args.start_rollout_id, args.num_rollout),
+            total=args.num_rollout,
+            initial=args.start_rollout_id,
+            desc="rollout",
+            dynamic_ncols=True,
+        )
+        for rollout_id in bar:
+            t0 = time.perf_counter()
+            rollout_data = ray.get(rollout_manager.generate.remote(rollout_id))
+            t_rollout = time.perf_counter() - t0
+            train_metrics = ray.get(actor_model.async_train(rollout_id, ray.put(rollout_data)))[0]
+
+            if should_run_periodic_action(rollout_id, args.save_interval, args.num_rollout) and args.save:
+                if args.rollout_global_dataset:  # data position first: the trainer's pointer file is the commit
+                    ray.get(rollout_manager.save.remote(rollout_id))
+                actor_model.save_model(rollout_id)
+            actor_model.update_weights()
+
+            eval_metrics = {}
+            if should_run_periodic_action(rollout_id, args.eval_interval, args.num_rollout):
+                eval_metrics = _prefixed("eval", ray.get(rollout_manager.eval.remote(rollout_id)).get("metrics"))
+            step_time = time.perf_counter() - t0
+            record = metrics_logger.log(
+                rollout_id,
+                {
+                    **_prefixed("rollout", rollout_data.get("metrics", {})),
+                    **train_metrics,
+                    **eval_metrics,
+                    "perf/rollout_time": t_rollout,
+                    "perf/step_time": step_time,
+                },
+            )
+            kl = train_metrics.get("train/teacher_kl_all")
+            first_kl = kl if first_kl is None else first_kl
+            bar.set_postfix(
+                loss=f"{train_metrics['train/loss']:.4g}", kl=f"{kl if kl is not None else float('nan'):.4g}"
+            )
+        bar.close()
+        logger.info(
+            "done: rollouts %d..%d in %.1fs; teacher KL (sampled) %s -> %s; metrics in %s",
+            args.start_rollout_id,
+            args.num_rollout - 1,
+            time.perf_counter() - t_start,
+            first_kl,
+            record.get("train/teacher_kl_all"),
+            metrics_logger.jsonl_path,
+        )
+        return record
+    finally:
+        if rollout_manager is not None:
+            try:
+                ray.get(rollout_manager.shutdown.remote())
+            except Exception as e:  # the loop's own error matters more than a failed cleanup
+                logger.warning("rollout manager shutdown failed: %s", e)
+            ray.kill(rollout_manager, no_restart=True)
+        if actor_model is not None:
+            actor_model.shutdown()
+        metrics_logger.close()
+        if started_ray:
+            ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # SIGTERM (a scheduler stopping the job) takes the same clean path as Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: servers and actors stopped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
