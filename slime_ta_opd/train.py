@@ -12,7 +12,12 @@ import time
 import ray
 from tqdm import tqdm
 
-from slime.ray.placement_group import create_placement_groups, create_rollout_manager, create_training_models
+from slime.ray.placement_group import (
+    create_placement_groups,
+    create_rollout_manager,
+    create_training_models,
+    remove_placement_groups,
+)
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import MetricsLogger, configure_logger
 
@@ -35,7 +40,7 @@ def train(args) -> dict:
     started_ray = not ray.is_initialized()
     if started_ray:  # RAY_ADDRESS joins an existing cluster; otherwise a local Ray starts here
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    rollout_manager, actor_model, record = None, None, {}
+    rollout_manager, actor_model, pgs, record = None, None, {}, {}
     metrics_logger = MetricsLogger(args)
     try:
         pgs = create_placement_groups(args)
@@ -115,6 +120,7 @@ def train(args) -> dict:
             ray.kill(rollout_manager, no_restart=True)
         if actor_model is not None:
             actor_model.shutdown()
+        remove_placement_groups(pgs)
         metrics_logger.close()
         if started_ray:
             ray.shutdown()

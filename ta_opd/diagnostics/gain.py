@@ -153,6 +153,74 @@ def cluster_bootstrap(
     return BootstrapResult(estimate, float(lo), float(hi), se, int(clusters.size), int(labels.size), int(values.size))
 
 
+def bootstrap_mean_diff(
+    values: np.ndarray,
+    group_a: np.ndarray,
+    group_b: np.ndarray | None,
+    clusters: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> BootstrapResult:
+    """mean(values | group_a) − mean(values | group_b) (or just the first mean when ``group_b`` is None)
+    with a prompt-cluster percentile bootstrap CI; group membership is fixed, clusters are resampled.
+
+    Vectorised: each resample is a vector of cluster draw counts, and a group mean is
+    (counts · per-cluster sums)/(counts · per-cluster sizes). Same seed → same result.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    values = np.asarray(values, dtype=np.float64)
+    labels, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    n_c = labels.size
+
+    def sums(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.asarray(mask, dtype=bool)
+        return (
+            np.bincount(inverse[mask], weights=values[mask], minlength=n_c),
+            np.bincount(inverse[mask], minlength=n_c).astype(np.float64),
+        )
+
+    s_a, c_a = sums(group_a)
+    s_b, c_b = sums(group_b) if group_b is not None else (np.zeros(n_c), np.zeros(n_c))
+
+    def stat(weights: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = (weights @ s_a) / (weights @ c_a)
+            if group_b is not None:
+                out = out - (weights @ s_b) / (weights @ c_b)
+        return out
+
+    estimate = float(stat(np.ones((1, n_c)))[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_c, size=(n_resamples, n_c))
+    weights = np.zeros((n_resamples, n_c))
+    np.add.at(weights, (np.arange(n_resamples)[:, None], draws), 1.0)
+    boot = stat(weights)
+    boot = boot[np.isfinite(boot)]
+    alpha = (1.0 - confidence) / 2.0
+    if boot.size == 0:
+        lo = hi = se = float("nan")
+    else:
+        lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+        se = float(boot.std(ddof=1)) if boot.size > 1 else 0.0
+    n_tok = int(np.asarray(group_a, bool).sum() + (0 if group_b is None else np.asarray(group_b, bool).sum()))
+    return BootstrapResult(estimate, float(lo), float(hi), se, n_tok, int(n_c), int(boot.size))
+
+
+def gap_groups(c: np.ndarray, region: np.ndarray, n_bins: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(top-C-bin mask, bottom-C-bin mask) of the tokens in ``region``, bins by rank within the region."""
+    region = np.asarray(region, dtype=bool)
+    top = np.zeros(region.size, dtype=bool)
+    bottom = np.zeros(region.size, dtype=bool)
+    idx = np.flatnonzero(region)
+    if idx.size >= n_bins:
+        bins = quantile_bins(np.asarray(c, dtype=np.float64)[idx], n_bins)
+        top[idx[bins == n_bins - 1]] = True
+        bottom[idx[bins == 0]] = True
+    return top, bottom
+
+
 def gap_statistic(g: np.ndarray, c: np.ndarray, region: np.ndarray, n_bins: int) -> Callable[[np.ndarray], float]:
     """The statistic for :func:`cluster_bootstrap`: high-C minus low-C gap inside ``region`` (bool)."""
     g = np.asarray(g, dtype=np.float64)

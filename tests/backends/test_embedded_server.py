@@ -34,8 +34,16 @@ def weights_root(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
 @pytest.fixture(scope="module")
 def server(weights_root, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    extra = ["--weights-root", str(weights_root), "--max-body-bytes", "200000", "--max-new-tokens-cap", "512",
-             "--random-seed", "7"]  # fmt: skip
+    extra = [
+        "--weights-root",
+        str(weights_root),
+        "--max-body-bytes",
+        "200000",
+        "--max-new-tokens-cap",
+        "512",
+        "--random-seed",
+        "7",
+    ]
     handle = launch_server(weights_root / "student", api_key=KEY, extra_args=extra, log_file=str(log))
     yield handle
     handle.stop()
@@ -59,8 +67,16 @@ def direct_logprobs(model, ids, temperature=1.0):
 
 
 def test_plain_generate_has_contract_shape(server):
-    r = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 5, "temperature": 0.7},
-                      "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3})  # fmt: skip
+    r = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 5, "temperature": 0.7},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 3,
+        },
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     assert set(out) == {"text", "output_ids", "meta_info"}
@@ -86,9 +102,17 @@ def test_api_key_required_and_health_open(server):
 
 def test_prefill_scoring_matches_direct_forward(server, hf_model):
     k = 5
-    r = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-                      "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k,
-                      "token_ids_logprob": [3, 120]})  # fmt: skip
+    r = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": k,
+            "token_ids_logprob": [3, 120],
+        },
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     meta = out["meta_info"]
@@ -112,8 +136,16 @@ def test_prefill_scoring_matches_direct_forward(server, hf_model):
 
 def test_logprob_start_len_and_temperature_field(server, hf_model):
     s = 3
-    r = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                      "logprob_start_len": s, "logprob_temperature": 2.0})  # fmt: skip
+    r = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": s,
+            "logprob_temperature": 2.0,
+        },
+    )
     meta = r.json()["meta_info"]
     # SGLang: len(input) - s entries for input_ids[s:], the first with a None log-prob.
     assert [e[1] for e in meta["input_token_logprobs"]] == PROMPT[s:]
@@ -124,8 +156,16 @@ def test_logprob_start_len_and_temperature_field(server, hf_model):
         torch.tensor([e[0] for e in meta["input_token_logprobs"][1:]]), torch.tensor(want), atol=1e-5
     )
     # Through the router the field is dropped; custom_labels carries it instead.
-    r2 = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                       "logprob_start_len": s, "custom_labels": {"logprob_temperature": "2.0"}})  # fmt: skip
+    r2 = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": s,
+            "custom_labels": {"logprob_temperature": "2.0"},
+        },
+    )
     assert r2.json()["meta_info"]["input_token_logprobs"] == meta["input_token_logprobs"]
     # Default logprob_start_len (-1): no input log-probs, as in current SGLang.
     r3 = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True})
@@ -133,10 +173,16 @@ def test_logprob_start_len_and_temperature_field(server, hf_model):
 
 
 def test_greedy_topk1_and_sampling_params(server, hf_model):
-    greedy = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                                                    "ignore_eos": True}}).json()  # fmt: skip
-    topk1 = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 1.3,
-                                                                   "top_k": 1, "ignore_eos": True}}).json()  # fmt: skip
+    greedy = post(
+        server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    ).json()
+    topk1 = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 1.3, "top_k": 1, "ignore_eos": True},
+        },
+    ).json()
     assert greedy["output_ids"] == topk1["output_ids"]
     ids = list(PROMPT)
     for tok in greedy["output_ids"]:
@@ -154,8 +200,10 @@ def test_greedy_topk1_and_sampling_params(server, hf_model):
     }
     assert {o["output_ids"][0] for o in post(server, payload).json()} == {greedy["output_ids"][0]}
     # Output log-probs are of the temperature-scaled distribution (SGLang's default).
-    r = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0.5},
-                      "return_logprob": True}).json()  # fmt: skip
+    r = post(
+        server,
+        {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1, "temperature": 0.5}, "return_logprob": True},
+    ).json()
     lp, tok, _ = r["meta_info"]["output_token_logprobs"][0]
     assert abs(lp - direct_logprobs(hf_model, PROMPT, 0.5)[-1, tok].item()) < 1e-5
     # Same sampling_seed -> same sample.
@@ -164,36 +212,57 @@ def test_greedy_topk1_and_sampling_params(server, hf_model):
 
 
 def test_stop_token_ids_and_stop_strings(server):
-    greedy = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                                                    "ignore_eos": True}}).json()  # fmt: skip
+    greedy = post(
+        server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    ).json()
     first = greedy["output_ids"][0]
-    out = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                                                 "stop_token_ids": [first]}}).json()  # fmt: skip
+    out = post(
+        server,
+        {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0, "stop_token_ids": [first]}},
+    ).json()
     assert out["output_ids"] == [first]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": first}
     text = greedy["text"]
     stop = text[1:3]
-    out = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                                                 "ignore_eos": True, "stop": [stop]}}).json()  # fmt: skip
+    out = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True, "stop": [stop]},
+        },
+    ).json()
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert out["text"] == text[: text.find(stop)]
-    kept = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, "temperature": 0,
-                                                                  "ignore_eos": True, "stop": [stop],
-                                                                  "no_stop_trim": True}}).json()  # fmt: skip
+    kept = post(
+        server,
+        {
+            "input_ids": PROMPT,
+            "sampling_params": {
+                "max_new_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stop": [stop],
+                "no_stop_trim": True,
+            },
+        },
+    ).json()
     assert kept["text"].endswith(stop)
 
 
 def test_batch_and_n_samples(server):
     prompts = [PROMPT, [20, 21, 22], PROMPT]
-    single = [post(server, {"input_ids": p, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}).json()
-              for p in prompts]  # fmt: skip
+    single = [
+        post(server, {"input_ids": p, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}).json()
+        for p in prompts
+    ]
     batch = post(server, {"input_ids": prompts, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}).json()
     assert isinstance(batch, list) and len(batch) == 3
     assert [b["output_ids"] for b in batch] == [s["output_ids"] for s in single]
     texts = post(server, {"text": ["ab", "cd"], "sampling_params": {"max_new_tokens": 2}}).json()
     assert len(texts) == 2 and all("meta_info" in t for t in texts)
-    many = post(server, {"input_ids": [40, 41, 42, 43], "sampling_params": {"max_new_tokens": 6, "n": 6,
-                                                                            "ignore_eos": True}}).json()  # fmt: skip
+    many = post(
+        server, {"input_ids": [40, 41, 42, 43], "sampling_params": {"max_new_tokens": 6, "n": 6, "ignore_eos": True}}
+    ).json()
     assert len(many) == 6 and len({tuple(m["output_ids"]) for m in many}) > 1
     assert sum(m["meta_info"]["cached_tokens"] > 0 for m in many) >= 5  # one prefill shared by the n samples
 
@@ -220,10 +289,22 @@ def test_malformed_requests_get_400(server, payload, needle):
 
 
 def test_extra_router_fields_are_ignored(server):
-    payload = {"model": None, "input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}, "stream": False,
-               "log_metrics": True, "return_hidden_states": False, "rid": "abc", "lora_path": None,
-               "bootstrap_host": None, "background": False, "no_logs": False, "return_bytes": False,
-               "return_entropy": False, "custom_labels": {"x": "y"}}  # fmt: skip
+    payload = {
+        "model": None,
+        "input_ids": PROMPT,
+        "sampling_params": {"max_new_tokens": 2},
+        "stream": False,
+        "log_metrics": True,
+        "return_hidden_states": False,
+        "rid": "abc",
+        "lora_path": None,
+        "bootstrap_host": None,
+        "background": False,
+        "no_logs": False,
+        "return_bytes": False,
+        "return_entropy": False,
+        "custom_labels": {"x": "y"},
+    }
     r = post(server, payload)
     assert r.status_code == 200, r.text
     assert r.json()["meta_info"]["id"] == "abc"
@@ -279,8 +360,12 @@ def test_answers_match_upstream_fixture_structure(server):
 
 
 def test_update_weights_from_disk(server, weights_root):
-    probe = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-             "logprob_start_len": 0}  # fmt: skip
+    probe = {
+        "input_ids": PROMPT,
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
     before = post(server, probe).json()["meta_info"]["input_token_logprobs"]
     bad = [str(weights_root / ".." / "elsewhere"), "/etc", "../../", str(weights_root / "notweights")]
     for path in bad:
@@ -311,7 +396,16 @@ def test_path_and_bind_guards(tmp_path):
 
 
 def test_cli_refuses_public_bind_without_key(tiny_student_dir):
-    cmd = [sys.executable, "-m", "slime.backends.embedded_sglang.server", "--model-path", str(tiny_student_dir),
-           "--host", "0.0.0.0", "--port", str(find_free_port())]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "slime.backends.embedded_sglang.server",
+        "--model-path",
+        str(tiny_student_dir),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(find_free_port()),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"SGLANG_API_KEY": "", "PATH": ""})
     assert proc.returncode == 2 and "without --api-key" in proc.stderr

@@ -22,15 +22,22 @@ def test_two_engines_behind_sglang_router(tiny_student_dir, tmp_path):
     try:
         headers = {"Authorization": "Bearer k"}
         assert len(group.engine_urls) == 2 and group.url not in group.engine_urls
-        payload = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0},
-                   "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}  # fmt: skip
+        payload = {
+            "input_ids": [5, 6, 7],
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+        }
         answers = [requests.post(group.url + "/generate", json=payload, headers=headers, timeout=60) for _ in range(6)]
         assert all(a.status_code == 200 for a in answers), answers[0].text
         first = answers[0].json()
         assert first["meta_info"]["input_token_logprobs"][0] == [None, 5, None]
         assert all(a.json()["output_ids"] == first["output_ids"] for a in answers)  # same weights, greedy
-        served = [requests.get(u + "/get_server_info", headers=headers, timeout=10).json()["num_requests_served"]
-                  for u in group.engine_urls]  # fmt: skip
+        served = [
+            requests.get(u + "/get_server_info", headers=headers, timeout=10).json()["num_requests_served"]
+            for u in group.engine_urls
+        ]
         assert sum(served) == 6 and min(served) > 0  # the router spread the load over both engines
         assert requests.post(group.url + "/generate", json=payload, timeout=60).status_code == 401
     finally:
@@ -51,7 +58,9 @@ def test_server_restart_and_liveness(tiny_student_dir):
         old_pid = srv.pid
         srv.restart()
         assert srv.is_alive() and srv.pid != old_pid
-        r = requests.post(srv.url + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+        r = requests.post(
+            srv.url + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}, timeout=60
+        )
         assert r.status_code == 200
     finally:
         srv.stop()

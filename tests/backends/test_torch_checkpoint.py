@@ -137,3 +137,17 @@ def test_save_hf_weights_is_loadable(tmp_path, model_and_opt, tiny_student_dir):
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert not [p for p in (tmp_path / "w").iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoint_without_optimizer_state_loads_model(tmp_path, model_and_opt, tiny_student_dir, caplog):
+    """--no-save-optim: no optimizer.pt; the model still loads and AdamW starts fresh (with a warning)."""
+    model, _ = model_and_opt
+    path = _save(tmp_path, model, None, 0, tiny_student_dir)
+    assert not (path / "optimizer.pt").exists()
+    fresh = load_hf_model(tiny_student_dir)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "save"), fresh, fresh_opt)
+    assert "no optimizer state" in caplog.text and not fresh_opt.state_dict()["state"]
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )

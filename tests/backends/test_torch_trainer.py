@@ -108,7 +108,7 @@ def test_micro_batch_size_does_not_change_gradients(tiny_student_dir, tmp_path, 
     extra = ("--calculate-per-token-loss",) if per_token else ()
     data = make_rollout(2)
     results = []
-    for mbs in ("1", "4", "2"):
+    for mbs in ("4", "1"):  # the whole step in one micro-batch vs one sample each
         trainer = make_trainer(make_args(tiny_student_dir, tmp_path, "--micro-batch-size", mbs, *extra))
         metrics = trainer.train(0, copy.deepcopy(data))
         results.append((metrics, grads(trainer), trainer.state_for_test()))
@@ -216,3 +216,26 @@ def test_weight_push_keeps_only_latest_dir(tiny_student_dir, tmp_path):
     root = tmp_path / "out" / "weights"
     assert sorted(p.name for p in root.iterdir()) == ["weight_v000002"]
     assert (root / "weight_v000002" / "model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_step_matches_cpu(tiny_student_dir, tmp_path):
+    data = make_rollout(12)
+    out = []
+    for use_gpu in (False, True):
+        trainer = TorchTrainRayActor(1, 0)
+        trainer.use_gpu = use_gpu
+        trainer.init(make_args(tiny_student_dir, tmp_path, "--micro-batch-size", "2"))
+        assert trainer.device.type == ("cuda" if use_gpu else "cpu")
+        out.append((trainer.train(0, copy.deepcopy(data)), {k: v.cpu() for k, v in grads(trainer).items()}))
+    assert out[0][0]["train/loss"] == pytest.approx(out[1][0]["train/loss"], abs=1e-9)
+    assert_grads_close(out[0][1], out[1][1], atol=1e-9)
+
+
+def test_bf16_step_is_finite(tiny_student_dir, tmp_path):
+    args = make_args(tiny_student_dir, tmp_path, "--bf16")
+    args.train_dtype = None  # --bf16 picks bfloat16 parameters
+    trainer = make_trainer(args)
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16 and trainer.sparse
+    metrics = trainer.train(0, make_rollout(13))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k.startswith("train/"))

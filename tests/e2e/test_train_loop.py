@@ -27,7 +27,7 @@ def load_train_module():
     return module
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +119,9 @@ def test_install_backs_up_verifies_and_uninstall_restores_byte_identical(fake_sl
     # the edited arguments.py registers the TA-OPD flags (run with the checkout first on the path)
     code = "from slime.utils.arguments import parse; a = parse(['--opd-budget-mask', 'teachability']); " \
            "print(a.opd_budget_mask, a.opd_topk_metrics_k, a.opd_kl_coef)"  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], cwd=fake_slime, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(fake_slime), "PATH": "/usr/bin:/bin"}, check=True)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake_slime), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], cwd=fake_slime, capture_output=True, text=True, env=env,
+                         check=True)  # fmt: skip
     assert out.stdout.split() == ["teachability", "16", "1.0"]
     # the backup dir keeps `git status` of the checkout to the patched files
     status = _git(fake_slime, "status", "--porcelain", "--untracked-files=all")

@@ -210,3 +210,13 @@ def test_ta_opd_arguments_registers_every_contract_flag():
     assert (defaults.opd_exact_cmass_max_union, defaults.opd_exact_cmass_overflow) == (4096, "fallback")
     with pytest.raises(SystemExit):
         add_ta_opd_arguments(argparse.ArgumentParser()).parse_args(["--opd-budget-mask", "nope"])
+
+
+def test_token_bank_is_written_when_configured(tmp_path):
+    samples = make_batch()
+    args = opd_args(opd_budget_mask="dlearn_high", opd_budget_ratio=0.1, opd_token_bank_dir=str(tmp_path / "bank"),
+                    opd_token_bank_format="jsonl", opd_teacher_name="t", opd_student_name="s")  # fmt: skip
+    patch_opd.post_process_rewards(args, samples, rollout_id=3)
+    files = sorted(p.name for p in (tmp_path / "bank").iterdir())
+    assert any(name.endswith(".jsonl") and "contexts" not in name for name in files), files
+    assert any("contexts" in name for name in files), files

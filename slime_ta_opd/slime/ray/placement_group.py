@@ -83,6 +83,18 @@ def create_placement_groups(args: Namespace) -> dict[str, PlacementGroupInfo]:
     }
 
 
+def remove_placement_groups(pgs: dict[str, Any]) -> None:
+    """Release the reserved bundles (a second run in the same Ray session needs them back)."""
+    from ray.util.placement_group import remove_placement_group
+
+    seen = set()
+    for info in pgs.values():
+        pg = info[0] if isinstance(info, tuple) else None
+        if pg is not None and pg.id not in seen:
+            seen.add(pg.id)
+            remove_placement_group(pg)
+
+
 def create_rollout_manager(args: Namespace, pg: PlacementGroupInfo):
     """Start the RolloutManager actor (it owns the engines, the router and the teacher server)."""
     from slime.ray.rollout import create_rollout_manager as start_rollout_manager

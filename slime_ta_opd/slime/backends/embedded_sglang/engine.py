@@ -112,8 +112,15 @@ class _Row:
 class _Running:
     """Decode-batch state: KV cache + per-row tensors, kept aligned with ``rows``."""
 
-    def __init__(self, rows: list[_Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor,
-                 last_tokens: torch.Tensor, device: torch.device):
+    def __init__(
+        self,
+        rows: list[_Row],
+        cache: Any,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+        last_tokens: torch.Tensor,
+        device: torch.device,
+    ):
         self.rows = rows
         self.cache = cache  # DynamicCache; per layer keys/values [B, H_kv, C, D]
         self.mask = mask  # [B, C] long: 1 where the cache column holds a real token of that row
@@ -173,9 +180,17 @@ class Engine:
     ``flush_cache()`` are serialised with generation on the worker thread.
     """
 
-    def __init__(self, model_path: str, device: str = "cpu", dtype: str = "auto", max_running_requests: int = 64,
-                 max_prefill_tokens: int = 16384, random_seed: int = 0, context_length: int | None = None,
-                 prompt_cache_tokens: int = 65536):
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_running_requests: int = 64,
+        max_prefill_tokens: int = 16384,
+        random_seed: int = 0,
+        context_length: int | None = None,
+        prompt_cache_tokens: int = 65536,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if max_running_requests < 1:
@@ -296,7 +311,7 @@ class Engine:
                         controls = list(self._controls)
                     if controls and self._running is None:
                         with self._controls_lock:
-                            self._controls = self._controls[len(controls):]
+                            self._controls = self._controls[len(controls) :]
                         for kind, arg, fut in controls:
                             self._run_control(kind, arg, fut)
                         continue
@@ -468,7 +483,10 @@ class Engine:
             n = len(p)
             kv = None
             if need_cache:
-                kv = [(layer.keys[u : u + 1, :, :n], layer.values[u : u + 1, :, :n]) for layer in out.past_key_values.layers]
+                kv = [
+                    (layer.keys[u : u + 1, :, :n], layer.values[u : u + 1, :, :n])
+                    for layer in out.past_key_values.layers
+                ]
             result.append(_Prefilled(kv, hidden[u, :n], last_logits[u]))
         return result
 
@@ -540,8 +558,13 @@ class Engine:
         run = self._running
         assert run is not None
         mask = torch.cat([run.mask, torch.ones(len(run), 1, dtype=run.mask.dtype, device=self.device)], 1)
-        out = self.decoder(input_ids=run.last_tokens[:, None], attention_mask=mask, position_ids=run.next_pos[:, None],
-                           past_key_values=run.cache, use_cache=True)
+        out = self.decoder(
+            input_ids=run.last_tokens[:, None],
+            attention_mask=mask,
+            position_ids=run.next_pos[:, None],
+            past_key_values=run.cache,
+            use_cache=True,
+        )
         run.mask = mask
         run.next_pos = run.next_pos + 1
         logits = self.lm_head(out.last_hidden_state[:, -1]).float()  # [B, V]

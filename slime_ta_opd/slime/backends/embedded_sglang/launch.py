@@ -51,8 +51,9 @@ def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
 
 
-def _wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str] | None,
-                  log_path: str | None) -> None:  # fmt: skip
+def _wait_http_ok(
+    url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str] | None, log_path: str | None
+) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -100,8 +101,17 @@ class ServerHandle:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", _SERVER_MODULE, "--model-path", str(self.model_path), "--host", self.host,
-               "--port", str(self.port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            _SERVER_MODULE,
+            "--model-path",
+            str(self.model_path),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + list(self.extra_args)
@@ -115,8 +125,9 @@ class ServerHandle:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         out = self._log if self._log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.command(), env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         try:
             _wait_http_ok(self.url + "/health", self.proc, self.startup_timeout, None, self.log_file)
         except Exception:
@@ -147,12 +158,20 @@ class ServerHandle:
         return self.start()
 
 
-def launch_server(model_path: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                  api_key: str | None = None, extra_args: Sequence[str] = (), log_file: str | None = None,
-                  env: dict[str, str] | None = None, startup_timeout: float = 180.0) -> ServerHandle:  # fmt: skip
+def launch_server(
+    model_path: str | os.PathLike,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    log_file: str | None = None,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 180.0,
+) -> ServerHandle:
     """Start ``python -m slime.backends.embedded_sglang.server`` and wait until /health answers 200."""
-    handle = ServerHandle(str(model_path), host, port or find_free_port(host), api_key, tuple(extra_args), log_file,
-                          env, startup_timeout)  # fmt: skip
+    handle = ServerHandle(
+        str(model_path), host, port or find_free_port(host), api_key, tuple(extra_args), log_file, env, startup_timeout
+    )
     return handle.start()
 
 
@@ -190,16 +209,35 @@ class EngineGroup:
             e.stop()
 
 
-def launch_router(worker_urls: Sequence[str], port: int | None = None, host: str = "127.0.0.1",
-                  api_key: str | None = None, log_file: str | None = None, extra_args: Sequence[str] = (),
-                  startup_timeout: float = 120.0) -> tuple[subprocess.Popen, int]:  # fmt: skip
+def launch_router(
+    worker_urls: Sequence[str],
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    log_file: str | None = None,
+    extra_args: Sequence[str] = (),
+    startup_timeout: float = 120.0,
+) -> tuple[subprocess.Popen, int]:
     """Start ``python -m sglang_router.launch_router`` in front of ``worker_urls``; wait until it routes.
 
     The router binds 0.0.0.0 by default; we always pass ``--host`` (loopback unless told otherwise).
     """
     port = port or find_free_port(host)
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-           "--worker-urls", *worker_urls, "--policy", "round_robin", "--log-level", "warn"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--worker-urls",
+        *worker_urls,
+        "--policy",
+        "round_robin",
+        "--log-level",
+        "warn",
+    ]
     if api_key:
         cmd += ["--api-key", api_key]
     cmd += list(extra_args)
@@ -217,10 +255,18 @@ def launch_router(worker_urls: Sequence[str], port: int | None = None, host: str
     return proc, port
 
 
-def launch_engine_group(model_path: str | os.PathLike, num_engines: int, api_key: str | None = None,
-                        router: bool = True, host: str = "127.0.0.1", router_port: int | None = None,
-                        extra_args: Sequence[str] = (), log_dir: str | None = None,
-                        env: dict[str, str] | None = None, startup_timeout: float = 180.0) -> EngineGroup:  # fmt: skip
+def launch_engine_group(
+    model_path: str | os.PathLike,
+    num_engines: int,
+    api_key: str | None = None,
+    router: bool = True,
+    host: str = "127.0.0.1",
+    router_port: int | None = None,
+    extra_args: Sequence[str] = (),
+    log_dir: str | None = None,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 180.0,
+) -> EngineGroup:
     """Start ``num_engines`` embedded engines and (``router=True``) a sglang-router in front of them."""
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
@@ -229,15 +275,23 @@ def launch_engine_group(model_path: str | os.PathLike, num_engines: int, api_key
         for i in range(num_engines):
             log = os.path.join(log_dir, f"engine_{i}.log") if log_dir else None
             engines.append(
-                launch_server(model_path, host=host, api_key=api_key, extra_args=extra_args, log_file=log, env=env,
-                              startup_timeout=startup_timeout)  # fmt: skip
+                launch_server(
+                    model_path,
+                    host=host,
+                    api_key=api_key,
+                    extra_args=extra_args,
+                    log_file=log,
+                    env=env,
+                    startup_timeout=startup_timeout,
+                )
             )
         proc = None
         port = None
         if router:
             log = os.path.join(log_dir, "router.log") if log_dir else None
-            proc, port = launch_router([e.url for e in engines], port=router_port, host=host, api_key=api_key,
-                                       log_file=log)  # fmt: skip
+            proc, port = launch_router(
+                [e.url for e in engines], port=router_port, host=host, api_key=api_key, log_file=log
+            )
         return EngineGroup(engines, proc, host, port, api_key)
     except Exception:
         for e in engines:

@@ -44,9 +44,20 @@ _NEUTRAL_SAMPLING = {
 }
 _IGNORED_SAMPLING = {"spaces_between_special_tokens", "stream_interval", "sampling_seed_mode"}
 _IMPLEMENTED_SAMPLING = {
-    "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
-    "ignore_eos", "skip_special_tokens", "no_stop_trim", "n", "sampling_seed",
-}  # fmt: skip
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "no_stop_trim",
+    "n",
+    "sampling_seed",
+}
 
 
 class RequestError(ValueError):
@@ -131,9 +142,7 @@ def parse_generate(body: Any, engine: Any, max_new_tokens_cap: int) -> tuple[lis
         if not p:
             raise RequestError(f"prompt {i} is empty: at least one input token is required")
         if len(p) >= engine.context_length:
-            raise RequestError(
-                f"prompt {i} has {len(p)} tokens, not below the context length {engine.context_length}"
-            )
+            raise RequestError(f"prompt {i} has {len(p)} tokens, not below the context length {engine.context_length}")
 
     sp_all = body.get("sampling_params") or {}
     if isinstance(sp_all, list):
@@ -193,9 +202,7 @@ def parse_generate(body: Any, engine: Any, max_new_tokens_cap: int) -> tuple[lis
         if seed is not None and not _is_int(seed):
             raise RequestError(f"{where}.sampling_seed must be an integer, got {seed!r}")
         if return_logprob and lp_start > len(prompt):
-            raise RequestError(
-                f"logprob_start_len={lp_start} is higher than the number of input tokens {len(prompt)}"
-            )
+            raise RequestError(f"logprob_start_len={lp_start} is higher than the number of input tokens {len(prompt)}")
         for j in range(n):
             if isinstance(rid, list):
                 if len(rid) != len(prompts) * n:
@@ -274,7 +281,9 @@ def build_answer(req: GenRequest, res: GenResult, engine: Any) -> dict[str, Any]
             res.output_token_logprobs_val, out_ids[:n_out], engine.token_texts(out_ids[:n_out]) if with_text else None
         )
         if req.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = _nested(res.input_top_logprobs_val, res.input_top_logprobs_idx, engine, with_text)
+            meta["input_top_logprobs"] = _nested(
+                res.input_top_logprobs_val, res.input_top_logprobs_idx, engine, with_text
+            )
             meta["output_top_logprobs"] = _nested(
                 res.output_top_logprobs_val, res.output_top_logprobs_idx, engine, with_text
             )

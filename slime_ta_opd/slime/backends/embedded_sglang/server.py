@@ -74,7 +74,9 @@ def resolve_weights_path(requested: Any, root: Path) -> Path:
         target = root_real / target
     real = target.resolve()
     if os.path.commonpath([str(real), str(root_real)]) != str(root_real):
-        raise ValueError(f"model_path {requested!r} resolves to {str(real)!r}, outside --weights-root {str(root_real)!r}")
+        raise ValueError(
+            f"model_path {requested!r} resolves to {str(real)!r}, outside --weights-root {str(root_real)!r}"
+        )
     if not real.is_dir():
         raise ValueError(f"model_path {requested!r} is not a directory")
     return real
@@ -257,8 +259,9 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
 
     @app.get("/get_load")
     async def get_load() -> list[dict[str, int]]:
-        return [{"dp_rank": 0, "num_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
-                 "num_tokens": 0}]  # fmt: skip
+        return [
+            {"dp_rank": 0, "num_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting, "num_tokens": 0}
+        ]
 
     @app.post("/abort_request")
     async def abort_request() -> Response:
@@ -273,18 +276,28 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", required=True, help="HF causal-LM directory (safetensors + tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs --api-key)")
     p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--api-key", default=os.environ.get("SGLANG_API_KEY") or None,
-                   help="require 'Authorization: Bearer KEY' (default: $SGLANG_API_KEY)")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SGLANG_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' (default: $SGLANG_API_KEY)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-running-requests", type=int, default=64, help="rows decoded together at most")
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens per prefill batch")
-    p.add_argument("--prompt-cache-tokens", type=int, default=65536,
-                   help="prompt tokens whose prefill is kept for reuse by later samples of the same prompt (0: off)")  # fmt: skip
+    p.add_argument(
+        "--prompt-cache-tokens",
+        type=int,
+        default=65536,
+        help="prompt tokens whose prefill is kept for reuse by later samples of the same prompt (0: off)",
+    )
     p.add_argument("--max-new-tokens-cap", type=int, default=32768, help="larger max_new_tokens get 400")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
-    p.add_argument("--weights-root", default=None,
-                   help="/update_weights_from_disk only reads below this dir (default: the model dir's parent)")  # fmt: skip
+    p.add_argument(
+        "--weights-root",
+        default=None,
+        help="/update_weights_from_disk only reads below this dir (default: the model dir's parent)",
+    )
     p.add_argument("--random-seed", type=int, default=0, help="seed of per-request sampling seeds")
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--health-timeout", type=float, default=60.0, help="seconds /health_generate waits")

@@ -44,10 +44,10 @@ WEIGHTS_SUBDIR = "weights"
 
 def _as_rollout_data(ref: Any) -> dict[str, Any]:
     """Accept the data dict itself, a Ray ObjectRef to it, or an upstream-style ``Box(ref)``."""
-    inner = getattr(ref, "inner", ref)
-    if type(inner).__name__ == "ObjectRef":
-        import ray
+    import ray
 
+    inner = getattr(ref, "inner", ref)
+    if isinstance(inner, ray.ObjectRef):
         inner = ray.get(inner)
     if not isinstance(inner, dict):
         raise TypeError(f"rollout data must be a dict of per-sample lists, got {type(inner).__name__}")
@@ -76,6 +76,8 @@ class TorchTrainRayActor(TrainRayActor):
             )
         if with_ref or with_opd_teacher:
             raise ValueError("the torch backend supports neither a reference model nor --opd-type megatron")
+        if args.lm_head_chunk_size is not None and args.lm_head_chunk_size <= 0:
+            raise ValueError(f"--lm-head-chunk-size must be > 0, got {args.lm_head_chunk_size}")
         if args.hf_checkpoint is None:
             raise ValueError("the torch trainer needs --hf-checkpoint (the student's HF directory)")
         torch.manual_seed(args.seed)
@@ -116,6 +118,8 @@ class TorchTrainRayActor(TrainRayActor):
                 start_rollout_id = self.last_rollout_id + 1
                 self.loaded_from = str(latest)
                 logger.info("resumed from %s: next rollout %d, step %d", latest, start_rollout_id, self.global_step)
+            else:
+                logger.info("--load %s holds no checkpoint yet: starting from --hf-checkpoint", args.load)
         return start_rollout_id
 
     # ------------------------------------------------------------------ log-probs
@@ -193,7 +197,6 @@ class TorchTrainRayActor(TrainRayActor):
         global_samples = len(idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, clipped = 0.0, 0.0
-        dtype = next(self.model.parameters()).dtype
         for mb in self._micro_batches(idx, args.micro_batch_size):
             if not any(bool(loss_masks[i].any()) for i in mb):
                 continue  # no kept token: contributes exactly zero loss and gradient
@@ -234,7 +237,6 @@ class TorchTrainRayActor(TrainRayActor):
             group["lr"] = lr
         self.optimizer.step()
         self.global_step += 1
-        del dtype
         return {
             "train/loss": loss_sum,
             "train/grad_norm": float(grad_norm),
@@ -296,7 +298,7 @@ class TorchTrainRayActor(TrainRayActor):
             self.args.save,
             rollout_id,
             self.model,
-            self.optimizer,
+            None if getattr(self.args, "no_save_optim", False) else self.optimizer,
             trainer_state={"global_step": self.global_step, "weight_version": self.weight_version},
             args_snapshot=vars(self.args),
             tokenizer_dir=self.args.hf_checkpoint,

@@ -90,7 +90,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
             )
         if _sha256(p) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {str(root)!r}: {rel!r} does not match its sha256 in the manifest")
-    for required in ("model", "optimizer.pt", "rng.pt", "trainer_state.json"):
+    for required in ("model", "rng.pt", "trainer_state.json"):  # optimizer.pt is absent with --no-save-optim
         if not any(rel == required or rel.startswith(required + "/") for rel in files):
             raise CheckpointError(f"checkpoint {str(root)!r} lacks {required!r}")
     return manifest
@@ -147,7 +147,7 @@ def save_checkpoint(
     save_dir: str | os.PathLike,
     rollout_id: int,
     model,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
     args_snapshot: dict[str, Any],
     tokenizer_dir: str | os.PathLike | None = None,
@@ -162,7 +162,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=root))
     try:
         _write_hf_dir(model, tmp / "model", tokenizer_dir)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(get_rng_state(), tmp / "rng.pt")
         state = {"format_version": FORMAT_VERSION, "rollout_id": int(rollout_id), **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -234,7 +235,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer: torch.optim.O
             f"checkpoint {str(root)!r} does not fit the model: missing={missing} unexpected={unexpected}"
         )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(root / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if not (root / "optimizer.pt").is_file():
+            logger.warning("checkpoint %s has no optimizer state (saved with --no-save-optim): fresh AdamW", root)
+        else:
+            optimizer.load_state_dict(torch.load(root / "optimizer.pt", weights_only=True, map_location="cpu"))
     set_rng_state(torch.load(root / "rng.pt", weights_only=True))
     return json.loads((root / "trainer_state.json").read_text())
 

@@ -502,4 +502,12 @@ def _write_token_bank(args: Any, rollout_index: int, batch: Any, result: Any, sa
             key[0], fmt=key[1], raw_topk=key[2], pair_id=key[3], teacher_name=key[4], student_name=key[5], rank=0
         )
         _bank_writers[key] = writer
-    writer.write_step(rollout_index, batch, result, [s.index for s in samples])
+    writer.write_step(
+        rollout_index,
+        batch,
+        result,
+        [s.index for s in samples],
+        # the contexts sidecar (prompt ids per sample) feeds the fixed-context diagnostic, METHOD.md §6
+        prompt_token_ids=[list(s.tokens[: len(s.tokens) - int(s.response_length)]) for s in samples],
+        prompt_ids=[s.group_index for s in samples],
+    )

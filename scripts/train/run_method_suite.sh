@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Run a suite of OPD / TA-OPD token selectors, one training run per METHOD_LIST entry, then summarise.
+#
+# Usage:
+#   bash scripts/train/run_method_suite.sh                      # embedded defaults (CPU, minutes)
+#   METHOD_LIST="pure_opd:1.0:10 teachability:0.10:20 tip:0.10:30" NUM_ROLLOUT=50 \
+#     bash scripts/train/run_method_suite.sh
+#   TEACHER_MODEL=/path/to/teacher-hf STUDENT_HF=/path/to/student-hf PROMPT_DATA=/path/to/train.jsonl \
+#     bash scripts/train/run_method_suite.sh -- --extra-slime-flag value
+#   bash scripts/train/run_method_suite.sh --help
+#
+# METHOD_LIST: space-separated "alias:ratio:idx" entries. alias is a script alias of
+# ta_opd.aliases.METHOD_ALIASES (pure_opd, teachability, teachability_entropy, entropy, tip,
+# divergence, random); ratio is the global token budget in (0, 1] (pure_opd always uses 1.0);
+# idx names the run and is added to SEED. Every entry and every path is checked before anything
+# starts. Outputs: $OUTPUT_ROOT/$SUITE_NAME/{method_mapping.csv, runs/<idx>_<alias>_r<ratio>/,
+# summary.csv, summary.md, plots/}. Environment variables and defaults: docs/method_suite.md.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../lib/common.sh
+source "$SCRIPT_DIR/../lib/common.sh"
+REPO_ROOT=$TA_OPD_REPO_ROOT
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+[[ "${1:-}" == "--" ]] && shift
+CLI_EXTRA_ARGS=("$@") # anything after "--" goes to train.py, like EXTRA_ARGS
+
+PYTHON=$(ta_python)
+
+# ---------------------------------------------------------------- what to run
+METHOD_LIST=${METHOD_LIST:-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
+PARSED_METHODS=$(ta_parse_method_list "$METHOD_LIST") # validates every entry first (exit 2 on any error)
+
+# ---------------------------------------------------------------- where things are
+SLIME_DIR=${SLIME_DIR:-$REPO_ROOT/slime_ta_opd}
+MEGATRON_LM_DIR=${MEGATRON_LM_DIR:-} # scale-out only (TRAIN_BACKEND=megatron)
+OUTPUT_ROOT=${OUTPUT_ROOT:-$REPO_ROOT/outputs/method_suite}
+SUITE_NAME=${SUITE_NAME:-suite_$(date +%Y%m%d_%H%M%S)}
+TEACHER_MODEL=${TEACHER_MODEL:-}
+TEACHER_URL=${TEACHER_URL:-} # a running teacher server (http://HOST:PORT/generate); replaces TEACHER_MODEL
+STUDENT_HF=${STUDENT_HF:-}
+STUDENT_TORCH_DIST=${STUDENT_TORCH_DIST:-} # scale-out only
+PROMPT_DATA=${PROMPT_DATA:-}
+EVAL_PROMPT_DATA=${EVAL_PROMPT_DATA:-}
+MODEL_SHAPE=${MODEL_SHAPE:-embedded} # scripts/models/$MODEL_SHAPE.sh
+TRAIN_BACKEND=${TRAIN_BACKEND:-auto}
+
+ta_require_path SLIME_DIR "$SLIME_DIR" dir
+ta_require_path "SLIME_DIR/train.py" "$SLIME_DIR/train.py" file
+[[ -f "$REPO_ROOT/scripts/models/$MODEL_SHAPE.sh" ]] \
+  || ta_die "MODEL_SHAPE=$MODEL_SHAPE: no scripts/models/$MODEL_SHAPE.sh (have: $(cd "$REPO_ROOT/scripts/models" && ls -- *.sh | sed 's/\.sh$//' | xargs))"
+[[ -n "$MEGATRON_LM_DIR" ]] && ta_require_path MEGATRON_LM_DIR "$MEGATRON_LM_DIR" dir
+[[ -n "$STUDENT_TORCH_DIST" ]] && ta_require_path STUDENT_TORCH_DIST "$STUDENT_TORCH_DIST" dir
+# Paths the user named are checked before the embedded defaults are built (which can take minutes).
+[[ -n "$TEACHER_MODEL" ]] && ta_require_path TEACHER_MODEL "$TEACHER_MODEL" dir
+[[ -n "$STUDENT_HF" ]] && ta_require_path STUDENT_HF "$STUDENT_HF" dir
+[[ -n "$PROMPT_DATA" ]] && ta_require_path PROMPT_DATA "$PROMPT_DATA" file
+[[ -n "$EVAL_PROMPT_DATA" ]] && ta_require_path EVAL_PROMPT_DATA "$EVAL_PROMPT_DATA" file
+if [[ -n "$TEACHER_URL" && ! "$TEACHER_URL" =~ ^https?:// ]]; then
+  ta_die "TEACHER_URL=$TEACHER_URL is not an http(s) URL (expected http://HOST:PORT/generate)"
+fi
+
+# Embedded defaults: whatever the user left unset comes from the cached embedded assets.
+EMBEDDED=0
+if [[ -z "$STUDENT_HF" || -z "$PROMPT_DATA" || (-z "$TEACHER_MODEL" && -z "$TEACHER_URL") ]]; then
+  if [[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]]; then EMBEDDED=1; fi
+  ta_log "using the embedded defaults for what is unset (building them once if needed)"
+  [[ -n "$STUDENT_HF" ]] || STUDENT_HF=$(ta_embedded_asset student_dir)
+  [[ -n "$TEACHER_MODEL" || -n "$TEACHER_URL" ]] || TEACHER_MODEL=$(ta_embedded_asset teacher_dir)
+  [[ -n "$PROMPT_DATA" ]] || PROMPT_DATA=$(ta_embedded_asset train_jsonl)
+  [[ -n "$EVAL_PROMPT_DATA" ]] || EVAL_PROMPT_DATA=$(ta_embedded_asset eval_jsonl)
+fi
+ta_require_path STUDENT_HF "$STUDENT_HF" dir
+ta_require_path PROMPT_DATA "$PROMPT_DATA" file
+[[ -z "$TEACHER_URL" ]] && ta_require_path TEACHER_MODEL "$TEACHER_MODEL" dir
+
+# ---------------------------------------------------------------- knobs (embedded defaults | real-model defaults)
+if ((EMBEDDED)); then
+  : "${NUM_ROLLOUT:=24}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=2}" "${ROLLOUT_MAX_RESPONSE_LEN:=32}"
+  : "${LR:=1e-3}" "${MICRO_BATCH_SIZE:=64}" "${EVAL_INTERVAL:=6}" "${EVAL_MAX_RESPONSE_LEN:=32}"
+  : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
+else
+  : "${NUM_ROLLOUT:=300}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=4}" "${ROLLOUT_MAX_RESPONSE_LEN:=4096}"
+  : "${LR:=1e-6}" "${MICRO_BATCH_SIZE:=1}" "${EVAL_INTERVAL:=20}" "${EVAL_MAX_RESPONSE_LEN:=$ROLLOUT_MAX_RESPONSE_LEN}"
+  : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
+fi
+SEED=${SEED:-1234}
+ROLLOUT_SEED=${ROLLOUT_SEED:-42} # prompt order: the same for every entry, so methods see the same prompts
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((ROLLOUT_BATCH_SIZE * N_SAMPLES_PER_PROMPT))}
+OPD_TOPK_METRICS_K=${OPD_TOPK_METRICS_K:-16}
+OPD_KL_COEF=${OPD_KL_COEF:-1.0}
+INPUT_KEY=${INPUT_KEY:-prompt}
+LABEL_KEY=${LABEL_KEY:-label}
+EVAL_RM_PATH=${EVAL_RM_PATH:-slime.embedded.task.reward_func}
+NUM_GPUS_PER_NODE=${NUM_GPUS_PER_NODE:-} # unset: the stack decides (CPU-only machines need none)
+ROLLOUT_NUM_GPUS=${ROLLOUT_NUM_GPUS:-}
+SAVE_CHECKPOINT=${SAVE_CHECKPOINT:-0} # 1: save the final weights to <run>/checkpoints (HF dir under iter_*/model)
+CONTINUE_ON_ERROR=${CONTINUE_ON_ERROR:-0}
+SUMMARIZE=${SUMMARIZE:-1}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+[[ -n "${RAY_ADDRESS:-}" ]] && export RAY_ADDRESS # train.py's ray.init joins that cluster
+read -r -a EXTRA_ARGS_ARRAY <<< "$EXTRA_ARGS"
+
+# shellcheck disable=SC1090
+source "$REPO_ROOT/scripts/models/$MODEL_SHAPE.sh"
+
+export PYTHONPATH="$SLIME_DIR:$REPO_ROOT${MEGATRON_LM_DIR:+:$MEGATRON_LM_DIR}${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+
+# ---------------------------------------------------------------- flags shared by every entry
+CKPT_ARGS=(--hf-checkpoint "$STUDENT_HF")
+[[ -n "$STUDENT_TORCH_DIST" ]] && CKPT_ARGS+=(--ref-load "$STUDENT_TORCH_DIST")
+
+ROLLOUT_ARGS=(
+  --prompt-data "$PROMPT_DATA"
+  --input-key "$INPUT_KEY"
+  --label-key "$LABEL_KEY"
+  --apply-chat-template
+  --rollout-shuffle
+  --rollout-seed "$ROLLOUT_SEED"
+  --num-rollout "$NUM_ROLLOUT"
+  --rollout-batch-size "$ROLLOUT_BATCH_SIZE"
+  --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT"
+  --rollout-max-response-len "$ROLLOUT_MAX_RESPONSE_LEN"
+  --rollout-temperature "$ROLLOUT_TEMPERATURE"
+  --global-batch-size "$GLOBAL_BATCH_SIZE"
+)
+
+EVAL_ARGS=()
+if [[ -n "$EVAL_PROMPT_DATA" ]]; then
+  EVAL_ARGS=(
+    --eval-prompt-data heldout "$EVAL_PROMPT_DATA"
+    --eval-interval "$EVAL_INTERVAL"
+    --eval-custom-rm-path "$EVAL_RM_PATH"
+    --eval-temperature "$EVAL_TEMPERATURE"
+    --eval-max-response-len "$EVAL_MAX_RESPONSE_LEN"
+    --n-samples-per-eval-prompt 1
+  )
+fi
+
+OPD_ARGS=(
+  --use-opd
+  --opd-type sglang
+  --opd-kl-coef "$OPD_KL_COEF"
+  --custom-rm-path slime.rollout.on_policy_distillation.reward_func
+  --custom-reward-post-process-path slime.rollout.on_policy_distillation.post_process_rewards
+  --opd-topk-metrics-k "$OPD_TOPK_METRICS_K"
+)
+if [[ -n "$TEACHER_URL" ]]; then
+  OPD_ARGS+=(--rm-url "$TEACHER_URL")
+else
+  OPD_ARGS+=(--opd-teacher-hf-checkpoint "$TEACHER_MODEL")
+fi
+
+TRAIN_ARGS=(
+  --train-backend "$TRAIN_BACKEND"
+  --lr "$LR"
+  --micro-batch-size "$MICRO_BATCH_SIZE"
+)
+
+CLUSTER_ARGS=()
+if [[ -n "$NUM_GPUS_PER_NODE" ]]; then
+  CLUSTER_ARGS+=(--actor-num-nodes 1 --actor-num-gpus-per-node "$NUM_GPUS_PER_NODE" --num-gpus-per-node "$NUM_GPUS_PER_NODE")
+fi
+[[ -n "$ROLLOUT_NUM_GPUS" ]] && CLUSTER_ARGS+=(--rollout-num-gpus "$ROLLOUT_NUM_GPUS")
+
+# ---------------------------------------------------------------- per-entry argument files, checked together
+SUITE_DIR="$OUTPUT_ROOT/$SUITE_NAME"
+mkdir -p "$SUITE_DIR/runs"
+RUN_NAMES=()
+while read -r idx alias mask ratio; do
+  name="${idx}_${alias}_r${ratio}"
+  run_dir="$SUITE_DIR/runs/$name"
+  mkdir -p "$run_dir"
+  args=(
+    "${CKPT_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${OPD_ARGS[@]}"
+    --opd-budget-mask "$mask"
+    --opd-budget-ratio "$ratio"
+    "${TRAIN_ARGS[@]}" "${CLUSTER_ARGS[@]}"
+    --seed "$((SEED + idx))"
+    --output-dir "$run_dir"
+  )
+  ((SAVE_CHECKPOINT)) && args+=(--save "$run_dir/checkpoints" --save-interval "$NUM_ROLLOUT" --no-save-optim)
+  args+=("${EXTRA_ARGS_ARRAY[@]}" "${CLI_EXTRA_ARGS[@]}")
+  printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt" # one argument per line: the exact command, reusable
+  RUN_NAMES+=("$name")
+done <<< "$PARSED_METHODS"
+
+# Parse every entry's flags with the stack's own parser (unknown flag, bad value, missing file) before any run.
+"$PYTHON" - "$SUITE_DIR" "${RUN_NAMES[@]}" << 'PY' || ta_die "the train.py flags of an entry are invalid (see above); nothing was started"
+import sys
+from pathlib import Path
+
+from slime.utils.arguments import parse_args
+
+suite, names = Path(sys.argv[1]), sys.argv[2:]
+bad = 0
+for name in names:
+    argv = (suite / "runs" / name / "train_args.txt").read_text().splitlines()
+    try:
+        parse_args(argv)
+    except (SystemExit, Exception) as e:  # argparse exits; validation raises
+        bad += 1
+        print(f"error: entry {name}: {type(e).__name__}: {e}", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+
+# ---------------------------------------------------------------- method_mapping.csv
+{
+  echo "idx,alias,mask,ratio,seed,run_dir"
+  while read -r idx alias mask ratio; do
+    echo "$idx,$alias,$mask,$ratio,$((SEED + idx)),runs/${idx}_${alias}_r${ratio}"
+  done <<< "$PARSED_METHODS"
+} > "$SUITE_DIR/method_mapping.csv.tmp"
+mv "$SUITE_DIR/method_mapping.csv.tmp" "$SUITE_DIR/method_mapping.csv"
+ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s); mapping in method_mapping.csv"
+
+# ---------------------------------------------------------------- run every entry
+FAILED=()
+n=0
+for name in "${RUN_NAMES[@]}"; do
+  n=$((n + 1))
+  run_dir="$SUITE_DIR/runs/$name"
+  mapfile -t args < "$run_dir/train_args.txt"
+  ta_log "[$n/${#RUN_NAMES[@]}] $name"
+  start=$(date +%s.%N)
+  rc=0
+  ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
+  end=$(date +%s.%N)
+  printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
+    "$name" "$rc" "$start" "$end" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')" \
+    > "$run_dir/launcher.json"
+  if ((rc != 0)); then
+    FAILED+=("$name")
+    ta_log "run $name failed (exit $rc); log: $run_dir/train.log"
+    ((rc == 130)) && exit 130
+    ((CONTINUE_ON_ERROR)) || break
+  fi
+done
+
+if ((SUMMARIZE)); then
+  "$PYTHON" "$REPO_ROOT/tools/summarize_suite.py" --suite-dir "$SUITE_DIR" || ta_log "summary failed"
+fi
+if ((${#FAILED[@]})); then
+  ta_die "failed run(s): ${FAILED[*]}"
+fi
+ta_log "suite done: $SUITE_DIR"

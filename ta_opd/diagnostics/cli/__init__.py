@@ -1,0 +1,1 @@
+"""Command-line tools of the fixed-context diagnostic (wiring only; the math is one level up)."""

@@ -1,0 +1,298 @@
+"""Score θ0, θτ... and the teacher on the same frozen contexts with full-vocabulary statistics (METHOD.md §6.2).
+
+Usage:
+    eval_fixed_context_bank --contexts contexts.jsonl --teacher TEACHER_HF \
+        --student theta0=STUDENT_HF --student teachability=RUN/hf_final [--student NAME=PATH ...] \
+        --out-dir OUT [--k 16] [--support-ks 8,16,32] [--contexts-per-chunk 8] [--chunk-tokens 1024] \
+        [--format parquet|csv] [--device cpu] [--max-chunks N]
+
+Per response token: ``entropy_teacher`` and, for every student NAME, ``NAME.entropy_student``,
+``NAME.kl_f`` = KL(p_T‖p_S), ``NAME.kl_r``, ``NAME.bc_full``, and per K the support statistics
+(``NAME.cmass_exact_k16``, ``overlap``, ``jaccard``, shared teacher / student mass) and the union
+statistics at K computed by ``ta_opd.stats`` (``NAME.kl_f_union_k16`` = D, ``entropy_norm`` = H,
+``bc``, lower-bound ``cmass``). The reference student (first ``--student``, or ``--reference``) also
+gets its top-K lists (``topk.*`` columns) so that the analysis can recompute every selector's score
+with the training code. Models run on hidden states; the LM head is applied ``--chunk-tokens`` rows
+at a time, so at most that many rows of [tokens × vocab] logits exist per model.
+
+Resumable: contexts are processed in chunks of ``--contexts-per-chunk``; each chunk is written
+atomically to ``OUT/chunks/`` and recorded in ``OUT/manifest.json``; a re-run with the same
+arguments skips finished chunks. When all chunks exist they are merged into
+``OUT/token_stats.{parquet,csv}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ta_opd.diagnostics.io import atomic_write_text, read_jsonl
+
+logger = logging.getLogger(__name__)
+TOPK_COLUMNS = (
+    "student_topk_ids",
+    "student_topk_logp",
+    "teacher_topk_ids",
+    "teacher_topk_logp",
+    "teacher_logp_on_student_topk",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eval_fixed_context_bank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--contexts", required=True, help="Context bank JSONL from export_fixed_context_bank.")
+    p.add_argument("--teacher", required=True, help="Teacher HF checkpoint.")
+    p.add_argument(
+        "--student",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="A student checkpoint (repeat: θ0 first, then each θτ). NAME labels its columns.",
+    )
+    p.add_argument("--reference", default=None, help="Student NAME that is θ0 (default: the first --student).")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--k", type=int, default=16, help="Primary top-K (METHOD.md §2; default 16).")
+    p.add_argument("--support-ks", default="8,16,32", help="K values for support statistics (comma list).")
+    p.add_argument("--contexts-per-chunk", type=int, default=8, help="Contexts per resumable chunk / forward batch.")
+    p.add_argument("--chunk-tokens", type=int, default=1024, help="Rows of logits materialised at a time.")
+    p.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--vocab-mode",
+        default="auto",
+        choices=["auto", "tokenizer"],
+        help="auto: use the full logit width when all models agree, else truncate to the shared tokenizer "
+        "(identical tokenizers required); tokenizer: always truncate to the tokenizer's length.",
+    )
+    p.add_argument("--max-chunks", type=int, default=None, help="Stop after this many new chunks (resume later).")
+    p.add_argument("--overwrite", action="store_true", help="Discard chunks of a run with other arguments.")
+    return p
+
+
+def parse_students(specs: list[str]) -> dict[str, str]:
+    students: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--student expects NAME=PATH, got {spec!r}")
+        if "." in name or name in students or name == "topk":
+            raise ValueError(f"--student name {name!r} is repeated, reserved or contains '.'")
+        students[name] = path
+    return students
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _load_model(path: str, device: str, dtype: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    model.eval()
+    return model
+
+
+def _vocab_width(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def resolve_vocab(paths: list[str], widths: list[int], mode: str) -> int:
+    """The shared logit width: all equal → that width; else identical tokenizers → tokenizer length."""
+    if mode == "auto" and len(set(widths)) == 1:
+        return widths[0]
+    from transformers import AutoTokenizer
+
+    try:
+        toks = [AutoTokenizer.from_pretrained(p) for p in paths]
+    except Exception as exc:  # noqa: BLE001 - any loading failure means we cannot prove the vocabularies match
+        raise ValueError(f"logit widths differ ({dict(zip(paths, widths, strict=True))}) and a tokenizer failed to "
+                         f"load ({exc}); cannot check that the vocabularies are the same") from exc  # fmt: skip
+    vocabs = [t.get_vocab() for t in toks]
+    if any(v != vocabs[0] for v in vocabs[1:]):
+        raise ValueError(
+            f"teacher and student tokenizers differ (logit widths {widths}); full-vocabulary KL needs one vocabulary"
+        )
+    shared = len(toks[0])
+    if shared > min(widths):
+        raise ValueError(f"tokenizer has {shared} tokens but a model has only {min(widths)} logits")
+    return shared
+
+
+def _response_hidden(model: Any, contexts: list[dict[str, Any]], device: str) -> Any:
+    """Final hidden states that predict each response token, concatenated over contexts: [n_tok, d]."""
+    import torch
+
+    seqs = [c["prompt_token_ids"] + c["response_token_ids"] for c in contexts]
+    width = max(len(s) for s in seqs)
+    pad = 0
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    with torch.no_grad():
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state  # [B, L, d]
+    rows = []
+    for b, c in enumerate(contexts):
+        start = len(c["prompt_token_ids"]) - 1  # the hidden state at p-1 predicts response token 0
+        rows.append(hidden[b, start : start + len(c["response_token_ids"])])
+    return torch.cat(rows)
+
+
+def eval_chunk(
+    contexts: list[dict[str, Any]],
+    teacher: Any,
+    students: dict[str, Any],
+    reference: str,
+    vocab: int,
+    ks: list[int],
+    k: int,
+    chunk_tokens: int,
+    device: str,
+) -> dict[str, Any]:
+    """All per-token columns of one chunk of contexts (numpy arrays / lists)."""
+    import torch
+
+    from ta_opd.diagnostics.fullvocab import TEACHER_STATS, chunked_fullvocab_token_stats
+
+    lengths = [len(c["response_token_ids"]) for c in contexts]
+    sampled = torch.tensor([t for c in contexts for t in c["response_token_ids"]], dtype=torch.long, device=device)
+    if sampled.numel() and int(sampled.max()) >= vocab:
+        raise ValueError(f"a response token id {int(sampled.max())} is outside the shared vocabulary of {vocab}")
+    position = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    resp_len = torch.cat([torch.full((n,), n) for n in lengths]).to(device)
+    sample_index = torch.cat([torch.full((n,), j) for j, n in enumerate(lengths)]).to(device)
+    cols: dict[str, Any] = {
+        "context_id": [c["context_id"] for c, n in zip(contexts, lengths, strict=True) for _ in range(n)],
+        "prompt_id": [str(c.get("prompt_id", c["context_id"])) for c, n in zip(contexts, lengths, strict=True)
+                      for _ in range(n)],  # fmt: skip
+        "position": position.cpu().numpy(),
+        "response_length": resp_len.cpu().numpy(),
+        "token_id": sampled.cpu().numpy(),
+    }
+    t_hidden = _response_hidden(teacher, contexts, device)
+    t_head = teacher.get_output_embeddings()
+    keep = max([k, *ks])
+    union_ks = sorted({k, *ks})
+    for name, model in students.items():
+        s_hidden = _response_hidden(model, contexts, device)
+        s_head = model.get_output_embeddings()
+        with torch.no_grad():
+            stats = chunked_fullvocab_token_stats(
+                lambda a, b, h=s_hidden, head=s_head: head(h[a:b])[:, :vocab],
+                lambda a, b: t_head(t_hidden[a:b])[:, :vocab],
+                sampled,
+                chunk_tokens,
+                ks=ks,
+                union_ks=union_ks,
+                keep_topk=keep if name == reference else 0,
+                position=position,
+                response_length=resp_len,
+                sample_index=sample_index,
+            )
+        for stat, value in stats.items():
+            value = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            if stat in TOPK_COLUMNS:
+                cols[f"topk.{stat}"] = [json.dumps(row.tolist()) for row in value]
+            elif stat in TEACHER_STATS:
+                cols[stat] = value
+            else:
+                cols[f"{name}.{stat}"] = value
+    return cols
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from ta_opd.diagnostics.io import read_table, write_table
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    students = parse_students(args.student)
+    reference = args.reference or next(iter(students))
+    if reference not in students:
+        raise SystemExit(f"--reference {reference!r} is not one of the --student names {list(students)}")
+    ks = sorted({int(x) for x in str(args.support_ks).split(",") if x.strip()} | {args.k})
+    if min(ks) < 1 or args.contexts_per_chunk < 1 or args.chunk_tokens < 1:
+        raise SystemExit("--k/--support-ks, --contexts-per-chunk and --chunk-tokens must be >= 1")
+    contexts = read_jsonl(args.contexts)
+    for i, c in enumerate(contexts):
+        if not c.get("prompt_token_ids") or not c.get("response_token_ids"):
+            raise SystemExit(f"{args.contexts}: context {i} needs non-empty prompt_token_ids and response_token_ids")
+    out = Path(args.out_dir)
+    chunk_dir = out / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "contexts": str(Path(args.contexts).resolve()),
+        "contexts_sha256": _file_digest(args.contexts),
+        "teacher": args.teacher,
+        "students": students,
+        "reference": reference,
+        "k": args.k,
+        "ks": ks,
+        "contexts_per_chunk": args.contexts_per_chunk,
+        "format": args.format,
+        "vocab_mode": args.vocab_mode,
+    }
+    manifest_path = out / "manifest.json"
+    n_chunks = (len(contexts) + args.contexts_per_chunk - 1) // args.contexts_per_chunk
+    done: list[int] = []
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config") != config:
+            if not args.overwrite:
+                raise SystemExit(
+                    f"{manifest_path} was written with other arguments; use another --out-dir or --overwrite"
+                )
+            for f in chunk_dir.glob("chunk_*"):
+                f.unlink()
+        else:
+            done = [i for i in manifest.get("done", []) if (chunk_dir / f"chunk_{i:05d}.{args.format}").exists()]
+
+    def save_manifest(complete: bool) -> None:
+        body = {"config": config, "n_chunks": n_chunks, "done": sorted(done), "complete": complete}
+        atomic_write_text(manifest_path, json.dumps(body, indent=2))
+
+    save_manifest(False)
+    todo = [i for i in range(n_chunks) if i not in set(done)]
+    if todo:
+        teacher = _load_model(args.teacher, args.device, args.dtype)
+        order = [reference, *(n for n in students if n != reference)]  # θ0's columns come first
+        models = {name: _load_model(students[name], args.device, args.dtype) for name in order}
+        paths = [args.teacher, *students.values()]
+        widths = [_vocab_width(teacher), *(_vocab_width(m) for m in models.values())]
+        vocab = resolve_vocab(paths, widths, args.vocab_mode)
+        if min(ks) > vocab or max(ks) > vocab:
+            raise SystemExit(f"K values {ks} exceed the vocabulary size {vocab}")
+        budget = len(todo) if args.max_chunks is None else min(len(todo), max(0, args.max_chunks))
+        for i in tqdm(todo[:budget], desc="fixed-context chunks", unit="chunk"):
+            part = contexts[i * args.contexts_per_chunk : (i + 1) * args.contexts_per_chunk]
+            cols = eval_chunk(part, teacher, models, reference, vocab, ks, args.k, args.chunk_tokens, args.device)
+            write_table(chunk_dir / f"chunk_{i:05d}.{args.format}", pd.DataFrame(cols))
+            done.append(i)
+            save_manifest(False)
+    if len(done) < n_chunks:
+        logger.info("%d/%d chunks done; re-run the same command to resume", len(done), n_chunks)
+        return 0
+    frame = pd.concat([read_table(chunk_dir / f"chunk_{i:05d}.{args.format}") for i in range(n_chunks)])
+    final = out / f"token_stats.{args.format}"
+    write_table(final, frame.reset_index(drop=True))
+    save_manifest(True)
+    logger.info("wrote %d tokens × %d columns to %s", len(frame), frame.shape[1], final)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

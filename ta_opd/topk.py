@@ -1,0 +1,262 @@
+"""Padded top-K tensors and the flattened token batch of one rollout step (METHOD.md §2).
+
+Layout: all response tokens of one rollout step, flattened in sample order to N rows. Top-K
+lists are ids ``[N, K]`` int64 padded with ``-1`` and log-probs ``[N, K]`` padded with ``-inf``,
+sorted by log-prob descending. Every row carries its ``sample_index`` and ``position``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PAD_ID = -1
+
+Entry = Sequence[Any]  # SGLang's [logprob, token_id, text_or_None]
+
+
+def _clean_row(row: Sequence[Entry] | None, k: int) -> list[tuple[float, int]]:
+    """Finite (logprob, id) pairs of one position, best first, at most k, ids deduplicated."""
+    if not row:
+        return []
+    pairs: list[tuple[float, int]] = []
+    seen: set[int] = set()
+    for entry in row:
+        if entry is None or len(entry) < 2 or entry[0] is None or entry[1] is None:
+            continue
+        lp, tid = float(entry[0]), int(entry[1])
+        if not math.isfinite(lp) or tid < 0 or tid in seen:
+            continue
+        seen.add(tid)
+        pairs.append((lp, tid))
+    pairs.sort(key=lambda p: -p[0])  # stable: equal log-probs keep the server's order
+    return pairs[:k]
+
+
+def pack_topk(entries: Sequence[Sequence[Entry] | None], k: int) -> tuple[Tensor, Tensor]:
+    """SGLang-shaped per-position lists → (ids [N, K] int64, logp [N, K] float32), padded.
+
+    Entries that are None, empty, or have a non-finite log-prob are dropped (METHOD.md §2);
+    rows are sorted by log-prob descending and truncated to ``k``.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = len(entries)
+    ids = torch.full((n, k), PAD_ID, dtype=torch.long)
+    logp = torch.full((n, k), float("-inf"), dtype=torch.float32)
+    for i, row in enumerate(entries):
+        pairs = _clean_row(row, k)
+        if pairs:
+            ids[i, : len(pairs)] = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+            logp[i, : len(pairs)] = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
+    return ids, logp
+
+
+def lookup_logprobs(entries: Sequence[Sequence[Entry] | None], query_ids: Tensor) -> Tensor:
+    """Log-probs of ``query_ids [N, K]`` looked up in per-position lists (``-inf`` where absent).
+
+    Used for exact C: the teacher's answer to ``token_ids_logprob`` holds, per position, the
+    log-probs of the requested ids; we need them at each position's student top-K ids.
+    """
+    n, k = query_ids.shape
+    if len(entries) != n:
+        raise ValueError(f"got {len(entries)} positions of requested-id log-probs, expected {n}")
+    out = torch.full((n, k), float("-inf"), dtype=torch.float32)
+    for i, row in enumerate(entries):
+        if not row:
+            continue
+        table = {int(e[1]): float(e[0]) for e in row if e is not None and e[0] is not None and e[1] is not None}
+        qi = query_ids[i].tolist()
+        out[i] = torch.tensor([table.get(q, float("-inf")) if q >= 0 else float("-inf") for q in qi])
+    return out
+
+
+@dataclass
+class TokenBatch:
+    """All response tokens of one rollout step, flattened (rows in sample order, then position)."""
+
+    student_topk_ids: Tensor  # [N, K] int64, -1 padded
+    student_topk_logp: Tensor  # [N, K] float, -inf padded
+    teacher_topk_ids: Tensor  # [N, K] int64, -1 padded
+    teacher_topk_logp: Tensor  # [N, K] float, -inf padded
+    sampled_ids: Tensor  # [N] int64: y_t
+    student_logp: Tensor  # [N] float: log p_S(y_t) (NaN where unknown)
+    teacher_logp: Tensor  # [N] float: log p_T(y_t)
+    loss_mask: Tensor  # [N] bool: supervisable response token
+    sample_index: Tensor  # [N] int64, 0..B-1
+    position: Tensor  # [N] int64, 0-based index in the sample's response
+    response_length: Tensor  # [N] int64, the row's sample's response length L
+    teacher_logp_on_student_topk: Tensor | None = None  # [N, K] exact C: teacher log-prob of each student id
+    exact_available: Tensor | None = None  # [N] bool: exact C known for this row (else lower bound)
+    num_samples: int | None = None  # B (samples without response tokens still count)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.sampled_ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.student_topk_ids.shape[1])
+
+    @property
+    def has_topk(self) -> bool:
+        """Both sides carry top-K lists (K > 0)."""
+        return self.student_topk_ids.shape[1] > 0 and self.teacher_topk_ids.shape[1] > 0
+
+    def n_samples(self) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        return int(self.sample_index.max().item()) + 1 if self.n_tokens else 0
+
+    def validate(self, cfg: Any = None) -> TokenBatch:
+        """Check shapes, dtypes and the K of both sides; raises ValueError naming the mismatch."""
+        n = self.n_tokens
+        for name in ("student_logp", "teacher_logp", "loss_mask", "sample_index", "position", "response_length"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != n:
+                raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+        for side in ("student", "teacher"):
+            ids, logp = getattr(self, f"{side}_topk_ids"), getattr(self, f"{side}_topk_logp")
+            if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[0] != n:
+                raise ValueError(
+                    f"{side} top-K ids {tuple(ids.shape)} and log-probs {tuple(logp.shape)} must both be [{n}, K]"
+                )
+            if ids.dtype != torch.long:
+                raise TypeError(f"{side}_topk_ids must be int64, got {ids.dtype}")
+        if self.student_topk_ids.shape[1] != self.teacher_topk_ids.shape[1]:
+            raise ValueError(
+                f"top-K length mismatch: student K={self.student_topk_ids.shape[1]}, "
+                f"teacher K={self.teacher_topk_ids.shape[1]}"
+            )
+        if self.loss_mask.dtype != torch.bool:
+            raise TypeError(f"loss_mask must be bool, got {self.loss_mask.dtype}")
+        if self.teacher_logp_on_student_topk is not None and (
+            self.teacher_logp_on_student_topk.shape != self.student_topk_ids.shape
+        ):
+            raise ValueError(
+                f"teacher_logp_on_student_topk shape {tuple(self.teacher_logp_on_student_topk.shape)} "
+                f"!= student top-K shape {tuple(self.student_topk_ids.shape)}"
+            )
+        if cfg is not None and getattr(cfg, "selecting", False):
+            if not self.has_topk:
+                raise ValueError(f"mask {cfg.mask!r} needs student and teacher top-K lists, got K=0")
+        if n and (self.sample_index.min() < 0 or self.position.min() < 0):
+            raise ValueError("sample_index and position must be >= 0")
+        return self
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.to(device) if isinstance(v, Tensor) else v
+        return TokenBatch(**values)
+
+    @classmethod
+    def from_sample_lists(
+        cls,
+        student_top_per_sample: Sequence[Sequence[Sequence[Entry] | None] | None],
+        teacher_top_per_sample: Sequence[Sequence[Sequence[Entry] | None] | None],
+        sampled_ids_per_sample: Sequence[Sequence[int]],
+        student_logp_per_sample: Sequence[Sequence[float] | None] | None,
+        teacher_logp_per_sample: Sequence[Sequence[float]],
+        loss_mask_per_sample: Sequence[Sequence[int]],
+        k: int,
+        teacher_ids_logprobs_per_sample: Sequence[Sequence[Sequence[Entry] | None] | None] | None = None,
+        require_topk: bool = True,
+    ) -> TokenBatch:
+        """Build a batch from per-sample Python lists, one entry per response position.
+
+        A sample's top-K lists must cover its whole response when ``require_topk`` (a selector
+        other than full, METHOD.md §2): missing or short lists raise ValueError naming the sample.
+        Without ``require_topk``, missing lists become empty rows (no statistics). A None in
+        ``student_logp_per_sample`` (rollout log-probs not recorded) becomes NaN = unknown.
+        ``teacher_ids_logprobs_per_sample[i]`` (exact C) may be None for a sample whose id union
+        overflowed: that sample falls back to the lower bound.
+        """
+        n_samples = len(sampled_ids_per_sample)
+        for name, seq in (
+            ("teacher_logp_per_sample", teacher_logp_per_sample),
+            ("loss_mask_per_sample", loss_mask_per_sample),
+            ("student_top_per_sample", student_top_per_sample),
+            ("teacher_top_per_sample", teacher_top_per_sample),
+        ):
+            if len(seq) != n_samples:
+                raise ValueError(f"{name} has {len(seq)} samples, expected {n_samples}")
+        lengths = [len(s) for s in sampled_ids_per_sample]
+        student_rows: list[Sequence[Entry] | None] = []
+        teacher_rows: list[Sequence[Entry] | None] = []
+        exact_rows: list[Sequence[Entry] | None] = []
+        exact_ok: list[bool] = []
+        student_lp: list[float] = []
+        for i, length in enumerate(lengths):
+            for name, lists in (("teacher log-probs", teacher_logp_per_sample), ("loss mask", loss_mask_per_sample)):
+                if len(lists[i]) != length:
+                    raise ValueError(f"sample {i}: {name} has {len(lists[i])} entries, response has {length} tokens")
+            for side, per_sample, rows in (
+                ("student", student_top_per_sample, student_rows),
+                ("teacher", teacher_top_per_sample, teacher_rows),
+            ):
+                lists = per_sample[i]
+                have = 0 if lists is None else len(lists)
+                if have < length:
+                    if require_topk and length:
+                        raise ValueError(
+                            f"sample {i}: {side} top-K lists cover {have} of {length} response positions; "
+                            "a selector other than 'full' needs both lists at every position"
+                        )
+                    rows.extend(list(lists or []) + [None] * (length - have))
+                else:
+                    rows.extend(list(lists[:length]))
+            slp = None if student_logp_per_sample is None else student_logp_per_sample[i]
+            if slp is None:
+                student_lp.extend([float("nan")] * length)
+            else:
+                if len(slp) != length:
+                    raise ValueError(f"sample {i}: student log-probs have {len(slp)} entries, expected {length}")
+                student_lp.extend(float("nan") if v is None else float(v) for v in slp)
+            exact = None if teacher_ids_logprobs_per_sample is None else teacher_ids_logprobs_per_sample[i]
+            if exact is None or len(exact) < length:
+                exact_rows.extend([None] * length)
+                exact_ok.extend([False] * length)
+            else:
+                exact_rows.extend(list(exact[:length]))
+                exact_ok.extend([True] * length)
+        s_ids, s_lp = pack_topk(student_rows, k)
+        t_ids, t_lp = pack_topk(teacher_rows, k)
+        sample_index = torch.repeat_interleave(torch.arange(n_samples), torch.tensor(lengths, dtype=torch.long))
+        position = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        exact_tensor = None
+        exact_available = None
+        if teacher_ids_logprobs_per_sample is not None:
+            exact_tensor = lookup_logprobs(exact_rows, s_ids)
+            exact_available = torch.tensor(exact_ok, dtype=torch.bool)
+
+        def _flat(seqs: Sequence[Sequence[Any]], dtype: torch.dtype) -> Tensor:
+            return torch.tensor(
+                [float(v) if dtype.is_floating_point else int(v) for s in seqs for v in s], dtype=dtype
+            )
+
+        teacher_flat = [float("nan") if v is None else float(v) for s in teacher_logp_per_sample for v in s]
+        return cls(
+            student_topk_ids=s_ids,
+            student_topk_logp=s_lp,
+            teacher_topk_ids=t_ids,
+            teacher_topk_logp=t_lp,
+            sampled_ids=_flat(sampled_ids_per_sample, torch.long),
+            student_logp=torch.tensor(student_lp, dtype=torch.float32),
+            teacher_logp=torch.tensor(teacher_flat, dtype=torch.float32),
+            loss_mask=_flat(loss_mask_per_sample, torch.long).bool(),
+            sample_index=sample_index.long(),
+            position=position.long(),
+            response_length=torch.repeat_interleave(
+                torch.tensor(lengths, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+            ),
+            teacher_logp_on_student_topk=exact_tensor,
+            exact_available=exact_available,
+            num_samples=n_samples,
+        )
