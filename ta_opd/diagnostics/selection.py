@@ -113,7 +113,8 @@ def topn_mask(name: str, scores: dict[str, torch.Tensor], batch: Any, features: 
     """Tokens kept by selector ``name`` at budget ``ratio`` with no min-keep top-up (matched top-N).
 
     Uses the selector's own ordering (ascending variants) and Q3 candidate set from
-    ``ta_opd.selectors.SELECTORS``, so the same tokens win as in a training step.
+    ``ta_opd.selectors.SELECTORS``, so the same tokens win as in a training step. Q3 masks may keep
+    fewer than n tokens (only Q3 candidates are eligible), as in training.
     """
     from ta_opd.budget import apply_global_budget
     from ta_opd.selectors import SELECTORS
@@ -122,18 +123,18 @@ def topn_mask(name: str, scores: dict[str, torch.Tensor], batch: Any, features: 
         raise ValueError(f"unknown selector {name!r}; expected one of {sorted(SELECTORS)}")
     if name not in scores:
         raise ValueError(f"selector {name!r} has no score (scored: {sorted(scores)})")
+    if name == "split_budget_ca":
+        raise ValueError("split_budget_ca is a two-score budget, not a single ranking; it has no matched top-N")
     spec = SELECTORS[name]
-    candidates = spec.candidates_fn(features) if getattr(spec, "candidates_fn", None) else None
-    fallback = scores.get("ca_softor", scores[name])
     result = apply_global_budget(
         scores[name],
         batch.loss_mask.bool(),
         batch.sample_index,
         batch.position,
         ratio,
-        0,
-        fallback,
-        bool(getattr(spec, "ascending", False)),
-        candidates,
+        0,  # no min-keep top-up: every selector keeps exactly n tokens
+        scores.get("ca_softor", scores[name]),
+        ascending=spec.ascending,
+        candidates=features.is_q3 if spec.uses_q3 else None,
     )
     return result.mask

@@ -104,3 +104,35 @@ def test_standardized_ols_recovers_known_coefficients_with_se():
     assert fit["ci_low"]["x1"] < fit["coef"]["x1"] < fit["ci_high"]["x1"]
     assert fit["cov_type"] == "cluster(prompt)" and fit["n"] == n and fit["r2"] > 0.9
     assert set(G.ols_model_specs()["m3_learnable_split"]) >= {"D_learn", "D_incompat"}
+
+
+def test_matched_topn_on_synthetic_scores():
+    pytest.importorskip("ta_opd.api")
+    import torch
+
+    from ta_opd.diagnostics.selection import bank_scores, make_token_batch, selection_config, topn_mask
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 400, 4
+    s_logp = torch.log_softmax(torch.randn(n, 20, generator=gen, dtype=torch.float64), -1)
+    t_logp = torch.log_softmax(torch.randn(n, 20, generator=gen, dtype=torch.float64), -1)
+    s_top, s_ids = s_logp.topk(k)
+    t_top, t_ids = t_logp.topk(k)
+    sampled = torch.randint(0, 20, (n,), generator=gen)
+    batch = make_token_batch(
+        s_ids, s_top, t_ids, t_top, sampled, s_logp.gather(1, sampled[:, None])[:, 0],
+        t_logp.gather(1, sampled[:, None])[:, 0], sample_index=torch.arange(n) // 20, position=torch.arange(n) % 20,
+        response_length=torch.full((n,), 20), teacher_logp_on_student_ids=t_logp.gather(1, s_ids),
+    )  # fmt: skip
+    _, features, scores = bank_scores(batch, selection_config(k, exact=True))
+    for name in ("dlearn_high", "divergence", "entropy", "tip", "random"):
+        for ratio, expect in ((0.01, 4), (0.03, 12), (0.10, 40)):
+            kept = topn_mask(name, scores, batch, features, ratio)
+            assert int(kept.sum()) == expect  # matched: no min-keep top-up
+            # the kept tokens are the highest-scored ones
+            assert scores[name][kept].min() >= scores[name][~kept].max()
+    # Gain equal to the score → the top-N mean gain is the mean of the top-n scores.
+    g = scores["divergence"].numpy()
+    kept = topn_mask("divergence", scores, batch, features, 0.10).numpy()
+    res = G.bootstrap_mean_diff(g, kept, None, (np.arange(n) // 20), 200, 0)
+    assert res.estimate == pytest.approx(np.sort(g)[-40:].mean())

@@ -32,7 +32,7 @@ def fake_rollout(rollout_id: int, n: int = 4, seed: int = 0) -> dict:
     kept = sum(sum(m) for m in data["loss_masks"])
     total = sum(data["response_lengths"])
     data["rollout_id"] = rollout_id
-    data["metrics"] = {"opd/realised_keep_ratio": kept / total, "rollout/kept_token_ratio": kept / total}
+    data["metrics"] = {"opd/realised_ratio": kept / total, "rollout/kept_token_ratio": kept / total}
     return data
 
 

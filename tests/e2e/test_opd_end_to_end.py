@@ -66,7 +66,8 @@ def test_ta_opd_three_steps_then_resume(tmp_path, ray_local):
     records = read_metrics(out / "metrics.jsonl")
     assert [r["rollout_id"] for r in records] == [0, 1, 2]
     for r in records:
-        realised = r["opd/realised_keep_ratio"]
+        realised = r["opd/realised_ratio"]
+        assert r["opd/nominal_ratio"] == 0.1 and realised == pytest.approx(r["rollout/kept_token_ratio"])
         # the global budget keeps ceil(0.1·N) tokens, then min-keep-per-sample tops up (METHOD.md §5)
         assert 0.1 <= realised < 1.0, realised
         assert r["train/kept_tokens"] == r["rollout/loss_mask_tokens"]

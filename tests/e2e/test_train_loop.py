@@ -69,7 +69,7 @@ def test_loop_trains_pushes_saves_and_resumes(tmp_path, ray_local, train_module,
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["rollout_id"] for r in records] == [0, 1, 2]
     for r in records:
-        assert r["opd/realised_keep_ratio"] == r["rollout/kept_token_ratio"]
+        assert r["opd/realised_ratio"] == r["rollout/kept_token_ratio"]
         assert r["train/kept_tokens"] > 0 and "train/teacher_kl_kept" in r and "train/grad_norm" in r
     assert (tmp_path / "out" / "metrics.csv").is_file()
 

@@ -68,8 +68,8 @@ class Recipe:
     num_train_prompts: int = 4000  # train.jsonl: the OPD prompt set
     num_eval_prompts: int = 200  # eval.jsonl: held-out prompts (never trained on)
     sft_pool: int = 30000  # distinct SFT examples drawn from the training distribution
-    teacher: ModelRecipe = field(default_factory=lambda: ModelRecipe("teacher", steps=800, lr=5e-3))
-    student: ModelRecipe = field(default_factory=lambda: ModelRecipe("student", steps=220, lr=3e-3))
+    teacher: ModelRecipe = field(default_factory=lambda: ModelRecipe("teacher", steps=900, lr=3e-3))
+    student: ModelRecipe = field(default_factory=lambda: ModelRecipe("student", steps=450, lr=3e-3))
     eval_max_new_tokens: int = 32
 
     def key(self) -> str:

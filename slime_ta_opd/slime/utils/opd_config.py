@@ -9,163 +9,43 @@ place the stack turns flags into its frozen config.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-from typing import Any
+
+from ta_opd.aliases import METHOD_ALIASES
+from ta_opd.normalize import NORMALIZERS
+from ta_opd.selectors import SELECTORS
+
+# The one definition of the TA-OPD flags and of the flag → SelectionConfig builder is the
+# drop-in patch's (it has to work on an upstream checkout too); the stack reuses it.
+from ta_opd.slime_patch.slime.rollout.tip_compat import selection_config_from_args
+from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
 logger = logging.getLogger(__name__)
 
-# Used only while ``ta_opd`` cannot be imported (it is part of this project, so normally never).
-_FALLBACK_MASKS = (
-    "full",
-    "dlearn_high",
-    "ca_softor",
-    "entropy",
-    "tip",
-    "divergence",
-    "random",
-    "compatibility",
-    "dincompat_high",
-    "split_budget_ca",
-    "q3",
-    "q3_highc",
-    "q3_lowc",
-    "q3_dlearn_high",
-    "q3_dlearn_low",
-    "q3_dincompat_high",
-)
-_FALLBACK_ALIASES = {
-    "pure_opd": "full",
-    "teachability": "dlearn_high",
-    "teachability_entropy": "ca_softor",
-    "entropy": "entropy",
-    "tip": "tip",
-    "divergence": "divergence",
-    "random": "random",
-}
-_FALLBACK_NORMALIZERS = ("batch_quantile", "batch_minmax", "none")
-COMPAT_PROXIES = ("mass", "set", "bc", "prefix_ema")
-EXACT_CMASS_OVERFLOW = ("fallback", "truncate", "error")
-TOKEN_BANK_FORMATS = ("csv", "jsonl", "parquet")
-
-
-def _names(registry: Any) -> list[str]:
-    if hasattr(registry, "names"):
-        return list(registry.names())
-    return list(registry.keys())
+__all__ = [
+    "add_ta_opd_arguments",
+    "mask_names",
+    "method_aliases",
+    "needs_student_topk",
+    "normalizer_names",
+    "selection_config_from_args",
+    "validate_ta_opd_args",
+]
 
 
 def mask_names() -> list[str]:
     """Selector names of ``ta_opd.selectors.SELECTORS`` (METHOD.md §4)."""
-    try:
-        from ta_opd.selectors import SELECTORS
-
-        return _names(SELECTORS)
-    except (ImportError, AttributeError):
-        return list(_FALLBACK_MASKS)
+    return SELECTORS.names()
 
 
 def method_aliases() -> dict[str, str]:
     """Script aliases (pure_opd, teachability, ...) → mask names, from ``ta_opd.aliases``."""
-    try:
-        from ta_opd.aliases import METHOD_ALIASES
-
-        return dict(METHOD_ALIASES)
-    except (ImportError, AttributeError):
-        return dict(_FALLBACK_ALIASES)
+    return dict(METHOD_ALIASES)
 
 
 def normalizer_names() -> list[str]:
     """Names of ``ta_opd.normalize.NORMALIZERS`` (METHOD.md §3)."""
-    try:
-        from ta_opd.normalize import NORMALIZERS
-
-        return _names(NORMALIZERS)
-    except (ImportError, AttributeError):
-        return list(_FALLBACK_NORMALIZERS)
-
-
-def add_ta_opd_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    masks = mask_names()
-    aliases = method_aliases()
-    mask_choices = sorted(set(masks) | set(aliases))
-    g = parser.add_argument_group("TA-OPD token selection (METHOD.md §2-5)")
-    g.add_argument(
-        "--opd-topk-metrics-k",
-        type=int,
-        default=16,
-        help="K of the student and teacher top-K lists (top_logprobs_num) used by the selection statistics.",
-    )
-    g.add_argument(
-        "--opd-budget-mask",
-        type=str,
-        default="full",
-        choices=mask_choices,
-        help="Token selector (a mask name, or a method alias resolved to one). 'full' keeps every token.",
-    )
-    g.add_argument(
-        "--opd-budget-ratio",
-        type=float,
-        default=1.0,
-        help="Global token budget ρ over all valid tokens of a rollout step; ρ >= 1 keeps all.",
-    )
-    g.add_argument(
-        "--opd-budget-mask-seed", type=int, default=42, help="Seed of the 'random' selector (+ rollout index)."
-    )
-    g.add_argument(
-        "--opd-budget-min-keep-per-sample",
-        type=int,
-        default=1,
-        help="Every sample with a valid token keeps at least this many tokens (topped up by the ca_softor score).",
-    )
-    g.add_argument(
-        "--opd-budget-gamma", type=float, default=0.5, help="split_budget_ca: share of the budget chosen by entropy."
-    )
-    g.add_argument(
-        "--opd-compat-proxy",
-        type=str,
-        default="mass",
-        choices=list(COMPAT_PROXIES),
-        help="Compatibility proxy C: teacher mass on the student top-K, overlap, BC, or its prefix EMA.",
-    )
-    g.add_argument("--opd-compat-prefix-ema-alpha", type=float, default=0.9, help="α of the prefix_ema proxy.")
-    g.add_argument(
-        "--opd-metric-normalization",
-        type=str,
-        default="batch_quantile",
-        choices=sorted(normalizer_names()),
-        help="How raw scores are mapped to [0, 1] over the tokens of a rollout step.",
-    )
-    g.add_argument("--opd-metric-q-low", type=float, default=0.05, help="Lower quantile of batch_quantile.")
-    g.add_argument("--opd-metric-q-high", type=float, default=0.95, help="Upper quantile of batch_quantile.")
-    g.add_argument(
-        "--opd-exact-cmass",
-        action="store_true",
-        default=False,
-        help="Ask the teacher for log-probs of the union of the sample's student top-K ids (token_ids_logprob).",
-    )
-    g.add_argument("--opd-exact-cmass-max-union", type=int, default=4096, help="Largest id union sent for exact C.")
-    g.add_argument(
-        "--opd-exact-cmass-overflow",
-        type=str,
-        default="fallback",
-        choices=list(EXACT_CMASS_OVERFLOW),
-        help="Union above the limit: keep the lower bound (fallback), truncate it, or raise (error).",
-    )
-    g.add_argument(
-        "--opd-token-bank-dir", type=str, default=None, help="Write per-token statistics of every step here."
-    )
-    g.add_argument("--opd-token-bank-format", type=str, default="csv", choices=list(TOKEN_BANK_FORMATS))
-    g.add_argument(
-        "--opd-token-bank-raw-topk",
-        action="store_true",
-        default=False,
-        help="Also store the raw student/teacher top-K lists in the token bank.",
-    )
-    g.add_argument("--opd-token-bank-pair-id", type=str, default=None, help="Teacher-student pair id in the bank.")
-    g.add_argument("--opd-teacher-name", type=str, default=None, help="Teacher name recorded in the bank/metrics.")
-    g.add_argument("--opd-student-name", type=str, default=None, help="Student name recorded in the bank/metrics.")
-    return parser
+    return NORMALIZERS.names()
 
 
 def validate_ta_opd_args(args: argparse.Namespace) -> None:
@@ -219,39 +99,3 @@ def needs_student_topk(args: argparse.Namespace) -> bool:
     runs as well (the cost is K extra entries per token in the engine's answer).
     """
     return bool(getattr(args, "use_opd", False)) and int(getattr(args, "opd_topk_metrics_k", 0) or 0) > 0
-
-
-# SelectionConfig fields whose flag is not simply ``--opd-<field>`` (field name → args attribute).
-_FIELD_TO_ARG: dict[str, str] = {
-    "k": "opd_topk_metrics_k",
-    "topk": "opd_topk_metrics_k",
-    "mask": "opd_budget_mask",
-    "selector": "opd_budget_mask",
-    "ratio": "opd_budget_ratio",
-    "seed": "opd_budget_mask_seed",
-    "min_keep_per_sample": "opd_budget_min_keep_per_sample",
-    "gamma": "opd_budget_gamma",
-    "normalization": "opd_metric_normalization",
-    "q_low": "opd_metric_q_low",
-    "q_high": "opd_metric_q_high",
-    "kl_coef": "opd_kl_coef",
-}
-
-
-def selection_config_from_args(args: argparse.Namespace):
-    """``ta_opd.config.SelectionConfig`` from the flags: field ``x`` takes ``args.opd_x``.
-
-    A few short field names map through ``_FIELD_TO_ARG``; fields with no flag keep the
-    config's default. The config is validated before it is returned.
-    """
-    from ta_opd.config import SelectionConfig
-
-    kwargs = {}
-    for f in dataclasses.fields(SelectionConfig):
-        name = f"opd_{f.name}" if hasattr(args, f"opd_{f.name}") else _FIELD_TO_ARG.get(f.name)
-        if name is not None and hasattr(args, name):
-            kwargs[f.name] = getattr(args, name)
-    cfg = SelectionConfig(**kwargs)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg

@@ -88,9 +88,19 @@ def analyse(bank: Bank, n_boot: int, seed: int) -> dict[str, Any]:
             fit = G.standardized_ols(g, {n: regs[n] for n in names}, clusters=bank.clusters)
             for term in fit["coef"]:
                 ols_rows.append(
-                    {"run": run, "model": model, "term": term, "coef": fit["coef"][term], "se": fit["se"][term],
-                     "pvalue": fit["pvalue"][term], "ci_low": fit["ci_low"][term], "ci_high": fit["ci_high"][term],
-                     "r2": fit["r2"], "n": fit["n"], "cov_type": fit["cov_type"]}  # fmt: skip
+                    {
+                        "run": run,
+                        "model": model,
+                        "term": term,
+                        "coef": fit["coef"][term],
+                        "se": fit["se"][term],
+                        "pvalue": fit["pvalue"][term],
+                        "ci_low": fit["ci_low"][term],
+                        "ci_high": fit["ci_high"][term],
+                        "r2": fit["r2"],
+                        "n": fit["n"],
+                        "cov_type": fit["cov_type"],
+                    }  # fmt: skip
                 )
         for n_bins, label in ((3, "terciles"), (4, "quartiles")):
             top, bottom = G.gap_groups(f["C"], f["q3"], n_bins)
@@ -101,9 +111,15 @@ def analyse(bank: Bank, n_boot: int, seed: int) -> dict[str, Any]:
         ci = (G.bootstrap_mean_diff(m.pair_diff, np.ones(m.n_pairs, bool), None, m.pair_cluster, n_boot, seed)
               if m.n_pairs else None)  # fmt: skip
         match_rows.append(
-            {"run": run, "effect": m.effect, "ci_low": ci.ci_low if ci else np.nan,
-             "ci_high": ci.ci_high if ci else np.nan, "n_pairs": m.n_pairs, "n_prompts": m.n_prompts,
-             "mean_distance": m.mean_distance}  # fmt: skip
+            {
+                "run": run,
+                "effect": m.effect,
+                "ci_low": ci.ci_low if ci else np.nan,
+                "ci_high": ci.ci_high if ci else np.nan,
+                "n_pairs": m.n_pairs,
+                "n_prompts": m.n_prompts,
+                "mean_distance": m.mean_distance,
+            }  # fmt: skip
         )
     return {
         "summary": pd.DataFrame(summary),

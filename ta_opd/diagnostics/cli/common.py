@@ -69,7 +69,7 @@ def bank_batch(frame: Any, reference: str, k: int, exact: bool) -> Any:
         raise ValueError(f"the stats table holds top-{s_ids.shape[1]} lists; --k {k} needs at least {k}")
 
     def col(name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(frame[name]), dtype=dtype)
+        return torch.as_tensor(np.array(frame[name]), dtype=dtype)
 
     def lists(name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         return torch.as_tensor(_decode_lists(frame[name])[:, :k], dtype=dtype)
@@ -92,24 +92,13 @@ def bank_batch(frame: Any, reference: str, k: int, exact: bool) -> Any:
 
 def feature_arrays(features: Any) -> dict[str, np.ndarray]:
     """The normalised features of ``ta_opd`` as numpy: H, D, C, DC, D_learn, D_incompat, q3 (METHOD.md §3–4)."""
-    aliases = {
-        "H": ("h", "entropy", "h_norm", "H"),
-        "D": ("d", "divergence", "d_norm", "D"),
-        "C": ("c", "compat", "c_norm", "C"),
-        "DC": ("dc", "dc_norm", "DC"),
-        "D_learn": ("d_learn", "dlearn", "D_L", "dl"),
-        "D_incompat": ("d_incompat", "dincompat", "D_I", "di"),
-        "q3": ("q3", "in_q3", "q3_mask", "is_q3"),
-    }
+    names = {"H": "h", "D": "d", "C": "c", "DC": "dc", "D_learn": "d_learn", "D_incompat": "d_incompat", "q3": "is_q3"}
     out = {}
-    for key, names in aliases.items():
-        for name in names:
-            value = getattr(features, name, None)
-            if isinstance(value, torch.Tensor):
-                out[key] = value.detach().cpu().double().numpy()
-                break
-        else:
-            raise ValueError(f"ta_opd features have none of {names} (for {key}); got {sorted(vars(features))}")
+    for key, name in names.items():
+        value = getattr(features, name, None)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"ta_opd features have no tensor field {name!r} (for {key})")
+        out[key] = value.detach().cpu().double().numpy()
     out["q3"] = out["q3"].astype(bool)
     return out
 

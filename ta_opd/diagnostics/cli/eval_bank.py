@@ -175,8 +175,9 @@ def eval_chunk(
     sample_index = torch.cat([torch.full((n,), j) for j, n in enumerate(lengths)]).to(device)
     cols: dict[str, Any] = {
         "context_id": [c["context_id"] for c, n in zip(contexts, lengths, strict=True) for _ in range(n)],
-        "prompt_id": [str(c.get("prompt_id", c["context_id"])) for c, n in zip(contexts, lengths, strict=True)
-                      for _ in range(n)],  # fmt: skip
+        "prompt_id": [
+            str(c.get("prompt_id", c["context_id"])) for c, n in zip(contexts, lengths, strict=True) for _ in range(n)
+        ],  # fmt: skip
         "position": position.cpu().numpy(),
         "response_length": resp_len.cpu().numpy(),
         "token_id": sampled.cpu().numpy(),

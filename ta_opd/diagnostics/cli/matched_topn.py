@@ -71,9 +71,16 @@ def topn_table(bank: Bank, selectors: list[str], budgets: list[float], n_boot: i
             for run in bank.runs:
                 res = G.bootstrap_mean_diff(bank.gains[run], kept, None, bank.clusters, n_boot, seed)
                 rows.append(
-                    {"run": run, "selector": name, "budget": ratio, "n_kept": int(kept.sum()),
-                     "mean_gain": res.estimate, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                     "all_token_mean_gain": float(bank.gains[run].mean())}  # fmt: skip
+                    {
+                        "run": run,
+                        "selector": name,
+                        "budget": ratio,
+                        "n_kept": int(kept.sum()),
+                        "mean_gain": res.estimate,
+                        "ci_low": res.ci_low,
+                        "ci_high": res.ci_high,
+                        "all_token_mean_gain": float(bank.gains[run].mean()),
+                    }  # fmt: skip
                 )
     return pd.DataFrame(rows)
 
