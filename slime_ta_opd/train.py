@@ -30,10 +30,6 @@ def should_run_periodic_action(rollout_id: int, interval: int | None, num_rollou
     return (num_rollout is not None and rollout_id == num_rollout - 1) or (rollout_id + 1) % interval == 0
 
 
-def _prefixed(prefix: str, metrics: dict) -> dict:
-    return {k if "/" in k else f"{prefix}/{k}": v for k, v in (metrics or {}).items()}
-
-
 def train(args) -> dict:
     """Run the loop; returns the last step's logged metrics. Servers and actors are stopped on any exit."""
     configure_logger()
@@ -59,57 +55,33 @@ def train(args) -> dict:
                 ray.get(rollout_manager.load.remote(args.start_rollout_id - 1))
             actor_model.update_weights()
         if args.eval_interval is not None and args.start_rollout_id == 0 and not args.skip_eval_before_train:
-            metrics_logger.log(-1, _prefixed("eval", ray.get(rollout_manager.eval.remote(0)).get("metrics")))
+            metrics_logger.log_step(-1, {}, {}, ray.get(rollout_manager.eval.remote(0)))
 
-        t_start, first_kl = time.perf_counter(), None
-        bar = tqdm(
-            range(args.start_rollout_id, args.num_rollout),
-            total=args.num_rollout,
-            initial=args.start_rollout_id,
-            desc="rollout",
-            dynamic_ncols=True,
-        )
+        t_start = time.perf_counter()
+        rollouts = range(args.start_rollout_id, args.num_rollout)
+        bar = tqdm(rollouts, total=args.num_rollout, initial=args.start_rollout_id, desc="rollout")
         for rollout_id in bar:
             t0 = time.perf_counter()
             rollout_data = ray.get(rollout_manager.generate.remote(rollout_id))
             t_rollout = time.perf_counter() - t0
             train_metrics = ray.get(actor_model.async_train(rollout_id, ray.put(rollout_data)))[0]
 
-            if should_run_periodic_action(rollout_id, args.save_interval, args.num_rollout) and args.save:
+            if args.save and should_run_periodic_action(rollout_id, args.save_interval, args.num_rollout):
                 if args.rollout_global_dataset:  # data position first: the trainer's pointer file is the commit
                     ray.get(rollout_manager.save.remote(rollout_id))
                 actor_model.save_model(rollout_id)
             actor_model.update_weights()
 
-            eval_metrics = {}
+            evaluation = None
             if should_run_periodic_action(rollout_id, args.eval_interval, args.num_rollout):
-                eval_metrics = _prefixed("eval", ray.get(rollout_manager.eval.remote(rollout_id)).get("metrics"))
-            step_time = time.perf_counter() - t0
-            record = metrics_logger.log(
-                rollout_id,
-                {
-                    **_prefixed("rollout", rollout_data.get("metrics", {})),
-                    **train_metrics,
-                    **eval_metrics,
-                    "perf/rollout_time": t_rollout,
-                    "perf/step_time": step_time,
-                },
-            )
-            kl = train_metrics.get("train/teacher_kl_all")
-            first_kl = kl if first_kl is None else first_kl
-            bar.set_postfix(
-                loss=f"{train_metrics['train/loss']:.4g}", kl=f"{kl if kl is not None else float('nan'):.4g}"
-            )
+                evaluation = ray.get(rollout_manager.eval.remote(rollout_id))
+            record = metrics_logger.log_step(
+                rollout_id, rollout_data, train_metrics, evaluation,
+                rollout_time=t_rollout, step_time=time.perf_counter() - t0,
+            )  # fmt: skip
+            bar.set_postfix(loss=train_metrics["train/loss"], kl=train_metrics.get("train/teacher_kl_all"))
         bar.close()
-        logger.info(
-            "done: rollouts %d..%d in %.1fs; teacher KL (sampled) %s -> %s; metrics in %s",
-            args.start_rollout_id,
-            args.num_rollout - 1,
-            time.perf_counter() - t_start,
-            first_kl,
-            record.get("train/teacher_kl_all"),
-            metrics_logger.jsonl_path,
-        )
+        logger.info("done in %.1fs: %s", time.perf_counter() - t_start, metrics_logger.summary())
         return record
     finally:
         if rollout_manager is not None:
@@ -132,8 +104,7 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # SIGTERM (a scheduler stopping the job) takes the same clean path as Ctrl-C
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler stopping the job takes the same clean path as Ctrl-C
     try:
         train(args)
     except KeyboardInterrupt:

@@ -27,7 +27,8 @@ class SelectionResult:
 
 def _check_finite(batch: TokenBatch, valid: Tensor, cfg: SelectionConfig) -> tuple[Tensor, int]:
     """Apply the non-finite log-prob policy (see ta_opd.config) to the valid tokens."""
-    known_student = ~torch.isnan(batch.student_logp)  # NaN = not recorded; ±inf = a fault
+    # rows whose rollout log-prob was never recorded (student_logp_known False) are not faults
+    known_student = batch.student_logp_known if batch.student_logp_known is not None else torch.ones_like(valid)
     bad = valid & (~torch.isfinite(batch.teacher_logp) | (known_student & ~torch.isfinite(batch.student_logp)))
     n_bad = int(bad.sum())
     if n_bad and cfg.nonfinite_policy == "error":

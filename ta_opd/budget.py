@@ -41,7 +41,8 @@ def ranked_order(score: Tensor, sample_index: Tensor, position: Tensor, eligible
     perm = torch.argsort(sample_index, stable=True)  # lowest-priority key first: sample asc
     pos_key = -position if ascending else position  # ascending variants: later position first
     perm = perm[torch.argsort(pos_key[perm], stable=True)]
-    s = torch.nan_to_num(score.to(torch.float64), nan=-math.inf)
+    # NaN scores rank last in either direction (normalised features are never NaN; custom scores might be)
+    s = torch.nan_to_num(score.to(torch.float64), nan=math.inf if ascending else -math.inf)
     score_key = s if ascending else -s
     perm = perm[torch.argsort(score_key[perm], stable=True)]
     perm = perm[torch.argsort((~eligible[perm]).to(torch.int8), stable=True)]
@@ -125,7 +126,8 @@ def apply_split_budget(
     """split_budget_ca (METHOD.md §4): round(γ·n) by the first score, n − that by the second.
 
     Both parts are picked from all valid tokens independently; when they overlap, the union is
-    topped up to n by the fallback (ca_softor) score. round() is half-up: floor(γ·n + 0.5).
+    topped up to n by the fallback (ca_softor) score. round() is Python's (half to even), as in the
+    released code's ``int(round(gamma * n))``: γ = 0.5, n = 5 gives 2 tokens by H̃ and 3 by the second score.
     """
     n_valid = int(valid.sum())
     if ratio >= 1.0:
@@ -133,7 +135,7 @@ def apply_split_budget(
     if n_valid == 0:
         return BudgetResult(torch.zeros_like(valid), 0, 0, 0, 0, 0.0)
     n = budget_size(ratio, n_valid)
-    n_first = min(n, math.floor(gamma * n + 0.5))
+    n_first = min(n, round(gamma * n))
     kept = _take_top(n_first, first_score, sample_index, position, valid)
     kept |= _take_top(n - n_first, second_score, sample_index, position, valid)
     short = n - int(kept.sum())

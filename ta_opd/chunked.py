@@ -45,9 +45,9 @@ __all__ = [
     "vocab_size",
 ]
 
-# Default chunk budget: about 2**24 elements per `[chunk, V]` temporary (64 MiB in float32),
-# i.e. ~110 rows at V = 151,936.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Default chunk budget: about 2**23 elements per `[chunk, V]` temporary (32 MiB in float32),
+# i.e. 55 rows at V = 151,936; a loss holds ~10 such temporaries at a time.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass(frozen=True)
@@ -155,80 +155,62 @@ class _FusedChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: dict, *tensors: Tensor):  # type: ignore[override]
         token_fn: TokenFn = plan["token_fn"]
-        is_head: bool = plan["is_head"]
         teacher: LogitSource | None = plan["teacher"]
         extras: Mapping[str, Tensor] = plan["extras"]
         coef: Tensor = plan["coef"]  # [N]
-        chunk_size: int = plan["chunk_size"]
         needs = ctx.needs_input_grad[1:]
-
+        is_head = plan["is_head"]
         if is_head:
             hidden, weight, bias = tensors  # [N, H], [V, H], [V] | None
-            n = hidden.shape[0]
-            dtype, device = hidden.dtype, hidden.device
-            weight_leaf = weight.detach().requires_grad_(needs[1])
-            bias_leaf = bias.detach().requires_grad_(needs[2]) if bias is not None else None
-            grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+            ref = hidden
         else:
             (logits,) = tensors  # [N, V]
-            n = logits.shape[0]
-            dtype, device = logits.dtype, logits.device
-            grad_logits = torch.zeros_like(logits) if needs[0] else None
-
+            ref = logits
+        n, dtype, device = ref.shape[0], ref.dtype, ref.device
+        # Gradient buffers, filled chunk by chunk: [N, H], [V, H], [V] (head) or [N, V] (logits).
+        grads = [
+            torch.zeros_like(t) if t is not None and need else None for t, need in zip(tensors, needs, strict=True)
+        ]
         values = torch.zeros(n, dtype=dtype, device=device)  # [N]
         aux_out: dict[str, Tensor] = {}
         total = torch.zeros((), dtype=torch.float64, device=device)
         rows_all = torch.nonzero(coef != 0, as_tuple=False).flatten()
 
-        for rows in _row_chunks(rows_all, chunk_size):
+        for rows in _row_chunks(rows_all, plan["chunk_size"]):
             t_logits = _teacher_chunk(teacher, rows)
-            extras_c = _slice_extras(extras, rows)
-            coef_c = coef.index_select(0, rows).to(dtype)
+            if is_head:
+                h_c = hidden.index_select(0, rows)  # [c, H]
+                s_logits = materialize_logits(LMHeadInput(h_c, weight, bias))  # [c, V], no graph
+            else:
+                s_logits = logits.index_select(0, rows)
+            s_logits = s_logits.detach().requires_grad_(any(needs))
             with torch.enable_grad():
+                vals_c, aux_c = _split(token_fn(s_logits, t_logits, _slice_extras(extras, rows)))
+                chunk_loss = (coef.index_select(0, rows).to(dtype) * vals_c).sum()
+                g_logits = None
+                if any(needs) and chunk_loss.requires_grad:
+                    (g_logits,) = torch.autograd.grad(chunk_loss, s_logits)  # [c, V]
+            if g_logits is not None:
+                # Chain rule through the LM head by hand: in-place accumulation into the [V, H]
+                # buffer (addmm_) instead of a fresh [V, H] gradient per chunk.
                 if is_head:
-                    h_c = hidden.index_select(0, rows).detach().requires_grad_(needs[0])
-                    s_logits = h_c @ weight_leaf.t()
-                    if bias_leaf is not None:
-                        s_logits = s_logits + bias_leaf
-                else:
-                    s_logits = logits.index_select(0, rows).detach().requires_grad_(needs[0])
-                    l_c = s_logits
-                vals_c, aux_c = _split(token_fn(s_logits, t_logits, extras_c))
-                chunk_loss = (coef_c * vals_c).sum()
-                inputs: list[Tensor] = []
-                if is_head:
-                    inputs += [t for t, need in ((h_c, needs[0]), (weight_leaf, needs[1])) if need]
-                    if bias_leaf is not None and needs[2]:
-                        inputs.append(bias_leaf)
-                elif needs[0]:
-                    inputs.append(l_c)
-                if inputs and chunk_loss.requires_grad:
-                    # Accumulates into .grad of the leaves: the [V, H] weight gradient is summed
-                    # in place across chunks instead of being reallocated per chunk.
-                    torch.autograd.backward(chunk_loss, inputs=inputs)
+                    if grads[0] is not None:
+                        grads[0].index_copy_(0, rows, g_logits @ weight)
+                    if grads[1] is not None:
+                        grads[1].addmm_(g_logits.t(), h_c)
+                    if grads[2] is not None:
+                        grads[2].add_(g_logits.sum(0))
+                elif grads[0] is not None:
+                    grads[0].index_copy_(0, rows, g_logits)
             values.index_copy_(0, rows, vals_c.detach())
             for key, val in aux_c.items():
                 if key not in aux_out:
                     aux_out[key] = torch.zeros(n, dtype=val.dtype, device=device)
                 aux_out[key].index_copy_(0, rows, val.detach())
             total += chunk_loss.detach().to(torch.float64)
-            if is_head and needs[0] and h_c.grad is not None:
-                grad_hidden.index_copy_(0, rows, h_c.grad)
-            if not is_head and needs[0] and l_c.grad is not None:
-                grad_logits.index_copy_(0, rows, l_c.grad)
-            del s_logits, vals_c, chunk_loss, t_logits
+            del s_logits, vals_c, chunk_loss, t_logits, g_logits
 
-        if is_head:
-            grad_weight = weight_leaf.grad if needs[1] else None
-            if needs[1] and grad_weight is None:
-                grad_weight = torch.zeros_like(weight)
-            grad_bias = None
-            if bias is not None and needs[2]:
-                grad_bias = bias_leaf.grad if bias_leaf.grad is not None else torch.zeros_like(bias)
-            saved = [grad_hidden, grad_weight, grad_bias]
-        else:
-            saved = [grad_logits]
-        ctx.grads = saved
+        ctx.grads = grads
         plan["aux_out"] = aux_out
         ctx.mark_non_differentiable(values)
         return total.to(dtype), values

@@ -53,11 +53,11 @@ def median(x: Tensor) -> Tensor:
 def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95) -> Tensor:
     """Norm(z) = clip((z − lo)/(hi − lo), 0, 1) over the finite values of ``x [N]`` (METHOD.md §3).
 
-    Non-finite values map to 0; if |hi − lo| < 1e-12 every value maps to 0. Returns float32.
+    Non-finite values map to 0; if |hi − lo| < 1e-12 every value maps to 0. Returns float64.
     """
     lo_hi = NORMALIZERS.get(method)
     finite_mask = torch.isfinite(x)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     if not bool(finite_mask.any()):
         return out
     lo, hi = lo_hi(x[finite_mask], q_low, q_high)
@@ -65,4 +65,4 @@ def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_
     if abs(float(span)) < DEGENERATE_RANGE:
         return out
     scaled = ((x.to(torch.float64) - lo) / span).clamp(0.0, 1.0)
-    return torch.where(finite_mask, scaled, torch.zeros_like(scaled)).to(torch.float32)
+    return torch.where(finite_mask, scaled, torch.zeros_like(scaled))

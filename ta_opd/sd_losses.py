@@ -160,6 +160,17 @@ def _p_log_ratio(logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
 
 
+def _full_p_log_ratio(logp: Tensor, logq: Tensor) -> Tensor:
+    """Full-vocabulary p·(log p − log q) with fewer [n, V] temporaries than `_p_log_ratio`.
+
+    log p may contain −inf (a masked vocabulary entry): it is clamped to the most negative finite
+    value so that 0·(finite) = 0. log q must be finite where p = 0 (LM-head log-probs always are).
+    """
+    if not logp.requires_grad:
+        logp = logp.clamp_min(torch.finfo(logp.dtype).min)
+    return logp.exp() * (logp - logq)
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -174,7 +185,7 @@ def _opsd_token(s: Tensor, t: Tensor | None, ex: Mapping[str, Tensor], *, temper
     # ℓ_t = Σ_v min(p_T(v)(log p_T(v) − log p_S(v)), clip)   [n]
     ls = _scaled_log_softmax(s, temperature)  # [n, V]
     lt = _scaled_log_softmax(t, temperature)  # [n, V]
-    return _p_log_ratio(lt, ls).clamp(max=clip).sum(-1)
+    return _full_p_log_ratio(lt, ls).clamp(max=clip).sum(-1)
 
 
 def _eopd_token(
@@ -187,7 +198,7 @@ def _eopd_token(
     old = ex["old_logp"] if "old_logp" in ex else logp.detach()
     adv = (lt.gather(-1, y).squeeze(-1) - old).detach()  # A_t = sg(log p_T(y_t) − log p_old(y_t))
     ppo, _ = ppo_clip_policy_loss(logp, old, adv, eps_clip, eps_clip)
-    entropy_t = -_p_log_ratio(lt, torch.zeros_like(lt)).sum(-1)  # H(p_T) in nats  [n]
+    entropy_t = -_full_p_log_ratio(lt, torch.zeros((), dtype=lt.dtype)).sum(-1)  # H(p_T) in nats  [n]
     top_lt, top_ids = lt.topk(min(k, lt.shape[-1]), dim=-1)  # [n, K]
     log_pt_tilde = F.log_softmax(top_lt, dim=-1)  # p̃_T renormalised on the teacher's top-K
     fkl = _p_log_ratio(log_pt_tilde, ls.gather(-1, top_ids)).sum(-1)  # [n]
@@ -203,7 +214,7 @@ def _reopold_stats(s: Tensor, t: Tensor | None, ex: Mapping[str, Tensor], *, tem
     return {
         "logp_s": ls.gather(-1, y).squeeze(-1),
         "logp_t": lt.gather(-1, y).squeeze(-1),
-        "entropy_s": -_p_log_ratio(ls, torch.zeros_like(ls)).sum(-1),
+        "entropy_s": -_full_p_log_ratio(ls, torch.zeros((), dtype=ls.dtype)).sum(-1),
     }
 
 
@@ -267,12 +278,12 @@ def _jsd_token(
         snap = math.sqrt(torch.finfo(s.dtype).eps)
         beta = 0.0 if beta < snap else 1.0 if beta > 1.0 - snap else beta
     if beta == 0.0:
-        return _p_log_ratio(lt, ls).sum(-1)  # KL(p_T ‖ p_S), the β → 0 limit
+        return _full_p_log_ratio(lt, ls).sum(-1)  # KL(p_T ‖ p_S), the β → 0 limit
     if beta == 1.0:
-        return _p_log_ratio(ls, lt).sum(-1)  # KL(p_S ‖ p_T), the β → 1 limit
+        return _full_p_log_ratio(ls, lt).sum(-1)  # KL(p_S ‖ p_T), the β → 1 limit
     # M = β p_T + (1 − β) p_S;  JSD_β = β KL(p_T ‖ M) + (1 − β) KL(p_S ‖ M)
     lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-    value = beta * _p_log_ratio(lt, lm).sum(-1) + (1.0 - beta) * _p_log_ratio(ls, lm).sum(-1)
+    value = beta * _full_p_log_ratio(lt, lm).sum(-1) + (1.0 - beta) * _full_p_log_ratio(ls, lm).sum(-1)
     return value / (beta * (1.0 - beta)) if normalize else value
 
 

@@ -22,7 +22,7 @@ from ta_opd.stats import TokenStats
 
 @dataclass
 class Features:
-    """Normalised per-token features of one step, every tensor ``[N]`` float32 in [0, 1]."""
+    """Normalised per-token features of one step, every tensor ``[N]`` float64 in [0, 1] (``is_q3`` bool)."""
 
     h: Tensor  # H̃
     d: Tensor  # D̃
@@ -60,7 +60,7 @@ def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:
     h, d, c = norm(stats.entropy_norm), norm(stats.kl_f_union), norm(stats.compat)
     dc = norm(stats.kl_f_union * stats.compat)
     h_med, d_med = median(h), median(d)
-    is_q3 = (h.to(torch.float64) < h_med) & (d.to(torch.float64) >= d_med)
+    is_q3 = (h < h_med) & (d >= d_med)
     return Features(
         h=h,
         d=d,
@@ -99,10 +99,10 @@ def ca_softor_score(f: Features, cfg: SelectionConfig) -> Tensor:
     return soft_or(f.h, f.dc) if cfg.ca_softor_variant == "code" else soft_or(f.h, f.d_learn)
 
 
-def random_score(n: int, cfg: SelectionConfig, rollout_index: int) -> Tensor:
+def random_score(n: int, cfg: SelectionConfig, rollout_index: int, device: torch.device | str = "cpu") -> Tensor:
     """Uniform scores from a private generator seeded with seed + rollout index (reproducible)."""
     gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) + int(rollout_index))
-    return torch.rand(n, generator=gen, dtype=torch.float64).to(torch.float32)
+    return torch.rand(n, generator=gen, dtype=torch.float64).to(device)
 
 
 def q3_score(f: Features) -> Tensor:
@@ -116,7 +116,7 @@ _register("ca_softor", lambda f, cfg, r: ca_softor_score(f, cfg), "soft-OR(H̃, 
 _register("entropy", lambda f, cfg, r: f.h, "H̃, student top-K entropy")
 _register("tip", lambda f, cfg, r: soft_or(f.h, f.d), "soft-OR(H̃, D̃), TIP-style")
 _register("divergence", lambda f, cfg, r: f.d, "D̃, raw union forward KL")
-_register("random", lambda f, cfg, r: random_score(f.h.shape[0], cfg, r), "uniform, same budget (seed + rollout)")
+_register("random", lambda f, cfg, r: random_score(f.h.shape[0], cfg, r, f.h.device), "uniform, same budget (seed + rollout)")
 _register("compatibility", lambda f, cfg, r: f.c, "C̃, compatibility alone")
 _register("dincompat_high", lambda f, cfg, r: f.d_incompat, "D^I = D̃·(1 − C̃), incompatible disagreement")
 _register(

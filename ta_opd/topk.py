@@ -94,6 +94,8 @@ class TokenBatch:
     teacher_logp_on_student_topk: Tensor | None = None  # [N, K] exact C: teacher log-prob of each student id
     exact_available: Tensor | None = None  # [N] bool: exact C known for this row (else lower bound)
     num_samples: int | None = None  # B (samples without response tokens still count)
+    student_logp_known: Tensor | None = None  # [N] bool: False where rollout log-probs were not recorded
+    topk_missing: Tensor | None = None  # [N] bool: a top-K list was absent/short at this position (METHOD.md §2)
 
     @property
     def n_tokens(self) -> int:
@@ -142,11 +144,26 @@ class TokenBatch:
                 f"teacher_logp_on_student_topk shape {tuple(self.teacher_logp_on_student_topk.shape)} "
                 f"!= student top-K shape {tuple(self.student_topk_ids.shape)}"
             )
+        if self.sampled_ids.dim() != 1 or self.sampled_ids.shape[0] != n:
+            raise ValueError(f"sampled_ids must have shape [{n}], got {tuple(self.sampled_ids.shape)}")
+        for name in ("sample_index", "position", "response_length", "sampled_ids"):
+            if getattr(self, name).dtype != torch.long:
+                raise TypeError(f"{name} must be int64, got {getattr(self, name).dtype}")
+        for name in ("exact_available", "student_logp_known", "topk_missing"):
+            t = getattr(self, name)
+            if t is not None and (t.dtype != torch.bool or t.shape != (n,)):
+                raise ValueError(f"{name} must be a bool tensor of shape [{n}], got {t.dtype} {tuple(t.shape)}")
+        if n and (self.sample_index.min() < 0 or self.position.min() < 0):
+            raise ValueError("sample_index and position must be >= 0")
         if cfg is not None and getattr(cfg, "selecting", False):
             if not self.has_topk:
                 raise ValueError(f"mask {cfg.mask!r} needs student and teacher top-K lists, got K=0")
-        if n and (self.sample_index.min() < 0 or self.position.min() < 0):
-            raise ValueError("sample_index and position must be >= 0")
+            if self.topk_missing is not None and bool(self.topk_missing.any()):
+                samples = torch.unique(self.sample_index[self.topk_missing]).tolist()
+                raise ValueError(
+                    f"mask {cfg.mask!r} needs student and teacher top-K lists at every response position; "
+                    f"sample(s) {samples[:10]} have missing or short lists (METHOD.md §2)"
+                )
         return self
 
     def to(self, device: torch.device | str) -> TokenBatch:
@@ -167,14 +184,16 @@ class TokenBatch:
         loss_mask_per_sample: Sequence[Sequence[int]],
         k: int,
         teacher_ids_logprobs_per_sample: Sequence[Sequence[Sequence[Entry] | None] | None] | None = None,
-        require_topk: bool = True,
+        require_topk: bool | None = None,
     ) -> TokenBatch:
         """Build a batch from per-sample Python lists, one entry per response position.
 
-        A sample's top-K lists must cover its whole response when ``require_topk`` (a selector
-        other than full, METHOD.md §2): missing or short lists raise ValueError naming the sample.
-        Without ``require_topk``, missing lists become empty rows (no statistics). A None in
-        ``student_logp_per_sample`` (rollout log-probs not recorded) becomes NaN = unknown.
+        A sample's top-K lists must cover its whole response for a selector other than full
+        (METHOD.md §2). By default (``require_topk=None``) missing or short lists become empty rows
+        flagged in ``topk_missing`` and ``validate(cfg)`` / ``select_tokens`` raise ValueError naming
+        the sample only when the configured mask selects; ``require_topk=True`` raises here already.
+        A None in ``student_logp_per_sample`` (rollout log-probs not recorded) becomes NaN with
+        ``student_logp_known`` False; the non-finite policy then ignores those rows.
         ``teacher_ids_logprobs_per_sample[i]`` (exact C) may be None for a sample whose id union
         overflowed: that sample falls back to the lower bound.
         """
@@ -193,10 +212,13 @@ class TokenBatch:
         exact_rows: list[Sequence[Entry] | None] = []
         exact_ok: list[bool] = []
         student_lp: list[float] = []
+        student_known: list[bool] = []
+        missing: list[bool] = []
         for i, length in enumerate(lengths):
             for name, lists in (("teacher log-probs", teacher_logp_per_sample), ("loss mask", loss_mask_per_sample)):
                 if len(lists[i]) != length:
                     raise ValueError(f"sample {i}: {name} has {len(lists[i])} entries, response has {length} tokens")
+            short = [False] * length
             for side, per_sample, rows in (
                 ("student", student_top_per_sample, student_rows),
                 ("teacher", teacher_top_per_sample, teacher_rows),
@@ -204,21 +226,25 @@ class TokenBatch:
                 lists = per_sample[i]
                 have = 0 if lists is None else len(lists)
                 if have < length:
-                    if require_topk and length:
+                    if require_topk:
                         raise ValueError(
                             f"sample {i}: {side} top-K lists cover {have} of {length} response positions; "
                             "a selector other than 'full' needs both lists at every position"
                         )
                     rows.extend(list(lists or []) + [None] * (length - have))
+                    short[have:] = [True] * (length - have)
                 else:
                     rows.extend(list(lists[:length]))
+            missing.extend(short)
             slp = None if student_logp_per_sample is None else student_logp_per_sample[i]
             if slp is None:
                 student_lp.extend([float("nan")] * length)
+                student_known.extend([False] * length)
             else:
                 if len(slp) != length:
                     raise ValueError(f"sample {i}: student log-probs have {len(slp)} entries, expected {length}")
                 student_lp.extend(float("nan") if v is None else float(v) for v in slp)
+                student_known.extend(v is not None for v in slp)
             exact = None if teacher_ids_logprobs_per_sample is None else teacher_ids_logprobs_per_sample[i]
             if exact is None or len(exact) < length:
                 exact_rows.extend([None] * length)
@@ -259,4 +285,6 @@ class TokenBatch:
             teacher_logp_on_student_topk=exact_tensor,
             exact_available=exact_available,
             num_samples=n_samples,
+            student_logp_known=torch.tensor(student_known, dtype=torch.bool),
+            topk_missing=torch.tensor(missing, dtype=torch.bool),
         )

@@ -58,3 +58,13 @@ def test_missing_optional_sinks_warn_and_continue(tmp_path, caplog, monkeypatch)
     assert "TensorBoard is not installed" in caplog.text and "wandb is not installed" in caplog.text
     log.log(0, {"a": 1.0})
     assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_log_step_prefixes_and_summary(tmp_path):
+    log = MetricsLogger(_args(tmp_path))
+    rollout = {"metrics": {"opd/realised_ratio": 0.12, "time_s": 1.0}}
+    rec = log.log_step(0, rollout, {"train/teacher_kl_all": 0.5}, {"metrics": {"acc": 0.25}}, step_time=2.0)
+    assert rec["opd/realised_ratio"] == 0.12 and rec["rollout/time_s"] == 1.0
+    assert rec["eval/acc"] == 0.25 and rec["perf/step_time"] == 2.0
+    log.log_step(1, {}, {"train/teacher_kl_all": 0.125}, None)
+    assert "train/teacher_kl_all 0.5 -> 0.125" in log.summary()

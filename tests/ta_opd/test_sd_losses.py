@@ -390,3 +390,15 @@ def test_input_validation():
         jsd_loss(s, s, torch.ones(2, dtype=torch.bool), beta=1.5)
     with pytest.raises(ValueError, match="temperature"):
         opsd_loss(s, s, torch.ones(2, dtype=torch.bool), temperature=0.0)
+
+
+def test_masked_teacher_vocabulary_is_finite():
+    # A teacher that puts -inf on padded vocabulary rows (p_T = 0 there) must not give NaN.
+    s = torch.randn(2, 5, dtype=D, requires_grad=True)
+    t = torch.randn(2, 5, dtype=D)
+    t[:, 3:] = -math.inf
+    mask = torch.ones(2, dtype=torch.bool)
+    for out in (opsd_loss(s, t, mask), jsd_loss(s, t, mask, beta=0.0), jsd_loss(s, t, mask, beta=0.5)):
+        assert torch.isfinite(out.loss)
+        (g,) = torch.autograd.grad(out.loss, s)
+        assert torch.isfinite(g).all()

@@ -16,24 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_actor_cls(args: Namespace):
-    """The training-rank class for ``--train-backend`` (``auto``: megatron when importable with CUDA, else torch)."""
-    backend = getattr(args, "train_backend", "auto")
-    if backend in ("auto", "megatron"):
-        try:
-            import torch
+    """The training-rank class for ``--train-backend`` (rules in :mod:`slime.backends.select`)."""
+    from slime.backends.select import train_actor_class
 
-            from slime.backends.megatron_utils.actor import MegatronTrainRayActor  # type: ignore[import-not-found]
-
-            if torch.cuda.is_available():
-                return MegatronTrainRayActor
-            if backend == "megatron":
-                raise ValueError("--train-backend megatron needs CUDA; none is visible")
-        except ImportError as e:
-            if backend == "megatron":
-                raise ValueError(f"--train-backend megatron is not available here ({e})") from e
-    from slime.backends.torch_utils.actor import TorchTrainRayActor
-
-    return TorchTrainRayActor
+    return train_actor_class(args)
 
 
 class RayTrainGroup:

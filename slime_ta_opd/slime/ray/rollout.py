@@ -102,8 +102,14 @@ class RolloutManager:
 
             n = max(1, int(args.rollout_num_engines or 1))
             logger.info("starting %d embedded engine(s) from %s behind sglang-router", n, args.hf_checkpoint)
+            extra: tuple[str, ...] = ()
+            if getattr(args, "output_dir", None):
+                # the trainer pushes weights from <output-dir>/weights: the engines may load from there only
+                weights_root = os.path.join(os.path.abspath(args.output_dir), "weights")
+                os.makedirs(weights_root, exist_ok=True)
+                extra = ("--weights-root", weights_root)
             self._engine_group = launch_engine_group(
-                args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir()
+                args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir(), extra_args=extra
             )
             host, _, port = self._engine_group.url.split("://", 1)[-1].rstrip("/").rpartition(":")
             args.sglang_router_ip, args.sglang_router_port = host, int(port)

@@ -35,6 +35,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Keys without a namespace get ``prefix/``; ``opd/...`` and the like keep theirs."""
+    return {k if "/" in k else f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
 class MetricsLogger:
     """Writes each step's metrics dict to every configured sink."""
 
@@ -89,6 +94,19 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
         return record
+
+    def log_step(self, rollout_id: int, rollout_data: dict, train: dict, evaluation: dict | None, **perf) -> dict:
+        """One rollout's record: rollout/selection metrics, trainer metrics, eval metrics and ``perf/*`` timings."""
+        metrics = {**_prefixed("rollout", rollout_data.get("metrics") or {}), **train}
+        metrics.update(_prefixed("eval", (evaluation or {}).get("metrics") or {}))
+        metrics.update({f"perf/{k}": v for k, v in perf.items()})
+        return self.log(rollout_id, metrics)
+
+    def summary(self, key: str = "train/teacher_kl_all") -> str:
+        """One line for the end of a run: steps logged, first and last value of ``key``, where the file is."""
+        values = [r[key] for r in self.records if r.get(key) is not None and r.get("rollout_id", -1) >= 0]
+        trend = f"{key} {values[0]:.4g} -> {values[-1]:.4g}" if values else f"no {key}"
+        return f"{len(self.records)} records; {trend}; metrics in {self.jsonl_path}"
 
     def _write_csv(self) -> None:
         columns = ["rollout_id"] + sorted({k for r in self.records for k in r} - {"rollout_id"})

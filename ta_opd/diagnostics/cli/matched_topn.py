@@ -106,7 +106,7 @@ def plot_topn(table: Any, path: Any) -> None:
         ax.set_ylabel("mean gain of top-N")
         ax.set_title(f"Matched top-N fixed-context gain, θτ = {run} (95% prompt-bootstrap CI)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, ncol=len(budgets) + 1)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

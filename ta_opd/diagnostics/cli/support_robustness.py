@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("Q3 gain gap (high − low C)")
         ax.set_title(f"Support-definition robustness, θτ = {run} (95% CI)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, out / "support_robustness.png")
     plt.close(fig)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("mean gain")
         ax.set_title(f"Gain by H×D quadrant and C bin, θτ = {run} (95% CI)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, out / "within_region.png")
     plt.close(fig)

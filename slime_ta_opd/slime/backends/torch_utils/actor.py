@@ -268,7 +268,8 @@ class TorchTrainRayActor(TrainRayActor):
 
     # ------------------------------------------------------------------ weights and checkpoints
     def _output_dir(self) -> Path:
-        return Path(self.args.output_dir)
+        # absolute: the engines resolve the pushed path in their own working directory
+        return Path(self.args.output_dir).resolve()
 
     def save_hf(self, out_dir: str | os.PathLike) -> str:
         """Write the current weights as a HF safetensors dir (atomic)."""
