@@ -47,8 +47,12 @@ class Features:
 
 
 def soft_or(a: Tensor, b: Tensor) -> Tensor:
-    """a + b − a·b: high when either is high (both in [0, 1])."""
-    return a + b - a * b
+    """a + b − a·b, high when either is high (both in [0, 1]).
+
+    Written as 1 − (1 − a)(1 − b): the same value, but exactly 1 whenever an input is 1, so the
+    many tokens clipped to 1 by the normalisation tie exactly and the documented tie rule decides.
+    """
+    return 1.0 - (1.0 - a) * (1.0 - b)
 
 
 def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:

@@ -1,0 +1,24 @@
+"""Megatron-core trainer backend (``--train-backend megatron``; extra ``megatron``).
+
+- ``cpu_shims.py``: three CUDA-only calls redirected so GPTModel and ``torch_dist`` checkpoints run on CPU over gloo
+  (tests only; a GPU run never installs them);
+- ``config.py``: HF config (Qwen2 / Qwen3 / Llama) → :class:`ModelShape` → Megatron ``TransformerConfig``;
+- ``convert.py``: HF ↔ Megatron state dicts with TP sharding and PP stage selection (our own documented converter);
+- ``model.py``: parallel state, GPTModel from a HF config, sampled-token log-probs (vocab-parallel);
+- ``checkpoint.py``: ``torch_dist`` save/load (Megatron-LM directory layout) and HF export;
+- ``actor.py``: ``MegatronTrainRayActor``, the training rank, with the same loss wiring as the torch backend
+  (:mod:`slime.backends.torch_utils.loss` → :mod:`ta_opd.losses`) and the in-trainer teacher of
+  ``--opd-type megatron``.
+
+Nothing here imports megatron at package import time: :func:`require_megatron` raises the install hint.
+"""
+
+from __future__ import annotations
+
+
+def require_megatron() -> None:
+    """Raise :class:`slime.backends.select.MissingExtraError` (with the pip line) when megatron-core is absent."""
+    from slime.backends.select import MissingExtraError, extra_available, install_hint
+
+    if not extra_available("megatron"):
+        raise MissingExtraError(install_hint("megatron"))
