@@ -240,6 +240,9 @@ def launch_router(
     ]
     if api_key:
         cmd += ["--api-key", api_key]
+    if "--prometheus-port" not in extra_args:
+        # the router's metrics endpoint defaults to a fixed port: two routers on one machine would collide
+        cmd += ["--prometheus-host", host, "--prometheus-port", str(find_free_port(host))]
     cmd += list(extra_args)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")

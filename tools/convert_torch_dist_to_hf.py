@@ -1,0 +1,18 @@
+"""CLI wrapper: ``python tools/convert_torch_dist_to_hf.py --help`` (installed as ``convert_torch_dist_to_hf``; needs the ``megatron`` extra).
+
+Implementation and usage: ``slime.backends.megatron_utils.convert_cli``; see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    from slime.backends.megatron_utils.convert_cli import torch_dist_to_hf_main
+except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slime_ta_opd"))
+    from slime.backends.megatron_utils.convert_cli import torch_dist_to_hf_main
+
+if __name__ == "__main__":
+    sys.exit(torch_dist_to_hf_main())
