@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 STAMP := .cache/install.stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-megatron lint bench clean
 
 # torch first, pinned: on these machines 2.13.0 is a local CPU build; an unpinned torch pulls CUDA wheels.
 $(STAMP): pyproject.toml
@@ -20,6 +20,12 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# Megatron-core backend tests on CPU over gloo (megatron-core 0.16.x is pure Python: ~3 MB wheel, ~17 MB
+# installed, seconds to install; it needs no CUDA torch). The same tests run in `make test` once it is installed.
+test-megatron: install
+	$(PIP) install -q -e '.[megatron]'
+	$(PYTHON) -m pytest -q -m megatron
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -20,6 +20,7 @@ from slime.ray.placement_group import (
 )
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import MetricsLogger, configure_logger
+from slime.utils.preflight import PreflightError, run_preflight
 
 logger = logging.getLogger("slime.train")
 
@@ -41,10 +42,10 @@ def train(args) -> dict:
     try:
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs["rollout"])
-        if getattr(args, "preflight", False):
-            from slime.utils.preflight import run_preflight  # the preflight helper lands separately
-
-            return run_preflight(args, rollout_manager)
+        if args.preflight:  # on unless --skip-preflight (docs/preflight.md); a FAIL raises PreflightError
+            report = run_preflight(args, rollout_manager)
+            if args.preflight_only:
+                return report.to_dict()
         actor_model, start_rollout_id = create_training_models(args, pgs, rollout_manager)
         if args.start_rollout_id is None:
             args.start_rollout_id = start_rollout_id
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted: servers and actors stopped")
         return 130
+    except PreflightError as e:  # the full report is already in the log
+        logger.error("pre-flight failed (%s): not training", ", ".join(e.report.failed))
+        return 3
     return 0
 
 

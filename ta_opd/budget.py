@@ -36,26 +36,43 @@ def budget_size(ratio: float, n_valid: int) -> int:
     return max(1, math.ceil(ratio * n_valid - CEIL_TOLERANCE))
 
 
-def ranked_order(score: Tensor, sample_index: Tensor, position: Tensor, eligible: Tensor, ascending: bool) -> Tensor:
-    """Row indices, eligible rows first, in the budget's order (METHOD.md §5 tie rule)."""
-    perm = torch.argsort(sample_index, stable=True)  # lowest-priority key first: sample asc
-    pos_key = -position if ascending else position  # ascending variants: later position first
-    perm = perm[torch.argsort(pos_key[perm], stable=True)]
+def _order_rows(rows: Tensor, score: Tensor, sample_index: Tensor, position: Tensor, ascending: bool) -> Tensor:
+    """``rows`` sorted by (score desc, position asc, sample asc) or (score asc, position desc, sample asc)."""
+    if rows.numel() == 0:
+        return rows
+    samples, pos = sample_index[rows], position[rows]
+    pos_key = -pos if ascending else pos  # ascending variants: later position first
+    pos_key = pos_key - pos_key.min()
+    # the two tie keys folded into one int64 (position-major), so one stable sort handles both
+    tie_key = pos_key * (int(samples.max().item()) + 1) + samples
+    perm = torch.argsort(tie_key, stable=True)
     # NaN scores rank last in either direction (normalised features are never NaN; custom scores might be)
-    s = torch.nan_to_num(score.to(torch.float64), nan=math.inf if ascending else -math.inf)
+    s = torch.nan_to_num(score[rows].to(torch.float64), nan=math.inf if ascending else -math.inf)
     score_key = s if ascending else -s
     perm = perm[torch.argsort(score_key[perm], stable=True)]
-    perm = perm[torch.argsort((~eligible[perm]).to(torch.int8), stable=True)]
-    return perm
+    return rows[perm]
+
+
+def ranked_order(score: Tensor, sample_index: Tensor, position: Tensor, eligible: Tensor, ascending: bool) -> Tensor:
+    """Row indices, eligible rows first, each part in the budget's order (METHOD.md §5 tie rule)."""
+    eligible_rows = eligible.nonzero(as_tuple=True)[0]
+    other_rows = (~eligible).nonzero(as_tuple=True)[0]
+    return torch.cat(
+        [
+            _order_rows(eligible_rows, score, sample_index, position, ascending),
+            _order_rows(other_rows, score, sample_index, position, ascending),
+        ]
+    )
 
 
 def _take_top(
     n: int, score: Tensor, sample_index: Tensor, position: Tensor, eligible: Tensor, ascending: bool = False
 ) -> Tensor:
     mask = torch.zeros_like(eligible)
-    n = min(n, int(eligible.sum()))
+    rows = eligible.nonzero(as_tuple=True)[0]
+    n = min(n, rows.numel())
     if n > 0:
-        mask[ranked_order(score, sample_index, position, eligible, ascending)[:n]] = True
+        mask[_order_rows(rows, score, sample_index, position, ascending)[:n]] = True
     return mask
 
 
@@ -73,7 +90,8 @@ def min_keep_top_up(
     deficit = torch.clamp_min(torch.clamp_max(valid_count, min_keep) - kept_count, 0)
     if not bool((deficit > 0).any()):
         return mask
-    remaining = (valid & ~mask).nonzero(as_tuple=True)[0]
+    # only rows of samples that are short compete (each sample is topped up from its own rows)
+    remaining = (valid & ~mask & (deficit[sample_index] > 0)).nonzero(as_tuple=True)[0]
     rs, rp = sample_index[remaining], position[remaining]
     rf = torch.nan_to_num(fallback_score[remaining].to(torch.float64), nan=-math.inf)
     order = torch.argsort(rp, stable=True)  # position asc
@@ -98,7 +116,12 @@ def apply_global_budget(
     ascending: bool = False,
     candidates: Tensor | None = None,
 ) -> BudgetResult:
-    """Keep the n best-scored valid tokens of the step, then apply min-keep (METHOD.md §5)."""
+    """Keep the n best-scored valid tokens of the step, then apply min-keep (METHOD.md §5).
+
+    All tensors are flat ``[N]`` rows of the step: ``score``/``fallback_score`` float, ``valid`` and
+    ``candidates`` bool, ``sample_index``/``position`` int64.
+    """
+    _check_inputs(score, valid, sample_index, position, fallback_score, candidates)
     n_valid = int(valid.sum())
     if ratio >= 1.0:
         return BudgetResult(valid.clone(), n_valid, n_valid, n_valid, 0, 1.0 if n_valid else 0.0)
@@ -129,9 +152,14 @@ def apply_split_budget(
     topped up to n by the fallback (ca_softor) score. round() is Python's (half to even), as in the
     released code's ``int(round(gamma * n))``: γ = 0.5, n = 5 gives 2 tokens by H̃ and 3 by the second score.
     """
+    _check_inputs(first_score, valid, sample_index, position, fallback_score, None, second_score)
     n_valid = int(valid.sum())
     if ratio >= 1.0:
         return BudgetResult(valid.clone(), n_valid, n_valid, n_valid, 0, 1.0 if n_valid else 0.0)
+    if not ratio > 0:
+        raise ValueError(f"budget ratio must be > 0, got {ratio}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     if n_valid == 0:
         return BudgetResult(torch.zeros_like(valid), 0, 0, 0, 0, 0.0)
     n = budget_size(ratio, n_valid)
@@ -142,6 +170,31 @@ def apply_split_budget(
     if short > 0:
         kept |= _take_top(short, fallback_score, sample_index, position, valid & ~kept)
     return _finish(kept, valid, sample_index, position, n, min_keep_per_sample, fallback_score)
+
+
+def _check_inputs(
+    score: Tensor,
+    valid: Tensor,
+    sample_index: Tensor,
+    position: Tensor,
+    fallback_score: Tensor,
+    candidates: Tensor | None,
+    *more_scores: Tensor,
+) -> None:
+    n = valid.shape[0] if valid.dim() == 1 else -1
+    if valid.dtype != torch.bool or valid.dim() != 1:
+        raise ValueError(f"valid must be a bool [N] tensor, got {valid.dtype} {tuple(valid.shape)}")
+    named = {"score": score, "sample_index": sample_index, "position": position, "fallback_score": fallback_score}
+    named.update({f"score_{i}": t for i, t in enumerate(more_scores)})
+    if candidates is not None:
+        named["candidates"] = candidates
+    for name, t in named.items():
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}] like valid, got {tuple(t.shape)}")
+    if candidates is not None and candidates.dtype != torch.bool:
+        raise ValueError(f"candidates must be bool, got {candidates.dtype}")
+    if n and (int(sample_index.min()) < 0 or int(position.min()) < 0):
+        raise ValueError("sample_index and position must be >= 0")
 
 
 def _finish(

@@ -64,7 +64,7 @@ class SelectionConfig:
                 else ""
             )
             raise ValueError(f"unknown mask {self.mask!r}{hint}; expected one of {SELECTORS.names()}")
-        if self.mask != "full" and not self.ratio > 0:
+        if self.mask != "full" and not self.ratio > 0:  # ρ ≥ 1 is valid and means no masking (METHOD.md §5)
             raise ValueError(f"budget ratio must be > 0 with mask {self.mask!r}, got {self.ratio}")
         if self.normalization not in NORMALIZERS:
             raise ValueError(f"unknown normalization {self.normalization!r}; expected one of {NORMALIZERS.names()}")

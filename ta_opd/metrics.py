@@ -12,9 +12,13 @@ from ta_opd.stats import TokenStats
 
 
 def _mean(x: Tensor, where: Tensor) -> float:
-    sel = x[where]
-    sel = sel[torch.isfinite(sel)] if sel.dtype.is_floating_point else sel
-    return float(sel.to(torch.float64).mean()) if sel.numel() else math.nan
+    """Mean of the finite values of ``x`` where ``where``; NaN over an empty set (no boolean indexing copies)."""
+    xf = x.to(torch.float64)
+    use = where & torch.isfinite(xf)
+    count = int(use.sum())
+    if count == 0:
+        return math.nan
+    return float(torch.where(use, xf, 0.0).sum()) / count
 
 
 def selection_metrics(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ta_opd.config import SelectionConfig
-from ta_opd.normalize import median, normalize
+from ta_opd.normalize import normalize, normalize_with_sorted, quantile_sorted
 from ta_opd.registry import Registry
 from ta_opd.stats import TokenStats
 
@@ -55,15 +55,22 @@ def soft_or(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - (1.0 - a) * (1.0 - b)
 
 
+def _median_sorted(xs: Tensor) -> Tensor:
+    return quantile_sorted(xs, 0.5) if xs.numel() else torch.zeros((), dtype=torch.float64, device=xs.device)
+
+
 def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:
     """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag over all tokens of the step (METHOD.md §3–4)."""
 
     def norm(x: Tensor) -> Tensor:
         return normalize(x, cfg.normalization, cfg.q_low, cfg.q_high)
 
-    h, d, c = norm(stats.entropy_norm), norm(stats.kl_f_union), norm(stats.compat)
-    dc = norm(stats.kl_f_union * stats.compat)
-    h_med, d_med = median(h), median(d)
+    args = (cfg.normalization, cfg.q_low, cfg.q_high)
+    h, h_sorted = normalize_with_sorted(stats.entropy_norm, *args)
+    d, d_sorted = normalize_with_sorted(stats.kl_f_union, *args)
+    c, dc = norm(stats.compat), norm(stats.kl_f_union * stats.compat)
+    # medians of the normalised values over all tokens of the step (the normalisation's population)
+    h_med, d_med = _median_sorted(h_sorted), _median_sorted(d_sorted)
     is_q3 = (h < h_med) & (d >= d_med)
     return Features(
         h=h,
@@ -120,7 +127,9 @@ _register("ca_softor", lambda f, cfg, r: ca_softor_score(f, cfg), "soft-OR(H̃, 
 _register("entropy", lambda f, cfg, r: f.h, "H̃, student top-K entropy")
 _register("tip", lambda f, cfg, r: soft_or(f.h, f.d), "soft-OR(H̃, D̃), TIP-style")
 _register("divergence", lambda f, cfg, r: f.d, "D̃, raw union forward KL")
-_register("random", lambda f, cfg, r: random_score(f.h.shape[0], cfg, r, f.h.device), "uniform, same budget (seed + rollout)")
+_register(
+    "random", lambda f, cfg, r: random_score(f.h.shape[0], cfg, r, f.h.device), "uniform, same budget (seed + rollout)"
+)
 _register("compatibility", lambda f, cfg, r: f.c, "C̃, compatibility alone")
 _register("dincompat_high", lambda f, cfg, r: f.d_incompat, "D^I = D̃·(1 − C̃), incompatible disagreement")
 _register(

@@ -9,6 +9,7 @@ entries (id −1 / −inf) and non-finite entries are not in the list.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,7 +36,9 @@ class TokenStats:
     entropy_norm: Tensor  # H_t: entropy of the renormalised student top-K / log(max(n, 2))
     overlap: Tensor  # |ids(S) ∩ ids(T)| / K
     reach_t1: Tensor  # bool: the teacher's top-1 id is in S_t
-    student_rank_sampled: Tensor  # int64: entries of S_t with a strictly higher log-prob than y_t (0 = top-1), −1 absent
+    student_rank_sampled: (
+        Tensor  # int64: entries of S_t with a strictly higher log-prob than y_t (0 = top-1), −1 absent
+    )
     teacher_rank_sampled: Tensor  # int64: same in T_t
     position_norm: Tensor  # t / max(L − 1, 1)
     student_top1_id: Tensor  # int64, −1 for an empty list
@@ -111,8 +114,10 @@ def prefix_ema(values: Tensor, sample_index: Tensor, position: Tensor, alpha: fl
     dense[sample_dense, rank] = values.to(F64)
     out = torch.zeros_like(dense)
     carry = torch.zeros(n_samples, dtype=F64, device=device)  # e at the position before the block
-    for start in range(0, length, EMA_BLOCK):
-        block = dense[:, start : start + EMA_BLOCK]
+    # α^-W must stay finite: W·ln(1/α) ≤ 345 (α^-W ≤ 1e150), so small α gets narrower blocks
+    width_max = EMA_BLOCK if alpha >= 1.0 or alpha <= 0.0 else max(1, min(EMA_BLOCK, int(345.0 / -math.log(alpha))))
+    for start in range(0, length, width_max):
+        block = dense[:, start : start + width_max]
         width = block.shape[1]
         i = torch.arange(width, dtype=F64, device=device)
         w = torch.full((width,), 1.0 - alpha, dtype=F64, device=device)
@@ -130,7 +135,9 @@ def prefix_ema(values: Tensor, sample_index: Tensor, position: Tensor, alpha: fl
     return out[sample_dense, rank]
 
 
-def _exact_teacher_probs(batch: TokenBatch, cfg: SelectionConfig, s_valid: Tensor, t_on_s: Tensor) -> tuple[Tensor, Tensor]:
+def _exact_teacher_probs(
+    batch: TokenBatch, cfg: SelectionConfig, s_valid: Tensor, t_on_s: Tensor
+) -> tuple[Tensor, Tensor]:
     """Teacher prob of each student top-K entry [N, K] in exact mode, and the rows that used exact values [N].
 
     An entry uses ``teacher_logp_on_student_topk`` when it is finite, its row is marked available and
@@ -188,64 +195,131 @@ def _exact_teacher_probs(batch: TokenBatch, cfg: SelectionConfig, s_valid: Tenso
     return probs, use.any(dim=1)
 
 
+ROW_CHUNK = 8192  # rows per chunk: the [chunk, K] intermediates stay cache-resident (and no huge allocations)
+
+
+def _match(s_ids: Tensor, s_valid: Tensor, t_ids: Tensor, t_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Join each row's two lists by id (ids are unique within a list, as ``pack_topk`` guarantees).
+
+    Returns (hit [n, K]: student entry j is also in T, tj [n, K]: its teacher column (meaningful
+    where hit), t_in_s [n, K]: teacher entry i is also in S). One sort + searchsorted per chunk.
+    """
+    k_t = t_ids.shape[1]
+    t_key = torch.where(t_valid, t_ids, torch.full((), -1, dtype=t_ids.dtype))
+    s_key = torch.where(s_valid, s_ids, torch.full((), -2, dtype=s_ids.dtype))  # never equals a padded teacher id
+    t_sorted, t_perm = torch.sort(t_key, dim=1)
+    idx = torch.searchsorted(t_sorted, s_key).clamp_max_(k_t - 1)
+    hit = t_sorted.gather(1, idx) == s_key
+    tj = t_perm.gather(1, idx)
+    t_in_s = torch.zeros(t_ids.shape, dtype=torch.int8, device=t_ids.device)
+    t_in_s = t_in_s.scatter_add_(1, tj, hit.to(torch.int8)) > 0
+    return hit, tj, t_in_s
+
+
+def _chunk_stats(
+    s_ids: Tensor, s_lp_in: Tensor, t_ids: Tensor, t_lp_in: Tensor, sampled: Tensor, k: int
+) -> dict[str, Tensor]:
+    """§2 statistics of a chunk of rows (float64; every [n, K] intermediate lives only inside the chunk)."""
+    zero = torch.zeros((), dtype=F64, device=s_ids.device)
+    neg_inf = torch.full((), -math.inf, dtype=F64, device=s_ids.device)
+    s_valid = (s_ids >= 0) & torch.isfinite(s_lp_in)
+    t_valid = (t_ids >= 0) & torch.isfinite(t_lp_in)
+    s_lp = torch.where(s_valid, s_lp_in.to(F64), neg_inf)  # [n, K]
+    t_lp = torch.where(t_valid, t_lp_in.to(F64), neg_inf)
+    s, t = s_lp.exp(), t_lp.exp()  # 0 outside the lists
+    s_mass, t_mass = s.sum(dim=1), t.sum(dim=1)  # Σ_U s, Σ_U t
+    s_pos, t_pos = s_mass > 0, t_mass > 0
+    ok = s_pos & t_pos
+    s_den = torch.where(s_pos, s_mass, torch.ones_like(s_mass))
+    t_den = torch.where(t_pos, t_mass, torch.ones_like(t_mass))
+
+    hit, tj, t_in_s = _match(s_ids, s_valid, t_ids, t_valid)
+    t_on_s = torch.where(hit, t.gather(1, tj), zero)  # teacher prob of each student entry (0 if not in T)
+
+    # Union U = student entries (s_valid) + teacher-only entries (t_valid & ~t_in_s, where ŝ = 1e-12).
+    sh_s = torch.clamp_min(s / s_den.unsqueeze(1), PROB_FLOOR)  # ŝ on student entries
+    th_s = torch.clamp_min(t_on_s / t_den.unsqueeze(1), PROB_FLOOR)  # t̂ on student entries
+    th_t = torch.clamp_min(t / t_den.unsqueeze(1), PROB_FLOOR)  # t̂ on teacher entries
+    t_only = t_valid & ~t_in_s
+    # log of the ratio (one log per entry); exactly 0 where t̂ = ŝ, so identical distributions give D = 0 exactly
+    log_ratio_s = (th_s / sh_s).log()  # log t̂ − log ŝ on student entries
+    log_ratio_t = (th_t / PROB_FLOOR).log()  # on teacher-only entries (ŝ = 1e-12)
+    kl_f = torch.where(s_valid, th_s * log_ratio_s, zero).sum(1) + torch.where(t_only, th_t * log_ratio_t, zero).sum(1)
+    kl_r = torch.where(s_valid, sh_s * log_ratio_s, zero).sum(1) + torch.where(
+        t_only, PROB_FLOOR * log_ratio_t, zero
+    ).sum(1)
+    bc = torch.where(s_valid, (sh_s * th_s).sqrt(), zero).sum(1) + torch.where(
+        t_only, (PROB_FLOOR * th_t).sqrt(), zero
+    ).sum(1)
+    kl_f = torch.where(ok, kl_f, zero)  # a side with no mass on U → D = KLr = BC = 0
+    kl_r = torch.where(ok, -kl_r, zero)
+    bc = torch.where(ok, bc, zero)
+
+    shared = t_on_s.sum(dim=1)  # Σ_{S∩T} t
+
+    # H_t: entropy of the student's top-K renormalised over its positive entries / log(max(n, 2))
+    pos = s > 0
+    n_pos = pos.sum(dim=1)
+    p = s / s_den.unsqueeze(1)
+    ent = -torch.where(pos, p * torch.where(pos, p, 1.0).log(), zero).sum(dim=1)
+    entropy_norm = torch.where(n_pos > 0, ent / torch.clamp_min(n_pos, 2).to(F64).log(), zero)
+
+    s_top_id, s_top_p = _top1(s_ids, s_lp, s_valid)
+    t_top_id, t_top_p = _top1(t_ids, t_lp, t_valid)
+    reach_t1 = (s_valid & (s_ids == t_top_id.unsqueeze(1)) & (t_top_id >= 0).unsqueeze(1)).any(dim=1)
+    return {
+        "kl_f_union": kl_f,
+        "kl_r_union": kl_r,
+        "bc": bc,
+        "cmass": shared.clamp(0.0, 1.0),
+        "entropy_norm": entropy_norm,
+        "overlap": t_in_s.sum(dim=1).to(F64) / max(k, 1),
+        "reach_t1": reach_t1,
+        "student_rank_sampled": _rank_of(s_ids, s_lp, s_valid, sampled),
+        "teacher_rank_sampled": _rank_of(t_ids, t_lp, t_valid, sampled),
+        "student_top1_id": s_top_id,
+        "student_top1_prob": s_top_p,
+        "teacher_top1_id": t_top_id,
+        "teacher_top1_prob": t_top_p,
+        "student_topk_mass": s_mass,
+        "teacher_topk_mass": t_mass,
+        "teacher_mass_on_shared": shared,
+    }
+
+
 def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
-    """Every METHOD.md §2 statistic of every row of ``batch`` (vectorised, no per-token loops)."""
+    """Every METHOD.md §2 statistic of every row of ``batch`` (vectorised over chunks of rows)."""
     s_ids, t_ids = batch.student_topk_ids, batch.teacher_topk_ids
-    s_valid, s = _probs(s_ids, batch.student_topk_logp)  # [N, K]
-    t_valid, t = _probs(t_ids, batch.teacher_topk_logp)  # [N, K]
     k = s_ids.shape[1]
-    zero = torch.zeros((), dtype=F64)
-
-    # Match the two lists one teacher column at a time ([N, K] work per column, never an [N, K, K] tensor).
-    t_in_s = torch.zeros_like(t_valid)  # [N, K] teacher entry i is also in S
-    t_on_s = torch.zeros_like(s)  # [N, K] teacher prob of student entry j (0 if not in T)
-    for i in range(t_ids.shape[1]):
-        same = t_valid[:, i : i + 1] & s_valid & (t_ids[:, i : i + 1] == s_ids)  # [N, K]
-        t_in_s[:, i] = same.any(dim=1)
-        t_on_s = t_on_s + torch.where(same, t[:, i : i + 1], zero)
-
-    # Union U = S ∪ T: the student's entries (with t(v) where known) + teacher-only entries (s = 0).
-    s_mass = s.sum(dim=1)  # Σ_U s = Σ_S s
-    t_mass = t.sum(dim=1)  # Σ_U t = Σ_T t
-    ok = (s_mass > 0) & (t_mass > 0)
-    s_den = torch.where(s_mass > 0, s_mass, torch.ones_like(s_mass)).unsqueeze(1)
-    t_den = torch.where(t_mass > 0, t_mass, torch.ones_like(t_mass)).unsqueeze(1)
-    s_hat_s = torch.clamp_min(s / s_den, PROB_FLOOR)  # ŝ on student entries
-    t_hat_s = torch.clamp_min(t_on_s / t_den, PROB_FLOOR)  # t̂ on student entries
-    t_only = t_valid & ~t_in_s  # teacher entries outside S
-    s_hat_t = torch.full_like(t, PROB_FLOOR)  # ŝ = max(0, 1e-12) there
-    t_hat_t = torch.clamp_min(t / t_den, PROB_FLOOR)
-
-    def _sum_over_union(on_s: Tensor, on_t_only: Tensor) -> Tensor:
-        return torch.where(s_valid, on_s, zero).sum(dim=1) + torch.where(t_only, on_t_only, zero).sum(dim=1)
-
-    log_s_hat_s, log_t_hat_s, log_s_hat_t, log_t_hat_t = (x.log() for x in (s_hat_s, t_hat_s, s_hat_t, t_hat_t))
-    kl_f = _sum_over_union(t_hat_s * (log_t_hat_s - log_s_hat_s), t_hat_t * (log_t_hat_t - log_s_hat_t))
-    kl_r = _sum_over_union(s_hat_s * (log_s_hat_s - log_t_hat_s), s_hat_t * (log_s_hat_t - log_t_hat_t))
-    bc = _sum_over_union((s_hat_s * t_hat_s).sqrt(), (s_hat_t * t_hat_t).sqrt())
-    kl_f, kl_r, bc = (torch.where(ok, v, zero) for v in (kl_f, kl_r, bc))  # a side with no mass on U → 0
-
-    shared_mass = torch.where(s_valid, t_on_s, zero).sum(dim=1)  # Σ_{S∩T} t
-    cmass = shared_mass.clamp(0.0, 1.0)
+    n = s_ids.shape[0]
+    if k == 0 or t_ids.shape[1] == 0:
+        raise ValueError("compute_token_stats needs student and teacher top-K lists (K > 0 on both sides)")
+    parts = [
+        _chunk_stats(
+            s_ids[a : a + ROW_CHUNK],
+            batch.student_topk_logp[a : a + ROW_CHUNK],
+            t_ids[a : a + ROW_CHUNK],
+            batch.teacher_topk_logp[a : a + ROW_CHUNK],
+            batch.sampled_ids[a : a + ROW_CHUNK],
+            k,
+        )
+        for a in range(0, max(n, 1), ROW_CHUNK)
+    ]
+    cols = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    cmass = cols["cmass"]
     cmass_exact: Tensor | None = None
     exact_rows: Tensor | None = None
     compat_mass = cmass
     if cfg.exact_cmass and batch.teacher_logp_on_student_topk is not None:
+        s_valid = (s_ids >= 0) & torch.isfinite(batch.student_topk_logp)
+        t_valid = (t_ids >= 0) & torch.isfinite(batch.teacher_topk_logp)
+        hit, tj, _ = _match(s_ids, s_valid, t_ids, t_valid)
+        t = torch.where(t_valid, batch.teacher_topk_logp.to(F64), -math.inf).exp()
+        t_on_s = torch.where(hit, t.gather(1, tj), 0.0)
         t_exact, exact_rows = _exact_teacher_probs(batch, cfg, s_valid, t_on_s)
-        cmass_exact = torch.where(s_valid, t_exact, zero).sum(dim=1).clamp(0.0, 1.0)
+        cmass_exact = torch.where(s_valid, t_exact, 0.0).sum(dim=1).clamp(0.0, 1.0)
         compat_mass = cmass_exact
-
-    # H_t: entropy of the student's top-K renormalised over its positive entries, / log(max(n, 2))
-    pos = s_valid & (s > 0)
-    n_pos = pos.sum(dim=1)
-    p = torch.where(pos, s / s_den, zero)
-    ent = -torch.where(pos, p * torch.where(pos, p, torch.ones_like(p)).log(), zero).sum(dim=1)
-    entropy_norm = torch.where(n_pos > 0, ent / torch.clamp_min(n_pos, 2).to(F64).log(), zero)
-
-    overlap = t_in_s.sum(dim=1).to(F64) / max(k, 1)
-    t_top_id, t_top_p = _top1(t_ids, batch.teacher_topk_logp, t_valid)
-    s_top_id, s_top_p = _top1(s_ids, batch.student_topk_logp, s_valid)
-    reach_t1 = (s_valid & (s_ids == t_top_id.unsqueeze(1)) & (t_top_id >= 0).unsqueeze(1)).any(dim=1)
+    bc, overlap = cols["bc"], cols["overlap"]
     pos_norm = batch.position.to(F64) / torch.clamp_min(batch.response_length - 1, 1).to(F64)
 
     proxy = cfg.compat_proxy
@@ -261,25 +335,10 @@ def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
         raise ValueError(f"unknown compat proxy {proxy!r}; expected one of mass, set, bc, prefix_ema")
 
     return TokenStats(
-        kl_f_union=kl_f,
-        kl_r_union=kl_r,
-        bc=bc,
-        cmass=cmass,
         cmass_exact=cmass_exact,
         compat_mass=compat_mass,
-        entropy_norm=entropy_norm,
-        overlap=overlap,
-        reach_t1=reach_t1,
-        student_rank_sampled=_rank_of(s_ids, batch.student_topk_logp, s_valid, batch.sampled_ids),
-        teacher_rank_sampled=_rank_of(t_ids, batch.teacher_topk_logp, t_valid, batch.sampled_ids),
         position_norm=pos_norm,
-        student_top1_id=s_top_id,
-        student_top1_prob=s_top_p,
-        teacher_top1_id=t_top_id,
-        teacher_top1_prob=t_top_p,
-        student_topk_mass=s_mass,
-        teacher_topk_mass=t_mass,
-        teacher_mass_on_shared=shared_mass,
         compat=compat,
         exact_rows=exact_rows,
+        **cols,
     )

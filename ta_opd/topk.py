@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 PAD_ID = -1
+_MAX_TOKEN_ID = 1 << 40  # far above any vocabulary; keeps junk ids from overflowing int64 tensors
 
 Entry = Sequence[Any]  # SGLang's [logprob, token_id, text_or_None]
 
@@ -29,7 +30,15 @@ def _clean_row(row: Sequence[Entry] | None, k: int) -> list[tuple[float, int]]:
     for entry in row:
         if entry is None or len(entry) < 2 or entry[0] is None or entry[1] is None:
             continue
-        lp, tid = float(entry[0]), int(entry[1])
+        try:
+            lp, tid = float(entry[0]), int(entry[1])
+            if tid != entry[1] or tid >= _MAX_TOKEN_ID:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(
+                f"top-K entry {list(entry)[:3]!r}: expected [logprob, token id, text] with a number and an integer "
+                f"token id below {_MAX_TOKEN_ID}"
+            ) from exc
         if not math.isfinite(lp) or tid < 0 or tid in seen:
             continue
         seen.add(tid)

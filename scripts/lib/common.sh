@@ -92,7 +92,8 @@ ta_parse_method_list() {
 
 # ta_embedded_asset KEY: a path of the cached embedded assets (built on first use; progress on stderr).
 ta_embedded_asset() {
-  "$(ta_python)" -m slime.embedded.assets --print "$1" ${ASSETS_CACHE_DIR:+--cache-dir "$ASSETS_CACHE_DIR"}
+  "$(ta_python)" -m slime.embedded.assets --print "$1" --recipe "${EMBEDDED_RECIPE:-demo}" \
+    ${ASSETS_CACHE_DIR:+--cache-dir "$ASSETS_CACHE_DIR"}
 }
 
 # ta_run_tracked LOG CMD...: run CMD in the background with output appended to LOG and echoed, wait for it,

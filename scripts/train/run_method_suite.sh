@@ -32,7 +32,8 @@ CLI_EXTRA_ARGS=("$@") # anything after "--" goes to train.py, like EXTRA_ARGS
 PYTHON=$(ta_python)
 
 # ---------------------------------------------------------------- what to run
-METHOD_LIST=${METHOD_LIST:-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
+# (unset → the default list; set but empty → an error)
+METHOD_LIST=${METHOD_LIST-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
 PARSED_METHODS=$(ta_parse_method_list "$METHOD_LIST") # validates every entry first (exit 2 on any error)
 
 # ---------------------------------------------------------------- where things are
@@ -65,9 +66,10 @@ if [[ -n "$TEACHER_URL" && ! "$TEACHER_URL" =~ ^https?:// ]]; then
 fi
 
 # Embedded defaults: whatever the user left unset comes from the cached embedded assets.
-EMBEDDED=0
+# PROFILE picks the knob defaults below: "embedded" (tiny CPU models) or "cluster" (real models).
+PROFILE=${PROFILE:-$([[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]] && echo embedded || echo cluster)}
+[[ "$PROFILE" == embedded || "$PROFILE" == cluster ]] || ta_die "PROFILE=$PROFILE: expected embedded or cluster"
 if [[ -z "$STUDENT_HF" || -z "$PROMPT_DATA" || (-z "$TEACHER_MODEL" && -z "$TEACHER_URL") ]]; then
-  if [[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]]; then EMBEDDED=1; fi
   ta_log "using the embedded defaults for what is unset (building them once if needed)"
   [[ -n "$STUDENT_HF" ]] || STUDENT_HF=$(ta_embedded_asset student_dir)
   [[ -n "$TEACHER_MODEL" || -n "$TEACHER_URL" ]] || TEACHER_MODEL=$(ta_embedded_asset teacher_dir)
@@ -79,9 +81,9 @@ ta_require_path PROMPT_DATA "$PROMPT_DATA" file
 [[ -z "$TEACHER_URL" ]] && ta_require_path TEACHER_MODEL "$TEACHER_MODEL" dir
 
 # ---------------------------------------------------------------- knobs (embedded defaults | real-model defaults)
-if ((EMBEDDED)); then
+if [[ "$PROFILE" == embedded ]]; then
   : "${NUM_ROLLOUT:=24}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=2}" "${ROLLOUT_MAX_RESPONSE_LEN:=32}"
-  : "${LR:=1e-3}" "${MICRO_BATCH_SIZE:=64}" "${EVAL_INTERVAL:=6}" "${EVAL_MAX_RESPONSE_LEN:=32}"
+  : "${LR:=1e-3}" "${EVAL_INTERVAL:=6}" "${EVAL_MAX_RESPONSE_LEN:=32}"
   : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
 else
   : "${NUM_ROLLOUT:=300}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=4}" "${ROLLOUT_MAX_RESPONSE_LEN:=4096}"
@@ -91,6 +93,7 @@ fi
 SEED=${SEED:-1234}
 ROLLOUT_SEED=${ROLLOUT_SEED:-42} # prompt order: the same for every entry, so methods see the same prompts
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((ROLLOUT_BATCH_SIZE * N_SAMPLES_PER_PROMPT))}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-$GLOBAL_BATCH_SIZE} # tiny models: one micro-batch per step
 OPD_TOPK_METRICS_K=${OPD_TOPK_METRICS_K:-16}
 OPD_KL_COEF=${OPD_KL_COEF:-1.0}
 INPUT_KEY=${INPUT_KEY:-prompt}
@@ -101,6 +104,7 @@ ROLLOUT_NUM_GPUS=${ROLLOUT_NUM_GPUS:-}
 SAVE_CHECKPOINT=${SAVE_CHECKPOINT:-0} # 1: save the final weights to <run>/checkpoints (HF dir under iter_*/model)
 CONTINUE_ON_ERROR=${CONTINUE_ON_ERROR:-0}
 SUMMARIZE=${SUMMARIZE:-1}
+DRY_RUN=${DRY_RUN:-0} # 1: validate and write method_mapping.csv + train_args.txt, start nothing
 EXTRA_ARGS=${EXTRA_ARGS:-}
 [[ -n "${RAY_ADDRESS:-}" ]] && export RAY_ADDRESS # train.py's ray.init joins that cluster
 read -r -a EXTRA_ARGS_ARRAY <<< "$EXTRA_ARGS"
@@ -218,6 +222,10 @@ PY
 } > "$SUITE_DIR/method_mapping.csv.tmp"
 mv "$SUITE_DIR/method_mapping.csv.tmp" "$SUITE_DIR/method_mapping.csv"
 ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s); mapping in method_mapping.csv"
+if ((DRY_RUN)); then
+  ta_log "DRY_RUN=1: every entry validated; commands in $SUITE_DIR/runs/*/train_args.txt; nothing started"
+  exit 0
+fi
 
 # ---------------------------------------------------------------- run every entry
 FAILED=()

@@ -58,3 +58,23 @@ def export_worker(rank: int, world_size: int, port: int, tp: int, hf_dir: str, o
 
 def write_json(path: str, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload))
+
+
+def opd_step_worker(rank: int, world_size: int, port: int, argv: list[str], data_path: str, out_dir: str) -> None:
+    """One rollout of Megatron training through ``MegatronTrainRayActor`` (TP from ``argv``)."""
+    torch.set_num_threads(1)
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+    from slime.backends.megatron_utils.actor import MegatronTrainRayActor
+    from slime.backends.megatron_utils.model import destroy_parallel
+    from slime.utils.arguments import parse_args
+
+    args = parse_args(argv)
+    actor = MegatronTrainRayActor(world_size, rank, "127.0.0.1", port)
+    actor.init(args, with_opd_teacher=args.use_opd and args.opd_type == "megatron")
+    data = torch.load(data_path)
+    metrics = actor.train(0, data)
+    hf = actor.save_hf(Path(out_dir) / "hf_after")
+    saved = actor.save_model(0) if args.save else None
+    if rank == 0:
+        write_json(str(Path(out_dir) / "metrics.json"), {"metrics": metrics, "hf": hf, "saved": saved})
+    destroy_parallel()

@@ -115,8 +115,13 @@ def test_tp_shard_shapes_follow_column_and_row_parallel(qwen3):
     full = hf_to_megatron(hf, shape)
     shard = shard_tp(full, 2, 1)
     name = "decoder.layers.0."
-    assert shard[name + "self_attention.linear_qkv.weight"].shape[0] == full[name + "self_attention.linear_qkv.weight"].shape[0] // 2
-    assert shard[name + "self_attention.linear_proj.weight"].shape[1] == shape.num_attention_heads * shape.head_dim // 2
+    assert (
+        shard[name + "self_attention.linear_qkv.weight"].shape[0]
+        == full[name + "self_attention.linear_qkv.weight"].shape[0] // 2
+    )
+    assert (
+        shard[name + "self_attention.linear_proj.weight"].shape[1] == shape.num_attention_heads * shape.head_dim // 2
+    )
     assert shard[name + "mlp.linear_fc2.weight"].shape[1] == shape.ffn_hidden_size // 2
     assert shard["embedding.word_embeddings.weight"].shape[0] == shape.vocab_size // 2
     gate_r1 = hf["model.layers.0.mlp.gate_proj.weight"].chunk(2)[1]
@@ -128,8 +133,15 @@ def test_unsupported_configs_are_refused():
 
     with pytest.raises(ValueError, match="rope scaling"):
         shape_from_hf_config(
-            LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
-                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+            LlamaConfig(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "original_max_position_embeddings": 8192,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                }
+            )
         )
     _, shape, _ = qwen2_untied()
     with pytest.raises(ValueError, match="does not divide"):
@@ -169,3 +181,16 @@ def test_tools_round_trip_hf_torch_dist_hf_is_byte_equal(tiny_student_dir, tmp_p
 def test_tool_help_runs_without_a_model():
     r = _tool("convert_hf_to_torch_dist", "--help")
     assert r.returncode == 0 and "--hf-checkpoint" in r.stdout
+
+
+def test_model_shape_flags_are_checked_against_the_hf_config(qwen3):
+    from slime.backends.megatron_utils.config import check_shape_flags
+    from slime.utils.arguments import parse_args
+
+    _, shape, _ = qwen3
+    base = ["--rollout-batch-size", "1", "--rollout-max-response-len", "4"]
+    ok = parse_args(base + ["--num-layers", "2", "--hidden-size", "32", "--qk-layernorm", "--swiglu"])
+    check_shape_flags(ok, shape)
+    bad = parse_args(base + ["--num-layers", "36", "--untie-embeddings-and-output-weights"])
+    with pytest.raises(ValueError, match="--num-layers 36.*untie"):
+        check_shape_flags(bad, shape)

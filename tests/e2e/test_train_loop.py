@@ -52,6 +52,7 @@ def _args(student, tmp_path, *extra):
             "--hf-checkpoint", str(student), "--rollout-batch-size", "4", "--rollout-max-response-len", "8",
             "--micro-batch-size", "2", "--lr", "1e-3",
             "--use-opd", "--opd-type", "sglang", "--rm-url", "http://127.0.0.1:9/generate",
+            "--skip-preflight",  # the fake rollout manager has no servers to check
             "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
             "--save-interval", "2", "--keep-last-n-checkpoints", "1",
             *extra,

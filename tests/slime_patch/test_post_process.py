@@ -107,7 +107,8 @@ def test_masks_equal_ta_opd_on_the_same_tensors(mask):
         assert math.ceil(0.1 * n_valid) <= int(got.sum()) <= math.ceil(0.1 * n_valid) + len(samples)
         assert all(sum(s.loss_mask) >= 1 for s in samples)
     metrics = samples[0].metadata["opd_step_metrics"]
-    assert metrics and set(metrics) == set(expected.metrics)
+    http = {f"opd/teacher_http_{k}" for k in ("requests", "retries", "failures")}  # the teacher requests' counters
+    assert metrics and set(metrics) == set(expected.metrics) | http
     assert all(isinstance(v, float) for v in metrics.values())
     for name, value in expected.metrics.items():
         assert metrics[name] == pytest.approx(float(value), nan_ok=True)
@@ -171,7 +172,11 @@ def test_full_without_top_k_behaves_like_upstream():
     raw, rewards = patch_opd.post_process_rewards(opd_args(), samples)
     assert [s.loss_mask for s in samples] == masks
     assert all(s.teacher_log_probs.shape == (s.response_length,) for s in samples)
-    assert samples[0].metadata["opd_step_metrics"] == {}
+    assert samples[0].metadata["opd_step_metrics"] == {
+        "opd/teacher_http_requests": 0.0,
+        "opd/teacher_http_retries": 0.0,
+        "opd/teacher_http_failures": 0.0,
+    }
     assert raw == rewards == [0.0] * len(samples)
 
 

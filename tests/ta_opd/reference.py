@@ -543,3 +543,149 @@ def select(tokens: list[RefToken], cfg: RefConfig, k: int, rollout_index: int = 
     m["opd/budget_n"] = float(nb)
     m["opd/min_keep_added"] = float(n_added)
     return RefResult(kept, stats or [], f or {}, scores, m, nb, valid)
+
+
+# ------------------------------------------------------------------ random test batches
+
+
+def random_batch(
+    seed: int,
+    exact: bool = False,
+    max_samples: int = 5,
+    max_len: int = 24,
+    k: int | None = None,
+    ties: bool = False,
+) -> Any:
+    """A random ``TokenBatch``: random K, overlapping lists over a small vocabulary, padded and
+    non-finite entries, empty lists, identical lists (D = 0), loss_mask 0, samples of different
+    lengths (one may be empty), and optionally exact-C log-probs with some rows unavailable.
+
+    ``ties``: every row's pair of lists is one of 3 templates, so many tokens have identical
+    statistics and scores and the budget's tie rule decides which are kept."""
+    import random
+
+    import torch
+
+    from ta_opd.topk import TokenBatch
+
+    rng = random.Random(seed)
+    k = rng.randint(1, 6) if k is None else k
+    n_samples = rng.randint(1, max_samples)
+    lengths = [rng.randint(0 if b else 1, max_len) for b in range(n_samples)]
+    vocab = k + rng.randint(0, 5)
+
+    def one_list(ids_pool: list[int]) -> tuple[list[int], list[float]]:
+        n = rng.randint(0, k) if rng.random() < 0.15 else k
+        ids = rng.sample(ids_pool, min(n, len(ids_pool)))
+        logits = [rng.gauss(0, rng.choice([0.5, 2.0])) for _ in ids]
+        z = math.log(sum(math.exp(x) for x in logits) + rng.random() * 2) if ids else 0.0  # top-K mass < 1
+        lps = sorted((x - z for x in logits), reverse=True)
+        if lps and rng.random() < 0.1:
+            lps[rng.randrange(len(lps))] = rng.choice([-math.inf, math.nan])  # a non-finite entry: dropped
+        if len(lps) >= 2 and rng.random() < 0.1:
+            lps[1] = lps[0]  # a tie inside the list
+        return ids + [-1] * (k - len(ids)), lps + [-math.inf] * (k - len(lps))
+
+    rows = {name: [] for name in ("s_ids", "s_lp", "t_ids", "t_lp", "exact")}
+    sampled, slp, tlp, mask, sidx, pos, length, avail = [], [], [], [], [], [], [], []
+    templates = [(one_list(list(range(vocab))), one_list(list(range(vocab)))) for _ in range(3)]
+    for b, n_b in enumerate(lengths):
+        sample_avail = rng.random() < 0.8
+        for t in range(n_b):
+            if ties:
+                (s_ids, s_lp), (t_ids, t_lp) = rng.choice(templates)
+            else:
+                s_ids, s_lp = one_list(list(range(vocab)))
+                if rng.random() < 0.1:
+                    t_ids, t_lp = list(s_ids), list(s_lp)  # identical lists: D = 0
+                else:
+                    t_ids, t_lp = one_list(list(range(vocab)))
+            t_of = {i: lp for i, lp in zip(t_ids, t_lp, strict=True) if i >= 0}
+            ex = []
+            for i in s_ids:
+                if i < 0 or rng.random() < 0.1:
+                    ex.append(-math.inf)
+                elif i in t_of and math.isfinite(t_of[i]):
+                    ex.append(t_of[i])
+                else:
+                    ex.append(math.log(rng.random() * 0.05 + 1e-9))
+            for key, value in (("s_ids", s_ids), ("s_lp", s_lp), ("t_ids", t_ids), ("t_lp", t_lp), ("exact", ex)):
+                rows[key].append(value)
+            sampled.append(rng.randrange(vocab))
+            slp.append(-rng.random() * 3)
+            tlp.append(-rng.random() * 3)
+            mask.append(rng.random() < 0.8)
+            sidx.append(b)
+            pos.append(t)
+            length.append(n_b)
+            avail.append(sample_avail)
+
+    def ids_tensor(x: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long).reshape(len(x), k)
+
+    def lp_tensor(x: list[list[float]]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32).reshape(len(x), k)
+
+    return TokenBatch(
+        student_topk_ids=ids_tensor(rows["s_ids"]),
+        student_topk_logp=lp_tensor(rows["s_lp"]),
+        teacher_topk_ids=ids_tensor(rows["t_ids"]),
+        teacher_topk_logp=lp_tensor(rows["t_lp"]),
+        sampled_ids=torch.tensor(sampled, dtype=torch.long),
+        student_logp=torch.tensor(slp, dtype=torch.float32),
+        teacher_logp=torch.tensor(tlp, dtype=torch.float32),
+        loss_mask=torch.tensor(mask, dtype=torch.bool),
+        sample_index=torch.tensor(sidx, dtype=torch.long),
+        position=torch.tensor(pos, dtype=torch.long),
+        response_length=torch.tensor(length, dtype=torch.long),
+        teacher_logp_on_student_topk=lp_tensor(rows["exact"]) if exact else None,
+        exact_available=torch.tensor(avail, dtype=torch.bool) if exact else None,
+        num_samples=n_samples,
+    )
+
+
+def batch_from_rows(rows: list[dict[str, Any]], k: int) -> Any:
+    """A ``TokenBatch`` from hand-written rows for the hand-computed tests.
+
+    Each row: ``s`` / ``t`` = list of (id, prob) (probabilities, not log-probs; 0 → −inf), and optional
+    ``y`` (sampled id, 0), ``sample`` (0), ``pos`` (row order within its sample), ``len`` (the
+    sample's row count), ``mask`` (True), ``slp`` / ``tlp`` (sampled log-probs, −1.0), ``exact``
+    (list of teacher probs per student entry).
+    """
+    import torch
+
+    from ta_opd.topk import TokenBatch
+
+    def pad(entries: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
+        ids = [i for i, _ in entries] + [-1] * (k - len(entries))
+        lps = [math.log(p) if p > 0 else -math.inf for _, p in entries] + [-math.inf] * (k - len(entries))
+        return ids, lps
+
+    counts: dict[int, int] = {}
+    positions = []
+    for row in rows:
+        b = row.get("sample", 0)
+        positions.append(row.get("pos", counts.get(b, 0)))
+        counts[b] = counts.get(b, 0) + 1
+    s = [pad(row["s"]) for row in rows]
+    t = [pad(row["t"]) for row in rows]
+    has_exact = any("exact" in row for row in rows)
+    exact = [
+        [math.log(p) if p > 0 else -math.inf for p in row.get("exact", [])] + [-math.inf] * (k - len(row.get("exact", [])))
+        for row in rows
+    ]
+    n = len(rows)
+    return TokenBatch(
+        student_topk_ids=torch.tensor([x[0] for x in s], dtype=torch.long).reshape(n, k),
+        student_topk_logp=torch.tensor([x[1] for x in s], dtype=torch.float64).reshape(n, k),
+        teacher_topk_ids=torch.tensor([x[0] for x in t], dtype=torch.long).reshape(n, k),
+        teacher_topk_logp=torch.tensor([x[1] for x in t], dtype=torch.float64).reshape(n, k),
+        sampled_ids=torch.tensor([row.get("y", 0) for row in rows], dtype=torch.long),
+        student_logp=torch.tensor([row.get("slp", -1.0) for row in rows], dtype=torch.float64),
+        teacher_logp=torch.tensor([row.get("tlp", -1.0) for row in rows], dtype=torch.float64),
+        loss_mask=torch.tensor([row.get("mask", True) for row in rows], dtype=torch.bool),
+        sample_index=torch.tensor([row.get("sample", 0) for row in rows], dtype=torch.long),
+        position=torch.tensor(positions, dtype=torch.long),
+        response_length=torch.tensor([row.get("len", counts[row.get("sample", 0)]) for row in rows], dtype=torch.long),
+        teacher_logp_on_student_topk=torch.tensor(exact, dtype=torch.float64).reshape(n, k) if has_exact else None,
+    )

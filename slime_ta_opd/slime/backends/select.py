@@ -89,7 +89,9 @@ def choose_train_backend(requested: str, has_gpu: bool, has_megatron: bool) -> s
     if not has_gpu:
         return "torch"
     if not has_megatron:
-        logger.warning("GPUs found but megatron-core is missing: using the torch trainer. %s", install_hint("megatron"))
+        logger.warning(
+            "GPUs found but megatron-core is missing: using the torch trainer. %s", install_hint("megatron")
+        )
         return "torch"
     return "megatron"
 

@@ -16,6 +16,7 @@ Usage::
     python -m slime.embedded.assets                       # build or reuse, print the paths as JSON
     python -m slime.embedded.assets --cache-dir DIR --force
     python -m slime.embedded.assets --print teacher_dir   # one path (for shell scripts)
+    python -m slime.embedded.assets --recipe fast-test    # seconds; weak models (tests)
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ FAST_TEST_RECIPE = Recipe(
 )
 
 
+RECIPES = {"demo": Recipe(), "fast-test": FAST_TEST_RECIPE}
+
+
 @dataclass(frozen=True)
 class Assets:
     teacher_dir: Path
@@ -113,18 +117,33 @@ def default_cache_dir() -> Path:
 
 
 def _encode_examples(tokenizer: Any, problems: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ``input_ids [B, L]`` of prompt + chain + EOS and a bool ``loss_mask [B, L]`` on the response."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id
-    prompts = tokenizer([build_prompt(p.question, tokenizer) for p in problems], add_special_tokens=False)["input_ids"]
-    answers = tokenizer([p.chain for p in problems], add_special_tokens=False)["input_ids"]
-    seqs = [a + b + [eos] for a, b in zip(prompts, answers, strict=True)]
+    """Padded ``input_ids [B, L]`` of prompt + chain + EOS and a bool ``loss_mask [B, L]`` on the response.
+
+    The chat template's fixed parts are tokenized once by the tokenizer; questions and chains are
+    plain ASCII, one token per character, so they map through the vocabulary directly (tens of
+    thousands of examples in a second). The first example is checked against the tokenizer.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    vocab = tokenizer.get_vocab()
+    marker = "\x00"
+    head, tail = build_prompt(marker, tokenizer).split(marker)
+    head_ids = tokenizer.encode(head, add_special_tokens=False)
+    tail_ids = tokenizer.encode(tail, add_special_tokens=False)
+    seqs, prompt_lens = [], []
+    for p in problems:
+        prompt = head_ids + [vocab[c] for c in p.question] + tail_ids
+        seqs.append(prompt + [vocab[c] for c in p.chain] + [eos])
+        prompt_lens.append(len(prompt))
+    if problems:
+        reference = tokenizer.encode(build_prompt(problems[0].question, tokenizer) + problems[0].chain)
+        if reference != seqs[0][:-1]:
+            raise ValueError("fast char-level encoding disagrees with the tokenizer; is it the embedded tokenizer?")
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (a, s) in enumerate(zip(prompts, seqs, strict=True)):
+    for i, (n_prompt, s) in enumerate(zip(prompt_lens, seqs, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
-        loss_mask[i, len(a) : len(s)] = True
+        loss_mask[i, n_prompt : len(s)] = True
     return input_ids, loss_mask
 
 
@@ -259,6 +278,8 @@ def ensure_assets(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root = cache / recipe.key()
     with _locked(cache / f".{recipe.key()}.lock"):
+        for stale in cache.glob(f".{root.name}.tmp*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         if force or not _is_complete(root):
             print(f"[assets] building the embedded teacher/student into {root} (cached for later runs)")
             tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=cache))
@@ -279,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help=f"default ${CACHE_ENV} or {DEFAULT_CACHE}")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--seed", type=int, default=Recipe().seed)
-    parser.add_argument("--fast-test", action="store_true", help="the tiny test recipe (seconds; weak models)")
+    parser.add_argument(
+        "--recipe", choices=sorted(RECIPES), default="demo", help="demo: the real one; fast-test: seconds, weak models"
+    )
     parser.add_argument(
         "--print",
         dest="print_key",
@@ -288,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print only this path (for shell scripts); progress goes to stderr",
     )
     ns = parser.parse_args(argv)
-    recipe = replace(FAST_TEST_RECIPE if ns.fast_test else Recipe(), seed=ns.seed)
+    recipe = replace(RECIPES[ns.recipe], seed=ns.seed)
     if ns.print_key:
         with contextlib.redirect_stdout(__import__("sys").stderr):
             assets = ensure_assets(ns.cache_dir, ns.force, recipe)

@@ -1,11 +1,109 @@
-"""`make demo` entry point (placeholder until the embedded task lands: builds the tiny assets)."""
+"""`make demo`: the method suite on the embedded defaults, on a CPU, in minutes.
 
-import tempfile
+1. Builds (once; cached) a teacher and a cold student for the arithmetic task
+   (``slime.embedded.assets``), and prints their held-out accuracies.
+2. Runs ``scripts/train/run_method_suite.sh``: Full OPD and every selector at a 10 % token budget,
+   each a real ``train.py`` run (Ray, embedded SGLang-API engines, teacher server, torch trainer).
+3. Prints the summary table (budget nominal/realised, accuracy, teacher KL, wall time) and where
+   the plots are.
 
-from slime.embedded.models import build_tiny_checkpoint
-from slime.embedded.tokenizer import describe
+Usage::
+
+    python -m slime.embedded.demo
+    python -m slime.embedded.demo --num-rollout 12 --methods "pure_opd teachability random"
+    python -m slime.embedded.demo --ratio 0.05 --output-root /tmp/demo
+
+Any environment variable of the launcher (docs/method_suite.md) is passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_METHODS = "pure_opd teachability teachability_entropy entropy tip divergence random"
+
+
+def repo_root() -> Path:
+    """The checkout holding scripts/ (the demo runs the same launcher a user would)."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "scripts" / "train" / "run_method_suite.sh").is_file():
+        raise FileNotFoundError(
+            f"scripts/train/run_method_suite.sh not found under {root}; run the demo from a source checkout "
+            "(pip install -e .)"
+        )
+    return root
+
+
+def method_list(methods: str, ratio: float) -> str:
+    """``alias:ratio:idx`` entries, idx 10, 20, ... in the given order (pure_opd always at 1.0)."""
+    aliases = methods.split()
+    if not aliases:
+        raise ValueError("--methods is empty")
+    return " ".join(f"{a}:{1.0 if a == 'pure_opd' else ratio}:{10 * (i + 1)}" for i, a in enumerate(aliases))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=os.environ.get("DEMO_METHODS", DEFAULT_METHODS))
+    parser.add_argument("--ratio", type=float, default=0.10, help="token budget of every selector")
+    parser.add_argument("--num-rollout", type=int, default=None, help="default: the launcher's embedded default")
+    parser.add_argument("--output-root", default=None, help="default: <repo>/outputs/demo")
+    parser.add_argument("--cache-dir", default=None, help="asset cache (default $SLIME_TA_OPD_CACHE or ~/.cache/...)")
+    parser.add_argument("--seed", type=int, default=None, help="SEED of the launcher (runs use SEED + idx)")
+    ns = parser.parse_args(argv)
+
+    from slime.embedded.assets import ensure_assets
+
+    t0 = time.perf_counter()
+    root = repo_root()
+    print("== 1/3 teacher and student (cached after the first run)", flush=True)
+    assets = ensure_assets(ns.cache_dir)
+    info = assets.as_dict()
+    for role in ("teacher", "student"):
+        r = info[role]
+        print(
+            f"   {role}: {r['size']} ({r['params']:,} parameters), held-out greedy accuracy "
+            f"{r['heldout_accuracy_greedy']:.1%}   e.g. {r['example']['prompt']} {r['example']['response']}"
+        )
+
+    env = dict(os.environ)
+    env.setdefault("METHOD_LIST", method_list(ns.methods, ns.ratio))
+    env.setdefault("OUTPUT_ROOT", ns.output_root or str(root / "outputs" / "demo"))
+    env.setdefault("SUITE_NAME", time.strftime("demo_%Y%m%d_%H%M%S"))
+    env.setdefault("TEACHER_MODEL", str(assets.teacher_dir))
+    env.setdefault("STUDENT_HF", str(assets.student_dir))
+    env.setdefault("PROMPT_DATA", str(assets.train_jsonl))
+    env.setdefault("EVAL_PROMPT_DATA", str(assets.eval_jsonl))
+    env.setdefault("PROFILE", "embedded")
+    # Several processes (engine, teacher, trainer) share the cores: one thread each avoids
+    # OpenMP threads spinning against each other, which slows tiny models by an order of magnitude.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if ns.num_rollout is not None:
+        env["NUM_ROLLOUT"] = str(ns.num_rollout)
+    if ns.seed is not None:
+        env["SEED"] = str(ns.seed)
+    suite_dir = Path(env["OUTPUT_ROOT"]) / env["SUITE_NAME"]
+    n_runs = len(env["METHOD_LIST"].split())
+    print(f"== 2/3 method suite: {n_runs} runs -> {suite_dir}", flush=True)
+    print(f"   METHOD_LIST={env['METHOD_LIST']}", flush=True)
+    rc = subprocess.call(["bash", str(root / "scripts" / "train" / "run_method_suite.sh")], env=env)
+    print(f"== 3/3 results ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    summary = suite_dir / "summary.md"
+    if summary.is_file():
+        print(summary.read_text(), end="")
+        for name in ("summary.csv", "plots/curves.png", "plots/accuracy_vs_budget.png"):
+            if (suite_dir / name).is_file():
+                print(f"   {name}: {suite_dir / name}")
+    if rc != 0:
+        print(f"the suite failed (exit {rc}); logs: {suite_dir}/runs/*/train.log", file=sys.stderr)
+    return rc
+
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as d:
-        path = build_tiny_checkpoint(f"{d}/nano")
-        print(f"built a tiny Qwen3 checkpoint at {path}: tokenizer {describe(path)}")
+    raise SystemExit(main())

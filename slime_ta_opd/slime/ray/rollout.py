@@ -10,10 +10,19 @@ engines and uses that router (an existing SGLang deployment).
 samples of the step (as upstream: for TA-OPD that is where tokens are selected), and returns
 the rollout data dict documented in docs/design.md. The class is plain; ``ray.remote`` is
 applied where it is created (``create_rollout_manager``).
+
+Faults (docs/reliability.md): before each step every server this manager started is checked
+(process alive and ``/health`` answering) and a dead one is restarted through its launch handle
+on the same port. A step that fails while one of them died (e.g. the teacher killed mid-step,
+after the HTTP retries ran out) is redone once from the same data position after the restart:
+``--rollout-step-retries``, default 1. Counters: ``rollout/server_restarts`` (this step),
+``rollout/server_restarts_total``, ``rollout/step_retries``. A failure with every server healthy
+is raised as is (retrying a bad answer would not fix it).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -45,6 +54,7 @@ PER_SAMPLE_KEYS = (
     "rollout_mask_sums",
     "rollout_log_probs",
     "teacher_log_probs",
+    "sd_teacher_prompt_tokens",
 )
 
 
@@ -66,7 +76,10 @@ class RolloutManager:
         self.pg = pg
         self._engine_group = None
         self._teacher = None
+        self.server_restarts = 0  # servers found dead and restarted since start
+        self.step_retries = 0  # steps redone after a server restart
         init_http_client(args)
+        self._check_inputs_before_start()
         self.data_source = load_function(args.data_source_path)(args)
         self.generate_rollout = load_function(args.rollout_function_path)
         self.eval_generate_rollout = load_function(args.eval_function_path or args.rollout_function_path)
@@ -86,16 +99,88 @@ class RolloutManager:
         self.rollout_id = -1
 
     # ------------------------------------------------------------------ servers
+    def _check_inputs_before_start(self) -> None:
+        """Refuse what would fail later, before any server starts: a teacher with another tokenizer, a bank
+        directory that cannot be written."""
+        args = self.args
+        bank_dir = getattr(args, "opd_token_bank_dir", None)
+        if bank_dir:
+            from ta_opd.token_bank import TokenBankWriter
+
+            TokenBankWriter(bank_dir, fmt=getattr(args, "opd_token_bank_format", "csv"))  # mkdir + write probe
+        teacher_dir = getattr(args, "opd_teacher_hf_checkpoint", None)
+        if args.use_opd and teacher_dir and args.hf_checkpoint:
+            from slime.rollout.teacher_check import check_same_tokenizer
+
+            check_same_tokenizer(args.hf_checkpoint, teacher_dir)
+
+    def _check_external_teacher(self) -> None:
+        if not (self.args.use_opd and self.args.opd_type == "sglang" and self.args.rm_url and self.args.hf_checkpoint):
+            return
+        from slime.rollout.teacher_check import check_teacher_server_info
+
+        base = self.args.rm_url.rsplit("/generate", 1)[0]
+        try:
+            info = run(get(f"{base}/get_model_info", max_retries=2, timeout=30))
+        except Exception as e:  # an external server may not expose it; scoring will fail loudly if it is down
+            logger.warning("could not read %s/get_model_info to check the teacher tokenizer: %s", base, e)
+            return
+        if isinstance(info, dict):
+            check_teacher_server_info(self.args.hf_checkpoint, info, base)
+
+    def _handles(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        if self._engine_group is not None:
+            out += [(f"engine {i}", e) for i, e in enumerate(self._engine_group.engines)]
+        if self._teacher is not None:
+            out.append(("teacher", self._teacher))
+        return out
+
+    def check_servers(self) -> int:
+        """Restart every server this manager started that is dead or not answering ``/health``; returns how many.
+
+        Engines come back on the same port, so the router's worker URLs stay valid; a dead router is
+        started again on its port too.
+        """
+        restarted = 0
+        for name, handle in self._handles():
+            if handle.is_alive():
+                continue
+            logger.warning("%s (%s, pid %s) is not healthy: restarting it", name, handle.url, handle.pid)
+            handle.restart()
+            restarted += 1
+        group = self._engine_group
+        if group is not None and group.router_proc is not None and group.router_proc.poll() is not None:
+            from slime.backends.embedded_sglang.launch import launch_router
+
+            logger.warning("the sglang-router (pid %s) exited: restarting it", group.router_proc.pid)
+            log_dir = self._log_dir()
+            group.router_proc, _ = launch_router(
+                group.engine_urls,
+                port=group.router_port,
+                host=group.router_host,
+                api_key=group.api_key,
+                log_file=None if log_dir is None else os.path.join(log_dir, "router.log"),
+            )
+            restarted += 1
+        self.server_restarts += restarted
+        return restarted
+
     def _start_servers(self) -> None:
         args = self.args
         backend = getattr(args, "rollout_backend", "auto")
         external = args.sglang_router_ip is not None and args.sglang_router_port is not None
-        if backend == "sglang" and not external:
-            raise ValueError(
-                "--rollout-backend sglang starts no engines here: pass --sglang-router-ip/--sglang-router-port "
-                "of a running SGLang router (managed SGLang engines belong to the scale-out backend)"
-            )
-        if not external:
+        from slime.backends.select import choose_rollout_backend, extra_available, gpus_available
+
+        choice = choose_rollout_backend(backend, gpus_available(), extra_available("sglang"), external)
+        if choice == "sglang":  # real engines on the rollout GPUs (after the actor's, unless colocated)
+            from slime.backends.sglang_utils.engines import launch_sglang_engine_group
+
+            base_gpu = 0 if args.colocate else args.actor_num_nodes * args.actor_num_gpus_per_node
+            self._engine_group = launch_sglang_engine_group(args, base_gpu_id=base_gpu, log_dir=self._log_dir())
+            host, _, port = self._engine_group.url.split("://", 1)[-1].rstrip("/").rpartition(":")
+            args.sglang_router_ip, args.sglang_router_port = host, int(port)
+        elif not external:
             if args.hf_checkpoint is None:
                 raise ValueError("the embedded rollout backend needs --hf-checkpoint (the student)")
             from slime.backends.embedded_sglang.launch import launch_engine_group
@@ -107,7 +192,9 @@ class RolloutManager:
                 # the trainer pushes weights from <output-dir>/weights: the engines may load from there only
                 weights_root = os.path.join(os.path.abspath(args.output_dir), "weights")
                 os.makedirs(weights_root, exist_ok=True)
-                extra = ("--weights-root", weights_root)
+                # ... and from the initial checkpoint's folder (a resumed or re-pushed initial model)
+                initial_root = os.path.dirname(os.path.abspath(args.hf_checkpoint))
+                extra = ("--weights-root", weights_root, "--weights-root", initial_root)
             self._engine_group = launch_engine_group(
                 args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir(), extra_args=extra
             )
@@ -126,6 +213,8 @@ class RolloutManager:
                 log_file=None if log_dir is None else os.path.join(log_dir, "teacher.log"),
             )
             args.rm_url = f"{self._teacher.url.rstrip('/')}/generate"
+        elif args.use_opd and args.opd_type == "sglang":
+            self._check_external_teacher()
 
     def _log_dir(self) -> str | None:
         out = getattr(self.args, "output_dir", None)
@@ -209,9 +298,56 @@ class RolloutManager:
         self.data_source.load(rollout_id)
 
     # ------------------------------------------------------------------ rollout
+    def _data_position(self) -> dict[str, Any] | None:
+        """The data source's position (and buffer), to redo a failed step on the same prompts."""
+        ds = self.data_source
+        if not hasattr(ds, "state_dict") or not hasattr(ds, "load_state_dict"):
+            return None
+        return {"state": copy.deepcopy(ds.state_dict()), "buffer": copy.deepcopy(getattr(ds, "buffer", None))}
+
+    def _restore_data_position(self, position: dict[str, Any]) -> None:
+        self.data_source.load_state_dict(copy.deepcopy(position["state"]))
+        if position["buffer"] is not None:
+            self.data_source.buffer = copy.deepcopy(position["buffer"])
+
     def generate(self, rollout_id: int, return_samples: bool = False) -> dict[str, Any]:
-        """One rollout step → the rollout data dict (keys: docs/design.md "Rollout data")."""
+        """One rollout step → the rollout data dict (keys: docs/design.md "Rollout data").
+
+        Dead servers are restarted first; a step that fails while a server died is redone (module doc).
+        """
         start = time.perf_counter()
+        restarts_before = self.server_restarts
+        self.check_servers()
+        max_retries = max(0, int(getattr(self.args, "rollout_step_retries", 1)))
+        position = self._data_position() if max_retries else None
+        retries = 0
+        while True:
+            try:
+                data = self._generate_once(rollout_id, return_samples)
+                break
+            except Exception as e:
+                # only a failure that came with a dead server is worth redoing, and only from the same prompts
+                if retries >= max_retries or position is None or self.check_servers() == 0:
+                    raise
+                retries += 1
+                self.step_retries += 1
+                logger.warning(
+                    "rollout %d failed (%s: %s) and a server was restarted: redoing the step (retry %d/%d)",
+                    rollout_id,
+                    type(e).__name__,
+                    e,
+                    retries,
+                    max_retries,
+                )
+                self._restore_data_position(position)
+        metrics = data["metrics"]
+        metrics["rollout/server_restarts"] = float(self.server_restarts - restarts_before)
+        metrics["rollout/server_restarts_total"] = float(self.server_restarts)
+        metrics["rollout/step_retries"] = float(retries)
+        metrics["rollout/time_s"] = time.perf_counter() - start
+        return data
+
+    def _generate_once(self, rollout_id: int, return_samples: bool) -> dict[str, Any]:
         self.rollout_id = rollout_id
         out = call_rollout_fn(self.generate_rollout, self.args, rollout_id, self.data_source, evaluation=False)
         samples = out.samples
@@ -220,9 +356,12 @@ class RolloutManager:
         if not samples:
             raise RuntimeError(f"rollout {rollout_id} produced no samples")
         data = self._convert_samples_to_train_data(samples)
+        if getattr(self.args, "self_distillation", False):  # the trainer's teacher reads the privileged prompt
+            from slime.rollout.self_distillation import teacher_prompt_ids
+
+            data["sd_teacher_prompt_tokens"] = [teacher_prompt_ids(self.args, s) for s in samples]
         metrics = dict(out.metrics or {})
         metrics.update(data.pop("_metrics"))
-        metrics["rollout/time_s"] = time.perf_counter() - start
         data["rollout_id"] = rollout_id
         data["metrics"] = metrics
         if return_samples:

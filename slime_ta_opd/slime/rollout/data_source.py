@@ -26,10 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str):
-    """The HF tokenizer of a checkpoint directory (offline)."""
+    """The HF tokenizer of a checkpoint directory (offline).
+
+    No ``trust_remote_code``: Python files shipped inside a checkpoint directory are never run.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 class Dataset:

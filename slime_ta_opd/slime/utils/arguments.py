@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
+from slime.utils.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
+from ta_opd.losses import REDUCTIONS
+from ta_opd.sd_losses import LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,10 @@ DEFAULT_DATA_SOURCE = "slime.rollout.data_source.RolloutDataSourceWithBuffer"
 OPD_REWARD_FUNC = "slime.rollout.on_policy_distillation.reward_func"
 OPD_POST_PROCESS = "slime.rollout.on_policy_distillation.post_process_rewards"
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
-# sd_* room: the self-distillation losses (METHOD.md §7-8) register here when they land.
-LOSS_TYPES = ("policy_loss", "sft_loss", "custom_loss")
+# policy_loss: the sampled-token OPD PPO-clip of METHOD.md §1; then the ta_opd.sd_losses registry (§7-8).
+SD_LOSS_TYPES = tuple(LOSSES.names())
+LOSS_TYPES = ("policy_loss", "sft_loss", "custom_loss", *SD_LOSS_TYPES)
+DEFAULT_SD_TEACHER_PROMPT_TEMPLATE = "Reference solution:\n{label}\n\n{prompt}"
 
 
 def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +125,12 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", type=str, default=None, help="API key of our own servers (Authorization: Bearer).")
     g.add_argument("--http-timeout", type=float, default=600.0, help="Seconds per HTTP request to a server.")
     g.add_argument("--http-max-retries", type=int, default=5, help="Retries of a transient HTTP failure.")
+    g.add_argument(
+        "--rollout-step-retries",
+        type=int,
+        default=1,
+        help="Times a rollout step that failed while a server died is redone after restarting it (0: never).",
+    )
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +233,11 @@ def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
         help="Torch trainer: apply the LM head to every position (dense reference path) instead of kept tokens only.",
     )
     g.add_argument(
-        "--lm-head-chunk-size", type=int, default=4096, help="Torch trainer: rows per LM-head chunk (no-grad passes)."
+        "--lm-head-chunk-size",
+        type=int,
+        default=None,
+        help="Torch trainer: rows per LM-head chunk on the sparse path, with and without grad "
+        "(default: about 2^24 logits per chunk, 110 rows at V = 151,936).",
     )
     g.add_argument(
         "--train-dtype",
@@ -249,6 +264,138 @@ def _add_opd_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--opd-teacher-temperature", type=float, default=1.0, help="Temperature of the teacher's scoring prefill."
     )
+
+
+def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Knobs of the full-vocabulary losses (``--loss-type opsd|pwopsd|eopd|reopold|topk_rkl|topk_fkl|jsd``,
+    METHOD.md §7-8), the trainer-side teacher, the self-distillation teacher and LoRA (docs/self_distillation.md)."""
+    g = parser.add_argument_group("self-distillation losses")
+    g.add_argument(
+        "--sd-temperature",
+        type=float,
+        default=None,
+        help="τ_d of the full-vocabulary losses (logits / τ_d); default 1.1 for opsd/pwopsd/eopd/reopold "
+        "(METHOD.md §7), 1.0 for topk_rkl/topk_fkl/jsd (§8).",
+    )
+    g.add_argument("--opsd-clip", type=float, default=0.05, help="OPSD/PW-OPSD per-vocabulary-term clip.")
+    g.add_argument("--pwopsd-w-min", type=float, default=0.25, help="PW-OPSD position weight floor w_min.")
+    g.add_argument("--pwopsd-tau", type=float, default=0.30, help="PW-OPSD sigmoid centre τ (fraction of L_b).")
+    g.add_argument("--pwopsd-s", type=float, default=0.10, help="PW-OPSD sigmoid width s.")
+    g.add_argument(
+        "--pwopsd-reduction",
+        type=str,
+        default="per-sample",
+        choices=["per-sample", "global"],
+        help="per-sample: Σ w ℓ / L_b, mean over samples; global: Σ w ℓ / N_valid.",
+    )
+    g.add_argument(
+        "--sd-reduction",
+        type=str,
+        default="token-mean",
+        choices=list(REDUCTIONS),
+        help="Reduction of opsd, eopd, topk_rkl, topk_fkl and jsd (over the step's kept tokens).",
+    )
+    g.add_argument("--eopd-eps-clip", type=float, default=0.2, help="EOPD PPO clip range.")
+    g.add_argument("--eopd-entropy-gate", type=float, default=0.8, help="EOPD: FKL term on when H(p_T) > gate (nats).")
+    g.add_argument("--eopd-topk", type=int, default=16, help="EOPD: size of the teacher top-K of the FKL term.")
+    g.add_argument("--reopold-lambda", type=float, default=0.1, help="REOPOLD λ: reward floor log(λ/(1−λ)).")
+    g.add_argument("--reopold-warmup-steps", type=int, default=50, help="REOPOLD: optimizer steps of the reward mask.")
+    g.add_argument(
+        "--reopold-entropy-percentile",
+        type=float,
+        default=0.8,
+        help="REOPOLD: after warm-up keep tokens with student entropy ≥ this percentile.",
+    )
+    g.add_argument(
+        "--sd-topk", type=int, default=16, help="K of topk_rkl (student top-K) and topk_fkl (teacher top-K)."
+    )
+    g.add_argument(
+        "--topk-fkl-tail-bucket", action="store_true", default=False, help="topk_fkl: add the tail-mass bucket."
+    )
+    g.add_argument(
+        "--topk-fkl-renormalize-teacher",
+        action="store_true",
+        default=False,
+        help="topk_fkl: renormalise the teacher over its top-K.",
+    )
+    g.add_argument("--jsd-beta", type=float, default=0.5, help="JSD_β: 0 = forward KL, 1 = reverse KL.")
+    g.add_argument(
+        "--no-jsd-normalize",
+        action="store_false",
+        dest="jsd_normalize",
+        help="JSD: GKD's unscaled values instead of dividing by β(1−β).",
+    )
+    g.add_argument(
+        "--sd-chunk-size",
+        type=int,
+        default=None,
+        help="Rows per chunk of the full-vocabulary LM head (default 2**23 // V); the dense path "
+        "(--no-sparse-lm-head) materialises [N, V] instead.",
+    )
+    g.add_argument(
+        "--self-distillation",
+        action="store_true",
+        default=False,
+        help="Teacher = the student's own base weights on a privileged prompt (problem + reference solution, "
+        "--sd-teacher-prompt-template); the student sees only the problem. METHOD.md §7.",
+    )
+    g.add_argument(
+        "--sd-teacher-prompt-template",
+        type=str,
+        default=DEFAULT_SD_TEACHER_PROMPT_TEMPLATE,
+        help="Teacher prompt of --self-distillation; {prompt} is the student's prompt (chat template applied), "
+        "{label} the sample's label (--label-key).",
+    )
+    g.add_argument("--lora-rank", type=int, default=0, help="Train a LoRA adapter of this rank (peft); 0 = off.")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA α (default 2 × rank).")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument(
+        "--lora-target-modules",
+        type=str,
+        default="all-linear",
+        help="Comma-separated module names, or all-linear (every linear layer but the LM head).",
+    )
+
+
+def validate_self_distillation_args(args: argparse.Namespace) -> None:
+    """Checks of the self-distillation group (called by ``validate_args``)."""
+    sd_loss = args.loss_type in SD_LOSS_TYPES
+    if args.sd_temperature is not None and args.sd_temperature <= 0:
+        raise ValueError(f"--sd-temperature must be > 0, got {args.sd_temperature}")
+    if not 0.0 <= args.pwopsd_w_min <= 1.0 or args.pwopsd_s <= 0:
+        raise ValueError(f"need 0 <= --pwopsd-w-min <= 1 and --pwopsd-s > 0, got {args.pwopsd_w_min}, {args.pwopsd_s}")
+    if not 0.0 < args.reopold_lambda < 1.0:
+        raise ValueError(f"--reopold-lambda must be in (0, 1), got {args.reopold_lambda}")
+    if not 0.0 <= args.reopold_entropy_percentile <= 1.0:
+        raise ValueError(f"--reopold-entropy-percentile must be in [0, 1], got {args.reopold_entropy_percentile}")
+    if not 0.0 <= args.jsd_beta <= 1.0:
+        raise ValueError(f"--jsd-beta must be in [0, 1], got {args.jsd_beta}")
+    _positive(args, "eopd_topk", "sd_topk", "sd_chunk_size")
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    if args.self_distillation:
+        for key in ("{prompt}", "{label}"):
+            if key not in args.sd_teacher_prompt_template:
+                raise ValueError(
+                    f"--sd-teacher-prompt-template must contain {key}, got {args.sd_teacher_prompt_template!r}"
+                )
+        if args.label_key is None:
+            raise ValueError("--self-distillation needs --label-key (the reference solution of the teacher prompt)")
+        teacher = args.opd_teacher_hf_checkpoint
+        if teacher is not None and os.path.realpath(teacher) != os.path.realpath(args.hf_checkpoint or ""):
+            raise ValueError(
+                f"--self-distillation: the teacher is the student's own base weights, but --opd-teacher-hf-checkpoint "
+                f"{teacher!r} differs from --hf-checkpoint {args.hf_checkpoint!r}"
+            )
+    if sd_loss:
+        if getattr(args, "train_backend", "torch") == "megatron":
+            raise ValueError(f"--loss-type {args.loss_type} is implemented by the torch trainer only")
+        # every SD loss reads the teacher's distribution (full, or its top-K) from a teacher model in the trainer
+        if not args.self_distillation and args.opd_teacher_hf_checkpoint is None:
+            raise ValueError(
+                f"--loss-type {args.loss_type} needs a teacher in the trainer: --opd-teacher-hf-checkpoint DIR "
+                "or --self-distillation"
+            )
 
 
 def _add_reward_arguments(parser: argparse.ArgumentParser) -> None:
@@ -281,8 +428,97 @@ def _add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-tensorboard", action="store_true", default=False)
     g.add_argument("--tb-project-name", type=str, default=None, help="TensorBoard log dir (default OUTPUT_DIR/tb).")
     g.add_argument("--tb-experiment-name", type=str, default=None)
-    g.add_argument("--preflight", action="store_true", default=False, help="Run the preflight checks only and exit.")
-    g.add_argument("--skip-preflight", action="store_true", default=False, help="Do not run preflight checks.")
+    # Pre-flight (docs/preflight.md): on by default for --use-opd --opd-type sglang, before the first rollout.
+    g.add_argument(
+        "--preflight",
+        action="store_true",
+        default=None,
+        help="Run the OPD pre-flight checks before the first rollout (the default; --skip-preflight turns it off).",
+    )
+    g.add_argument("--skip-preflight", action="store_true", default=False, help="Do not run the pre-flight checks.")
+    g.add_argument(
+        "--preflight-only", action="store_true", default=False, help="Run the pre-flight checks, then exit."
+    )
+    g.add_argument(
+        "--preflight-warn",
+        action="append",
+        default=[],
+        choices=PREFLIGHT_CHECKS,
+        metavar="CHECK",
+        help=f"Downgrade this pre-flight check's FAIL to a warning (repeat); one of {', '.join(PREFLIGHT_CHECKS)}.",
+    )
+
+
+def _add_megatron_arguments(parser: argparse.ArgumentParser) -> None:
+    """Megatron-core backend flags (``--train-backend megatron``); names as upstream slime / Megatron-LM."""
+    g = parser.add_argument_group("megatron backend")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Megatron: tensor-parallel size (TP).")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Megatron: pipeline-parallel size.")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="Megatron: context-parallel size (CP).")
+    g.add_argument(
+        "--sequence-parallel", action="store_true", default=False, help="Megatron: sequence parallelism (TP > 1)."
+    )
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        default=False,
+        help="Megatron: shard optimizer state over data-parallel ranks (GPU only).",
+    )
+    g.add_argument(
+        "--megatron-to-hf-mode",
+        type=str,
+        default="raw",
+        choices=["raw"],
+        help="Megatron -> HF weight conversion: raw = this stack's converter (Qwen2/Qwen3/Llama; docs/scaling.md).",
+    )
+    g.add_argument(
+        "--transformer-impl",
+        type=str,
+        default=None,
+        choices=["local", "transformer_engine"],
+        help="Megatron layer implementation; default transformer_engine when importable on GPU, else local.",
+    )
+    g.add_argument("--recompute-granularity", type=str, default=None, choices=["full"], help="Megatron: recompute.")
+    g.add_argument("--recompute-method", type=str, default="uniform", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    # Model shape flags of scripts/models/*.sh (upstream Megatron names). The shape is read from --hf-checkpoint;
+    # these are accepted so upstream launch scripts carry over, and the Megatron trainer checks they agree with it.
+    for flag, typ in (
+        ("--num-layers", int),
+        ("--hidden-size", int),
+        ("--ffn-hidden-size", int),
+        ("--num-attention-heads", int),
+        ("--num-query-groups", int),
+        ("--kv-channels", int),
+        ("--vocab-size", int),
+        ("--rotary-base", float),
+        ("--norm-epsilon", float),
+    ):
+        g.add_argument(flag, type=typ, default=None, help="Model shape (checked against --hf-checkpoint's config).")
+    g.add_argument("--normalization", type=str, default=None, choices=["RMSNorm"], help="Model shape (checked).")
+    for flag in (
+        "--swiglu",
+        "--group-query-attention",
+        "--use-rotary-position-embeddings",
+        "--qk-layernorm",
+        "--disable-bias-linear",
+        "--add-qkv-bias",
+        "--untie-embeddings-and-output-weights",
+    ):
+        g.add_argument(flag, action="store_true", default=False, help="Model shape (checked against the HF config).")
+
+
+def validate_megatron_args(args: argparse.Namespace) -> None:
+    """Parallel sizes must be positive and divide the training GPUs (checked whatever the backend)."""
+    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    if args.train_backend == "megatron" and (args.actor_num_nodes * args.actor_num_gpus_per_node) % model_parallel:
+        raise ValueError(
+            f"TP·PP·CP = {model_parallel} must divide actor_num_nodes * actor_num_gpus_per_node = "
+            f"{args.actor_num_nodes * args.actor_num_gpus_per_node}"
+        )
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
 
 def _json_dict(text: str) -> dict:
@@ -315,6 +551,8 @@ def get_parser(extra_args_providers: Iterable[ArgsProvider] = ()) -> argparse.Ar
         _add_opd_arguments,
         _add_reward_arguments,
         _add_logging_arguments,
+        _add_self_distillation_arguments,
+        _add_megatron_arguments,
         add_ta_opd_arguments,
     ):
         add(parser)
@@ -439,6 +677,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--num-rollout must be >= 0, got {args.num_rollout}")
     if args.http_max_retries < 0:
         raise ValueError(f"--http-max-retries must be >= 0, got {args.http_max_retries}")
+    if args.rollout_step_retries < 0:
+        raise ValueError(f"--rollout-step-retries must be >= 0, got {args.rollout_step_retries}")
 
     # batch sizes: global batch counts samples, one optimizer step per global batch
     samples_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt
@@ -534,11 +774,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--opd-type {args.opd_type} is set but --use-opd is not")
         if args.opd_teacher_load is not None:
             raise ValueError("--opd-teacher-load is set but --use-opd is not")
-        if args.opd_teacher_hf_checkpoint is not None:
-            raise ValueError("--opd-teacher-hf-checkpoint is set but --use-opd is not")
+        if args.opd_teacher_hf_checkpoint is not None and args.loss_type not in SD_LOSS_TYPES:
+            raise ValueError(
+                "--opd-teacher-hf-checkpoint is set but --use-opd is not (nor a trainer-side --loss-type)"
+            )
     if args.opd_teacher_hf_checkpoint is not None and not os.path.isdir(args.opd_teacher_hf_checkpoint):
         raise FileNotFoundError(f"--opd-teacher-hf-checkpoint {args.opd_teacher_hf_checkpoint!r} is not a directory")
     validate_ta_opd_args(args)
+    validate_megatron_args(args)
+    validate_self_distillation_args(args)
 
     # files
     if args.hf_checkpoint is not None and os.path.isabs(args.hf_checkpoint) and not os.path.exists(args.hf_checkpoint):
@@ -557,8 +801,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--eval-interval needs --eval-prompt-data name path")
     if args.metrics_path is None:
         args.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if args.preflight and args.skip_preflight:
-        raise ValueError("--preflight and --skip-preflight contradict each other")
+    if args.skip_preflight and (args.preflight or args.preflight_only):
+        raise ValueError("--preflight/--preflight-only and --skip-preflight contradict each other")
+    args.preflight = not args.skip_preflight
     return args
 
 

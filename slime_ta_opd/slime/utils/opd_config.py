@@ -68,10 +68,13 @@ def validate_ta_opd_args(args: argparse.Namespace) -> None:
                 f"--opd-budget-mask {mask} needs --opd-type sglang: selection uses the teacher server's top-K, "
                 f"got --opd-type {args.opd_type}"
             )
-        if args.opd_budget_ratio <= 0:
-            raise ValueError(f"--opd-budget-ratio must be > 0 with mask {mask}, got {args.opd_budget_ratio}")
         if args.opd_topk_metrics_k < 1:
             raise ValueError(f"mask {mask} needs --opd-topk-metrics-k >= 1, got {args.opd_topk_metrics_k}")
+    if not 0.0 < args.opd_budget_ratio <= 1.0:
+        raise ValueError(
+            f"--opd-budget-ratio must be > 0 and <= 1 (the share of a step's valid tokens kept), "
+            f"got {args.opd_budget_ratio}"
+        )
     if args.opd_budget_min_keep_per_sample < 0:
         raise ValueError(f"--opd-budget-min-keep-per-sample must be >= 0, got {args.opd_budget_min_keep_per_sample}")
     if not 0.0 <= args.opd_budget_gamma <= 1.0:

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,22 @@ def check_bind(host: str, api_key: str | None) -> None:
         )
 
 
-def resolve_weights_path(requested: Any, root: Path) -> Path:
-    """The real directory ``requested`` points to, if it lies inside ``root`` (no traversal, no symlink escape)."""
+def resolve_weights_path(requested: Any, roots: Path | Sequence[Path]) -> Path:
+    """The real directory ``requested`` names, if inside one of ``roots`` (no traversal, no symlink escape).
+
+    A relative path is taken relative to the first root.
+    """
     if not isinstance(requested, str) or not requested:
         raise ValueError(f"model_path must be a non-empty string, got {requested!r}")
-    root_real = root.resolve()
+    root_list = [roots] if isinstance(roots, Path) else list(roots)
+    roots_real = [Path(r).resolve() for r in root_list]
     target = Path(requested)
     if not target.is_absolute():
-        target = root_real / target
+        target = roots_real[0] / target
     real = target.resolve()
-    if os.path.commonpath([str(real), str(root_real)]) != str(root_real):
-        raise ValueError(
-            f"model_path {requested!r} resolves to {str(real)!r}, outside --weights-root {str(root_real)!r}"
-        )
+    if not any(os.path.commonpath([str(real), str(r)]) == str(r) for r in roots_real):
+        shown = ", ".join(repr(str(r)) for r in roots_real)
+        raise ValueError(f"model_path {requested!r} resolves to {str(real)!r}, outside --weights-root {shown}")
     if not real.is_dir():
         raise ValueError(f"model_path {requested!r} is not a directory")
     return real
@@ -142,7 +146,9 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
     """The FastAPI app serving ``engine``."""
     app = FastAPI(title="slime embedded SGLang server", docs_url=None, redoc_url=None, openapi_url=None)
     api_key = args.api_key
-    weights_root = Path(args.weights_root) if args.weights_root else Path(args.model_path).resolve().parent
+    weights_root = (
+        [Path(r) for r in args.weights_root] if args.weights_root else [Path(args.model_path).resolve().parent]
+    )
     started = time.time()
     state = {"served": 0}
 
@@ -295,8 +301,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     p.add_argument(
         "--weights-root",
+        action="append",
         default=None,
-        help="/update_weights_from_disk only reads below this dir (default: the model dir's parent)",
+        help="/update_weights_from_disk reads only below this dir; repeatable (default: the model dir's parent)",
     )
     p.add_argument("--random-seed", type=int, default=0, help="seed of per-request sampling seeds")
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")

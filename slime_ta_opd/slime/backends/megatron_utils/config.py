@@ -155,3 +155,37 @@ def transformer_config(
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+# flag dest -> how to read the same fact from a ModelShape (the flags of scripts/models/*.sh)
+_SHAPE_FLAGS = {
+    "num_layers": lambda s: s.num_layers,
+    "hidden_size": lambda s: s.hidden_size,
+    "ffn_hidden_size": lambda s: s.ffn_hidden_size,
+    "num_attention_heads": lambda s: s.num_attention_heads,
+    "num_query_groups": lambda s: s.num_query_groups,
+    "kv_channels": lambda s: s.head_dim,
+    "vocab_size": lambda s: s.vocab_size,
+    "rotary_base": lambda s: s.rope_theta,
+    "norm_epsilon": lambda s: s.norm_eps,
+}
+_SHAPE_SWITCHES = {
+    "qk_layernorm": lambda s: s.qk_layernorm,
+    "add_qkv_bias": lambda s: s.qkv_bias,
+    "untie_embeddings_and_output_weights": lambda s: not s.tie_word_embeddings,
+}
+
+
+def check_shape_flags(args: Any, shape: ModelShape) -> None:
+    """Raise ValueError when model-shape flags given on the command line contradict the HF config."""
+    bad = []
+    for dest, read in _SHAPE_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None and float(value) != float(read(shape)):
+            bad.append(f"--{dest.replace('_', '-')} {value} (HF config: {read(shape)})")
+    for dest, read in _SHAPE_SWITCHES.items():
+        # a switch only speaks when set, except the shape switches that upstream launchers always pass
+        if getattr(args, dest, False) and not read(shape):
+            bad.append(f"--{dest.replace('_', '-')} (HF config says no)")
+    if bad:
+        raise ValueError("model shape flags disagree with --hf-checkpoint: " + "; ".join(bad))

@@ -45,9 +45,7 @@ def initialize_parallel(
     if not dist.is_initialized():
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=timeout_minutes)
-        )
+        dist.init_process_group(backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if world % model_parallel:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from slime.backends.torch_utils import checkpoint as ckpt
+from slime.backends.torch_utils.distill import Distiller
 from slime.backends.torch_utils.loss import compute_advantages, policy_loss
 from slime.backends.torch_utils.model import (
     build_response_batch,
@@ -86,6 +87,9 @@ class TorchTrainRayActor(TrainRayActor):
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.use_gpu else "cpu")
         dtype = args.train_dtype or ("bfloat16" if getattr(args, "bf16", False) else "float32")
         self.model = load_hf_model(args.hf_checkpoint, dtype=dtype, device=self.device)
+        # LoRA, the trainer-side teacher and the --loss-type losses other than policy_loss (distill.py)
+        self.distill = Distiller(args, self.model, dtype=dtype, device=self.device)
+        self.model = self.distill.model  # the HF module (LoRA layers injected with --lora-rank)
         self.model.train()
         self.sparse = bool(getattr(args, "sparse_lm_head", True))
         if self.sparse and not sparse_head_matches_dense(self.model, self.model.config.vocab_size):
@@ -184,6 +188,7 @@ class TorchTrainRayActor(TrainRayActor):
         ]
         metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
+        metrics.update(self.distill.step_metrics())
         metrics["train/step"] = float(self.global_step)
         metrics["perf/log_probs_time"] = t_logp - t0
         metrics["perf/train_time"] = time.perf_counter() - t0
@@ -202,6 +207,15 @@ class TorchTrainRayActor(TrainRayActor):
                 continue  # no kept token: contributes exactly zero loss and gradient
             batch = self._batch(data, mb)
             mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
+            if self.distill.active:  # --loss-type other than policy_loss
+                loss = self.distill.micro_batch_loss(
+                    data, mb, batch, mask, step=self.global_step, global_tokens=global_tokens,
+                    global_samples=global_samples, samples_with_kept=sum(bool(loss_masks[i].any()) for i in idx),
+                    sparse=self.sparse,
+                )  # fmt: skip
+                loss.backward()
+                loss_sum += float(loss.detach())
+                continue
             old_mb = torch.cat([old[i] for i in mb])
             adv_mb = torch.cat([advantages[i] for i in mb])
             if self.sparse:
@@ -211,7 +225,12 @@ class TorchTrainRayActor(TrainRayActor):
                 sel = torch.arange(mask.numel())
                 rows_mask = mask
             logp = sampled_token_log_probs(
-                self.model, batch, select=sel, temperature=args.rollout_temperature, sparse=self.sparse
+                self.model,
+                batch,
+                select=sel,
+                temperature=args.rollout_temperature,
+                sparse=self.sparse,
+                chunk_size=args.lm_head_chunk_size,
             )
             dev = logp.device
             loss, n_clipped = policy_loss(
@@ -273,7 +292,7 @@ class TorchTrainRayActor(TrainRayActor):
 
     def save_hf(self, out_dir: str | os.PathLike) -> str:
         """Write the current weights as a HF safetensors dir (atomic)."""
-        return str(ckpt.save_hf_weights(self.model, out_dir, tokenizer_dir=self.args.hf_checkpoint))
+        return str(ckpt.save_hf_weights(self.distill.export_model(), out_dir, tokenizer_dir=self.args.hf_checkpoint))
 
     def update_weights(self) -> str | None:
         """Push the current weights to the rollout engines from disk; keeps only the newest pushed dir."""
@@ -298,7 +317,7 @@ class TorchTrainRayActor(TrainRayActor):
         path = ckpt.save_checkpoint(
             self.args.save,
             rollout_id,
-            self.model,
+            self.distill.export_model(),  # merged weights for a LoRA student
             None if getattr(self.args, "no_save_optim", False) else self.optimizer,
             trainer_state={"global_step": self.global_step, "weight_version": self.weight_version},
             args_snapshot=vars(self.args),

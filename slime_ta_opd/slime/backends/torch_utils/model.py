@@ -6,6 +6,13 @@ log-prob is needed — for the loss these are the response positions with ``loss
 With ρ = 0.1 that is about a tenth of the [tokens × vocab] work and memory of the dense path.
 The dense path (``logits = model(ids).logits``) is kept behind a switch for comparison.
 
+On the sparse path the head, the log-softmax and the gather run in chunks of rows inside one
+autograd function that saves only the gathered hidden rows and one log-sum-exp per row; backward
+recomputes each chunk's logits. No ``[rows × vocab]`` tensor outlives its chunk, in the no-grad
+old-log-prob pass (all response tokens) and in the training pass alike, so the peak is bounded by
+the chunk (about 2^24 logits by default), not by the number of tokens. The price is one extra
+LM-head matmul over the kept rows in backward.
+
 Position convention: the hidden state at absolute position ``p`` predicts the token at ``p + 1``,
 so response token ``j`` of a sample with prompt length ``P`` is scored from the hidden state at
 ``P + j − 1``.
@@ -22,6 +29,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# Default LM-head chunk: about 2^24 logits per [rows, V] temporary (64 MiB in float32), i.e.
+# 110 rows at V = 151,936. A chunk holds at most ~2 such temporaries at a time.
+DEFAULT_LM_HEAD_CHUNK_ELEMENTS = 1 << 24
 
 
 def load_hf_model(path: str | os.PathLike, dtype: str = "float32", device: str | torch.device = "cpu"):
@@ -103,8 +115,86 @@ def last_hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def lm_head_chunk_rows(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per LM-head chunk: ``chunk_size`` if given, else about 2^24 logits per chunk."""
+    if chunk_size is not None:
+        if chunk_size <= 0:
+            raise ValueError(f"LM-head chunk size must be > 0 rows, got {chunk_size}")
+        return int(chunk_size)
+    return max(1, DEFAULT_LM_HEAD_CHUNK_ELEMENTS // max(int(vocab_size), 1))
+
+
+def _head_logits(hidden_rows, weight, bias, temperature: float) -> torch.Tensor:
+    """``(h Wᵀ + b) / τ`` of a chunk of rows, in float32 for half-precision weights (as the engines do)."""
+    logits = torch.nn.functional.linear(hidden_rows, weight, bias)
+    if logits.dtype in HALF_DTYPES:
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits.div_(temperature)  # no graph here: only called inside _SampledTokenLogProb
+    return logits
+
+
+class _SampledTokenLogProb(torch.autograd.Function):
+    """``log softmax((h Wᵀ + b) / τ)[y]`` per row, computed chunk by chunk; backward recomputes each chunk.
+
+    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward per chunk:
+    ``∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ``, then ``∂h = g·W`` and ``∂W += gᵀ·h``
+    (accumulated in float32 for half-precision weights).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, temperature: float, chunk_rows: int):
+        n = hidden.shape[0]
+        out_dtype = torch.float32 if hidden.dtype in HALF_DTYPES else hidden.dtype
+        logp = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
+        lse = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
+        for s in range(0, n, chunk_rows):
+            logits = _head_logits(hidden[s : s + chunk_rows], weight, bias, temperature)  # [c, V]
+            lse[s : s + chunk_rows] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, target[s : s + chunk_rows].unsqueeze(-1)).squeeze(-1)
+            logp[s : s + chunk_rows] = picked - lse[s : s + chunk_rows]
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
+        for s in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[s : s + chunk_rows]  # [c, H]
+            g = grad_logp[s : s + chunk_rows].to(lse.dtype).unsqueeze(-1)  # [c, 1]
+            probs = _head_logits(h, weight, bias, temperature).sub_(lse[s : s + chunk_rows].unsqueeze(-1)).exp_()
+            grad_logits = probs.mul_(-g).scatter_add_(-1, target[s : s + chunk_rows].unsqueeze(-1), g)  # [c, V]
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            if grad_h is not None:
+                grad_h[s : s + chunk_rows] = grad_logits.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad_logits.to(acc).t(), h.to(acc))
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0).to(acc)
+            del probs, grad_logits
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _is_plain_linear(head) -> bool:
+    # a subclass (LoRA, quantised) or a hook may change what head(x) computes: use plain autograd then
+    return type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+
+
 def _logp_of_rows(head, hidden_rows: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = head(hidden_rows).float() if hidden_rows.dtype in (torch.bfloat16, torch.float16) else head(hidden_rows)
+    logits = head(hidden_rows).float() if hidden_rows.dtype in HALF_DTYPES else head(hidden_rows)
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -122,8 +212,9 @@ def sampled_token_log_probs(
 
     ``select``: bool [N] or int64 indices into the N response tokens; the result has one entry
     per selected token, in order. ``sparse=True`` gathers the selected hidden states first and
-    applies the LM head to those rows only (in chunks of ``chunk_size`` rows if given);
-    ``sparse=False`` materialises the full [B, T, V] logits (the reference path).
+    applies the LM head to those rows only, in chunks of ``chunk_size`` rows (default: about 2^24
+    logits per chunk), with and without grad; ``sparse=False`` materialises the full [B, T, V]
+    logits (the reference path).
     Logits are divided by ``temperature`` (the rollout temperature), as the engines do.
     """
     idx = torch.arange(batch.num_tokens) if select is None else select
@@ -134,19 +225,21 @@ def sampled_token_log_probs(
         logits = model(input_ids=batch.input_ids, use_cache=False).logits
         if temperature != 1.0:
             logits = logits / temperature
-        logp = torch.log_softmax(logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits, -1)
+        logp = torch.log_softmax(logits.float() if logits.dtype in HALF_DTYPES else logits, -1)
         return logp[row, pos, target.to(logp.device)]
     hidden = last_hidden_states(model, batch.input_ids)
     _, head = _backbone_and_head(model)
     rows = hidden[row.to(hidden.device), pos.to(hidden.device)]  # [n, H]
     target = target.to(hidden.device)
-    if chunk_size is None or rows.shape[0] <= chunk_size:
-        return _logp_of_rows(head, rows, target, temperature)
+    if _is_plain_linear(head):
+        chunk_rows = lm_head_chunk_rows(head.out_features, chunk_size)
+        return _SampledTokenLogProb.apply(rows, head.weight, head.bias, target, float(temperature), chunk_rows)
+    chunk_rows = lm_head_chunk_rows(getattr(head, "out_features", 0) or 1, chunk_size)
     parts = [
-        _logp_of_rows(head, rows[s : s + chunk_size], target[s : s + chunk_size], temperature)
-        for s in range(0, rows.shape[0], chunk_size)
+        _logp_of_rows(head, rows[s : s + chunk_rows], target[s : s + chunk_rows], temperature)
+        for s in range(0, rows.shape[0], chunk_rows)
     ]
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else rows.new_zeros(0)
 
 
 def sparse_head_matches_dense(model, vocab_size: int, atol: float | None = None) -> bool:
@@ -160,7 +253,7 @@ def sparse_head_matches_dense(model, vocab_size: int, atol: float | None = None)
     param = next(model.parameters())
     device = param.device
     if atol is None:  # half precision rounds the two matmul layouts differently; a wrong head differs by O(1)
-        atol = 5e-2 if param.dtype in (torch.bfloat16, torch.float16) else 1e-4
+        atol = 5e-2 if param.dtype in HALF_DTYPES else 1e-4
     batch = build_response_batch([ids[0].tolist()], [2], [6])
     batch.input_ids = batch.input_ids.to(device)
     with torch.no_grad():

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -53,6 +55,12 @@ _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 class TeacherScoringError(RuntimeError):
     """The teacher (or student) server gave no usable answer for a sample."""
+
+
+# Scoring requests since the last step's report: "requests", "retries" (transient failures retried),
+# "failures" (requests that raised). post_process_rewards adds them to the step metrics and resets them,
+# so a retried teacher answer is visible in the logs and a failed one stops the step (never a silent 0).
+_http_stats: Counter[str] = Counter()
 
 
 class _Retryable(Exception):
@@ -86,6 +94,11 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
         sample.metadata[STUDENT_TOPK_KEY] = await _student_topk_by_prefill(args, sample, k)
 
     payload = _prefill_payload(args, sample, top_logprobs_num=k)
+    if getattr(args, "self_distillation", False):
+        # this stack only (upstream has no such flag): the teacher reads the privileged prompt, METHOD.md §7
+        from slime.rollout.self_distillation import privileged_prefill
+
+        privileged_prefill(args, sample, payload)
     if getattr(args, "opd_exact_cmass", False) and k > 0:
         ids = _exact_cmass_request_ids(args, sample)
         if ids:
@@ -209,6 +222,7 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
     api_key = getattr(args, "api_key", None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     last_error: BaseException | None = None
+    _http_stats["requests"] += 1
     for attempt in range(1, attempts + 1):
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -216,6 +230,7 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
                     if resp.status in _RETRYABLE_STATUS:
                         raise _Retryable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
                     if resp.status >= 400:
+                        _http_stats["failures"] += 1
                         raise TeacherScoringError(
                             f"sample {sample.index}: {what} request to {url} failed with HTTP {resp.status}: "
                             f"{(await resp.text())[:500]}"
@@ -223,10 +238,12 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
                     try:
                         answer = await resp.json(content_type=None)
                     except ValueError as e:
+                        _http_stats["failures"] += 1
                         raise TeacherScoringError(
                             f"sample {sample.index}: {what} answer from {url} is not JSON: {e}"
                         ) from e
             if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
+                _http_stats["failures"] += 1
                 raise TeacherScoringError(
                     f"sample {sample.index}: {what} answer from {url} has no 'meta_info' dict "
                     f"(got {type(answer).__name__} {str(answer)[:200]})"
@@ -236,6 +253,7 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
             last_error = e
             if attempt == attempts:
                 break
+            _http_stats["retries"] += 1
             delay = min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S) * (0.5 + random.random())
             logger.warning(
                 "sample %s: %s to %s failed (%s: %s); retry %d/%d in %.1fs",
@@ -249,6 +267,7 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
                 delay,
             )
             await asyncio.sleep(delay)
+    _http_stats["failures"] += 1
     raise TeacherScoringError(
         f"sample {sample.index}: {what} request to {url} failed after {attempts} attempts: "
         f"{type(last_error).__name__}: {last_error}"
@@ -388,11 +407,35 @@ def post_process_rewards(args: Any, samples: list[Sample], **kwargs: Any) -> tup
             sample.loss_mask = [int(v) for v in sample_mask.tolist()]
         metrics = {str(name): float(value) for name, value in result.metrics.items()}
         _write_token_bank(args, rollout_index, batch, result, samples)
+    elif cfg.nonfinite_policy == "error":
+        # without top-K lists ta_opd.select_tokens (which applies the policy) is not called: check here
+        _check_finite_teacher_logprobs(samples, teacher_logp, valid_masks)
 
+    for name in ("requests", "retries", "failures"):
+        metrics[f"opd/teacher_http_{name}"] = float(_http_stats[name])
+    _http_stats.clear()
     samples[0].metadata[STEP_METRICS_KEY] = metrics
     if metrics:
         logger.info("rollout %d TA-OPD (%s): %s", rollout_index, cfg.mask, metrics)
     return [0.0] * len(samples), [0.0] * len(samples)
+
+
+def _check_finite_teacher_logprobs(
+    samples: list[Sample], teacher_logp: list[list[float]], valid_masks: list[list[int]]
+) -> None:
+    """A NaN/inf teacher log-prob of a supervised token is a server fault: raise naming sample and position."""
+    bad = [
+        (sample.index, j, value)
+        for sample, values, mask in zip(samples, teacher_logp, valid_masks, strict=True)
+        for j, (value, keep) in enumerate(zip(values, mask, strict=True))
+        if keep and not math.isfinite(value)
+    ]
+    if bad:
+        where = ", ".join(f"sample {i} position {j} (teacher {v})" for i, j, v in bad[:5])
+        raise ValueError(
+            f"{len(bad)} valid token(s) have a non-finite teacher log-prob: {where}. "
+            "The teacher server returned NaN/inf; fix the server before training on its answers."
+        )
 
 
 def _rollout_index(args: Any, rollout_id: Any) -> int:

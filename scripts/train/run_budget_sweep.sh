@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Budget sweep: every method in METHODS at every ratio in BUDGETS (plus one Full OPD reference),
+# then a held-out evaluation of each final checkpoint, then one summary table and plots.
+#
+# Usage:
+#   bash scripts/train/run_budget_sweep.sh                                    # embedded defaults
+#   METHODS="teachability tip random" BUDGETS="0.02 0.05 0.1 0.2" NUM_ROLLOUT=30 \
+#     bash scripts/train/run_budget_sweep.sh
+#
+# Each budget is one suite (scripts/train/run_method_suite.sh, same environment variables) under
+# $OUTPUT_ROOT/$SWEEP_NAME/budget_<ratio>; a method keeps its idx (10, 20, ...) and so its seed
+# across budgets. INCLUDE_FULL_OPD=0 skips the reference run. Every entry of every budget is
+# validated before anything starts. Outputs: $OUTPUT_ROOT/$SWEEP_NAME/{summary.csv, summary.md, plots/}.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../lib/common.sh
+source "$SCRIPT_DIR/../lib/common.sh"
+REPO_ROOT=$TA_OPD_REPO_ROOT
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+
+METHODS=${METHODS-"teachability teachability_entropy entropy tip divergence random"}
+BUDGETS=${BUDGETS-"0.05 0.1 0.2"}
+INCLUDE_FULL_OPD=${INCLUDE_FULL_OPD:-1}
+OUTPUT_ROOT=${OUTPUT_ROOT:-$REPO_ROOT/outputs/budget_sweep}
+SWEEP_NAME=${SWEEP_NAME:-sweep_$(date +%Y%m%d_%H%M%S)}
+SWEEP_DIR="$OUTPUT_ROOT/$SWEEP_NAME"
+
+read -r -a METHOD_ARRAY <<< "$METHODS"
+read -r -a BUDGET_ARRAY <<< "$BUDGETS"
+((${#METHOD_ARRAY[@]})) || ta_die "METHODS is empty; expected aliases like 'teachability tip random'"
+((${#BUDGET_ARRAY[@]})) || ta_die "BUDGETS is empty; expected ratios in (0, 1] like '0.05 0.1'"
+
+# One METHOD_LIST per budget, all validated before anything runs.
+declare -A LISTS=()
+for budget in "${BUDGET_ARRAY[@]}"; do
+  list=""
+  i=0
+  for method in "${METHOD_ARRAY[@]}"; do
+    i=$((i + 1))
+    [[ "$method" == pure_opd ]] && ta_die "METHODS: pure_opd has no budget; it runs once as the reference (INCLUDE_FULL_OPD=1)"
+    list+="$method:$budget:$((10 * i)) "
+  done
+  ta_parse_method_list "$list" > /dev/null
+  LISTS[$budget]=$list
+done
+
+SUITES=()
+run_suite() { # run_suite NAME METHOD_LIST
+  SUITES+=("$SWEEP_DIR/$1")
+  OUTPUT_ROOT=$SWEEP_DIR SUITE_NAME=$1 METHOD_LIST=$2 SAVE_CHECKPOINT=1 SUMMARIZE=0 \
+    bash "$SCRIPT_DIR/run_method_suite.sh"
+}
+
+if ((INCLUDE_FULL_OPD)); then
+  run_suite full_opd "pure_opd:1.0:0"
+fi
+for budget in "${BUDGET_ARRAY[@]}"; do
+  run_suite "budget_$budget" "${LISTS[$budget]}"
+done
+
+# Post-hoc evaluation of every final checkpoint (greedy, on the held-out prompts).
+EVAL_DATA=${EVAL_PROMPT_DATA:-}
+[[ -n "$EVAL_DATA" ]] || EVAL_DATA=$(ta_embedded_asset eval_jsonl)
+for suite in "${SUITES[@]}"; do
+  for run_dir in "$suite"/runs/*/; do
+    run_dir=${run_dir%/}
+    if [[ -f "$run_dir/checkpoints/latest_checkpointed_iteration.txt" ]]; then
+      ta_log "evaluating $run_dir"
+      bash "$REPO_ROOT/scripts/eval/eval_accuracy.sh" "$run_dir/checkpoints" "$EVAL_DATA" "$run_dir/eval_accuracy.json"
+    else
+      ta_log "no checkpoint in $run_dir; skipped"
+    fi
+  done
+done
+
+suite_args=()
+for suite in "${SUITES[@]}"; do suite_args+=(--suite-dir "$suite"); done
+"$(ta_python)" "$REPO_ROOT/tools/summarize_suite.py" "${suite_args[@]}" --out-dir "$SWEEP_DIR"
+ta_log "sweep done: $SWEEP_DIR"

@@ -1,0 +1,434 @@
+"""The Megatron-core trainer: one rank of a TP × DP group training a GPTModel with the OPD loss.
+
+Same method names and the same loss wiring as the torch backend (:mod:`slime.backends.torch_utils.loss`,
+which calls :mod:`ta_opd.losses`): per rollout (METHOD.md §1)
+
+1. old log-probs of every response token, no grad (or the rollout's with ``--use-rollout-logprobs``);
+   with ``--opd-type megatron`` the in-trainer teacher scores the same tokens here;
+2. advantages = base estimator + λ·(teacher_logp − old_logp), detached;
+3. one optimizer step per global batch: the global batch is split over data-parallel ranks, each rank
+   accumulates its micro-batches with the *global* sample/token counts, and gradients are **summed**
+   over DP — so the step equals the torch backend's step on the whole batch;
+4. Adam after gradient clipping: Megatron's (distributed) optimizer on GPU; ``torch.optim.AdamW`` on
+   CPU (Megatron's optimizer is CUDA-only), with a TP-aware gradient norm.
+
+Weights start from ``--load`` (resume: newest ``torch_dist`` iteration), else ``--ref-load`` (a
+``torch_dist`` dir from tools/convert_hf_to_torch_dist.py), else ``--hf-checkpoint`` (converted on the fly).
+Pipeline and context parallelism are supported by the converter and the checkpoints but not yet by this
+training loop (it raises); TP and DP are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from slime.backends.torch_utils.actor import WEIGHTS_SUBDIR, _as_rollout_data, _float_list
+from slime.backends.torch_utils.loss import compute_advantages, policy_loss
+from slime.backends.torch_utils.model import build_response_batch
+from slime.ray.train_actor import TrainRayActor
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _resolve_dtype(args: Namespace) -> torch.dtype:
+    name = getattr(args, "train_dtype", None) or ("bfloat16" if getattr(args, "bf16", False) else "float32")
+    return DTYPES[name]
+
+
+def _use_te(args: Namespace) -> bool:
+    impl = getattr(args, "transformer_impl", None)
+    if impl == "local" or not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        if impl == "transformer_engine":
+            raise ValueError("--transformer-impl transformer_engine: transformer_engine is not installed") from None
+        return False
+    return True
+
+
+class MegatronTrainRayActor(TrainRayActor):
+    """Trainer actor of the Megatron-core backend (one rank of the training group)."""
+
+    def init(self, args: Namespace, role: str = "actor", with_ref: bool = False, with_opd_teacher: bool = False):
+        """Build the parallel groups and the model(s); returns the rollout id to start from."""
+        super().init(args, role, with_ref, with_opd_teacher)
+        from slime.backends.megatron_utils import require_megatron
+
+        require_megatron()
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils import checkpoint as ckpt
+        from slime.backends.megatron_utils.model import initialize_parallel
+
+        tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+        if pp != 1 or cp != 1:
+            raise NotImplementedError(
+                f"the Megatron training loop supports TP and DP only (got PP={pp}, CP={cp}); "
+                "the converter and torch_dist checkpoints already handle PP"
+            )
+        if with_ref:
+            raise ValueError("the Megatron backend keeps no reference model (no --kl-coef / --use-kl-loss support)")
+        if args.hf_checkpoint is None:
+            raise ValueError("the Megatron trainer needs --hf-checkpoint (model config, tokenizer, engine weights)")
+        initialize_parallel(tp, pp, cp, seed=args.seed)
+        self.on_gpu = torch.cuda.is_available()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.params_dtype = _resolve_dtype(args)
+        self.use_te = _use_te(args)
+        self.model, self.shape = self._build_and_load(args)
+        from slime.backends.megatron_utils.config import check_shape_flags
+
+        check_shape_flags(args, self.shape)
+        self.model.train()
+        self.teacher = None
+        if getattr(args, "use_opd", False) and args.opd_type == "megatron":
+            self.teacher = self._build_teacher(args)
+        self._build_optimizer(args)
+        self.global_step, self.weight_version, self.last_rollout_id = 0, 0, -1
+        start_rollout_id = 0
+        if args.load is not None and ckpt.latest_iteration(args.load) is not None:
+            state = ckpt.load_torch_dist(self.model, args.load)
+            self._load_optimizer(Path(args.load), state["iteration"])
+            self.global_step = int(state.get("global_step", 0))
+            self.weight_version = int(state.get("weight_version", 0))
+            self.last_rollout_id = int(state.get("rollout_id", state["iteration"]))
+            start_rollout_id = self.last_rollout_id + 1
+            logger.info(
+                "resumed from %s iteration %s: next rollout %d", args.load, state["iteration"], start_rollout_id
+            )
+        return start_rollout_id
+
+    # ------------------------------------------------------------------ building
+    def _build_and_load(self, args: Namespace):
+        from slime.backends.megatron_utils import checkpoint as ckpt
+        from slime.backends.megatron_utils.config import shape_from_hf_config
+        from slime.backends.megatron_utils.model import build_gpt_model, load_gpt_from_hf, read_hf_config
+
+        kwargs: dict[str, Any] = {"sequence_parallel": bool(getattr(args, "sequence_parallel", False))}
+        if getattr(args, "recompute_granularity", None):
+            kwargs["recompute"] = True
+        resume = args.load is not None and ckpt.latest_iteration(args.load) is not None
+        if resume or args.ref_load is not None:
+            shape = shape_from_hf_config(read_hf_config(args.hf_checkpoint))
+            model = build_gpt_model(shape, params_dtype=self.params_dtype, use_te=self.use_te, **kwargs)
+            model = model.cuda() if self.on_gpu else model
+            if not resume:
+                ckpt.load_torch_dist(model, args.ref_load)
+            return model, shape
+        return load_gpt_from_hf(args.hf_checkpoint, params_dtype=self.params_dtype, use_te=self.use_te, **kwargs)
+
+    def _build_teacher(self, args: Namespace):
+        """The ``--opd-type megatron`` teacher: a HF dir or a torch_dist dir (same architecture as the student)."""
+        from slime.backends.megatron_utils import checkpoint as ckpt
+        from slime.backends.megatron_utils.config import shape_from_hf_config
+        from slime.backends.megatron_utils.convert_cli import HF_CONFIG_SUBDIR
+        from slime.backends.megatron_utils.model import build_gpt_model, load_gpt_from_hf, read_hf_config
+
+        path = Path(args.opd_teacher_load)
+        if (path / "config.json").is_file():
+            teacher, _ = load_gpt_from_hf(path, params_dtype=self.params_dtype, use_te=self.use_te)
+        else:
+            config_dir = path / HF_CONFIG_SUBDIR if (path / HF_CONFIG_SUBDIR).is_dir() else Path(args.hf_checkpoint)
+            shape = shape_from_hf_config(read_hf_config(config_dir))
+            teacher = build_gpt_model(shape, params_dtype=self.params_dtype, use_te=self.use_te)
+            teacher = teacher.cuda() if self.on_gpu else teacher
+            ckpt.load_torch_dist(teacher, path)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def _build_optimizer(self, args: Namespace) -> None:
+        if self.on_gpu:  # gpu: Megatron DDP (grads summed over DP) + Megatron's (distributed) Adam
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                use_distributed_optimizer=bool(args.use_distributed_optimizer),
+                calculate_per_token_loss=True,  # gradient scaling 1: our losses are already shares of the step
+            )
+            self.model = DistributedDataParallel(self.model.config, ddp_config, self.model)
+            opt_config = OptimizerConfig(
+                optimizer="adam",
+                lr=args.lr,
+                min_lr=args.min_lr,
+                weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1,
+                adam_beta2=args.adam_beta2,
+                adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad or 0.0,
+                bf16=self.params_dtype == torch.bfloat16,
+                params_dtype=self.params_dtype,
+                use_distributed_optimizer=bool(args.use_distributed_optimizer),
+            )
+            self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+            return
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+        )
+
+    # ------------------------------------------------------------------ log-probs
+    def _batch(self, data: dict[str, Any], idx: list[int]):
+        batch = build_response_batch(
+            [list(data["tokens"][i]) for i in idx],
+            [int(data["prompt_lengths"][i]) for i in idx],
+            [int(data["response_lengths"][i]) for i in idx],
+            pad_id=0,
+        )
+        if self.on_gpu:
+            batch.input_ids = batch.input_ids.cuda()
+        return batch
+
+    @staticmethod
+    def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
+        return [indices[s : s + size] for s in range(0, len(indices), size)]
+
+    @torch.no_grad()
+    def compute_log_probs(
+        self, data: dict[str, Any], model=None, temperature: float | None = None
+    ) -> list[torch.Tensor]:
+        """Sampled-token log-probs (float64, CPU) of every sample's response; every TP rank gets all of them."""
+        from slime.backends.megatron_utils.model import sampled_token_log_probs
+
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
+        temp = self.args.rollout_temperature if temperature is None else temperature
+        out: list[torch.Tensor] = []
+        for idx in self._micro_batches(list(range(len(data["tokens"]))), self.args.micro_batch_size):
+            logp = sampled_token_log_probs(model, self._batch(data, idx), temperature=temp).cpu()
+            out.extend(logp.split([int(data["response_lengths"][i]) for i in idx]))
+        model.train(was_training)
+        return [t.double() for t in out]
+
+    # ------------------------------------------------------------------ training
+    def train(self, rollout_id: int, rollout_data_ref: Any, external_data: Any = None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        args = self.args
+        data = _as_rollout_data(rollout_data_ref)
+        n = len(data["tokens"])
+        resp_lens = [int(r) for r in data["response_lengths"]]
+        loss_masks = [_float_list(data["loss_masks"][i], resp_lens[i], "loss_mask", i).bool() for i in range(n)]
+        if args.use_rollout_logprobs:
+            old = [_float_list(data["rollout_log_probs"][i], resp_lens[i], "rollout_log_probs", i) for i in range(n)]
+        else:
+            old = self.compute_log_probs(data)
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.compute_log_probs(data, self.teacher, temperature=args.opd_teacher_temperature)
+        elif data.get("teacher_log_probs") is not None:
+            teacher = [
+                _float_list(data["teacher_log_probs"][i], resp_lens[i], "teacher_log_probs", i) for i in range(n)
+            ]
+        rewards = [float(r) if not isinstance(r, dict) else 0.0 for r in data.get("rewards", [0.0] * n)]
+        advantages = compute_advantages(args, old, teacher, rewards, resp_lens)
+        t_logp = time.perf_counter()
+
+        gbs = args.global_batch_size
+        steps = [list(range(s * gbs, min(n, (s + 1) * gbs))) for s in range(max(1, math.ceil(n / gbs)))]
+        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in steps]
+        metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
+        metrics["train/step"] = float(self.global_step)
+        metrics["perf/log_probs_time"] = t_logp - t0
+        metrics["perf/train_time"] = time.perf_counter() - t0
+        self.last_rollout_id = rollout_id
+        return metrics
+
+    def _train_step(self, data, idx, old, advantages, loss_masks) -> dict[str, float]:
+        """One optimizer step on the global batch ``idx``; this DP rank takes every dp_size-th sample."""
+        from slime.backends.megatron_utils.model import sampled_token_log_probs
+
+        args = self.args
+        kept_total = int(sum(int(loss_masks[i].sum()) for i in idx))
+        global_tokens, global_samples = max(kept_total, 1), len(idx)
+        mine = idx[self.dp_rank :: self.dp_size]
+        self._zero_grad()
+        loss_sum, clipped = 0.0, 0.0
+        for mb in self._micro_batches(mine, args.micro_batch_size):
+            batch = self._batch(data, mb)
+            mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
+            logp = sampled_token_log_probs(self.model, batch, temperature=args.rollout_temperature)
+            dev = logp.device
+            loss, n_clipped = policy_loss(
+                args,
+                logp,
+                torch.cat([old[i] for i in mb]).to(dev, logp.dtype),
+                torch.cat([advantages[i] for i in mb]).to(dev, logp.dtype),
+                mask.to(dev),
+                batch.sample_index.to(dev),
+                global_token_count=global_tokens,
+                global_sample_count=global_samples,
+            )
+            # a micro-batch with no kept token still runs backward: TP ranks must take part in every collective
+            loss.backward()
+            loss_sum += float(loss.detach())
+            clipped += float(n_clipped)
+        grad_norm = self._optimizer_step()
+        self.global_step += 1
+        totals = torch.tensor([loss_sum, clipped], dtype=torch.float64)
+        if self.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            totals = totals.to("cuda" if self.on_gpu else "cpu")
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        return {
+            "train/loss": float(totals[0]),
+            "train/grad_norm": float(grad_norm),
+            "train/clipfrac": float(totals[1]) / global_tokens,
+            "train/lr": self._lr(),
+            "train/kept_tokens": float(kept_total),
+            "train/samples": float(global_samples),
+        }
+
+    def _zero_grad(self) -> None:
+        if self.on_gpu:
+            self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def _lr(self) -> float:
+        warmup = getattr(self.args, "lr_warmup_iters", 0) or 0
+        if warmup > 0 and self.global_step < warmup:
+            return self.args.lr * (self.global_step + 1) / warmup
+        return self.args.lr
+
+    def _optimizer_step(self) -> float:
+        lr = self._lr()
+        if self.on_gpu:
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.model])  # DP reduce-scatter/all-reduce, SP layernorm and tied-embedding grads
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            _, grad_norm, _ = self.optimizer.step()
+            return float(grad_norm or 0.0)
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            # replicated weights applied to TP-sharded activations get partial grads on each TP rank: q/k norms
+            # (per-head, each rank sees its heads) and, with sequence parallel, the layer norms (as Megatron's
+            # finalize_model_grads does on GPU)
+            for name, p in named:
+                if "q_layernorm" in name or "k_layernorm" in name or getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        if self.dp_size > 1:  # SUM: each rank's loss is already its share of the step's loss
+            for p in params:
+                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+        # TP-aware norm: sharded params count on every TP rank, replicated ones once
+        sq = sum(
+            (p.grad.double().pow(2).sum() for p in params if param_is_not_tensor_parallel_duplicate(p)),
+            torch.zeros((), dtype=torch.float64),
+        )
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        grad_norm = float(sq.sqrt())
+        if self.args.clip_grad and self.args.clip_grad > 0 and grad_norm > self.args.clip_grad:
+            scale = self.args.clip_grad / (grad_norm + 1e-6)
+            for p in params:
+                p.grad.mul_(scale)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return grad_norm
+
+    @staticmethod
+    def _rollout_metrics(old, teacher, loss_masks, resp_lens) -> dict[str, float]:
+        from slime.backends.torch_utils.actor import TorchTrainRayActor
+
+        return TorchTrainRayActor._rollout_metrics(old, teacher, loss_masks, resp_lens)
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def _unwrapped(self):
+        return getattr(self.model, "module", self.model)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> str | None:
+        """Collective: gather the weights and write a HF dir on rank 0 (returns its path there, else None)."""
+        from slime.backends.megatron_utils.checkpoint import gather_hf_state_dict, save_hf_dir
+
+        hf = gather_hf_state_dict(self._unwrapped(), self.shape)
+        if hf is None:
+            return None
+        return str(save_hf_dir(hf, out_dir, self.args.hf_checkpoint))
+
+    def update_weights(self) -> str | None:
+        """Collective: export HF weights; rank 0 tells the engines to load them from disk, keeps the newest dir."""
+        self.weight_version += 1
+        root = Path(self.args.output_dir) / WEIGHTS_SUBDIR
+        path = self.save_hf(root / f"weight_v{self.weight_version:06d}")
+        if path is None:
+            return None
+        if getattr(self, "rollout_manager", None) is not None:
+            import ray
+
+            ray.get(self.rollout_manager.update_weights_from_disk.remote(path))
+        for old in root.glob("weight_v*"):
+            if old.name != Path(path).name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def save_model(self, rollout_id: int, force_sync: bool = False) -> str | None:
+        """Collective: ``torch_dist`` checkpoint ``--save/iter_{rollout_id}`` (+ optimizer unless --no-save-optim)."""
+        from slime.backends.megatron_utils import checkpoint as ckpt
+
+        if self.args.save is None:
+            return None
+        state = {"rollout_id": rollout_id, "global_step": self.global_step, "weight_version": self.weight_version}
+        out = ckpt.save_torch_dist(self._unwrapped(), self.args.save, rollout_id, trainer_state=state)
+        if not getattr(self.args, "no_save_optim", False):
+            self._save_optimizer(out)
+        keep = self.args.keep_last_n_checkpoints
+        if keep and dist.get_rank() == 0:
+            iters = sorted(Path(self.args.save).glob("iter_*"))
+            for old in iters[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return str(out)
+
+    def _save_optimizer(self, out: Path) -> None:
+        # per rank, so any optimizer (torch on CPU, Megatron's distributed one on GPU) round-trips at the same layout
+        (out / "optim").mkdir(exist_ok=True)
+        torch.save(self.optimizer.state_dict(), out / "optim" / f"rank{dist.get_rank():05d}.pt")
+        dist.barrier()
+
+    def _load_optimizer(self, root: Path, iteration: int) -> None:
+        from slime.backends.megatron_utils.checkpoint import iter_dir
+
+        path = iter_dir(root, iteration) / "optim" / f"rank{dist.get_rank():05d}.pt"
+        if getattr(self.args, "no_load_optim", False) or not path.is_file():
+            return
+        self.optimizer.load_state_dict(torch.load(path, weights_only=False))
+
+    def state_for_test(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().cpu() for k, v in self._unwrapped().state_dict().items() if "extra" not in k}
+
+    def sleep(self, tags=None) -> None:
+        """Colocated runs: give cached GPU memory back before the engines wake up (weights stay resident)."""
+        self.clear_memory()
+
+    def wake_up(self, tags=None) -> None:
+        return None

@@ -1,0 +1,107 @@
+"""kill -9 of a training run mid-run, then ``--load``: the resumed run ends bit-identical to an uninterrupted one.
+
+The real ``train.py`` loop, real Ray, the real torch trainer and checkpoints; the stand-in
+RolloutManager of tests/e2e gives the same rollout data for the same rollout id, so any
+difference after the resume would come from the checkpoint (weights, AdamW state, RNG, step
+counter, data position). Only processes this test started are killed, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slime.utils.logging_utils import read_metrics
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "train_driver.py"
+E2E = HERE.parent / "e2e"
+NUM_ROLLOUT = 4
+
+
+def _argv(student: Path, run: Path) -> list[str]:
+    return [
+        "--hf-checkpoint", str(student), "--rollout-batch-size", "4", "--rollout-max-response-len", "8",
+        "--micro-batch-size", "2", "--lr", "1e-3", "--num-rollout", str(NUM_ROLLOUT),
+        "--use-opd", "--opd-type", "sglang", "--rm-url", "http://127.0.0.1:9/generate",
+        "--output-dir", str(run / "out"), "--save", str(run / "ckpt"), "--load", str(run / "ckpt"),
+        "--save-interval", "1", "--keep-last-n-checkpoints", "2",
+    ]  # fmt: skip
+
+
+def _start(student: Path, run: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E), env.get("PYTHONPATH")) if p)
+    env["RAY_DISABLE_DOCKER_CPU_WARNING"] = "1"
+    log = open(run / "driver.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, str(DRIVER), *_argv(student, run)], env=env, stdout=log, stderr=log)
+
+
+def _pointer(run: Path) -> int | None:
+    p = run / "ckpt" / "latest_checkpointed_iteration.txt"
+    return int(p.read_text()) if p.is_file() else None
+
+
+def _kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL the driver, then every process it had started (Ray's): all by pid, all ours."""
+    parent = psutil.Process(proc.pid)
+    family = parent.children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    for child in family:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    return len(family)
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "ckpt" / f"iter_{NUM_ROLLOUT - 1:07d}" / "model" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, tiny_student_dir):
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    reference.mkdir()
+    victim.mkdir()
+
+    ref = _start(tiny_student_dir, reference)
+    assert ref.wait(timeout=900) == 0, (reference / "driver.log").read_text()[-3000:]
+
+    proc = _start(tiny_student_dir, victim)
+    for _ in range(3000):  # bounded poll: until the checkpoint of rollout 1 is committed
+        if (_pointer(victim) or -1) >= 1 or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    killed_at = _pointer(victim)
+    _kill_tree(proc)
+    assert killed_at is not None and killed_at < NUM_ROLLOUT - 1
+
+    resumed = _start(tiny_student_dir, victim)
+    assert resumed.wait(timeout=900) == 0, (victim / "driver.log").read_text()[-3000:]
+
+    # the same weights, bit for bit, after the last step
+    want, got = _final_weights(reference), _final_weights(victim)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # and the same per-step training metrics for every step the resumed run did
+    ref_records = {r["rollout_id"]: r for r in read_metrics(reference / "out" / "metrics.jsonl")}
+    resumed_ids = [r["rollout_id"] for r in read_metrics(victim / "out" / "metrics.jsonl")]
+    assert resumed_ids[-1] == NUM_ROLLOUT - 1
+    last_run = [r for r in read_metrics(victim / "out" / "metrics.jsonl")][-(NUM_ROLLOUT - 1 - killed_at) :]
+    assert [r["rollout_id"] for r in last_run] == list(range(killed_at + 1, NUM_ROLLOUT))
+    for r in last_run:
+        for key in ("train/loss", "train/grad_norm", "train/step", "train/kept_tokens"):
+            assert r[key] == ref_records[r["rollout_id"]][key], (key, r["rollout_id"])

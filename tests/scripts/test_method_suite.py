@@ -1,0 +1,148 @@
+"""scripts/train/run_method_suite.sh: METHOD_LIST validation, method_mapping.csv, and (slow) two real runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE = REPO / "scripts" / "train" / "run_method_suite.sh"
+
+
+def run_suite(env_extra: dict[str, str], *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TEACHER_MODEL", "STUDENT_HF", "PROMPT_DATA")}
+    env.update(env_extra)
+    return subprocess.run(
+        ["bash", str(SUITE), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture
+def explicit_paths(tmp_path, tiny_student_dir, tiny_teacher_dir):
+    from slime.embedded.task import write_splits
+
+    train, held_out = write_splits(tmp_path / "data", 16, 4, seed=0)
+    return {
+        "STUDENT_HF": str(tiny_student_dir),
+        "TEACHER_MODEL": str(tiny_teacher_dir),
+        "PROMPT_DATA": str(train),
+        "EVAL_PROMPT_DATA": str(held_out),
+        "OUTPUT_ROOT": str(tmp_path / "out"),
+        "SUITE_NAME": "s",
+        "PROFILE": "embedded",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method_list", "message"),
+    [
+        ("bogus:0.1:1", "unknown alias 'bogus'"),
+        ("teachability:0:1", "ratio 0 is outside (0, 1]"),
+        ("teachability:1.5:1", "ratio 1.5 is outside (0, 1]"),
+        ("tip:0.1:3 entropy:0.2:3", "duplicate idx 3"),
+        ("tip-0.1-1", "malformed entry 'tip-0.1-1'"),
+        ("tip:0.1", "malformed entry 'tip:0.1'"),
+        ("tip:abc:1", "malformed entry"),
+        ("", "METHOD_LIST is empty"),
+    ],
+)
+def test_bad_method_list_fails_before_anything_starts(tmp_path, method_list, message):
+    out = tmp_path / "out"
+    r = run_suite({"METHOD_LIST": method_list, "OUTPUT_ROOT": str(out), "STUDENT_HF": str(tmp_path / "nope")})
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert not out.exists()  # nothing written, nothing built
+
+
+def test_every_bad_entry_is_reported_at_once(tmp_path):
+    r = run_suite({"METHOD_LIST": "bogus:0.1:1 tip:2:2", "OUTPUT_ROOT": str(tmp_path / "out")})
+    assert r.returncode == 2
+    assert "unknown alias 'bogus'" in r.stderr and "ratio 2 is outside" in r.stderr
+
+
+def test_missing_student_path_fails_before_anything_starts(tmp_path):
+    r = run_suite({"METHOD_LIST": "tip:0.1:1", "STUDENT_HF": str(tmp_path / "missing"), "OUTPUT_ROOT": str(tmp_path)})
+    assert r.returncode == 2
+    assert f"STUDENT_HF={tmp_path / 'missing'}: no such directory" in r.stderr
+    assert not (tmp_path / "suite").exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_train_flag_is_caught_by_the_stack_parser(explicit_paths):
+    r = run_suite({**explicit_paths, "METHOD_LIST": "tip:0.1:1", "EXTRA_ARGS": "--no-such-flag 3", "DRY_RUN": "1"})
+    assert r.returncode == 2
+    assert "entry 1_tip_r0.1" in r.stderr and "nothing was started" in r.stderr
+
+
+def test_mapping_csv_and_train_args(explicit_paths):
+    env = {**explicit_paths, "METHOD_LIST": "pure_opd:0.3:10 teachability:0.10:20", "SEED": "100", "DRY_RUN": "1"}
+    r = run_suite(env, "--", "--opd-budget-mask-seed", "7")
+    assert r.returncode == 0, r.stderr
+    suite = Path(env["OUTPUT_ROOT"]) / "s"
+    with open(suite / "method_mapping.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        {"idx": "10", "alias": "pure_opd", "mask": "full", "ratio": "1.0", "seed": "110", "run_dir": "runs/10_pure_opd_r1.0"},
+        {"idx": "20", "alias": "teachability", "mask": "dlearn_high", "ratio": "0.10", "seed": "120",
+         "run_dir": "runs/20_teachability_r0.10"},
+    ]  # fmt: skip
+    args = (suite / "runs" / "20_teachability_r0.10" / "train_args.txt").read_text().splitlines()
+
+    def value(flag):
+        return args[args.index(flag) + 1]
+
+    assert value("--opd-budget-mask") == "dlearn_high" and value("--opd-budget-ratio") == "0.10"
+    assert value("--seed") == "120" and value("--output-dir") == str(suite / "runs" / "20_teachability_r0.10")
+    assert value("--opd-teacher-hf-checkpoint") == explicit_paths["TEACHER_MODEL"]
+    assert value("--custom-rm-path") == "slime.rollout.on_policy_distillation.reward_func"
+    assert value("--eval-custom-rm-path") == "slime.embedded.task.reward_func"
+    assert "--use-opd" in args and args[-2:] == ["--opd-budget-mask-seed", "7"]
+    assert not (suite / "runs" / "20_teachability_r0.10" / "metrics.jsonl").exists()  # dry run: nothing ran
+
+    # TEACHER_URL replaces the teacher checkpoint with --rm-url
+    env2 = {**env, "SUITE_NAME": "s2", "TEACHER_URL": "http://127.0.0.1:9/generate"}
+    assert run_suite(env2).returncode == 0
+    args = (Path(env["OUTPUT_ROOT"]) / "s2" / "runs" / "10_pure_opd_r1.0" / "train_args.txt").read_text().splitlines()
+    assert args[args.index("--rm-url") + 1] == "http://127.0.0.1:9/generate"
+    assert "--opd-teacher-hf-checkpoint" not in args
+
+
+def test_help():
+    r = run_suite({}, "--help")
+    assert r.returncode == 0 and "METHOD_LIST" in r.stdout
+
+
+@pytest.mark.slow
+def test_two_entry_suite_end_to_end(tmp_path):
+    """Two real train.py runs at the tiniest size (fast-test assets), then the summary."""
+    env = {
+        "EMBEDDED_RECIPE": "fast-test",
+        "ASSETS_CACHE_DIR": str(tmp_path / "cache"),
+        "METHOD_LIST": "pure_opd:1.0:1 teachability:0.2:2",
+        "NUM_ROLLOUT": "2",
+        "ROLLOUT_BATCH_SIZE": "4",
+        "N_SAMPLES_PER_PROMPT": "2",
+        "ROLLOUT_MAX_RESPONSE_LEN": "16",
+        "EVAL_INTERVAL": "1",
+        "EVAL_MAX_RESPONSE_LEN": "16",
+        "OUTPUT_ROOT": str(tmp_path / "out"),
+        "SUITE_NAME": "e2e",
+        "OMP_NUM_THREADS": "1",
+        "EXTRA_ARGS": "--rollout-num-engines 1 --opd-topk-metrics-k 4",
+    }
+    r = run_suite(env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    suite = tmp_path / "out" / "e2e"
+    for name, ratio in (("1_pure_opd_r1.0", 1.0), ("2_teachability_r0.2", 0.2)):
+        records = [json.loads(line) for line in (suite / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["rollout_id"] for r in records] == [-1, 0, 1]
+        assert all(r["opd/nominal_ratio"] == ratio for r in records[1:])
+        assert "eval/heldout/reward_mean" in records[-1]
+        assert json.loads((suite / "runs" / name / "launcher.json").read_text())["exit_code"] == 0
+    summary = (suite / "summary.md").read_text()
+    assert "Full OPD" in summary and "TA-OPD" in summary
+    assert (suite / "plots" / "curves.png").stat().st_size > 10_000

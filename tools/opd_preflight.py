@@ -1,0 +1,24 @@
+"""CLI wrapper: ``python tools/opd_preflight.py --help`` (installed as ``opd-preflight``).
+
+Implementation and usage: ``slime.utils.preflight_cli``; the checks: ``slime.utils.preflight``; see docs/preflight.md.
+
+Usage:
+    python tools/opd_preflight.py --student /ckpt/student --teacher /ckpt/teacher
+    python tools/opd_preflight.py --student-url http://127.0.0.1:30000 --teacher-url http://127.0.0.1:30001 \\
+        --student /ckpt/student --teacher /ckpt/teacher --warn chat_template
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    from slime.utils.preflight_cli import main
+except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root), str(root / "slime_ta_opd")]
+    from slime.utils.preflight_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
