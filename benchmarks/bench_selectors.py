@@ -171,7 +171,7 @@ def run(
         "length": length,
         "tokens": n_tokens,
         "k": k,
-        "ratio_budget": ratio,
+        "rho": ratio,
         "torch_threads": threads,
         "ref_samples": ref_samples,
         "ref_tokens": sub.n_tokens,
@@ -193,7 +193,7 @@ def run(
 def table(res: dict) -> str:
     lines = [
         f"select_tokens vs per-token reference: {res['samples']} samples x {res['length']} tokens = {res['tokens']} "
-        f"tokens, K={res['k']}, rho={res['ratio_budget']}, {res['torch_threads']} torch thread(s)",
+        f"tokens, K={res['k']}, rho={res['rho']}, {res['torch_threads']} torch thread(s)",
         f"reference: {res['ref_method']}",
         f"training step: {res['train_method']} = {res['train_step_s']:.1f} s",
         f"{'selector':<18} {'vec s':>8} {'ref s (extrap.)':>16} {'ratio':>8} {'us/tok vec':>11} {'us/tok ref':>11} "
@@ -205,8 +205,9 @@ def table(res: dict) -> str:
             f"{r['ref_us_per_token']:11.1f} {100 * r['share_of_train_step']:12.2f}% {str(r['identical_masks']):>10}"
         )
     lines.append(
-        f"min ratio {res['min_ratio']:.1f}x, geomean {res['geomean_ratio']:.1f}x, target >= {res['target_ratio']:.0f}x: "
-        f"{'MET' if res['meets_target'] else 'NOT MET'}; identical masks on the subset: {res['all_identical_masks']}"
+        f"min ratio {res['min_ratio']:.1f}x, geomean {res['geomean_ratio']:.1f}x, "
+        f"target >= {res['target_ratio']:.0f}x: {'MET' if res['meets_target'] else 'NOT MET'}; "
+        f"identical masks on the subset: {res['all_identical_masks']}"
     )
     return "\n".join(lines)
 

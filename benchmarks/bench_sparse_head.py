@@ -47,6 +47,7 @@ VARIANTS = ("dense", "sparse")
 FULL = {"tokens": 4096, "hidden": 2048, "vocab": 151_936, "logprob_tokens": 1024}
 QUICK = {"tokens": 256, "hidden": 256, "vocab": 151_936, "logprob_tokens": 256}
 TARGET_PEAK_RATIO = 0.2
+QUICK_KWARGS = {"quick": True}  # what `run_all.py --quick` passes to run()
 TARGET_TIME_RATIO = 0.3
 
 

@@ -39,6 +39,7 @@ PHASES = ("generation", "teacher_scoring", "selection", "train", "weight_sync")
 FULL = {"prompts": 16, "samples": 4, "new_tokens": 64, "k": 16, "prompt_len": 32, "steps": 2}
 QUICK = {"prompts": 2, "samples": 2, "new_tokens": 8, "k": 4, "prompt_len": 8, "steps": 1}
 TARGET_SELECTION_SHARE = 0.01
+QUICK_KWARGS = {"quick": True}  # what `run_all.py --quick` passes to run()
 
 
 def _args(student, teacher_url: str, student_url: str, out_dir: str, size: dict, ratio: float):
@@ -75,6 +76,7 @@ def run(
     import asyncio
 
     import torch
+    from transformers.utils import logging as hf_logging
 
     import ta_opd.slime_patch.slime.rollout.on_policy_distillation as opd
     from slime.backends.embedded_sglang.launch import launch_server
@@ -82,9 +84,10 @@ def run(
     from slime.embedded.models import build_tiny_checkpoint
     from slime.rollout.sglang_rollout import build_sampling_params, generate
     from slime.utils.async_utils import run as run_async
-    from slime.utils.http_utils import post
+    from slime.utils.http_utils import close_session, post
     from slime.utils.types import Sample
 
+    hf_logging.disable_progress_bar()  # one bar per checkpoint write otherwise
     size = dict(QUICK if quick else FULL)
     given = {"prompts": prompts, "samples": samples, "new_tokens": new_tokens, "k": k, "steps": steps}
     size.update({key: v for key, v in given.items() if v is not None})
@@ -180,6 +183,7 @@ def run(
                 kept_ratio = sum(map(sum, data["loss_masks"])) / max(n_tokens, 1)
         finally:
             opd.select_tokens = inner_select
+            run_async(close_session())
             for server in servers:
                 server.stop()
 

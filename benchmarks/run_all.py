@@ -79,6 +79,7 @@ def ratios(result: object, prefix: str = "") -> dict[str, float]:
                 isinstance(value, int | float)
                 and not isinstance(value, bool)
                 and any(w in str(key) for w in RATIO_WORDS)
+                and not str(key).startswith("target")
             ):
                 found[path] = float(value)
     return found

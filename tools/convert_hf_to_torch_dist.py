@@ -1,6 +1,6 @@
-"""CLI wrapper: ``python tools/convert_hf_to_torch_dist.py --help`` (installed as ``convert_hf_to_torch_dist``; needs the ``megatron`` extra).
+"""CLI wrapper: ``python tools/convert_hf_to_torch_dist.py --help`` (installed as ``convert_hf_to_torch_dist``).
 
-Implementation and usage: ``slime.backends.megatron_utils.convert_cli``; see docs/scaling.md.
+Implementation and usage: ``slime.backends.megatron_utils.convert_cli`` (extra ``megatron``); see docs/scaling.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""CLI wrapper: ``python tools/convert_torch_dist_to_hf.py --help`` (installed as ``convert_torch_dist_to_hf``; needs the ``megatron`` extra).
+"""CLI wrapper: ``python tools/convert_torch_dist_to_hf.py --help`` (installed as ``convert_torch_dist_to_hf``).
 
-Implementation and usage: ``slime.backends.megatron_utils.convert_cli``; see docs/scaling.md.
+Implementation and usage: ``slime.backends.megatron_utils.convert_cli`` (extra ``megatron``); see docs/scaling.md.
 """
 
 from __future__ import annotations

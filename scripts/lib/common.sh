@@ -43,7 +43,16 @@ ta_python() {
 
 # ta_alias_table: "alias mask" lines from ta_opd.aliases.METHOD_ALIASES (the one table; never retyped here).
 ta_alias_table() {
-  "$(ta_python)" -c 'from ta_opd.aliases import METHOD_ALIASES as A; print("\n".join(f"{k} {v}" for k, v in A.items()))' \
+  # The module is loaded from its file: it needs nothing else, and importing the package would load torch
+  # (seconds) just to read a dict.
+  "$(ta_python)" -c '
+import importlib.util, os
+spec = importlib.util.find_spec("ta_opd")
+path = os.path.join(list(spec.submodule_search_locations)[0], "aliases.py")
+mod_spec = importlib.util.spec_from_file_location("_ta_opd_aliases", path)
+mod = importlib.util.module_from_spec(mod_spec)
+mod_spec.loader.exec_module(mod)
+print("\n".join(f"{k} {v}" for k, v in mod.METHOD_ALIASES.items()))' \
     || ta_die "cannot read ta_opd.aliases.METHOD_ALIASES (is the project installed? pip install -e .)"
 }
 

@@ -25,7 +25,9 @@ def free_port() -> int:
 def rollout_data(teacher_logp=True):
     gen = torch.Generator().manual_seed(0)
     prompt_lens, resp_lens = [3, 4, 2, 5], [5, 3, 6, 4]
-    tokens = [torch.randint(0, 100, (p + r,), generator=gen).tolist() for p, r in zip(prompt_lens, resp_lens)]
+    tokens = [
+        torch.randint(0, 100, (p + r,), generator=gen).tolist() for p, r in zip(prompt_lens, resp_lens, strict=True)
+    ]
     masks = [[1, 0, 1, 1, 1], [1, 1, 1], [0, 0, 1, 1, 0, 1], [1, 1, 1, 1]]
     data = {
         "tokens": tokens,

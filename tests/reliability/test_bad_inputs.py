@@ -412,6 +412,7 @@ def test_server_refusals(teacher_server):
     empty = {"input_ids": [], "sampling_params": {"max_new_tokens": 1}}
     r = requests.post(url + "/generate", json=empty, headers=auth, timeout=30)
     assert r.status_code == 400
+    assert r.json()["error"]["message"] == "prompt 0 is empty: at least one input token is required"
 
     for bad_path in ("../../../etc", "/etc", "/"):
         r = requests.post(url + "/update_weights_from_disk", json={"model_path": bad_path}, headers=auth, timeout=30)

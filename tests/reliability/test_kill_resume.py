@@ -3,7 +3,9 @@
 The real ``train.py`` loop, real Ray, the real torch trainer and checkpoints; the stand-in
 RolloutManager of tests/e2e gives the same rollout data for the same rollout id, so any
 difference after the resume would come from the checkpoint (weights, AdamW state, RNG, step
-counter, data position). Only processes this test started are killed, by pid.
+counter, data position). The Ray cluster is started once by this test process (on 127.0.0.1) and
+the training runs join it as drivers, as on a shared cluster: killing a driver with SIGKILL ends
+its job, and Ray reclaims that job's actors. Only the process this test started is killed, by pid.
 """
 
 from __future__ import annotations
@@ -35,13 +37,32 @@ def _argv(student: Path, run: Path) -> list[str]:
         "--use-opd", "--opd-type", "sglang", "--rm-url", "http://127.0.0.1:9/generate",
         "--output-dir", str(run / "out"), "--save", str(run / "ckpt"), "--load", str(run / "ckpt"),
         "--save-interval", "1", "--keep-last-n-checkpoints", "2",
+        "--skip-preflight",  # the stand-in RolloutManager has no servers to check
     ]  # fmt: skip
 
 
-def _start(student: Path, run: Path) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    # workers inherit the raylet's environment: the stand-in RolloutManager's module must be importable there
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E), old) if p)
+    try:
+        info = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    yield info.address_info["gcs_address"]
+    ray.shutdown()
+
+
+def _start(student: Path, run: Path, address: str) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E), env.get("PYTHONPATH")) if p)
-    env["RAY_DISABLE_DOCKER_CPU_WARNING"] = "1"
+    env["RAY_ADDRESS"] = address
     log = open(run / "driver.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, str(DRIVER), *_argv(student, run)], env=env, stdout=log, stderr=log)
 
@@ -51,10 +72,9 @@ def _pointer(run: Path) -> int | None:
     return int(p.read_text()) if p.is_file() else None
 
 
-def _kill_tree(proc: subprocess.Popen) -> int:
-    """SIGKILL the driver, then every process it had started (Ray's): all by pid, all ours."""
-    parent = psutil.Process(proc.pid)
-    family = parent.children(recursive=True)
+def _kill_9(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver (by pid) and anything it started itself (none expected: it joined our cluster)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     for child in family:
@@ -63,7 +83,6 @@ def _kill_tree(proc: subprocess.Popen) -> int:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(family, timeout=30)
-    return len(family)
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -71,25 +90,26 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, tiny_student_dir):
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, tiny_student_dir, ray_cluster):
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     reference.mkdir()
     victim.mkdir()
 
-    ref = _start(tiny_student_dir, reference)
+    ref = _start(tiny_student_dir, reference, ray_cluster)
     assert ref.wait(timeout=900) == 0, (reference / "driver.log").read_text()[-3000:]
 
-    proc = _start(tiny_student_dir, victim)
+    proc = _start(tiny_student_dir, victim, ray_cluster)
     for _ in range(3000):  # bounded poll: until the checkpoint of rollout 1 is committed
         if (_pointer(victim) or -1) >= 1 or proc.poll() is not None:
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
     killed_at = _pointer(victim)
-    _kill_tree(proc)
+    _kill_9(proc)
+    print(f"kill-resume: SIGKILL with checkpoint {killed_at} committed; resuming at rollout {killed_at + 1}")
     assert killed_at is not None and killed_at < NUM_ROLLOUT - 1
 
-    resumed = _start(tiny_student_dir, victim)
+    resumed = _start(tiny_student_dir, victim, ray_cluster)
     assert resumed.wait(timeout=900) == 0, (victim / "driver.log").read_text()[-3000:]
 
     # the same weights, bit for bit, after the last step

@@ -86,7 +86,8 @@ def test_mapping_csv_and_train_args(explicit_paths):
     with open(suite / "method_mapping.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows == [
-        {"idx": "10", "alias": "pure_opd", "mask": "full", "ratio": "1.0", "seed": "110", "run_dir": "runs/10_pure_opd_r1.0"},
+        {"idx": "10", "alias": "pure_opd", "mask": "full", "ratio": "1.0", "seed": "110",
+         "run_dir": "runs/10_pure_opd_r1.0"},
         {"idx": "20", "alias": "teachability", "mask": "dlearn_high", "ratio": "0.10", "seed": "120",
          "run_dir": "runs/20_teachability_r0.10"},
     ]  # fmt: skip

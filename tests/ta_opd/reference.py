@@ -671,7 +671,8 @@ def batch_from_rows(rows: list[dict[str, Any]], k: int) -> Any:
     t = [pad(row["t"]) for row in rows]
     has_exact = any("exact" in row for row in rows)
     exact = [
-        [math.log(p) if p > 0 else -math.inf for p in row.get("exact", [])] + [-math.inf] * (k - len(row.get("exact", [])))
+        [math.log(p) if p > 0 else -math.inf for p in row.get("exact", [])]
+        + [-math.inf] * (k - len(row.get("exact", [])))
         for row in rows
     ]
     n = len(rows)

@@ -61,7 +61,12 @@ def test_micro_batch_split_invariance(mode):
         for group in groups:
             rows = torch.isin(sample, torch.tensor(group))
             total = total + agg_loss(
-                values[rows], mask[rows], mode, sample[rows], global_token_count=n_tokens, global_sample_count=n_samples
+                values[rows],
+                mask[rows],
+                mode,
+                sample[rows],
+                global_token_count=n_tokens,
+                global_sample_count=n_samples,
             )
         assert total.item() == pytest.approx(whole.item(), abs=1e-6), groups
 

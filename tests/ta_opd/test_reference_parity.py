@@ -116,7 +116,7 @@ def test_every_normaliser_proxy_variant_and_exact_mode(normalization, proxy, var
 
 def test_larger_batch_fixed_k16():
     """One bigger step (K = 16, several hundred tokens) for every selector at 3 %."""
-    batch = ref.random_batch(7, max_samples=8, max_len=120, k=16)
+    batch = ref.random_batch(7, max_samples=6, max_len=80, k=16)
     for mask in SELECTORS.names():
         cfg = SelectionConfig(mask=mask, ratio=0.03)
         got, want = _run_both(batch, cfg, rollout_index=3)
@@ -138,7 +138,9 @@ def test_nonfinite_drop_policy_matches():
 def test_exact_overflow_error_in_both():
     batch = ref.random_batch(3, exact=True, max_samples=2, max_len=30, k=4)
     batch.exact_available[:] = True
-    cfg = SelectionConfig(mask="ca_softor", ratio=0.5, exact_cmass=True, exact_cmass_max_union=1, exact_cmass_overflow="error")
+    cfg = SelectionConfig(
+        mask="ca_softor", ratio=0.5, exact_cmass=True, exact_cmass_max_union=1, exact_cmass_overflow="error"
+    )
     with pytest.raises(ValueError, match="sample"):
         select_tokens(batch, cfg)
     with pytest.raises(ValueError, match="sample"):

@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from slime.utils import preflight as pf
-from slime.utils.preflight_probe import PreflightOptions, PreflightTarget, run_checks
+from slime.utils.preflight.probe import PreflightOptions, PreflightTarget, run_checks
 
 
 def build_parser() -> argparse.ArgumentParser:
