@@ -220,7 +220,8 @@ def pwopsd_loss(
     fn = partial(opsd_token, temperature=temperature, clip=clip)
     red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count, weights)
     out = _run(fn, student, teacher, {}, red, chunk_size)
-    out.metrics["position_weight_mean"] = (weights.sum() / loss_mask.sum().clamp_min(1)).detach()
+    kept = loss_mask.bool()
+    out.metrics["position_weight_mean"] = (weights[kept].sum() / kept.sum().clamp_min(1)).detach()
     return out
 
 
