@@ -21,10 +21,15 @@ Real components at tiny size, one phase after the other so that each phase's wal
 
 In ``train.py`` the rollout overlaps generation and teacher scoring per sample and runs in a Ray
 actor; here the phases are serial and in one driver process (the servers are subprocesses), so
-the shares add up to 100 % of the serial step. Prompts are random token ids; generation ignores
-EOS, so every response has exactly ``--new-tokens`` tokens. The first step is a warm-up and is not
-counted; the reported seconds are means over ``--steps`` measured steps. Target (issue 9): the
-selection share < 1 %.
+the shares add up to 100 % of the serial step. Threads: under ``train.py`` on a CPU node Ray gives
+the RolloutManager (``num_cpus=0``) and the trainer (one CPU bundle) ``OMP_NUM_THREADS=1``, and the
+servers the RolloutManager starts inherit it; ``--threads`` (default 1) reproduces that layout
+for the driver (selection, training) and both servers. With 2 intra-op threads on a busy
+machine, small ops such as selection's ``[N, K]`` tensors can be tens of times slower.
+
+Prompts are random token ids; generation ignores EOS, so every response has exactly
+``--new-tokens`` tokens. The first step is a warm-up and is not counted; the reported seconds
+are means over ``--steps`` measured steps. Target (issue 9): the selection share < 1 %.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def run(
     steps: int | None = None,
     ratio: float = 0.1,
     seed: int = 0,
+    threads: int = 1,
 ) -> dict:
     """Start the two servers, run 1 warm-up + ``steps`` measured steps; returns seconds and shares per phase."""
     import asyncio
@@ -88,6 +94,8 @@ def run(
     from slime.utils.types import Sample
 
     hf_logging.disable_progress_bar()  # one bar per checkpoint write otherwise
+    torch.set_num_threads(threads)
+    server_env = {"OMP_NUM_THREADS": str(threads)}
     size = dict(QUICK if quick else FULL)
     given = {"prompts": prompts, "samples": samples, "new_tokens": new_tokens, "k": k, "steps": steps}
     size.update({key: v for key, v in given.items() if v is not None})
@@ -116,8 +124,9 @@ def run(
         servers = []
         opd.select_tokens = timed_select
         try:
-            servers.append(launch_server(student, log_file=os.path.join(tmp, "student.log")))
-            servers.append(launch_server(teacher, log_file=os.path.join(tmp, "teacher.log")))
+            for model, name in ((student, "student"), (teacher, "teacher")):
+                log = os.path.join(tmp, f"{name}.log")
+                servers.append(launch_server(model, log_file=log, env=server_env))
             student_url, teacher_url = servers[0].url, servers[1].url
             args = _args(student, teacher_url, student_url, os.path.join(models, "out"), size, ratio)
             trainer = TorchTrainRayActor(1, 0)
@@ -198,7 +207,7 @@ def run(
         "realised_keep_ratio": kept_ratio,
         "step_seconds": step_s,
         "seconds": {**totals, **extra},
-        "torch_threads": torch.get_num_threads(),
+        "threads": threads,
     }
     for p in PHASES:
         out[f"{p}_share"] = totals[p] / max(step_s, 1e-12)
@@ -211,7 +220,8 @@ def run(
 def table(res: dict) -> str:
     lines = [
         f"embedded TA-OPD step: {res['prompts']} prompts x {res['samples']} samples x {res['new_tokens']} tokens, "
-        f"K={res['k']}, rho={res['ratio']} (realised {res['realised_keep_ratio']:.3f}), mean of {res['steps']} steps",
+        f"K={res['k']}, rho={res['ratio']} (realised {res['realised_keep_ratio']:.3f}), mean of {res['steps']} steps, "
+        f"{res['threads']} thread(s) per process",
         f"{'phase':<28} {'seconds':>9} {'share':>8}",
     ]
     for p in PHASES:
@@ -238,9 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"measured steps after 1 warm-up ({FULL['steps']})")
     parser.add_argument("--ratio", type=float, default=0.1, help="selection budget ρ")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the driver and of each server")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    res = run(args.quick, args.prompts, args.samples, args.new_tokens, args.k, args.steps, args.ratio, args.seed)
+    sizes = (args.prompts, args.samples, args.new_tokens, args.k, args.steps)
+    res = run(args.quick, *sizes, ratio=args.ratio, seed=args.seed, threads=args.threads)
     print(table(res))
     if args.out:
         tmp = args.out + ".tmp"

@@ -82,8 +82,9 @@ def check_position_alignment(
     best = min([(mean0, 0)] + [(v, d) for d, v in shifted.items() if math.isfinite(v)])
     one_off = min((v for v in shifted.values() if math.isfinite(v)), default=math.nan)
     measured = (
-        f"mean |Δ log p| = {fmt_value(mean0)} (max {fmt_value(max0)}) at the right position vs {fmt_value(one_off)} one position "
-        f"off; sampled KL = {fmt_value(kl)} over {n_tokens} tokens of {len(lengths_r)} rollouts"
+        f"mean |Δ log p| = {fmt_value(mean0)} (max {fmt_value(max0)}) at the right position vs "
+        f"{fmt_value(one_off)} one position off; sampled KL = {fmt_value(kl)} over {n_tokens} tokens of "
+        f"{len(lengths_r)} rollouts"
     )
     values = {"mean_abs_diff": mean0, "max_abs_diff": max0, "one_off_mean_abs_diff": one_off, "sampled_kl": kl}
     problems = []
@@ -98,7 +99,7 @@ def check_position_alignment(
     if not mean0 <= tol:
         problems.append(f"mean |Δ log p| {fmt_value(mean0)} > tolerance {tol} (teacher = student copy must agree)")
     if not abs(kl) <= kl_tol:
-        problems.append(f"|sampled KL| {fmt_value(abs(kl))} > tolerance {kl_tol} (teacher = student copy must give ~0)")
+        problems.append(f"|sampled KL| {fmt_value(abs(kl))} > tolerance {kl_tol} (teacher = student copy gives ~0)")
     if problems:
         return CheckResult("position_alignment", FAIL, measured, "\n".join(problems), values)
     return CheckResult("position_alignment", PASS, measured, values=values)
@@ -127,16 +128,16 @@ def check_determinism(
             worst_mean, worst_max, worst_label = mean_d, max_d, label
     tolerance = max(abs_tol, rel_tol * float(opd_signal))
     measured = (
-        f"spread mean |Δ| = {fmt_value(worst_mean)} (max {fmt_value(worst_max)}) over {len(labels)} answers vs tolerance "
-        f"{fmt_value(tolerance)} = max({abs_tol}, {rel_tol} × OPD signal {fmt_value(opd_signal)})"
+        f"spread mean |Δ| = {fmt_value(worst_mean)} (max {fmt_value(worst_max)}) over {len(labels)} answers vs "
+        f"tolerance {fmt_value(tolerance)} = max({abs_tol}, {rel_tol} × OPD signal {fmt_value(opd_signal)})"
     )
     values = {"spread_mean": worst_mean, "spread_max": worst_max, "tolerance": tolerance, "opd_signal": opd_signal}
     if not worst_mean <= tolerance:
         detail = (
             f"{worst_label} disagrees with {labels[0]}: the teacher's noise is "
-            f"{fmt_value(worst_mean / max(opd_signal, 1e-12))}× the OPD signal, so the advantage carries scoring noise. "
-            "Use deterministic inference on the "
-            "teacher (same dtype/kernels on every replica, no nondeterministic attention), or score on one replica."
+            f"{fmt_value(worst_mean / max(opd_signal, 1e-12))}× the OPD signal, so the advantage carries scoring "
+            "noise. Use deterministic inference on the teacher (same dtype/kernels on every replica, no "
+            "nondeterministic attention), or score on one replica."
         )
         return CheckResult("determinism", FAIL, measured, detail, values)
     return CheckResult("determinism", PASS, measured, values=values)
@@ -251,8 +252,8 @@ def check_teacher_temperature(
             "or run with --opd-teacher-temperature 1."
         ).format(temperature)
         return CheckResult(
-            "teacher_temperature", FAIL, f"T = {temperature}: max |Δ log p| vs T = 1 is {fmt_value(max_d)} over {n} tokens",
-            detail, values,
+            "teacher_temperature", FAIL,
+            f"T = {temperature}: max |Δ log p| vs T = 1 is {fmt_value(max_d)} over {n} tokens", detail, values,
         )  # fmt: skip
     ratios = []
     for rows_1, rows_t in zip(base_top or [], scaled_top or [], strict=False):
@@ -267,7 +268,7 @@ def check_teacher_temperature(
         return CheckResult(
             "teacher_temperature",
             WARN,
-            f"T = {temperature}: scores change (max |Δ| {fmt_value(max_d)}) but no top-K gaps to measure the applied T",
+            f"T = {temperature}: scores change (max |Δ| {fmt_value(max_d)}) but no top-K gaps to measure T with",
             values=values,
         )
     ratios.sort()
