@@ -20,7 +20,8 @@ The backbone is a stand-in that returns fixed hidden states ``[1, T + 1, H]`` (a
 ``requires_grad``), so the numbers isolate the LM head, the log-softmax and the loss; the LM-head
 weight ``[V, H]`` is a trainable parameter, so its gradient (``V·H`` floats, the same size in both
 variants) is part of both peaks. ``T`` response tokens are scored from one sequence; ``round(ρ·T)``
-positions are kept at random.
+positions are kept at random; the old log-probs of the kept rows are the current ones (the first
+PPO step: ratio 1, no clipping), so the gradients are not zero and are compared between variants.
 
 Memory is measured honestly: each (phase, variant) runs in a fresh subprocess; after building
 the inputs (initialised in place, so set-up itself makes no larger transient) and a warm-up on 8
@@ -99,8 +100,14 @@ def _child(phase: str, variant: str, tokens: int, hidden: int, vocab: int, ratio
     n_keep = max(1, round(ratio * tokens))
     keep = torch.zeros(tokens, dtype=torch.bool)
     keep[torch.randperm(tokens, generator=gen)[:n_keep]] = True
-    old_logp = torch.full((tokens,), -math.log(vocab)) + 0.1 * torch.randn(tokens, generator=gen)
     advantages = torch.randn(tokens, generator=gen)
+    # On-policy old log-probs at the kept rows (PPO ratio 1, nothing clipped, so the gradient is not
+    # zero); masked rows get a finite filler that the loss never reads. Same values in both variants.
+    old_logp = torch.full((tokens,), -math.log(vocab))
+    if phase == "train":
+        with torch.no_grad():
+            full = build_response_batch([ids], [1], [tokens])
+            old_logp[keep] = sampled_token_log_probs(model, full, select=keep, sparse=True)
 
     def train_step(n: int) -> tuple[float, float]:
         """One micro-batch of ``_train_step`` over the first ``n`` response tokens."""

@@ -170,6 +170,11 @@ def _rollout_samples(prompt_ids: list[list[int]], answers: list[dict[str, Any]],
 async def _score_all(args: Any, samples: list[Sample]) -> list[dict[str, Any]]:
     from slime.rollout.on_policy_distillation import reward_func
 
+    if getattr(args, "self_distillation", False):
+        # the probes check the scoring path itself (alignment, determinism, top-K): score them on the plain
+        # prompt; the privileged self-distillation prompt needs a label the probes do not have
+        args = copy.copy(args)
+        args.self_distillation = False
     return list(await asyncio.gather(*(reward_func(args, copy.deepcopy(s)) for s in samples)))
 
 
