@@ -200,7 +200,7 @@ def run(
     out: dict = {
         "benchmark": "train_step",
         **size,
-        "ratio": ratio,
+        "rho": ratio,
         "quick": quick,
         "models": "tiny Qwen3: student (hidden 64, 2 layers), teacher (hidden 128, 4 layers), vocab 128",
         "response_tokens": size["prompts"] * size["samples"] * size["new_tokens"],
@@ -220,7 +220,7 @@ def run(
 def table(res: dict) -> str:
     lines = [
         f"embedded TA-OPD step: {res['prompts']} prompts x {res['samples']} samples x {res['new_tokens']} tokens, "
-        f"K={res['k']}, rho={res['ratio']} (realised {res['realised_keep_ratio']:.3f}), mean of {res['steps']} steps, "
+        f"K={res['k']}, rho={res['rho']} (realised {res['realised_keep_ratio']:.3f}), mean of {res['steps']} steps, "
         f"{res['threads']} thread(s) per process",
         f"{'phase':<28} {'seconds':>9} {'share':>8}",
     ]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RATIO_WORDS = ("ratio", "speedup")
+RATIO_WORDS = ("ratio", "speedup", "share")  # share: a fraction of a step (bench_train_step)
 
 # Small sizes for modules that do not define QUICK_KWARGS themselves.
 QUICK_DEFAULTS: dict[str, dict] = {
