@@ -204,7 +204,7 @@ def run(
     out: dict = {
         "benchmark": "sparse_head",
         **size,
-        "ratio": ratio,
+        "rho": ratio,
         "quick": quick,
         "dtype": "float32",
         "device": "cpu",
@@ -240,7 +240,7 @@ def run(
 
 def table(res: dict) -> str:
     lines = [
-        f"sparse vs dense LM head, H={res['hidden']} V={res['vocab']} rho={res['ratio']} "
+        f"sparse vs dense LM head, H={res['hidden']} V={res['vocab']} rho={res['rho']} "
         f"(CPU float32{', quick sizes' if res['quick'] else ''})",
         f"{'phase':<9} {'variant':<7} {'T':>5} {'rows':>5} {'wall s':>8} {'cpu s':>8} {'extra peak MB':>14} "
         f"{'w-grad MB':>10}",

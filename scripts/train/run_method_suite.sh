@@ -83,7 +83,7 @@ ta_require_path PROMPT_DATA "$PROMPT_DATA" file
 # ---------------------------------------------------------------- knobs (embedded defaults | real-model defaults)
 if [[ "$PROFILE" == embedded ]]; then
   : "${NUM_ROLLOUT:=24}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=2}" "${ROLLOUT_MAX_RESPONSE_LEN:=32}"
-  : "${LR:=1e-3}" "${EVAL_INTERVAL:=6}" "${EVAL_MAX_RESPONSE_LEN:=32}"
+  : "${LR:=1e-4}" "${EVAL_INTERVAL:=6}" "${EVAL_MAX_RESPONSE_LEN:=32}"
   : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
 else
   : "${NUM_ROLLOUT:=300}" "${ROLLOUT_BATCH_SIZE:=32}" "${N_SAMPLES_PER_PROMPT:=4}" "${ROLLOUT_MAX_RESPONSE_LEN:=4096}"
