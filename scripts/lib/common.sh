@@ -127,3 +127,94 @@ ta_stop_child() {
     wait "$TA_CHILD_PID" 2> /dev/null || true
   fi
 }
+
+# ta_exit_on_help FILE ARGS...: when ARGS start with -h or --help, print FILE's header comment (line 2 up to the
+# `set -euo pipefail` line, without the "# ") and exit 0. Launchers call it with "${BASH_SOURCE[0]}" "$@".
+ta_exit_on_help() {
+  local file=$1
+  shift
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    ta_print_usage "$file"
+    exit 0
+  fi
+}
+
+# ta_print_usage FILE: FILE's header comment, the usage text of every launcher.
+ta_print_usage() { sed -n '2,/^set -euo/p' "$1" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+# ta_run_single_method ALIAS NAME ARGS...: the body of the one-method launchers (scripts/train/run_<NAME>.sh):
+# one run of method-suite alias ALIAS through run_method_suite.sh, which replaces this shell (exec).
+#   RATIO (default 0.10; pure_opd always 1.0: full OPD keeps every token), IDX (default 0) make the
+#   METHOD_LIST entry "ALIAS:RATIO:IDX"; SUITE_NAME defaults to NAME_<date>_<time>; ARGS go to
+#   run_method_suite.sh; -h/--help prints the calling launcher's header comment.
+ta_run_single_method() {
+  local alias=$1 name=$2
+  shift 2
+  ta_exit_on_help "${BASH_SOURCE[1]}" "$@"
+  if [[ "$alias" == pure_opd ]]; then
+    RATIO=1.0
+  else
+    RATIO=${RATIO:-0.10}
+  fi
+  IDX=${IDX:-0}
+  METHOD_LIST="$alias:$RATIO:$IDX" SUITE_NAME=${SUITE_NAME:-${name}_$(date +%Y%m%d_%H%M%S)} \
+    exec bash "$TA_OPD_REPO_ROOT/scripts/train/run_method_suite.sh" "$@"
+}
+
+# ta_set_rollout_args: ROLLOUT_ARGS, the rollout flags of train.py, from PROMPT_DATA, INPUT_KEY, LABEL_KEY,
+# ROLLOUT_SEED, NUM_ROLLOUT, ROLLOUT_BATCH_SIZE, N_SAMPLES_PER_PROMPT, ROLLOUT_MAX_RESPONSE_LEN,
+# ROLLOUT_TEMPERATURE and GLOBAL_BATCH_SIZE.
+ta_set_rollout_args() {
+  ROLLOUT_ARGS=(
+    --prompt-data "$PROMPT_DATA"
+    --input-key "$INPUT_KEY"
+    --label-key "$LABEL_KEY"
+    --apply-chat-template
+    --rollout-shuffle
+    --rollout-seed "$ROLLOUT_SEED"
+    --num-rollout "$NUM_ROLLOUT"
+    --rollout-batch-size "$ROLLOUT_BATCH_SIZE"
+    --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT"
+    --rollout-max-response-len "$ROLLOUT_MAX_RESPONSE_LEN"
+    --rollout-temperature "$ROLLOUT_TEMPERATURE"
+    --global-batch-size "$GLOBAL_BATCH_SIZE"
+  )
+}
+
+# ta_set_eval_args: EVAL_ARGS, the held-out evaluation flags of train.py (none when EVAL_PROMPT_DATA is empty),
+# from EVAL_PROMPT_DATA, EVAL_INTERVAL, EVAL_RM_PATH, EVAL_TEMPERATURE and EVAL_MAX_RESPONSE_LEN.
+ta_set_eval_args() {
+  EVAL_ARGS=()
+  [[ -n "$EVAL_PROMPT_DATA" ]] || return 0
+  EVAL_ARGS=(
+    --eval-prompt-data heldout "$EVAL_PROMPT_DATA"
+    --eval-interval "$EVAL_INTERVAL"
+    --eval-custom-rm-path "$EVAL_RM_PATH"
+    --eval-temperature "$EVAL_TEMPERATURE"
+    --eval-max-response-len "$EVAL_MAX_RESPONSE_LEN"
+    --n-samples-per-eval-prompt 1
+  )
+}
+
+# ta_use_embedded_defaults [teacher]: PROFILE (default: embedded when neither STUDENT_HF nor PROMPT_DATA is set,
+# else cluster; anything else is an error), then whatever of STUDENT_HF, PROMPT_DATA and EVAL_PROMPT_DATA is
+# unset comes from the cached embedded assets; with "teacher", TEACHER_MODEL too when neither it nor TEACHER_URL
+# is set. EVAL_PROMPT_DATA alone never triggers the build.
+ta_use_embedded_defaults() {
+  local teacher=0
+  if [[ "${1:-}" == teacher && -z "$TEACHER_MODEL" && -z "${TEACHER_URL:-}" ]]; then
+    teacher=1
+  fi
+  PROFILE=${PROFILE:-$([[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]] && echo embedded || echo cluster)}
+  [[ "$PROFILE" == embedded || "$PROFILE" == cluster ]] || ta_die "PROFILE=$PROFILE: expected embedded or cluster"
+  if [[ -z "$STUDENT_HF" || -z "$PROMPT_DATA" ]] || ((teacher)); then
+    ta_log "using the embedded defaults for what is unset (building them once if needed)"
+    [[ -n "$STUDENT_HF" ]] || STUDENT_HF=$(ta_embedded_asset student_dir)
+    if ((teacher)); then TEACHER_MODEL=$(ta_embedded_asset teacher_dir); fi
+    [[ -n "$PROMPT_DATA" ]] || PROMPT_DATA=$(ta_embedded_asset train_jsonl)
+    [[ -n "$EVAL_PROMPT_DATA" ]] || EVAL_PROMPT_DATA=$(ta_embedded_asset eval_jsonl)
+  fi
+}
+
+# ta_seconds_between START END: END - START (both `date +%s.%N`), one decimal.
+ta_seconds_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }

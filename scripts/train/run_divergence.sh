@@ -7,12 +7,6 @@
 #
 # Every other environment variable of run_method_suite.sh applies (TEACHER_MODEL, STUDENT_HF, ...).
 set -euo pipefail
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
-RATIO=${RATIO:-0.10}
-IDX=${IDX:-0}
-METHOD_LIST="divergence:$RATIO:$IDX" SUITE_NAME=${SUITE_NAME:-divergence_$(date +%Y%m%d_%H%M%S)} \
-  exec bash "$SCRIPT_DIR/run_method_suite.sh" "$@"
+# shellcheck source=../lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+ta_run_single_method divergence divergence "$@"

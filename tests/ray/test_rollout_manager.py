@@ -86,5 +86,12 @@ def test_rollout_manager_errors_before_starting_servers(tmp_path):
 
     args = parse_args(["--rollout-batch-size", "1", "--rollout-max-response-len", "2", "--rm-type", "exact_match",
                        "--rollout-backend", "sglang"])  # fmt: skip
-    with pytest.raises(ValueError, match="--rollout-backend sglang starts no engines"):
+    # real SGLang engines are managed only with the `sglang` extra; without it the error says how to install it
+    try:
+        import sglang  # noqa: F401
+
+        pytest.skip("sglang is installed: --rollout-backend sglang would start real engines")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"needs the optional extra 'sglang'.*pip install"):
         RolloutManager(args)

@@ -379,7 +379,25 @@ def _raw_request(url: str, head: str) -> str:
     host, port = url.split("://")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
         s.sendall(head.encode())
-        return s.recv(65536).decode(errors="replace")
+        answer = b""
+        while True:  # read until the server closes or the declared body has arrived
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+            head_end = answer.find(b"\r\n\r\n")
+            if head_end >= 0:
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in answer[:head_end].split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                if len(answer) >= head_end + 4 + length:
+                    break
+        return answer.decode(errors="replace")
 
 
 @pytest.mark.slow
