@@ -30,10 +30,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$SCRIPT_DIR/lib/common.sh"
 REPO_ROOT=$TA_OPD_REPO_ROOT
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+ta_exit_on_help "${BASH_SOURCE[0]}" "$@"
 [[ "${1:-}" == "--" ]] && shift
 CLI_EXTRA_ARGS=("$@") # anything after "--" goes to train.py, like EXTRA_ARGS
 
@@ -72,14 +69,7 @@ export PYTHONPATH="$SLIME_DIR:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 # Embedded defaults: whatever the user left unset comes from the cached embedded assets.
-PROFILE=${PROFILE:-$([[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]] && echo embedded || echo cluster)}
-[[ "$PROFILE" == embedded || "$PROFILE" == cluster ]] || ta_die "PROFILE=$PROFILE: expected embedded or cluster"
-if [[ -z "$STUDENT_HF" || -z "$PROMPT_DATA" ]]; then
-  ta_log "using the embedded defaults for what is unset (building them once if needed)"
-  [[ -n "$STUDENT_HF" ]] || STUDENT_HF=$(ta_embedded_asset student_dir)
-  [[ -n "$PROMPT_DATA" ]] || PROMPT_DATA=$(ta_embedded_asset train_jsonl)
-  [[ -n "$EVAL_PROMPT_DATA" ]] || EVAL_PROMPT_DATA=$(ta_embedded_asset eval_jsonl)
-fi
+ta_use_embedded_defaults
 ta_require_path STUDENT_HF "$STUDENT_HF" dir
 ta_require_path PROMPT_DATA "$PROMPT_DATA" file
 
@@ -115,32 +105,10 @@ source "$REPO_ROOT/scripts/models/$MODEL_SHAPE.sh"
 # ---------------------------------------------------------------- flags
 CKPT_ARGS=(--hf-checkpoint "$STUDENT_HF")
 
-ROLLOUT_ARGS=(
-  --prompt-data "$PROMPT_DATA"
-  --input-key "$INPUT_KEY"
-  --label-key "$LABEL_KEY"
-  --apply-chat-template
-  --rollout-shuffle
-  --rollout-seed "$ROLLOUT_SEED"
-  --num-rollout "$NUM_ROLLOUT"
-  --rollout-batch-size "$ROLLOUT_BATCH_SIZE"
-  --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT"
-  --rollout-max-response-len "$ROLLOUT_MAX_RESPONSE_LEN"
-  --rollout-temperature "$ROLLOUT_TEMPERATURE"
-  --global-batch-size "$GLOBAL_BATCH_SIZE"
-)
+ta_set_rollout_args # ROLLOUT_ARGS
 
 EVAL_ARGS=()
-if [[ -n "$EVAL_PROMPT_DATA" && "$EVAL_INTERVAL" != 0 ]]; then
-  EVAL_ARGS=(
-    --eval-prompt-data heldout "$EVAL_PROMPT_DATA"
-    --eval-interval "$EVAL_INTERVAL"
-    --eval-custom-rm-path "$EVAL_RM_PATH"
-    --eval-temperature "$EVAL_TEMPERATURE"
-    --eval-max-response-len "$EVAL_MAX_RESPONSE_LEN"
-    --n-samples-per-eval-prompt 1
-  )
-fi
+if [[ "$EVAL_INTERVAL" != 0 ]]; then ta_set_eval_args; fi # EVAL_ARGS; EVAL_INTERVAL=0: no held-out evaluation
 
 SD_ARGS=(--loss-type "$METHOD")
 if [[ -z "$TEACHER_MODEL" ]]; then
@@ -198,6 +166,6 @@ rc=0
 ta_run_tracked "$RUN_DIR/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${ARGS[@]}" || rc=$?
 end=$(date +%s.%N)
 printf '{"method": "%s", "exit_code": %d, "wall_seconds": %s}\n' \
-  "$METHOD" "$rc" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')" > "$RUN_DIR/launcher.json"
+  "$METHOD" "$rc" "$(ta_seconds_between "$start" "$end")" > "$RUN_DIR/launcher.json"
 ((rc == 0)) || ta_die "$METHOD failed (exit $rc); log: $RUN_DIR/train.log"
 ta_log "done: $RUN_DIR/metrics.jsonl"

@@ -6,7 +6,7 @@ sample, then earlier sample; ascending variants take the lowest scores first, an
 scores the later position first, then the earlier sample. Q3 masks compete only among Q3
 candidates (at most n kept). Then every sample with a valid token but fewer than
 ``min_keep_per_sample`` kept tokens gets its best remaining tokens by the ca_softor score.
-Everything is a handful of stable sorts: no per-token Python loops.
+Everything is a partial sort plus a few stable sorts of tied rows: no per-token Python loops.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,11 +69,38 @@ def ranked_order(score: Tensor, sample_index: Tensor, position: Tensor, eligible
 def _take_top(
     n: int, score: Tensor, sample_index: Tensor, position: Tensor, eligible: Tensor, ascending: bool = False
 ) -> Tensor:
+    """Mask of the first ``n`` eligible rows in ``_order_rows``' order, without sorting them all.
+
+    The n-th best score v is found by a partial sort (``np.partition``); every row strictly
+    better than v is kept, and only the rows tied at v are ordered by the tie rule. The same set
+    as ``_order_rows(...)[:n]``: that order is (score key, tie key, row) and the kept set is a prefix.
+    """
     mask = torch.zeros_like(eligible)
     rows = eligible.nonzero(as_tuple=True)[0]
     n = min(n, rows.numel())
-    if n > 0:
-        mask[_order_rows(rows, score, sample_index, position, ascending)[:n]] = True
+    if n <= 0:
+        return mask
+    if n == rows.numel():
+        mask[rows] = True
+        return mask
+    nan = math.inf if ascending else -math.inf  # NaN ranks last in either direction, as in _order_rows
+    s = np.nan_to_num(score[rows].detach().to(device="cpu", dtype=torch.float64).numpy(), nan=nan)
+    if not ascending:
+        s = -s  # the key sorts ascending either way
+    v = np.partition(s, n - 1)[n - 1]
+    better = s < v
+    n_better = int(np.count_nonzero(better))
+    tied = np.flatnonzero(s == v)
+    rows_np = rows.cpu().numpy()
+    chosen = [rows_np[better]]
+    if n > n_better:
+        t_rows = rows_np[tied]
+        pos = position[torch.from_numpy(t_rows).to(position.device)].cpu().numpy()
+        smp = sample_index[torch.from_numpy(t_rows).to(sample_index.device)].cpu().numpy()
+        # ties: position asc (desc for ascending variants), then sample asc, then row order (lexsort is stable)
+        order = np.lexsort((smp, -pos if ascending else pos))
+        chosen.append(t_rows[order[: n - n_better]])
+    mask[torch.from_numpy(np.concatenate(chosen)).to(mask.device)] = True
     return mask
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,12 +14,28 @@ from ta_opd.stats import TokenStats
 
 def _mean(x: Tensor, where: Tensor) -> float:
     """Mean of the finite values of ``x`` where ``where``; NaN over an empty set (no boolean indexing copies)."""
-    xf = x.to(torch.float64)
-    use = where & torch.isfinite(xf)
-    count = int(use.sum())
-    if count == 0:
-        return math.nan
-    return float(torch.where(use, xf, 0.0).sum()) / count
+    return _Means(where).of(x)
+
+
+class _Means:
+    """Means of several ``[N]`` tensors over one mask: the mask is converted once, and a tensor with
+    no non-finite value (every normalised feature) is reduced with one dot product."""
+
+    def __init__(self, where: Tensor) -> None:
+        self.where = where.detach().cpu().numpy().astype(bool, copy=False)
+        self.weight = self.where.astype(np.float64)
+        self.count = int(np.count_nonzero(self.where))
+
+    def of(self, x: Tensor) -> float:
+        if self.count == 0:
+            return math.nan
+        xf = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        finite = np.isfinite(xf)
+        if finite.all():
+            return float(np.dot(xf, self.weight)) / self.count
+        use = self.where & finite
+        count = int(np.count_nonzero(use))
+        return float(np.where(use, xf, 0.0).sum()) / count if count else math.nan
 
 
 def selection_metrics(
@@ -43,8 +60,9 @@ def selection_metrics(
         "opd/realised_ratio": n_kept / n_valid if n_valid else 0.0,
     }
     rev_kl = student_logp.to(torch.float64) - teacher_logp.to(torch.float64)  # log p_S − log p_T at y_t
-    out["opd/sampled_rev_kl_all"] = _mean(rev_kl, valid)
-    out["opd/sampled_rev_kl_kept"] = _mean(rev_kl, kept & valid)
+    on_valid, on_kept = _Means(valid), _Means(kept & valid)
+    out["opd/sampled_rev_kl_all"] = on_valid.of(rev_kl)
+    out["opd/sampled_rev_kl_kept"] = on_kept.of(rev_kl)
     if features is not None:
         named = {
             "h_norm": features.h,
@@ -54,15 +72,15 @@ def selection_metrics(
             "d_incompat": features.d_incompat,
         }
         for name, value in named.items():
-            out[f"opd/{name}_valid"] = _mean(value, valid)
-            out[f"opd/{name}_kept"] = _mean(value, kept & valid)
-        out["opd/q3_share_valid"] = _mean(features.is_q3.to(torch.float64), valid)
-        out["opd/q3_share_kept"] = _mean(features.is_q3.to(torch.float64), kept & valid)
+            out[f"opd/{name}_valid"] = on_valid.of(value)
+            out[f"opd/{name}_kept"] = on_kept.of(value)
+        out["opd/q3_share_valid"] = on_valid.of(features.is_q3)
+        out["opd/q3_share_kept"] = on_kept.of(features.is_q3)
     if stats is not None:
-        out["opd/overlap_ratio"] = _mean(stats.overlap, valid)
-        out["opd/teacher_mass_on_shared"] = _mean(stats.teacher_mass_on_shared, valid)
-        out["opd/reach_t1"] = _mean(stats.reach_t1.to(torch.float64), valid)
-        out["opd/kl_f_union_valid"] = _mean(stats.kl_f_union, valid)
-        out["opd/cmass_valid"] = _mean(stats.compat_mass, valid)
-        out["opd/entropy_norm_valid"] = _mean(stats.entropy_norm, valid)
+        out["opd/overlap_ratio"] = on_valid.of(stats.overlap)
+        out["opd/teacher_mass_on_shared"] = on_valid.of(stats.teacher_mass_on_shared)
+        out["opd/reach_t1"] = on_valid.of(stats.reach_t1)
+        out["opd/kl_f_union_valid"] = on_valid.of(stats.kl_f_union)
+        out["opd/cmass_valid"] = on_valid.of(stats.compat_mass)
+        out["opd/entropy_norm_valid"] = on_valid.of(stats.entropy_norm)
     return out

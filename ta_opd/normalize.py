@@ -1,15 +1,18 @@
 """Batch normalisation of raw scores to [0, 1] over all tokens of one rollout step (METHOD.md §3).
 
 Norm(z) = clip((z − lo)/(hi − lo), 0, 1) with (lo, hi) from the registered method; non-finite
-values map to 0; |hi − lo| < 1e-12 maps everything to 0. Each call sorts the finite values once:
-the quantiles are read from that sort, and because Norm is monotone the same sort, mapped through
-Norm, is the sorted normalised array (the Q3 medians come from it without another sort).
+values map to 0; |hi − lo| < 1e-12 maps everything to 0. Because Norm is monotone, order
+statistics of Norm(z) are Norm of order statistics of z: the Q3 medians need no second pass.
+The built-in methods only read a few order statistics (two quantiles, the min/max), so they
+are found with one ``np.partition`` (linear time) instead of a full sort; a normaliser
+registered from outside receives the fully sorted array, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,30 +56,102 @@ def median(x: Tensor) -> Tensor:
     return quantile_sorted(torch.sort(finite.to(torch.float64)).values, 0.5)
 
 
-def normalize_with_sorted(
-    x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95
-) -> tuple[Tensor, Tensor]:
-    """(Norm(x) [N] float64, the same values sorted ascending [N]) from one sort (METHOD.md §3)."""
+def _quantile_ranks(n: int, q: float) -> tuple[int, int, float]:
+    """(lower index, upper index, fraction) of ``quantile_sorted`` over ``n`` sorted values."""
+    pos = q * (n - 1)
+    lo_i = int(pos)
+    return lo_i, min(lo_i + 1, n - 1), pos - lo_i
+
+
+def _builtin_ranks(method: str, n: int, q_low: float, q_high: float) -> list[int] | None:
+    """Sorted positions a built-in normaliser reads (None: a custom one, which needs the full sort)."""
+    fn = NORMALIZERS.get(method)
+    if fn is _batch_quantile:
+        return [*_quantile_ranks(n, q_low)[:2], *_quantile_ranks(n, q_high)[:2]]
+    if fn is _batch_minmax:
+        return [0, n - 1]
+    if fn is _none:
+        return [n - 1]
+    return None
+
+
+class _OrderStats:
+    """The order statistics of the finite values of one feature, found by one partial sort.
+
+    ``value(k)`` is the k-th smallest finite value (exactly ``sort(finite)[k]``) for every k in
+    ``ranks``; with ``ranks=None`` the values are fully sorted (custom normalisers).
+    """
+
+    def __init__(self, finite: np.ndarray, ranks: Sequence[int] | None) -> None:
+        self.n = finite.shape[0]
+        if ranks is None:
+            self.values = np.sort(finite)
+        else:
+            kth = sorted({int(k) for k in ranks if 0 <= k < self.n})
+            self.values = np.partition(finite, kth) if kth else finite
+
+    def tensor(self) -> Tensor:
+        return torch.from_numpy(self.values)
+
+
+def normalize_with_ranks(
+    x: Tensor,
+    method: str = "batch_quantile",
+    q_low: float = 0.05,
+    q_high: float = 0.95,
+    ranks: Sequence[float] = (),
+) -> tuple[Tensor, list[Tensor]]:
+    """(Norm(x) [N] float64, the linear-interpolation quantiles of Norm(x) at ``ranks``) (METHOD.md §3).
+
+    The quantiles are exactly ``quantile_sorted(sort(Norm(x)), q)``: non-finite values become 0,
+    the minimum, so they sit first in the sorted normalised array, and Norm maps the sorted finite
+    values monotonically onto the rest.
+    """
     lo_hi = NORMALIZERS.get(method)
-    x64 = x.to(torch.float64)
-    finite_mask = torch.isfinite(x64)
-    n_nonfinite = int((~finite_mask).sum())
-    zeros = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    if n_nonfinite == x64.numel():
-        return zeros, zeros.clone()
-    xs = torch.sort(x64[finite_mask] if n_nonfinite else x64).values
+    x64 = x.detach().to(device="cpu", dtype=torch.float64)
+    xn = x64.numpy()
+    n_all = xn.shape[0]
+    finite_mask = np.isfinite(xn)
+    n_nonfinite = n_all - int(np.count_nonzero(finite_mask))
+    zeros = torch.zeros(x.shape, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    if n_all == 0 or n_nonfinite == n_all:
+        return zeros.to(x.device), [zero for _ in ranks]
+    finite = xn[finite_mask] if n_nonfinite else xn
+    m = finite.shape[0]
+    # positions of the requested quantiles in sort(Norm(x)) → positions among the sorted finite values
+    wanted = [_quantile_ranks(n_all, q) for q in ranks]
+    need = [i - n_nonfinite for lo_i, hi_i, _ in wanted for i in (lo_i, hi_i)]
+    builtin = _builtin_ranks(method, m, q_low, q_high)
+    order = _OrderStats(finite, None if builtin is None else builtin + need)
+    xs = order.tensor()
     lo, hi = lo_hi(xs, q_low, q_high)
     span = hi - lo
     if abs(float(span)) < DEGENERATE_RANGE:
-        return zeros, zeros.clone()
-    out = ((x64 - lo) / span).clamp(0.0, 1.0)
+        return zeros.to(x.device), [zero for _ in ranks]
+    lo_f, span_f = float(lo), float(span)
+    out = np.subtract(xn, lo_f)
+    out /= span_f
+    np.clip(out, 0.0, 1.0, out=out)
     if n_nonfinite:
-        out = torch.where(finite_mask, out, zeros)
-    # Norm is monotone and non-finite values become 0 = the minimum, so this is sort(out) exactly
-    out_sorted = ((xs - lo) / span).clamp(0.0, 1.0)
-    if n_nonfinite:
-        out_sorted = torch.cat([zeros[:n_nonfinite], out_sorted])
-    return out, out_sorted
+        out[~finite_mask] = 0.0
+
+    def norm_at(i: int) -> float:  # sort(Norm(x))[i], the same arithmetic as ``out``
+        return 0.0 if i < n_nonfinite else min(max((float(order.values[i - n_nonfinite]) - lo_f) / span_f, 0.0), 1.0)
+
+    quantiles = []
+    for lo_i, hi_i, frac in wanted:
+        a, b = norm_at(lo_i), norm_at(hi_i)
+        quantiles.append(torch.tensor(a + (b - a) * frac, dtype=torch.float64))
+    return torch.from_numpy(out).to(x.device), quantiles
+
+
+def normalize_with_sorted(
+    x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """(Norm(x) [N] float64, the same values sorted ascending [N]) (METHOD.md §3)."""
+    out, _ = normalize_with_ranks(x, method, q_low, q_high)
+    return out, torch.sort(out).values
 
 
 def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95) -> Tensor:
@@ -84,4 +159,4 @@ def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_
 
     Non-finite values map to 0; if |hi − lo| < 1e-12 every value maps to 0. Returns float64.
     """
-    return normalize_with_sorted(x, method, q_low, q_high)[0]
+    return normalize_with_ranks(x, method, q_low, q_high)[0]

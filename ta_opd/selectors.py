@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ta_opd.config import SelectionConfig
-from ta_opd.normalize import normalize, normalize_with_sorted, quantile_sorted
+from ta_opd.normalize import normalize, normalize_with_ranks
 from ta_opd.registry import Registry
 from ta_opd.stats import TokenStats
 
@@ -55,10 +55,6 @@ def soft_or(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - (1.0 - a) * (1.0 - b)
 
 
-def _median_sorted(xs: Tensor) -> Tensor:
-    return quantile_sorted(xs, 0.5) if xs.numel() else torch.zeros((), dtype=torch.float64, device=xs.device)
-
-
 def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:
     """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag over all tokens of the step (METHOD.md §3–4)."""
 
@@ -66,11 +62,10 @@ def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:
         return normalize(x, cfg.normalization, cfg.q_low, cfg.q_high)
 
     args = (cfg.normalization, cfg.q_low, cfg.q_high)
-    h, h_sorted = normalize_with_sorted(stats.entropy_norm, *args)
-    d, d_sorted = normalize_with_sorted(stats.kl_f_union, *args)
-    c, dc = norm(stats.compat), norm(stats.kl_f_union * stats.compat)
     # medians of the normalised values over all tokens of the step (the normalisation's population)
-    h_med, d_med = _median_sorted(h_sorted), _median_sorted(d_sorted)
+    h, (h_med,) = normalize_with_ranks(stats.entropy_norm, *args, ranks=(0.5,))
+    d, (d_med,) = normalize_with_ranks(stats.kl_f_union, *args, ranks=(0.5,))
+    c, dc = norm(stats.compat), norm(stats.kl_f_union * stats.compat)
     is_q3 = (h < h_med) & (d >= d_med)
     return Features(
         h=h,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,34 +54,6 @@ class TokenStats:
 
     def as_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-
-def _probs(ids: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
-    """(valid [N, K] bool, prob [N, K] float64 with 0 at invalid entries)."""
-    valid = (ids >= 0) & torch.isfinite(logp)
-    prob = torch.where(valid, logp.to(F64), torch.full((), -torch.inf, dtype=F64)).exp()
-    return valid, prob
-
-
-def _rank_of(ids: Tensor, logp: Tensor, valid: Tensor, query: Tensor) -> Tensor:
-    """Rank of ``query [N]`` in each row (entries with a strictly higher log-prob), −1 if absent."""
-    hit = valid & (ids == query.unsqueeze(1))  # [N, K]
-    present = hit.any(dim=1)
-    lp = logp.to(F64)
-    q_lp = torch.where(hit, lp, torch.full((), -torch.inf, dtype=F64)).amax(dim=1)
-    higher = (valid & (lp > q_lp.unsqueeze(1))).sum(dim=1)
-    return torch.where(present, higher, torch.full_like(higher, -1))
-
-
-def _top1(ids: Tensor, logp: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Id and probability of the highest log-prob entry (first in list order among equals); −1 / 0 if empty."""
-    masked = torch.where(valid, logp.to(F64), torch.full((), -torch.inf, dtype=F64))
-    best_j = masked.argmax(dim=1)  # argmax returns the first maximal index
-    any_valid = valid.any(dim=1)
-    top_id = torch.where(any_valid, ids.gather(1, best_j.unsqueeze(1)).squeeze(1), torch.full_like(best_j, -1))
-    best_lp = masked.gather(1, best_j.unsqueeze(1)).squeeze(1)
-    top_prob = torch.where(any_valid, best_lp.exp(), torch.zeros_like(best_lp))
-    return top_id, top_prob
 
 
 def _order_within_sample(sample_index: Tensor, position: Tensor) -> Tensor:
@@ -191,92 +164,186 @@ def _exact_teacher_probs(
             use = torch.zeros_like(use)
             use[rows[keep], cols[keep]] = True
     use = use & torch.isfinite(exact_lp)
-    probs = torch.where(use, torch.where(use, exact_lp, torch.zeros((), dtype=F64)).exp(), t_on_s)
+    # numpy's exp, like the lower-bound values from _chunk_stats: a token must get the same number either way
+    exact_p = torch.from_numpy(np.exp(torch.where(use, exact_lp, torch.zeros((), dtype=F64)).cpu().numpy()))
+    probs = torch.where(use, exact_p.to(t_on_s.device), t_on_s)
     return probs, use.any(dim=1)
 
 
-ROW_CHUNK = 8192  # rows per chunk: the [chunk, K] intermediates stay cache-resident (and no huge allocations)
+ROW_CHUNK = 4096  # rows per chunk: the [K, chunk] float64 intermediates stay cache-resident
+LOG_FLOOR = math.log(PROB_FLOOR)
 
 
-def _match(s_ids: Tensor, s_valid: Tensor, t_ids: Tensor, t_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _side(ids: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray, np.ndarray]:
+    """One side's chunk: (valid [n, K], all valid?, log-prob [K, n] float64 with −inf outside the
+    list, prob [K, n] (0 outside), mass [n]). Column-major ([K, n]) so that every per-row sum is
+    a sequence of contiguous vector adds in list order, the order the per-token reference sums in."""
+    ok = ids >= 0
+    ok &= np.isfinite(logp)
+    all_ok = bool(ok.all())
+    lp = np.array(logp.T, dtype=np.float64, order="C")
+    if not all_ok:
+        np.putmask(lp, ~ok.T, -np.inf)
+    prob = np.exp(lp)
+    return ok, all_ok, lp, prob, np.add.reduce(prob, axis=0)
+
+
+def _match(
+    s_ids: np.ndarray, s_ok: np.ndarray, s_all: bool, t_ids: np.ndarray, t_ok: np.ndarray, t_all: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Join each row's two lists by id (ids are unique within a list, as ``pack_topk`` guarantees).
 
-    Returns (hit [n, K]: student entry j is also in T, tj [n, K]: its teacher column (meaningful
-    where hit), t_in_s [n, K]: teacher entry i is also in S). One sort + searchsorted per chunk.
+    Returns, for every id in both lists, the flat [K, n] index of its student entry, of its teacher
+    entry, and its row. One row-wise sort of the 2K keys ``id << b | column`` (column < K: student,
+    ≥ K: teacher) puts a shared id's two entries side by side, student first. Entries outside a
+    list get distinct negative ids, so they never pair.
     """
-    k_t = t_ids.shape[1]
-    t_key = torch.where(t_valid, t_ids, torch.full((), -1, dtype=t_ids.dtype))
-    s_key = torch.where(s_valid, s_ids, torch.full((), -2, dtype=s_ids.dtype))  # never equals a padded teacher id
-    t_sorted, t_perm = torch.sort(t_key, dim=1)
-    idx = torch.searchsorted(t_sorted, s_key).clamp_max_(k_t - 1)
-    hit = t_sorted.gather(1, idx) == s_key
-    tj = t_perm.gather(1, idx)
-    t_in_s = torch.zeros(t_ids.shape, dtype=torch.int8, device=t_ids.device)
-    t_in_s = t_in_s.scatter_add_(1, tj, hit.to(torch.int8)) > 0
-    return hit, tj, t_in_s
+    n, k = s_ids.shape
+    width = 2 * k
+    shift = (width - 1).bit_length()
+    keys = np.concatenate([s_ids, t_ids], axis=1)
+    if not (s_all and t_all):
+        cols = np.arange(width, dtype=np.int64)
+        np.copyto(keys, -1 - cols, where=~np.concatenate([s_ok, t_ok], axis=1))
+    if keys.size and int(keys.max()) >= 1 << (62 - shift):  # ids far above any vocabulary: densify first
+        keys = np.unique(keys, return_inverse=True)[1].reshape(n, width).astype(np.int64) - 2 * width
+        if not (s_all and t_all):
+            np.copyto(keys, -1 - np.arange(width, dtype=np.int64), where=~np.concatenate([s_ok, t_ok], axis=1))
+    keys <<= shift
+    keys |= np.arange(width, dtype=np.int64)
+    keys.sort(axis=1)
+    flat = keys.reshape(-1)
+    id_key = flat >> shift
+    pair = id_key[:-1] == id_key[1:]
+    pair[width - 1 :: width] = False  # the last key of a row and the first of the next are not a pair
+    at = np.flatnonzero(pair)
+    row = at // width
+    col_mask = (1 << shift) - 1
+    s_col = flat[at] & col_mask
+    t_col = (flat[at + 1] & col_mask) - k
+    return s_col * n + row, t_col * n + row, row
+
+
+def _top1(ids: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(column, id, prob, non-empty) of each row's highest log-prob, the first in list order among equals."""
+    k, n = lp.shape
+    best = np.maximum.reduce(lp, axis=0)
+    is_best = lp == best
+    col = np.zeros(n, dtype=np.int64)
+    for j in range(k - 1, 0, -1):  # a loop over the K columns, last to first, so the first maximum wins
+        np.copyto(col, j, where=is_best[j])
+    np.copyto(col, 0, where=is_best[0])
+    non_empty = best > -np.inf
+    top_id = np.where(non_empty, ids.reshape(-1)[np.arange(n) * k + col], -1)
+    return col, top_id, np.where(non_empty, np.exp(best), 0.0), non_empty
+
+
+def _rank_of(ids: np.ndarray, ok: np.ndarray, all_ok: bool, lp: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Rank of ``query [n]`` in each row (entries with a strictly higher log-prob), −1 if absent."""
+    n, k = ids.shape
+    hit = ids == query[:, None]
+    if not all_ok:
+        hit &= ok
+    at = np.flatnonzero(hit)
+    rows = at // k
+    q_lp = np.full(n, np.inf)
+    q_lp[rows] = lp.reshape(-1)[(at - rows * k) * n + rows]
+    higher = np.count_nonzero(lp > q_lp, axis=0)
+    return np.where(q_lp < np.inf, higher, -1)
 
 
 def _chunk_stats(
-    s_ids: Tensor, s_lp_in: Tensor, t_ids: Tensor, t_lp_in: Tensor, sampled: Tensor, k: int
-) -> dict[str, Tensor]:
-    """§2 statistics of a chunk of rows (float64; every [n, K] intermediate lives only inside the chunk)."""
-    zero = torch.zeros((), dtype=F64, device=s_ids.device)
-    neg_inf = torch.full((), -math.inf, dtype=F64, device=s_ids.device)
-    s_valid = (s_ids >= 0) & torch.isfinite(s_lp_in)
-    t_valid = (t_ids >= 0) & torch.isfinite(t_lp_in)
-    s_lp = torch.where(s_valid, s_lp_in.to(F64), neg_inf)  # [n, K]
-    t_lp = torch.where(t_valid, t_lp_in.to(F64), neg_inf)
-    s, t = s_lp.exp(), t_lp.exp()  # 0 outside the lists
-    s_mass, t_mass = s.sum(dim=1), t.sum(dim=1)  # Σ_U s, Σ_U t
+    s_ids: np.ndarray,
+    s_logp: np.ndarray,
+    t_ids: np.ndarray,
+    t_logp: np.ndarray,
+    sampled: np.ndarray,
+    k: int,
+    want_t_on_s: bool = False,
+) -> dict[str, np.ndarray]:
+    """§2 statistics of a chunk of rows (float64; every [K, n] intermediate lives only inside the chunk).
+
+    Union U = student entries + teacher-only entries. On student entries ŝ = max(s / Σs, 1e-12) and t̂
+    comes from the teacher entry with the same id, or is the floor; teacher-only entries have ŝ = 1e-12.
+    Entries outside a list contribute exactly 0 to every sum: both logs are the floor there.
+    """
+    n, kk = s_ids.shape
+    s_ok, s_all, s_lp, s, s_mass = _side(s_ids, s_logp)
+    t_ok, t_all, t_lp, t, t_mass = _side(t_ids, t_logp)
     s_pos, t_pos = s_mass > 0, t_mass > 0
     ok = s_pos & t_pos
-    s_den = torch.where(s_pos, s_mass, torch.ones_like(s_mass))
-    t_den = torch.where(t_pos, t_mass, torch.ones_like(t_mass))
+    s_den = np.where(s_pos, s_mass, 1.0)
+    t_den = np.where(t_pos, t_mass, 1.0)
+    s_at, t_at, pair_row = _match(s_ids, s_ok, s_all, t_ids, t_ok, t_all)
+    red = np.add.reduce
+    s_den, t_den = s_den[None, :], t_den[None, :]
 
-    hit, tj, t_in_s = _match(s_ids, s_valid, t_ids, t_valid)
-    t_on_s = torch.where(hit, t.gather(1, tj), zero)  # teacher prob of each student entry (0 if not in T)
-
-    # Union U = student entries (s_valid) + teacher-only entries (t_valid & ~t_in_s, where ŝ = 1e-12).
-    sh_s = torch.clamp_min(s / s_den.unsqueeze(1), PROB_FLOOR)  # ŝ on student entries
-    th_s = torch.clamp_min(t_on_s / t_den.unsqueeze(1), PROB_FLOOR)  # t̂ on student entries
-    th_t = torch.clamp_min(t / t_den.unsqueeze(1), PROB_FLOOR)  # t̂ on teacher entries
-    t_only = t_valid & ~t_in_s
-    # log of the ratio (one log per entry); exactly 0 where t̂ = ŝ, so identical distributions give D = 0 exactly
-    log_ratio_s = (th_s / sh_s).log()  # log t̂ − log ŝ on student entries
-    log_ratio_t = (th_t / PROB_FLOOR).log()  # on teacher-only entries (ŝ = 1e-12)
-    kl_f = torch.where(s_valid, th_s * log_ratio_s, zero).sum(1) + torch.where(t_only, th_t * log_ratio_t, zero).sum(1)
-    kl_r = torch.where(s_valid, sh_s * log_ratio_s, zero).sum(1) + torch.where(
-        t_only, PROB_FLOOR * log_ratio_t, zero
-    ).sum(1)
-    bc = torch.where(s_valid, (sh_s * th_s).sqrt(), zero).sum(1) + torch.where(
-        t_only, (PROB_FLOOR * th_t).sqrt(), zero
-    ).sum(1)
-    kl_f = torch.where(ok, kl_f, zero)  # a side with no mass on U → D = KLr = BC = 0
-    kl_r = torch.where(ok, -kl_r, zero)
-    bc = torch.where(ok, bc, zero)
-
-    shared = t_on_s.sum(dim=1)  # Σ_{S∩T} t
-
+    # ŝ, t̂ and their logs as the per-token reference writes them: log(max(s / Σs, 1e-12)), so that
+    # identities hold exactly (one entry: ŝ = 1, log ŝ = 0) and tied tokens stay tied
+    sh = s / s_den
+    log_sh = np.log(sh)  # −inf outside the list
     # H_t: entropy of the student's top-K renormalised over its positive entries / log(max(n, 2))
-    pos = s > 0
-    n_pos = pos.sum(dim=1)
-    p = s / s_den.unsqueeze(1)
-    ent = -torch.where(pos, p * torch.where(pos, p, 1.0).log(), zero).sum(dim=1)
-    entropy_norm = torch.where(n_pos > 0, ent / torch.clamp_min(n_pos, 2).to(F64).log(), zero)
+    h_term = sh * log_sh
+    if s_all and float(s.min(initial=1.0)) > 0.0:
+        n_pos = np.full(n, kk)
+    else:
+        positive = s > 0
+        np.putmask(h_term, ~positive, 0.0)  # 0·(−inf) outside the list
+        n_pos = np.count_nonzero(positive, axis=0)
+    entropy_norm = np.where(n_pos > 0, -red(h_term, axis=0) / np.log(np.maximum(n_pos, 2)), 0.0)
+    np.maximum(log_sh, LOG_FLOOR, out=log_sh)  # log ŝ (the floor outside the list)
+    np.maximum(sh, PROB_FLOOR, out=sh)  # ŝ
 
-    s_top_id, s_top_p = _top1(s_ids, s_lp, s_valid)
-    t_top_id, t_top_p = _top1(t_ids, t_lp, t_valid)
-    reach_t1 = (s_valid & (s_ids == t_top_id.unsqueeze(1)) & (t_top_id >= 0).unsqueeze(1)).any(dim=1)
-    return {
-        "kl_f_union": kl_f,
-        "kl_r_union": kl_r,
-        "bc": bc,
-        "cmass": shared.clamp(0.0, 1.0),
+    th = t / t_den
+    log_th = np.log(th)
+    np.maximum(log_th, LOG_FLOOR, out=log_th)  # log t̂ on teacher entries (the floor outside the list)
+    np.maximum(th, PROB_FLOOR, out=th)  # t̂
+
+    # the teacher's side of each student entry: log t̂, t̂ and t from its teacher entry, else the floor / 0
+    log_th_s = np.full((kk, n), LOG_FLOOR)
+    log_th_s.reshape(-1)[s_at] = log_th.reshape(-1)[t_at]
+    th_s = np.full((kk, n), PROB_FLOOR)
+    th_s.reshape(-1)[s_at] = th.reshape(-1)[t_at]
+    t_on_s = np.zeros((kk, n))
+    t_on_s.reshape(-1)[s_at] = t.reshape(-1)[t_at]
+
+    log_ratio = log_th_s
+    log_ratio -= log_sh  # log t̂ − log ŝ on student entries; exactly 0 where t̂ = ŝ and outside the list
+    kl_f = red(th_s * log_ratio, axis=0)
+    kl_r = red(sh * log_ratio, axis=0)
+    bc_s = sh * th_s
+    np.sqrt(bc_s, out=bc_s)
+    if not s_all:
+        np.putmask(bc_s, ~s_ok.T, 0.0)
+    bc = red(bc_s, axis=0)
+    # teacher-only entries (ŝ = 1e-12): shared and outside-the-list entries are zeroed
+    log_ratio_t = log_th
+    log_ratio_t -= LOG_FLOOR  # log t̂ − log 1e-12, 0 outside the list
+    log_ratio_t.reshape(-1)[t_at] = 0.0
+    kl_f += red(th * log_ratio_t, axis=0)
+    kl_r += PROB_FLOOR * red(log_ratio_t, axis=0)
+    bc_t = th * PROB_FLOOR
+    np.sqrt(bc_t, out=bc_t)
+    bc_t.reshape(-1)[t_at] = 0.0
+    if not t_all:
+        np.putmask(bc_t, ~t_ok.T, 0.0)
+    bc += red(bc_t, axis=0)
+    shared = red(t_on_s, axis=0)  # Σ_{S∩T} t, in student list order
+
+    _, s_top_id, s_top_p, _ = _top1(s_ids, s_lp)
+    t_top_col, t_top_id, t_top_p, t_non_empty = _top1(t_ids, t_lp)
+    t_shared = np.zeros(kk * n, dtype=bool)
+    t_shared[t_at] = True
+    out = {
+        "kl_f_union": np.where(ok, kl_f, 0.0),  # a side with no mass on U → D = KLr = BC = 0
+        "kl_r_union": np.where(ok, -kl_r, 0.0),
+        "bc": np.where(ok, bc, 0.0),
+        "cmass": np.clip(shared, 0.0, 1.0),
         "entropy_norm": entropy_norm,
-        "overlap": t_in_s.sum(dim=1).to(F64) / max(k, 1),
-        "reach_t1": reach_t1,
-        "student_rank_sampled": _rank_of(s_ids, s_lp, s_valid, sampled),
-        "teacher_rank_sampled": _rank_of(t_ids, t_lp, t_valid, sampled),
+        "overlap": np.bincount(pair_row, minlength=n) / max(k, 1),
+        "reach_t1": t_shared[t_top_col * n + np.arange(n)] & t_non_empty,
+        "student_rank_sampled": _rank_of(s_ids, s_ok, s_all, s_lp, sampled),
+        "teacher_rank_sampled": _rank_of(t_ids, t_ok, t_all, t_lp, sampled),
         "student_top1_id": s_top_id,
         "student_top1_prob": s_top_p,
         "teacher_top1_id": t_top_id,
@@ -285,6 +352,9 @@ def _chunk_stats(
         "teacher_topk_mass": t_mass,
         "teacher_mass_on_shared": shared,
     }
+    if want_t_on_s:
+        out["t_on_s"] = t_on_s.T
+    return out
 
 
 def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
@@ -294,28 +364,26 @@ def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
     n = s_ids.shape[0]
     if k == 0 or t_ids.shape[1] == 0:
         raise ValueError("compute_token_stats needs student and teacher top-K lists (K > 0 on both sides)")
-    parts = [
-        _chunk_stats(
-            s_ids[a : a + ROW_CHUNK],
-            batch.student_topk_logp[a : a + ROW_CHUNK],
-            t_ids[a : a + ROW_CHUNK],
-            batch.teacher_topk_logp[a : a + ROW_CHUNK],
-            batch.sampled_ids[a : a + ROW_CHUNK],
-            k,
-        )
-        for a in range(0, max(n, 1), ROW_CHUNK)
+    exact = cfg.exact_cmass and batch.teacher_logp_on_student_topk is not None
+    device = s_ids.device
+    arrays = [
+        x.detach().cpu().numpy()
+        for x in (s_ids, batch.student_topk_logp, t_ids, batch.teacher_topk_logp, batch.sampled_ids)
     ]
-    cols = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    with np.errstate(divide="ignore", invalid="ignore"):  # log 0 and 0·(−inf) outside the lists are masked
+        parts = [
+            _chunk_stats(*(x[a : a + ROW_CHUNK] for x in arrays), k, want_t_on_s=exact)
+            for a in range(0, max(n, 1), ROW_CHUNK)
+        ]
+    cols = {name: torch.from_numpy(np.concatenate([p[name] for p in parts])).to(device) for name in parts[0]}
+    t_on_s = cols.pop("t_on_s", None)
     cmass = cols["cmass"]
     cmass_exact: Tensor | None = None
     exact_rows: Tensor | None = None
     compat_mass = cmass
-    if cfg.exact_cmass and batch.teacher_logp_on_student_topk is not None:
+    if exact:
+        assert t_on_s is not None
         s_valid = (s_ids >= 0) & torch.isfinite(batch.student_topk_logp)
-        t_valid = (t_ids >= 0) & torch.isfinite(batch.teacher_topk_logp)
-        hit, tj, _ = _match(s_ids, s_valid, t_ids, t_valid)
-        t = torch.where(t_valid, batch.teacher_topk_logp.to(F64), -math.inf).exp()
-        t_on_s = torch.where(hit, t.gather(1, tj), 0.0)
         t_exact, exact_rows = _exact_teacher_probs(batch, cfg, s_valid, t_on_s)
         cmass_exact = torch.where(s_valid, t_exact, 0.0).sum(dim=1).clamp(0.0, 1.0)
         compat_mass = cmass_exact

@@ -18,10 +18,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$SCRIPT_DIR/../lib/common.sh"
 REPO_ROOT=$TA_OPD_REPO_ROOT
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+ta_exit_on_help "${BASH_SOURCE[0]}" "$@"
 
 METHODS=${METHODS-"teachability teachability_entropy entropy tip divergence random"}
 BUDGETS=${BUDGETS-"0.05 0.1 0.2"}

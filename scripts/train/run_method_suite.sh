@@ -22,10 +22,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$SCRIPT_DIR/../lib/common.sh"
 REPO_ROOT=$TA_OPD_REPO_ROOT
 
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+ta_exit_on_help "${BASH_SOURCE[0]}" "$@"
 [[ "${1:-}" == "--" ]] && shift
 CLI_EXTRA_ARGS=("$@") # anything after "--" goes to train.py, like EXTRA_ARGS
 
@@ -67,15 +64,7 @@ fi
 
 # Embedded defaults: whatever the user left unset comes from the cached embedded assets.
 # PROFILE picks the knob defaults below: "embedded" (tiny CPU models) or "cluster" (real models).
-PROFILE=${PROFILE:-$([[ -z "$STUDENT_HF" && -z "$PROMPT_DATA" ]] && echo embedded || echo cluster)}
-[[ "$PROFILE" == embedded || "$PROFILE" == cluster ]] || ta_die "PROFILE=$PROFILE: expected embedded or cluster"
-if [[ -z "$STUDENT_HF" || -z "$PROMPT_DATA" || (-z "$TEACHER_MODEL" && -z "$TEACHER_URL") ]]; then
-  ta_log "using the embedded defaults for what is unset (building them once if needed)"
-  [[ -n "$STUDENT_HF" ]] || STUDENT_HF=$(ta_embedded_asset student_dir)
-  [[ -n "$TEACHER_MODEL" || -n "$TEACHER_URL" ]] || TEACHER_MODEL=$(ta_embedded_asset teacher_dir)
-  [[ -n "$PROMPT_DATA" ]] || PROMPT_DATA=$(ta_embedded_asset train_jsonl)
-  [[ -n "$EVAL_PROMPT_DATA" ]] || EVAL_PROMPT_DATA=$(ta_embedded_asset eval_jsonl)
-fi
+ta_use_embedded_defaults teacher
 ta_require_path STUDENT_HF "$STUDENT_HF" dir
 ta_require_path PROMPT_DATA "$PROMPT_DATA" file
 [[ -z "$TEACHER_URL" ]] && ta_require_path TEACHER_MODEL "$TEACHER_MODEL" dir
@@ -119,32 +108,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_O
 CKPT_ARGS=(--hf-checkpoint "$STUDENT_HF")
 [[ -n "$STUDENT_TORCH_DIST" ]] && CKPT_ARGS+=(--ref-load "$STUDENT_TORCH_DIST")
 
-ROLLOUT_ARGS=(
-  --prompt-data "$PROMPT_DATA"
-  --input-key "$INPUT_KEY"
-  --label-key "$LABEL_KEY"
-  --apply-chat-template
-  --rollout-shuffle
-  --rollout-seed "$ROLLOUT_SEED"
-  --num-rollout "$NUM_ROLLOUT"
-  --rollout-batch-size "$ROLLOUT_BATCH_SIZE"
-  --n-samples-per-prompt "$N_SAMPLES_PER_PROMPT"
-  --rollout-max-response-len "$ROLLOUT_MAX_RESPONSE_LEN"
-  --rollout-temperature "$ROLLOUT_TEMPERATURE"
-  --global-batch-size "$GLOBAL_BATCH_SIZE"
-)
+ta_set_rollout_args # ROLLOUT_ARGS
 
-EVAL_ARGS=()
-if [[ -n "$EVAL_PROMPT_DATA" ]]; then
-  EVAL_ARGS=(
-    --eval-prompt-data heldout "$EVAL_PROMPT_DATA"
-    --eval-interval "$EVAL_INTERVAL"
-    --eval-custom-rm-path "$EVAL_RM_PATH"
-    --eval-temperature "$EVAL_TEMPERATURE"
-    --eval-max-response-len "$EVAL_MAX_RESPONSE_LEN"
-    --n-samples-per-eval-prompt 1
-  )
-fi
+ta_set_eval_args # EVAL_ARGS (none without EVAL_PROMPT_DATA)
 
 OPD_ARGS=(
   --use-opd
@@ -240,7 +206,7 @@ for name in "${RUN_NAMES[@]}"; do
   ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
   end=$(date +%s.%N)
   printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
-    "$name" "$rc" "$start" "$end" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')" \
+    "$name" "$rc" "$start" "$end" "$(ta_seconds_between "$start" "$end")" \
     > "$run_dir/launcher.json"
   if ((rc != 0)); then
     FAILED+=("$name")

@@ -21,7 +21,6 @@ training loop (it raises); TP and DP are.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -29,11 +28,17 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from slime.backends.torch_utils.actor import WEIGHTS_SUBDIR, _as_rollout_data, _float_list
+from slime.backends.torch_utils.actor import (
+    WEIGHTS_SUBDIR,
+    _as_rollout_data,
+    _global_batches,
+    _mean_metrics,
+    _per_sample,
+    _scalar_rewards,
+)
 from slime.backends.torch_utils.loss import compute_advantages, policy_loss
 from slime.backends.torch_utils.model import build_response_batch
 from slime.ray.train_actor import TrainRayActor
@@ -231,26 +236,22 @@ class MegatronTrainRayActor(TrainRayActor):
         data = _as_rollout_data(rollout_data_ref)
         n = len(data["tokens"])
         resp_lens = [int(r) for r in data["response_lengths"]]
-        loss_masks = [_float_list(data["loss_masks"][i], resp_lens[i], "loss_mask", i).bool() for i in range(n)]
+        loss_masks = [m.bool() for m in _per_sample(data, "loss_masks", "loss_mask", resp_lens)]
         if args.use_rollout_logprobs:
-            old = [_float_list(data["rollout_log_probs"][i], resp_lens[i], "rollout_log_probs", i) for i in range(n)]
+            old = _per_sample(data, "rollout_log_probs", "rollout_log_probs", resp_lens)
         else:
             old = self.compute_log_probs(data)
         teacher = None
         if self.teacher is not None:
             teacher = self.compute_log_probs(data, self.teacher, temperature=args.opd_teacher_temperature)
         elif data.get("teacher_log_probs") is not None:
-            teacher = [
-                _float_list(data["teacher_log_probs"][i], resp_lens[i], "teacher_log_probs", i) for i in range(n)
-            ]
-        rewards = [float(r) if not isinstance(r, dict) else 0.0 for r in data.get("rewards", [0.0] * n)]
-        advantages = compute_advantages(args, old, teacher, rewards, resp_lens)
+            teacher = _per_sample(data, "teacher_log_probs", "teacher_log_probs", resp_lens)
+        advantages = compute_advantages(args, old, teacher, _scalar_rewards(data), resp_lens)
         t_logp = time.perf_counter()
 
-        gbs = args.global_batch_size
-        steps = [list(range(s * gbs, min(n, (s + 1) * gbs))) for s in range(max(1, math.ceil(n / gbs)))]
-        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in steps]
-        metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        batches = _global_batches(n, args.global_batch_size)
+        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in batches]
+        metrics = _mean_metrics(step_metrics)
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
         metrics["train/step"] = float(self.global_step)
         metrics["perf/log_probs_time"] = t_logp - t0

@@ -64,6 +64,30 @@ def _float_list(values: Any, n: int, name: str, sample: int) -> torch.Tensor:
     return t
 
 
+# The rollout-data plumbing below is shared with the Megatron trainer (megatron_utils/actor.py).
+
+
+def _per_sample(data: dict[str, Any], key: str, name: str, resp_lens: list[int]) -> list[torch.Tensor]:
+    """data[key] as one float64 tensor [response_length] per sample, checked by `_float_list` (error names `name`)."""
+    return [_float_list(data[key][i], resp_lens[i], name, i) for i in range(len(data["tokens"]))]
+
+
+def _scalar_rewards(data: dict[str, Any]) -> list[float]:
+    """One float reward per sample (0.0 for dict rewards and when the data holds none)."""
+    return [float(r) if not isinstance(r, dict) else 0.0 for r in data.get("rewards", [0.0] * len(data["tokens"]))]
+
+
+def _global_batches(n: int, global_batch_size: int) -> list[list[int]]:
+    """Sample indices of each optimizer step: consecutive global batches (the last may be short), at least one."""
+    gbs = global_batch_size
+    return [list(range(s * gbs, min(n, (s + 1) * gbs))) for s in range(max(1, math.ceil(n / gbs)))]
+
+
+def _mean_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key mean over the optimizer steps of one rollout."""
+    return {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
 class TorchTrainRayActor(TrainRayActor):
     """Trainer actor of the embedded torch backend (one rank)."""
 
@@ -166,27 +190,20 @@ class TorchTrainRayActor(TrainRayActor):
         data = _as_rollout_data(rollout_data_ref)
         n = len(data["tokens"])
         resp_lens = [int(r) for r in data["response_lengths"]]
-        loss_masks = [_float_list(data["loss_masks"][i], resp_lens[i], "loss_mask", i).bool() for i in range(n)]
+        loss_masks = [m.bool() for m in _per_sample(data, "loss_masks", "loss_mask", resp_lens)]
         if self.args.use_rollout_logprobs:
-            old = [_float_list(data["rollout_log_probs"][i], resp_lens[i], "rollout_log_probs", i) for i in range(n)]
+            old = _per_sample(data, "rollout_log_probs", "rollout_log_probs", resp_lens)
         else:
             old = self.compute_log_probs(data)
         teacher = None
         if data.get("teacher_log_probs") is not None:
-            teacher = [
-                _float_list(data["teacher_log_probs"][i], resp_lens[i], "teacher_log_probs", i) for i in range(n)
-            ]
-        rewards = [float(r) if not isinstance(r, dict) else 0.0 for r in data.get("rewards", [0.0] * n)]
-        advantages = compute_advantages(self.args, old, teacher, rewards, resp_lens)
+            teacher = _per_sample(data, "teacher_log_probs", "teacher_log_probs", resp_lens)
+        advantages = compute_advantages(self.args, old, teacher, _scalar_rewards(data), resp_lens)
         t_logp = time.perf_counter()
 
-        gbs = self.args.global_batch_size
-        num_steps = max(1, math.ceil(n / gbs))
-        step_metrics = [
-            self._train_step(data, list(range(s * gbs, min(n, (s + 1) * gbs))), old, advantages, loss_masks)
-            for s in range(num_steps)
-        ]
-        metrics = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+        batches = _global_batches(n, self.args.global_batch_size)
+        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in batches]
+        metrics = _mean_metrics(step_metrics)
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
         metrics.update(self.distill.step_metrics())
         metrics["train/step"] = float(self.global_step)
