@@ -5,6 +5,11 @@ tensors, float64 for real values (so that the budget's ranking is reproducible t
 against the per-token reference in tests/ta_opd/reference.py). Probabilities: s(v) = exp(logp_S(v))
 on S_t, t(v) = exp(logp_T(v)) on T_t; a token absent from a list has probability 0 there; padded
 entries (id −1 / −inf) and non-finite entries are not in the list.
+
+The heavy part runs in numpy over chunks of rows, column-major ([K, rows]): a per-row sum is then
+K contiguous vector adds in list order (the reference's order), and ŝ, t̂ and their logs are
+written as the reference writes them (max(s / Σs, 1e-12), then log), so that the identities the
+ranking's ties rest on hold exactly (a one-entry list has ŝ = 1; identical lists give D = 0).
 """
 
 from __future__ import annotations
