@@ -237,6 +237,9 @@ def launch_router(
         "round_robin",
         "--log-level",
         "warn",
+        # a request failure must not take the only engine out of rotation for a minute: the RolloutManager's
+        # own health checks restart dead engines, and clients retry with backoff
+        "--disable-circuit-breaker",
     ]
     if api_key:
         cmd += ["--api-key", api_key]

@@ -86,6 +86,9 @@ def resolve_weights_path(requested: Any, roots: Path | Sequence[Path]) -> Path:
     return real
 
 
+KEEP_ALIVE_S = 120
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: 413 when the request body (declared or streamed) exceeds ``max_bytes``."""
 
@@ -341,7 +344,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     app = create_app(engine, args)
     wrapped = BodyLimitMiddleware(app, args.max_body_bytes)
-    uvicorn.run(wrapped, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    # Keep idle connections open longer than clients pool them (the router's HTTP client keeps idle
+    # connections ~90 s): with uvicorn's 5 s default, a request sent on a connection the server is just
+    # closing fails with "error sending request", and enough of those open the router's circuit.
+    uvicorn.run(
+        wrapped,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     engine.shutdown()
 
 
