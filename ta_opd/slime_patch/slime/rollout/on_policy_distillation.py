@@ -108,6 +108,8 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
         # Extension of the project's embedded server (logits / T before the prefill log-softmax).
         # Real SGLang has no such field: leave --opd-teacher-temperature at 1 with it.
         payload["logprob_temperature"] = teacher_temperature
+        # sglang-router rebuilds requests and drops unknown top-level fields but keeps custom_labels
+        payload["custom_labels"] = {"logprob_temperature": str(teacher_temperature)}
 
     answer = await _post_json(args, args.rm_url, payload, what="teacher scoring", sample=sample)
     _response_logprob_entries(answer, sample, response_length, source=f"teacher answer ({args.rm_url})")
