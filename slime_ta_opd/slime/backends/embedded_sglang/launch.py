@@ -33,11 +33,24 @@ import requests
 _SERVER_MODULE = "slime.backends.embedded_sglang.server"
 
 
+_RECENT_PORTS: list[int] = []  # ports handed out by this process, not yet bound by their server
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago (bind to port 0, read it back).
+
+    The OS readily hands the same just-released port out twice, so ports this process returned
+    recently (e.g. a router's port and its metrics port, picked back to back) are never repeated.
+    """
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            del _RECENT_PORTS[:-256]
+            return port
+    raise RuntimeError(f"could not find a free TCP port on {host} that this process has not handed out already")
 
 
 def _stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
