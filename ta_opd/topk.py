@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 PAD_ID = -1
+# the smallest magnitude that rounds to ±inf in float32 (log-probs are stored as float32)
+_F32_OVERFLOW = 3.4028235677973366e38
 _MAX_TOKEN_ID = 1 << 40  # far above any vocabulary; keeps junk ids from overflowing int64 tensors
 
 Entry = Sequence[Any]  # SGLang's [logprob, token_id, text_or_None]
@@ -39,7 +41,7 @@ def _clean_row(row: Sequence[Entry] | None, k: int) -> list[tuple[float, int]]:
                 f"top-K entry {list(entry)[:3]!r}: expected [logprob, token id, text] with a number and an integer "
                 f"token id below {_MAX_TOKEN_ID}"
             ) from exc
-        if not math.isfinite(lp) or tid < 0 or tid in seen:
+        if not math.isfinite(lp) or abs(lp) >= _F32_OVERFLOW or tid < 0 or tid in seen:
             continue
         seen.add(tid)
         pairs.append((lp, tid))
@@ -93,7 +95,7 @@ def _pack_clean_rows(entries: Sequence[Sequence[Entry] | None], k: int, ids: Ten
     fast = (length <= k) & (length > 0)
     row_of = torch.repeat_interleave(torch.arange(n), length)  # [E]
     col = torch.arange(len(flat)) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
-    bad = ~torch.isfinite(lp) | (tid < 0) | (tid >= _MAX_TOKEN_ID)
+    bad = ~torch.isfinite(lp.to(torch.float32)) | (tid < 0) | (tid >= _MAX_TOKEN_ID)  # finite as stored
     fast[row_of[bad]] = False
     keep = fast[row_of]  # entries of fast rows (each fits in k columns)
     ids_fast = torch.full((n, k), PAD_ID, dtype=torch.long)
