@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ta_opd._native import stats_kernel
 from ta_opd.config import SelectionConfig
 from ta_opd.topk import TokenBatch
 
@@ -229,7 +230,7 @@ def _match(
     return s_col * n + row, t_col * n + row, row
 
 
-def _top1(ids: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _top1(ids: np.ndarray, lp: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(column, id, prob, non-empty) of each row's highest log-prob, the first in list order among equals."""
     k, n = lp.shape
     best = np.maximum.reduce(lp, axis=0)
@@ -240,7 +241,8 @@ def _top1(ids: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     np.copyto(col, 0, where=is_best[0])
     non_empty = best > -np.inf
     top_id = np.where(non_empty, ids.reshape(-1)[np.arange(n) * k + col], -1)
-    return col, top_id, np.where(non_empty, np.exp(best), 0.0), non_empty
+    top_p = prob.reshape(-1)[col * n + np.arange(n)]  # exp(best), the value the list's mass summed
+    return col, top_id, np.where(non_empty, top_p, 0.0), non_empty
 
 
 def _rank_of(ids: np.ndarray, ok: np.ndarray, all_ok: bool, lp: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -335,8 +337,8 @@ def _chunk_stats(
     bc += red(bc_t, axis=0)
     shared = red(t_on_s, axis=0)  # Σ_{S∩T} t, in student list order
 
-    _, s_top_id, s_top_p, _ = _top1(s_ids, s_lp)
-    t_top_col, t_top_id, t_top_p, t_non_empty = _top1(t_ids, t_lp)
+    _, s_top_id, s_top_p, _ = _top1(s_ids, s_lp, s)
+    t_top_col, t_top_id, t_top_p, t_non_empty = _top1(t_ids, t_lp, t)
     t_shared = np.zeros(kk * n, dtype=bool)
     t_shared[t_at] = True
     out = {
@@ -362,6 +364,79 @@ def _chunk_stats(
     return out
 
 
+NATIVE_ROW_CHUNK = 512  # rows per kernel chunk: its [K, chunk] float64 buffers stay cache-resident
+_ABSENT_KEY = {"s": -(2**62), "t": -(2**62) - 1}  # ids of entries outside a list: never equal, never sampled
+_OUT_FIELDS = (
+    ("kl_f_union", np.float64),
+    ("kl_r_union", np.float64),
+    ("bc", np.float64),
+    ("cmass", np.float64),
+    ("teacher_mass_on_shared", np.float64),
+    ("entropy_norm", np.float64),
+    ("overlap", np.float64),
+    ("reach_t1", np.bool_),
+    ("student_rank_sampled", np.int64),
+    ("teacher_rank_sampled", np.int64),
+    ("student_top1_id", np.int64),
+    ("student_top1_prob", np.float64),
+    ("teacher_top1_id", np.int64),
+    ("teacher_top1_prob", np.float64),
+)  # fmt: skip  (the kernel's output order)
+
+
+def _native_stats(lib, arrays: list[np.ndarray], k: int, want_t_on_s: bool) -> dict[str, np.ndarray]:
+    """The fields of ``_chunk_stats`` for all rows, from the compiled kernel (ta_opd/_native): the same
+    IEEE operations in the same order, with numpy's exp/log applied between its passes, so the result is
+    bit-identical to the numpy path."""
+    s_ids, s_logp, t_ids, t_logp, sampled = (np.ascontiguousarray(x) for x in arrays)
+    s_ids, t_ids, sampled = (x.astype(np.int64, copy=False) for x in (s_ids, t_ids, sampled))
+    if s_logp.dtype not in (np.float32, np.float64):
+        s_logp = s_logp.astype(np.float64)
+    if t_logp.dtype not in (np.float32, np.float64):
+        t_logp = t_logp.astype(np.float64)
+    n, ks = s_ids.shape
+    kt = t_ids.shape[1]
+    out = {name: np.empty(n, dtype=dtype) for name, dtype in _OUT_FIELDS}
+    out["student_topk_mass"], out["teacher_topk_mass"] = np.empty(n), np.empty(n)
+    t_on_s = np.empty((n, ks)) if want_t_on_s else None
+    log_n = np.log(np.maximum(np.arange(ks + 1, dtype=np.float64), 2.0))  # numpy's log, as the numpy path
+    rows = min(n, NATIVE_ROW_CHUNK)
+    sides = {
+        "s": (s_ids, s_logp, ks, out["student_topk_mass"]),
+        "t": (t_ids, t_logp, kt, out["teacher_topk_mass"]),
+    }
+    buf = {}  # per side: key [K, rows] int64 (< 0 outside the list); lp, p = exp(lp), u = p / mass, l = log(u) float64
+    for side, (_, _, kk, _) in sides.items():
+        buf[side] = {"key": np.empty(kk * rows, dtype=np.int64)}
+        buf[side].update({b: np.empty(kk * rows) for b in ("lp", "p", "u", "l")})
+    bp = {side: {name: a.ctypes.data for name, a in b.items()} for side, b in buf.items()}  # fixed addresses
+    out_base = [(out[name].ctypes.data, out[name].itemsize) for name, _ in _OUT_FIELDS]
+    for a in range(0, n, rows):
+        m = min(rows, n - a)
+        for side, (ids, logp, kk, mass) in sides.items():
+            b, p = buf[side], bp[side]
+            prep = lib.ta_prep_f32 if logp.dtype == np.float32 else lib.ta_prep_f64
+            src_lp = logp.ctypes.data + a * kk * logp.itemsize
+            prep(m, kk, ids.ctypes.data + a * kk * 8, src_lp, _ABSENT_KEY[side], p["key"], p["lp"])
+            np.exp(b["lp"][: m * kk], out=b["p"][: m * kk])
+            lib.ta_norm(m, kk, p["p"], p["u"], mass.ctypes.data + a * 8)
+            np.log(b["u"][: m * kk], out=b["l"][: m * kk])
+        s, t = bp["s"], bp["t"]
+        status = lib.ta_row_stats(
+            m, ks, kt, PROB_FLOOR, LOG_FLOOR, float(max(k, 1)), log_n.ctypes.data,
+            s["key"], s["lp"], s["p"], s["u"], s["l"], out["student_topk_mass"].ctypes.data + a * 8,
+            t["key"], t["lp"], t["p"], t["u"], t["l"], out["teacher_topk_mass"].ctypes.data + a * 8,
+            sampled.ctypes.data + a * 8,
+            *(base + a * size for base, size in out_base),
+            None if t_on_s is None else t_on_s.ctypes.data + a * ks * 8,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"ta_opd statistics kernel: out of memory for a chunk of {m} rows")
+    if t_on_s is not None:
+        out["t_on_s"] = t_on_s
+    return out
+
+
 def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
     """Every METHOD.md §2 statistic of every row of ``batch`` (vectorised over chunks of rows)."""
     s_ids, t_ids = batch.student_topk_ids, batch.teacher_topk_ids
@@ -375,12 +450,17 @@ def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
         x.detach().cpu().numpy()
         for x in (s_ids, batch.student_topk_logp, t_ids, batch.teacher_topk_logp, batch.sampled_ids)
     ]
+    lib = stats_kernel() if n else None
     with np.errstate(divide="ignore", invalid="ignore"):  # log 0 and 0·(−inf) outside the lists are masked
-        parts = [
-            _chunk_stats(*(x[a : a + ROW_CHUNK] for x in arrays), k, want_t_on_s=exact)
-            for a in range(0, max(n, 1), ROW_CHUNK)
-        ]
-    cols = {name: torch.from_numpy(np.concatenate([p[name] for p in parts])).to(device) for name in parts[0]}
+        if lib is not None:
+            merged = _native_stats(lib, arrays, k, want_t_on_s=exact)
+        else:
+            parts = [
+                _chunk_stats(*(x[a : a + ROW_CHUNK] for x in arrays), k, want_t_on_s=exact)
+                for a in range(0, max(n, 1), ROW_CHUNK)
+            ]
+            merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    cols = {name: torch.from_numpy(value).to(device) for name, value in merged.items()}
     t_on_s = cols.pop("t_on_s", None)
     cmass = cols["cmass"]
     cmass_exact: Tensor | None = None
