@@ -14,6 +14,7 @@ ranking's ties rest on hold exactly (a one-entry list has ŝ = 1; identical list
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass, fields
 
@@ -364,7 +365,7 @@ def _chunk_stats(
     return out
 
 
-NATIVE_ROW_CHUNK = 512  # rows per kernel chunk: its [K, chunk] float64 buffers stay cache-resident
+NATIVE_ROW_CHUNK = 1024  # rows per kernel chunk: its [K, chunk] float64 buffers stay cache-resident
 _ABSENT_KEY = {"s": -(2**62), "t": -(2**62) - 1}  # ids of entries outside a list: never equal, never sampled
 _OUT_FIELDS = (
     ("kl_f_union", np.float64),
@@ -401,37 +402,46 @@ def _native_stats(lib, arrays: list[np.ndarray], k: int, want_t_on_s: bool) -> d
     t_on_s = np.empty((n, ks)) if want_t_on_s else None
     log_n = np.log(np.maximum(np.arange(ks + 1, dtype=np.float64), 2.0))  # numpy's log, as the numpy path
     rows = min(n, NATIVE_ROW_CHUNK)
-    sides = {
-        "s": (s_ids, s_logp, ks, out["student_topk_mass"]),
-        "t": (t_ids, t_logp, kt, out["teacher_topk_mass"]),
-    }
-    buf = {}  # per side: key [K, rows] int64 (< 0 outside the list); lp, p = exp(lp), u = p / mass, l = log(u) float64
-    for side, (_, _, kk, _) in sides.items():
-        buf[side] = {"key": np.empty(kk * rows, dtype=np.int64)}
-        buf[side].update({b: np.empty(kk * rows) for b in ("lp", "p", "u", "l")})
-    bp = {side: {name: a.ctypes.data for name, a in b.items()} for side, b in buf.items()}  # fixed addresses
-    out_base = [(out[name].ctypes.data, out[name].itemsize) for name, _ in _OUT_FIELDS]
-    for a in range(0, n, rows):
-        m = min(rows, n - a)
-        for side, (ids, logp, kk, mass) in sides.items():
-            b, p = buf[side], bp[side]
-            prep = lib.ta_prep_f32 if logp.dtype == np.float32 else lib.ta_prep_f64
-            src_lp = logp.ctypes.data + a * kk * logp.itemsize
-            prep(m, kk, ids.ctypes.data + a * kk * 8, src_lp, _ABSENT_KEY[side], p["key"], p["lp"])
-            np.exp(b["lp"][: m * kk], out=b["p"][: m * kk])
-            lib.ta_norm(m, kk, p["p"], p["u"], mass.ctypes.data + a * 8)
-            np.log(b["u"][: m * kk], out=b["l"][: m * kk])
-        s, t = bp["s"], bp["t"]
-        status = lib.ta_row_stats(
-            m, ks, kt, PROB_FLOOR, LOG_FLOOR, float(max(k, 1)), log_n.ctypes.data,
-            s["key"], s["lp"], s["p"], s["u"], s["l"], out["student_topk_mass"].ctypes.data + a * 8,
-            t["key"], t["lp"], t["p"], t["u"], t["l"], out["teacher_topk_mass"].ctypes.data + a * 8,
-            sampled.ctypes.data + a * 8,
-            *(base + a * size for base, size in out_base),
-            None if t_on_s is None else t_on_s.ctypes.data + a * ks * 8,
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"ta_opd statistics kernel: out of memory for a chunk of {m} rows")
+    # the kernel works on 8 rows at a time (padding rows are outside both lists); an odd number of 64-byte
+    # lines per column keeps the K columns of a buffer in different L1 sets (a 4 KiB stride would alias)
+    stride = -(-rows // 8) * 8
+    stride += 8 if (stride // 8) % 2 == 0 else 0
+    # per side: key [K, stride] int64 (< 0 outside the list); lp, p = exp(lp), u = p / mass, l = log(u) float64
+    bufs, calls = [], []
+    for ids, logp, kk, mass, absent in (
+        (s_ids, s_logp, ks, "student_topk_mass", _ABSENT_KEY["s"]),
+        (t_ids, t_logp, kt, "teacher_topk_mass", _ABSENT_KEY["t"]),
+    ):
+        buf = {"key": np.empty(kk * stride, dtype=np.int64), "mass": np.empty(stride)}
+        buf.update({b: np.empty(kk * stride) for b in ("lp", "p", "u", "l")})
+        ptr = {name: x.ctypes.data for name, x in buf.items()}  # fixed addresses, taken once
+        bufs.append(ptr)
+        prep = lib.ta_prep_f32 if logp.dtype == np.float32 else lib.ta_prep_f64
+        src = (ids.ctypes.data, logp.ctypes.data, logp.itemsize, out[mass].ctypes.data)
+        calls.append((prep, kk, absent, buf, ptr, *src))
+    s, t = bufs
+    sampled = np.concatenate([sampled, np.full(stride, -1, dtype=np.int64)])  # the kernel reads whole 8-row blocks
+    outs = np.array([out[name].ctypes.data for name, _ in _OUT_FIELDS] + [t_on_s.ctypes.data if want_t_on_s else 0])
+    row_args = (
+        PROB_FLOOR, LOG_FLOOR, float(max(k, 1)), log_n.ctypes.data,
+        s["key"], s["lp"], s["p"], s["u"], s["l"], s["mass"], t["key"], t["lp"], t["p"], t["u"], t["l"], t["mass"],
+        sampled.ctypes.data, outs.ctypes.data,
+    )  # fmt: skip
+    exp, log, norm, row_stats = np.exp, np.log, lib.ta_norm, lib.ta_row_stats
+    gc_was_on = gc.isenabled()
+    gc.disable()  # the loop allocates no containers; a collection here would walk every object of the process
+    try:
+        for a in range(0, n, rows):
+            m = min(rows, n - a)
+            for prep, kk, absent, buf, ptr, ids_at, lp_at, lp_size, mass_at in calls:
+                prep(m, stride, kk, ids_at + a * kk * 8, lp_at + a * kk * lp_size, absent, ptr["key"], ptr["lp"])
+                exp(buf["lp"], out=buf["p"])
+                norm(m, stride, kk, ptr["p"], ptr["u"], ptr["mass"], mass_at + a * 8)
+                log(buf["u"], out=buf["l"])
+            row_stats(m, stride, ks, kt, *row_args, a)
+    finally:
+        if gc_was_on:
+            gc.enable()
     if t_on_s is not None:
         out["t_on_s"] = t_on_s
     return out

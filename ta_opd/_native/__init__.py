@@ -77,13 +77,12 @@ def _build(cc: str, out: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, f64, vp = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-    lib.ta_prep_f64.argtypes = [i64, i64, vp, vp, i64, vp, vp]
-    lib.ta_prep_f32.argtypes = [i64, i64, vp, vp, i64, vp, vp]
-    lib.ta_norm.argtypes = [i64, i64, vp, vp, vp]
-    lib.ta_row_stats.argtypes = [i64, i64, i64, f64, f64, f64] + [vp] * 29
-    for fn in (lib.ta_prep_f64, lib.ta_prep_f32, lib.ta_norm):
+    lib.ta_prep_f64.argtypes = [i64, i64, i64, vp, vp, i64, vp, vp]
+    lib.ta_prep_f32.argtypes = [i64, i64, i64, vp, vp, i64, vp, vp]
+    lib.ta_norm.argtypes = [i64, i64, i64, vp, vp, vp, vp]
+    lib.ta_row_stats.argtypes = [i64, i64, i64, i64, f64, f64, f64] + [vp] * 15 + [i64]
+    for fn in (lib.ta_prep_f64, lib.ta_prep_f32, lib.ta_norm, lib.ta_row_stats):
         fn.restype = None
-    lib.ta_row_stats.restype = ctypes.c_int
     return lib
 
 

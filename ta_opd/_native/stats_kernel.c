@@ -6,16 +6,20 @@
  * passes, so both paths use the very same exp/log. Built with -ffp-contract=off and without -ffast-math,
  * so the compiler neither fuses a*b+c nor reorders a sum.
  *
- * Layout: a chunk of m rows, column-major ([k][m], as the numpy path): every inner loop runs over rows
- * (vectorised, one SIMD lane per row) and every per-row sum adds the list's entries in list order. Flags
- * are int64 so that masks and doubles share one lane width; each loop nest is its own function with
- * restrict pointers, so the compiler needs no aliasing checks to vectorise it.
+ * Layout: a chunk of rows, column-major ([k][stride], as the numpy path), stride a multiple of W = 8.
+ * Rows are processed W at a time (one SIMD lane per row, accumulators in registers); every per-row sum
+ * adds the list's entries in list order. Padding rows (stride > rows) are outside both lists.
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-#define HOT static __attribute__((noinline))
+#define W 8
+typedef double vd __attribute__((vector_size(W * sizeof(double))));   /* one row per lane */
+typedef int64_t vi __attribute__((vector_size(W * sizeof(int64_t)))); /* lane masks are -1 / 0 */
 typedef double *restrict dptr;
 typedef const double *restrict cdptr;
 typedef int64_t *restrict iptr;
@@ -24,201 +28,244 @@ typedef const int64_t *restrict ciptr;
 /* np.maximum(x, floor): NaN propagates. */
 static inline double max_floor(double x, double floor_value) { return (x != x || x > floor_value) ? x : floor_value; }
 
-/* Pass 1: one side's chunk, transposed. An entry is in the list when id >= 0 and its log-prob is finite;
- * outside the list the masked log-prob is -inf and the key is `absent_key` (negative, and different for the
- * two sides, so it never matches: "in the list" is key >= 0 from here on). */
-#define PREP_BODY                                                                      \
-    for (int64_t r0 = 0; r0 < m; r0 += 8) { /* 8 rows at a time: reads and writes stay in cache lines */ \
-        const int64_t r1 = r0 + 8 < m ? r0 + 8 : m;                                    \
-        for (int64_t j = 0; j < k; ++j)                                                \
-            for (int64_t r = r0; r < r1; ++r) {                                        \
-                const double x = (double)lp[r * k + j];                                \
-                const int64_t id = ids[r * k + j];                                     \
-                const int64_t good = (id >= 0) & (x - x == 0.0); /* finite: x - x is 0 */ \
-                    lp_t[j * m + r] = good ? x : -INFINITY;                                \
-                key_t[j * m + r] = good ? id : absent_key;                             \
-            }                                                                          \
-    }
-
-void ta_prep_f64(int64_t m, int64_t k, ciptr ids, cdptr lp, int64_t absent_key, iptr key_t, dptr lp_t) {
-    PREP_BODY
+static inline vd load_d(const double *p) {
+    vd v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vi load_i(const int64_t *p) {
+    vi v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vd splat_d(double x) { return (vd){0} + x; }
+static inline vi splat_i(int64_t x) { return (vi){0} + x; }
+/* mask ? a : b, lane by lane, by bits (exact) */
+static inline vd sel_d(vi mask, vd a, vd b) { return (vd)((mask & (vi)a) | (~mask & (vi)b)); }
+static inline vi sel_i(vi mask, vi a, vi b) { return (mask & a) | (~mask & b); }
+/* base[at[w]] for every lane */
+static inline vd gather_d(const double *base, vi at) {
+#if defined(__AVX512F__)
+    return (vd)_mm512_i64gather_pd((__m512i)at, base, 8);
+#else
+    vd v;
+    for (int w = 0; w < W; ++w) v[w] = base[at[w]];
+    return v;
+#endif
+}
+static inline vd vmax_floor(vd x, vd floor_value) { return sel_d((x != x) | (x > floor_value), x, floor_value); }
+static inline vd vsqrt(vd x) { /* correctly rounded, as numpy's sqrt */
+#if defined(__AVX512F__)
+    return (vd)_mm512_sqrt_pd((__m512d)x);
+#else
+    for (int w = 0; w < W; ++w) x[w] = sqrt(x[w]);
+    return x;
+#endif
 }
 
-void ta_prep_f32(int64_t m, int64_t k, ciptr ids, const float *restrict lp, int64_t absent_key, iptr key_t,
+/* Pass 1: one side's chunk, transposed to [k][stride]. An entry is in the list when id >= 0 and its
+ * log-prob is finite; outside the list (and on padding rows r >= m) the masked log-prob is -inf and the key
+ * is `absent_key` (negative, different for the two sides, so it never matches: "in the list" is key >= 0). */
+#define PREP_BODY                                                                            \
+    for (int64_t r0 = 0; r0 < stride; r0 += W) {                                             \
+        for (int64_t j = 0; j < k; ++j)                                                      \
+            for (int64_t r = r0; r < r0 + W; ++r) {                                          \
+                const int64_t real = r < m;                                                  \
+                const double x = real ? (double)lp[r * k + j] : -INFINITY;                   \
+                const int64_t id = real ? ids[r * k + j] : -1;                               \
+                const int64_t good = (id >= 0) & (x - x == 0.0); /* finite: x - x is 0 */    \
+                lp_t[j * stride + r] = good ? x : -INFINITY;                                 \
+                key_t[j * stride + r] = good ? id : absent_key;                              \
+            }                                                                                \
+    }
+
+void ta_prep_f64(int64_t m, int64_t stride, int64_t k, ciptr ids, cdptr lp, int64_t absent_key, iptr key_t,
                  dptr lp_t) {
     PREP_BODY
 }
 
-/* Pass 2 (after p = exp(lp)): the list's mass Σ p (list order) and u = p / den, den = mass if > 0 else 1. */
-void ta_norm(int64_t m, int64_t k, cdptr p, dptr u, dptr mass) {
-    for (int64_t r = 0; r < m; ++r) mass[r] = p[r];
-    for (int64_t j = 1; j < k; ++j)
-        for (int64_t r = 0; r < m; ++r) mass[r] += p[j * m + r];
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t r = 0; r < m; ++r) u[j * m + r] = p[j * m + r] / (mass[r] > 0.0 ? mass[r] : 1.0);
+void ta_prep_f32(int64_t m, int64_t stride, int64_t k, ciptr ids, const float *restrict lp, int64_t absent_key,
+                 iptr key_t, dptr lp_t) {
+    PREP_BODY
 }
 
-/* Join the lists by id: for each student entry the teacher column with the same id (-1 if none), which
- * teacher entries are shared, and pairs per row. Ids are unique within a valid list (pack_topk); keys of
- * entries outside a list are negative and differ between the sides, so they never match. */
-HOT void match_ids(int64_t m, int64_t ks, int64_t kt, ciptr s_key, ciptr t_key, iptr col_of, iptr t_shared,
-                   iptr pairs) {
-    for (int64_t e = 0; e < ks * m; ++e) col_of[e] = -1;
-    for (int64_t e = 0; e < kt * m; ++e) t_shared[e] = 0;
-    for (int64_t j = 0; j < ks; ++j)
+/* Pass 2 (after p = exp(lp)): the list's mass Σ p (list order) and u = p / den, den = mass if > 0 else 1.
+ * mass: [stride] scratch; mass_out: the chunk's first m rows of the output. */
+void ta_norm(int64_t m, int64_t stride, int64_t k, cdptr p, dptr u, dptr mass, dptr mass_out) {
+    for (int64_t r = 0; r < stride; ++r) mass[r] = p[r];
+    for (int64_t j = 1; j < k; ++j)
+        for (int64_t r = 0; r < stride; ++r) mass[r] += p[j * stride + r];
+    for (int64_t j = 0; j < k; ++j)
+        for (int64_t r = 0; r < stride; ++r) u[j * stride + r] = p[j * stride + r] / (mass[r] > 0.0 ? mass[r] : 1.0);
+    for (int64_t r = 0; r < m; ++r) mass_out[r] = mass[r];
+}
+
+/* Pass 3 (after l = log(u)): every statistic of the chunk's first m rows (stride: see above).
+ * ks, kt: list lengths; k_norm = max(K, 1) for the overlap; log_n[c] = numpy's log(max(c, 2)), c = 0..ks.
+ * outs: the addresses of the whole step's outputs, in the order below (t_on_s may be 0); this chunk's rows
+ * start at row `first`. t_on_s is row-major [rows, ks]: the teacher's prob of each student entry, 0 where
+ * the teacher does not list it. */
+void ta_row_stats(int64_t m, int64_t stride, int64_t ks, int64_t kt, double prob_floor, double log_floor,
+                  double k_norm, cdptr log_n, ciptr s_key, cdptr s_lp, cdptr s_p, cdptr s_u, cdptr s_l, cdptr s_mass,
+                  ciptr t_key, cdptr t_lp, cdptr t_p, cdptr t_u, cdptr t_l, cdptr t_mass, ciptr sampled,
+                  const intptr_t *outs, int64_t first) {
+    double *restrict kl_f_out = (double *)outs[0] + first, *restrict kl_r_out = (double *)outs[1] + first;
+    double *restrict bc_out = (double *)outs[2] + first, *restrict cmass_out = (double *)outs[3] + first;
+    double *restrict shared_out = (double *)outs[4] + first, *restrict entropy_out = (double *)outs[5] + first;
+    double *restrict overlap_out = (double *)outs[6] + first;
+    uint8_t *restrict reach_out = (uint8_t *)outs[7] + first;
+    int64_t *restrict s_rank_out = (int64_t *)outs[8] + first, *restrict t_rank_out = (int64_t *)outs[9] + first;
+    int64_t *restrict s_top_id_out = (int64_t *)outs[10] + first;
+    double *restrict s_top_p_out = (double *)outs[11] + first;
+    int64_t *restrict t_top_id_out = (int64_t *)outs[12] + first;
+    double *restrict t_top_p_out = (double *)outs[13] + first;
+    double *restrict t_on_s = outs[14] ? (double *)outs[14] + first * ks : NULL;
+    sampled += first;
+    vi col_of[ks > 0 ? ks : 1];   /* teacher column of each student entry, -1 if unshared */
+    vi t_shared[kt > 0 ? kt : 1]; /* teacher entry listed by the student too (-1 / 0) */
+    for (int64_t r0 = 0; r0 < stride; r0 += W) {
+        /* join the lists by id (ids are unique within a valid list, as pack_topk guarantees) */
+        const vi minus_one = splat_i(-1), zero_i = splat_i(0), lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        vi pairs = zero_i;
+        for (int64_t i = 0; i < kt; ++i) t_shared[i] = zero_i;
+        int64_t j = 0;
+        for (; j + 4 <= ks; j += 4) { /* four student entries per sweep of the teacher list: independent chains */
+            const vi id0 = load_i(s_key + j * stride + r0), id1 = load_i(s_key + (j + 1) * stride + r0);
+            const vi id2 = load_i(s_key + (j + 2) * stride + r0), id3 = load_i(s_key + (j + 3) * stride + r0);
+            vi c0 = minus_one, c1 = minus_one, c2 = minus_one, c3 = minus_one;
+            for (int64_t i = 0; i < kt; ++i) {
+                const vi tk = load_i(t_key + i * stride + r0), iv = splat_i(i);
+                const vi e0 = id0 == tk, e1 = id1 == tk, e2 = id2 == tk, e3 = id3 == tk;
+                c0 = sel_i(e0, iv, c0), c1 = sel_i(e1, iv, c1), c2 = sel_i(e2, iv, c2), c3 = sel_i(e3, iv, c3);
+                t_shared[i] |= (e0 | e1) | (e2 | e3);
+            }
+            col_of[j] = c0, col_of[j + 1] = c1, col_of[j + 2] = c2, col_of[j + 3] = c3;
+        }
+        for (; j < ks; ++j) {
+            const vi id = load_i(s_key + j * stride + r0);
+            vi c = minus_one;
+            for (int64_t i = 0; i < kt; ++i) {
+                const vi eq = id == load_i(t_key + i * stride + r0);
+                c = sel_i(eq, splat_i(i), c);
+                t_shared[i] |= eq;
+            }
+            col_of[j] = c;
+        }
+        for (j = 0; j < ks; ++j) pairs -= col_of[j] >= 0;
+
+        /* student entries, in list order: H_t's sum; KLf, KLr, BC with the teacher side of each entry
+         * (log t̂, t̂, t of the matching teacher entry, else the floors and 0); the teacher's mass on S */
+        const vd pf = splat_d(prob_floor), lf = splat_d(log_floor), zero_d = splat_d(0.0);
+        vd h = zero_d, kl_f = zero_d, kl_r = zero_d, bc = zero_d, shared = zero_d;
+        vi n_pos = zero_i;
+        for (int64_t j = 0; j < ks; ++j) {
+            const int64_t e = j * stride + r0;
+            const vi c = col_of[j], matched = c >= 0;
+            /* the matching teacher entry's values (unmatched lanes read their own row's first entry) */
+            const vi at = sel_i(matched, c * stride, zero_i) + lane + r0;
+            const vd t_l_at = gather_d(t_l, at), t_u_at = gather_d(t_u, at), t_p_at = gather_d(t_p, at);
+            const vd log_th_s = sel_d(matched, vmax_floor(t_l_at, lf), lf);
+            const vd th_s = sel_d(matched, vmax_floor(t_u_at, pf), pf);
+            const vd t_here = sel_d(matched, t_p_at, zero_d);
+            const vd su = load_d(s_u + e), sl = load_d(s_l + e);
+            const vi pos = load_d(s_p + e) > 0.0;
+            const vd h_term = sel_d(pos, su * sl, zero_d);
+            const vd log_sh = vmax_floor(sl, lf), sh = vmax_floor(su, pf);
+            const vd log_ratio = log_th_s - log_sh;
+            const vd f = th_s * log_ratio, rv = sh * log_ratio;
+            const vd b = sel_d(load_i(s_key + e) >= 0, vsqrt(sh * th_s), zero_d);
+            if (j == 0) {
+                h = h_term, kl_f = f, kl_r = rv, bc = b, shared = t_here;
+            } else {
+                h += h_term, kl_f += f, kl_r += rv, bc += b, shared += t_here;
+            }
+            n_pos -= pos;
+            if (t_on_s)
+                for (int64_t w = 0; w < W && r0 + w < m; ++w) t_on_s[(r0 + w) * ks + j] = t_here[w];
+        }
+
+        /* teacher-only entries (ŝ = the floor); shared and invalid entries contribute exact zeros */
+        vd kf_t = zero_d, lr_t = zero_d, bc_t = zero_d;
         for (int64_t i = 0; i < kt; ++i) {
-            const int64_t *restrict sk = s_key + j * m, *restrict tk = t_key + i * m;
-            int64_t *restrict cj = col_of + j * m, *restrict shared = t_shared + i * m;
-            for (int64_t r = 0; r < m; ++r) {
-                const int64_t eq = sk[r] == tk[r];
-                cj[r] = eq ? i : cj[r];
-                shared[r] |= eq;
+            const int64_t e = i * stride + r0;
+            const vd th = vmax_floor(load_d(t_u + e), pf);
+            const vi sh_i = t_shared[i];
+            const vd lrt = sel_d(sh_i, zero_d, vmax_floor(load_d(t_l + e), lf) - lf);
+            const vd f = th * lrt;
+            const vd b = sel_d(sh_i | (load_i(t_key + e) < 0), zero_d, vsqrt(th * pf));
+            if (i == 0) {
+                kf_t = f, lr_t = lrt, bc_t = b;
+            } else {
+                kf_t += f, lr_t += lrt, bc_t += b;
             }
         }
-    for (int64_t r = 0; r < m; ++r) pairs[r] = 0;
-    for (int64_t j = 0; j < ks; ++j)
-        for (int64_t r = 0; r < m; ++r) pairs[r] += col_of[j * m + r] >= 0;
-}
 
-/* The teacher side of each student entry: log t̂, t̂ and t of the matching teacher entry, else the floors
- * and 0. */
-HOT void gather_teacher(int64_t m, int64_t ks, double prob_floor, double log_floor, ciptr col_of, cdptr t_l,
-                        cdptr t_u, cdptr t_p, dptr log_th_s, dptr th_s, dptr t_here) {
-    for (int64_t j = 0; j < ks; ++j)
-        for (int64_t r = 0; r < m; ++r) {
-            const int64_t e = j * m + r, i = col_of[e];
-            const int64_t at = i >= 0 ? i * m + r : r; /* a valid address either way: no masked gather */
-            const double log_t = max_floor(t_l[at], log_floor), t_hat = max_floor(t_u[at], prob_floor);
-            log_th_s[e] = i >= 0 ? log_t : log_floor;
-            th_s[e] = i >= 0 ? t_hat : prob_floor;
-            t_here[e] = i >= 0 ? t_p[at] : 0.0;
+        /* top-1 of each side (first in list order among equals: the descending sweep keeps the lowest
+         * column) and the sampled token's ranks (entries with a strictly higher log-prob; -1 when absent;
+         * the last hit wins, as the numpy scatter does) */
+        const vi want = load_i(sampled + r0); /* sampled is padded to the stride by the caller */
+        vd s_best = load_d(s_lp + r0), t_best = load_d(t_lp + r0), s_q = splat_d(INFINITY), t_q = s_q;
+        for (int64_t j = 1; j < ks; ++j) {
+            const vd x = load_d(s_lp + j * stride + r0);
+            s_best = sel_d(x > s_best, x, s_best);
         }
-}
-
-/* H_t: entropy of the renormalised positive student entries / log(max(n_pos, 2)). */
-HOT void entropy(int64_t m, int64_t ks, cdptr log_n, cdptr s_p, cdptr s_u, cdptr s_l, dptr h, iptr n_pos,
-                 dptr out) {
-    for (int64_t r = 0; r < m; ++r) n_pos[r] = 0;
-    for (int64_t j = 0; j < ks; ++j)
-        for (int64_t r = 0; r < m; ++r) {
-            const int64_t pos = s_p[j * m + r] > 0.0;
-            const double term = pos ? s_u[j * m + r] * s_l[j * m + r] : 0.0;
-            h[r] = j == 0 ? term : h[r] + term;
-            n_pos[r] += pos;
+        for (int64_t i = 1; i < kt; ++i) {
+            const vd x = load_d(t_lp + i * stride + r0);
+            t_best = sel_d(x > t_best, x, t_best);
         }
-    for (int64_t r = 0; r < m; ++r) out[r] = n_pos[r] > 0 ? -h[r] / log_n[n_pos[r]] : 0.0;
-}
-
-/* Student entries: Σ t̂(log t̂ − log ŝ), Σ ŝ(log t̂ − log ŝ), Σ sqrt(ŝ t̂) and Σ t, in list order. */
-HOT void student_sums(int64_t m, int64_t ks, double prob_floor, double log_floor, ciptr s_key, cdptr s_u, cdptr s_l,
-                      cdptr log_th_s, cdptr th_s, cdptr t_here, dptr kl_f, dptr kl_r, dptr bc, dptr shared) {
-    for (int64_t j = 0; j < ks; ++j)
-        for (int64_t r = 0; r < m; ++r) {
-            const int64_t e = j * m + r;
-            const double log_sh = max_floor(s_l[e], log_floor), sh = max_floor(s_u[e], prob_floor);
-            const double log_ratio = log_th_s[e] - log_sh;
-            const double f = th_s[e] * log_ratio, rv = sh * log_ratio;
-            const double b = s_key[e] >= 0 ? sqrt(sh * th_s[e]) : 0.0;
-            kl_f[r] = j == 0 ? f : kl_f[r] + f;
-            kl_r[r] = j == 0 ? rv : kl_r[r] + rv;
-            bc[r] = j == 0 ? b : bc[r] + b;
-            shared[r] = j == 0 ? t_here[e] : shared[r] + t_here[e];
+        for (int64_t j = 0; j < ks; ++j)
+            s_q = sel_d(load_i(s_key + j * stride + r0) == want, load_d(s_lp + j * stride + r0), s_q);
+        for (int64_t i = 0; i < kt; ++i)
+            t_q = sel_d(load_i(t_key + i * stride + r0) == want, load_d(t_lp + i * stride + r0), t_q);
+        vi s_top_id = zero_i, t_top_id = zero_i, reach = zero_i, s_higher = zero_i, t_higher = zero_i;
+        vd s_top_p = zero_d, t_top_p = zero_d;
+        for (int64_t j = ks - 1; j >= 0; --j) {
+            const int64_t e = j * stride + r0;
+            const vd x = load_d(s_lp + e);
+            const vi top = x == s_best;
+            s_top_id = sel_i(top, load_i(s_key + e), s_top_id);
+            s_top_p = sel_d(top, load_d(s_p + e), s_top_p);
+            s_higher -= x > s_q;
         }
-}
-
-/* Teacher-only entries (ŝ = the floor); shared and invalid entries contribute exact zeros. */
-HOT void teacher_sums(int64_t m, int64_t kt, double prob_floor, double log_floor, ciptr t_key, ciptr t_shared,
-                      cdptr t_u, cdptr t_l, dptr kf_t, dptr lr_t, dptr bc_t) {
-    for (int64_t i = 0; i < kt; ++i)
-        for (int64_t r = 0; r < m; ++r) {
-            const int64_t e = i * m + r;
-            const double th = max_floor(t_u[e], prob_floor);
-            const double lrt = t_shared[e] ? 0.0 : max_floor(t_l[e], log_floor) - log_floor;
-            const double f = th * lrt;
-            const double b = (t_shared[e] || t_key[e] < 0) ? 0.0 : sqrt(th * prob_floor);
-            kf_t[r] = i == 0 ? f : kf_t[r] + f;
-            lr_t[r] = i == 0 ? lrt : lr_t[r] + lrt;
-            bc_t[r] = i == 0 ? b : bc_t[r] + b;
+        for (int64_t i = kt - 1; i >= 0; --i) {
+            const int64_t e = i * stride + r0;
+            const vd x = load_d(t_lp + e);
+            const vi top = x == t_best;
+            t_top_id = sel_i(top, load_i(t_key + e), t_top_id);
+            t_top_p = sel_d(top, load_d(t_p + e), t_top_p);
+            reach = sel_i(top, t_shared[i], reach);
+            t_higher -= x > t_q;
         }
-}
+        const vi s_any = s_best > -INFINITY, t_any = t_best > -INFINITY;
 
-/* Sampled-token rank in one list: entries with a strictly higher log-prob, -1 when absent (the last hit
- * wins, as the numpy scatter does). */
-HOT void rank_of(int64_t m, int64_t k, ciptr key, cdptr lp, ciptr sampled, dptr q, iptr higher, iptr out) {
-    for (int64_t r = 0; r < m; ++r) q[r] = INFINITY, higher[r] = 0;
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t r = 0; r < m; ++r) q[r] = key[j * m + r] == sampled[r] ? lp[j * m + r] : q[r];
-    for (int64_t j = 0; j < k; ++j)
-        for (int64_t r = 0; r < m; ++r) higher[r] += lp[j * m + r] > q[r];
-    for (int64_t r = 0; r < m; ++r) out[r] = q[r] < INFINITY ? higher[r] : -1;
-}
-
-/* First column holding each row's highest masked log-prob (0 for an empty list). */
-HOT void top_col(int64_t m, int64_t k, cdptr lp, dptr best, iptr col) {
-    for (int64_t r = 0; r < m; ++r) best[r] = lp[r];
-    for (int64_t j = 1; j < k; ++j)
-        for (int64_t r = 0; r < m; ++r) best[r] = lp[j * m + r] > best[r] ? lp[j * m + r] : best[r];
-    for (int64_t r = 0; r < m; ++r) col[r] = 0;
-    for (int64_t j = k - 1; j >= 0; --j)
-        for (int64_t r = 0; r < m; ++r) col[r] = lp[j * m + r] == best[r] ? j : col[r];
-}
-
-/* Pass 3 (after l = log(u)): every statistic of the chunk's rows. Returns 0, or -1 if out of memory.
- * ks, kt: list lengths; k_norm = max(K, 1) for the overlap; log_n[c] = numpy's log(max(c, 2)), c = 0..ks.
- * Outputs are [m] at the chunk's offset; t_on_s (may be NULL) is row-major [m, ks]: the teacher's prob
- * of each student entry, 0 where the teacher does not list it. */
-int ta_row_stats(int64_t m, int64_t ks, int64_t kt, double prob_floor, double log_floor, double k_norm,
-                 cdptr log_n, ciptr s_key, cdptr s_lp, cdptr s_p, cdptr s_u, cdptr s_l, cdptr s_mass,
-                 ciptr t_key, cdptr t_lp, cdptr t_p, cdptr t_u, cdptr t_l, cdptr t_mass, ciptr sampled,
-                 dptr kl_f_out, dptr kl_r_out, dptr bc_out, dptr cmass_out, dptr shared_out, dptr entropy_out,
-                 dptr overlap_out, uint8_t *restrict reach_out, iptr s_rank_out, iptr t_rank_out, iptr s_top_id_out,
-                 dptr s_top_p_out, iptr t_top_id_out, dptr t_top_p_out, double *restrict t_on_s) {
-    double *log_th_s = malloc(sizeof(double) * (size_t)(3 * ks * m + 6 * m));
-    int64_t *t_shared = malloc(sizeof(int64_t) * (size_t)(kt * m + ks * m + 4 * m));
-    if (!log_th_s || !t_shared) {
-        free(log_th_s), free(t_shared);
-        return -1;
+        /* a side with no mass on U: D = KLr = BC = 0 */
+        const vi ok_row = (load_d(s_mass + r0) > 0.0) & (load_d(t_mass + r0) > 0.0);
+        vd log_n_at;
+        for (int w = 0; w < W; ++w) log_n_at[w] = log_n[n_pos[w]];
+        const vd res_d[] = {
+            sel_d(ok_row, kl_f + kf_t, zero_d),
+            sel_d(ok_row, -(kl_r + prob_floor * lr_t), zero_d),
+            sel_d(ok_row, bc + bc_t, zero_d),
+            sel_d(shared < 0.0, zero_d, sel_d(shared > 1.0, splat_d(1.0), shared)), /* np.clip: NaN stays */
+            shared,
+            sel_d(n_pos > 0, -h / log_n_at, zero_d),
+            __builtin_convertvector(pairs, vd) / k_norm,
+            sel_d(s_any, s_top_p, zero_d),
+            sel_d(t_any, t_top_p, zero_d),
+        };
+        double *const out_d[] = {kl_f_out, kl_r_out, bc_out, cmass_out, shared_out, entropy_out, overlap_out,
+                                 s_top_p_out, t_top_p_out};
+        const vi res_i[] = {
+            sel_i(s_q < INFINITY, s_higher, minus_one),
+            sel_i(t_q < INFINITY, t_higher, minus_one),
+            sel_i(s_any, s_top_id, minus_one),
+            sel_i(t_any, t_top_id, minus_one),
+        };
+        int64_t *const out_i[] = {s_rank_out, t_rank_out, s_top_id_out, t_top_id_out};
+        const vi reached = t_any & reach;
+        const int64_t n_rows = r0 + W <= m ? W : (r0 < m ? m - r0 : 0); /* padding blocks write nothing */
+        for (size_t f = 0; f < sizeof res_d / sizeof res_d[0]; ++f) memcpy(out_d[f] + r0, &res_d[f], 8 * n_rows);
+        for (size_t f = 0; f < sizeof res_i / sizeof res_i[0]; ++f) memcpy(out_i[f] + r0, &res_i[f], 8 * n_rows);
+        for (int64_t w = 0; w < n_rows; ++w) reach_out[r0 + w] = (uint8_t)(reached[w] != 0);
     }
-    double *th_s = log_th_s + ks * m, *t_here = th_s + ks * m;
-    double *kf_t = t_here + ks * m, *lr_t = kf_t + m, *bc_t = lr_t + m, *h = bc_t + m, *best = h + m, *q = best + m;
-    int64_t *col_of = t_shared + kt * m, *pairs = col_of + ks * m, *n_pos = pairs + m, *col = n_pos + m, *higher = col + m;
-
-    match_ids(m, ks, kt, s_key, t_key, col_of, t_shared, pairs);
-    gather_teacher(m, ks, prob_floor, log_floor, col_of, t_l, t_u, t_p, log_th_s, th_s, t_here);
-    entropy(m, ks, log_n, s_p, s_u, s_l, h, n_pos, entropy_out);
-    student_sums(m, ks, prob_floor, log_floor, s_key, s_u, s_l, log_th_s, th_s, t_here, kl_f_out, kl_r_out, bc_out,
-                 shared_out);
-    teacher_sums(m, kt, prob_floor, log_floor, t_key, t_shared, t_u, t_l, kf_t, lr_t, bc_t);
-    for (int64_t r = 0; r < m; ++r) {
-        const int ok_row = s_mass[r] > 0.0 && t_mass[r] > 0.0; /* a side with no mass on U: D = KLr = BC = 0 */
-        const double kl_f = kl_f_out[r] + kf_t[r], kl_r = kl_r_out[r] + prob_floor * lr_t[r];
-        const double bc = bc_out[r] + bc_t[r], shared = shared_out[r];
-        kl_f_out[r] = ok_row ? kl_f : 0.0;
-        kl_r_out[r] = ok_row ? -kl_r : 0.0;
-        bc_out[r] = ok_row ? bc : 0.0;
-        cmass_out[r] = shared < 0.0 ? 0.0 : (shared > 1.0 ? 1.0 : shared);
-        overlap_out[r] = (double)pairs[r] / k_norm;
-    }
-    if (t_on_s)
-        for (int64_t r = 0; r < m; ++r)
-            for (int64_t j = 0; j < ks; ++j) t_on_s[r * ks + j] = t_here[j * m + r];
-
-    /* top-1 of each side (first in list order among equals) and the sampled token's ranks */
-    top_col(m, ks, s_lp, best, col);
-    for (int64_t r = 0; r < m; ++r) {
-        const int any = best[r] > -INFINITY;
-        s_top_id_out[r] = any ? s_key[col[r] * m + r] : -1;
-        s_top_p_out[r] = any ? s_p[col[r] * m + r] : 0.0;
-    }
-    top_col(m, kt, t_lp, best, col);
-    for (int64_t r = 0; r < m; ++r) {
-        const int any = best[r] > -INFINITY;
-        t_top_id_out[r] = any ? t_key[col[r] * m + r] : -1;
-        t_top_p_out[r] = any ? t_p[col[r] * m + r] : 0.0;
-        reach_out[r] = (uint8_t)(any && t_shared[col[r] * m + r]);
-    }
-    rank_of(m, ks, s_key, s_lp, sampled, q, higher, s_rank_out);
-    rank_of(m, kt, t_key, t_lp, sampled, q, higher, t_rank_out);
-    free(log_th_s), free(t_shared);
-    return 0;
 }
