@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from ta_opd.budget import BudgetResult, apply_global_budget, apply_split_budget
 from ta_opd.config import SelectionConfig
 from ta_opd.metrics import selection_metrics
-from ta_opd.selectors import SELECTORS, Features, ca_softor_score, compute_features, selector_scores
+from ta_opd.selectors import SELECTORS, Features, compute_features, selector_scores
 from ta_opd.stats import TokenStats, compute_token_stats
 from ta_opd.topk import TokenBatch
 
@@ -21,7 +22,7 @@ class SelectionResult:
     metrics: dict[str, float]
     stats: TokenStats | None
     features: Features | None
-    scores: dict[str, Tensor]  # every selector's score [N] (empty without top-K lists)
+    scores: Mapping[str, Tensor]  # every selector's score [N], computed on access (empty without top-K lists)
     budget: BudgetResult
 
 
@@ -51,7 +52,7 @@ def select_tokens(batch: TokenBatch, cfg: SelectionConfig, rollout_index: int = 
     batch.validate(cfg)
     valid, n_bad = _check_finite(batch, batch.loss_mask.clone(), cfg)
     stats = features = None
-    scores: dict[str, Tensor] = {}
+    scores: Mapping[str, Tensor] = {}
     if batch.has_topk:
         stats = compute_token_stats(batch, cfg)
         features = compute_features(stats, cfg)
@@ -63,7 +64,7 @@ def select_tokens(batch: TokenBatch, cfg: SelectionConfig, rollout_index: int = 
     else:
         assert features is not None  # batch.validate(cfg) guarantees top-K lists when selecting
         spec = SELECTORS.get(cfg.mask)
-        fallback = ca_softor_score(features, cfg)
+        fallback = scores["ca_softor"]  # min-keep's order (METHOD.md §5)
         if cfg.mask == "split_budget_ca":
             budget = apply_split_budget(
                 features.h,

@@ -8,7 +8,7 @@ D^I = D̃·(1 − C̃) (incompatible disagreement), and the Q3 quadrant
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +140,31 @@ _register("q3_dlearn_low", lambda f, cfg, r: f.d_learn, "Q3 tokens, lowest D^L f
 _register("q3_dincompat_high", lambda f, cfg, r: f.d_incompat, "Q3 tokens, highest D^I first", uses_q3=True)
 
 
-def selector_scores(features: Features, cfg: SelectionConfig, rollout_index: int = 0) -> dict[str, Tensor]:
-    """Every registered selector's score ``[N]`` (for the token bank and the diagnostics)."""
-    return {name: spec.score_fn(features, cfg, rollout_index) for name, spec in SELECTORS.items()}
+class SelectorScores(Mapping[str, Tensor]):
+    """Every registered selector's score ``[N]``, computed on first access and kept (a step needs one or two;
+    the token bank and the diagnostics read them all)."""
+
+    def __init__(self, features: Features, cfg: SelectionConfig, rollout_index: int = 0) -> None:
+        self._features, self._cfg, self._rollout_index = features, cfg, rollout_index
+        self._cache: dict[str, Tensor] = {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._cache:
+            if name not in SELECTORS:
+                raise KeyError(f"unknown mask {name!r}; expected one of {', '.join(SELECTORS.names())}")
+            self._cache[name] = SELECTORS.get(name).score_fn(self._features, self._cfg, self._rollout_index)
+        return self._cache[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in SELECTORS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SELECTORS.names())
+
+    def __len__(self) -> int:
+        return len(SELECTORS.names())
+
+
+def selector_scores(features: Features, cfg: SelectionConfig, rollout_index: int = 0) -> SelectorScores:
+    """Every registered selector's score ``[N]`` (for the token bank and the diagnostics), computed lazily."""
+    return SelectorScores(features, cfg, rollout_index)
