@@ -119,7 +119,7 @@ def run(
     ref_samples: int = 4,
     train_samples: int = 2,
     threads: int = 1,
-    repeats: int = 1,
+    repeats: int = 3,
     selectors: tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> dict:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-samples", type=int, default=4, help="samples the per-token reference runs on")
     p.add_argument("--train-samples", type=int, default=2, help="sequences of the measured training step")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per selector; the best counts")
     p.add_argument("--selectors", default="", help="comma-separated masks (default: every registered one)")
     p.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK_KWARGS}")
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench_selectors.json"), help="JSON result path")

@@ -113,10 +113,13 @@ def normalize_with_ranks(
     n_all = xn.shape[0]
     finite_mask = np.isfinite(xn)
     n_nonfinite = n_all - int(np.count_nonzero(finite_mask))
-    zeros = torch.zeros(x.shape, dtype=torch.float64)
-    zero = torch.zeros((), dtype=torch.float64)
+
+    def all_zero() -> tuple[Tensor, list[Tensor]]:  # built only when needed: [N] zeros cost a pass
+        zero = torch.zeros((), dtype=torch.float64)
+        return torch.zeros(x.shape, dtype=torch.float64, device=x.device), [zero for _ in ranks]
+
     if n_all == 0 or n_nonfinite == n_all:
-        return zeros.to(x.device), [zero for _ in ranks]
+        return all_zero()
     finite = xn[finite_mask] if n_nonfinite else xn
     m = finite.shape[0]
     # positions of the requested quantiles in sort(Norm(x)) → positions among the sorted finite values
@@ -128,7 +131,7 @@ def normalize_with_ranks(
     lo, hi = lo_hi(xs, q_low, q_high)
     span = hi - lo
     if abs(float(span)) < DEGENERATE_RANGE:
-        return zeros.to(x.device), [zero for _ in ranks]
+        return all_zero()
     lo_f, span_f = float(lo), float(span)
     out = np.subtract(xn, lo_f)
     out /= span_f
