@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ta_opd.order_stats import kth_values
+
 # ρ·N is computed in floating point: 0.1·30 = 3.0000000000000004 must give 3, not 4.
 CEIL_TOLERANCE = 1e-9
 
@@ -71,7 +73,7 @@ def _take_top(
 ) -> Tensor:
     """Mask of the first ``n`` eligible rows in ``_order_rows``' order, without sorting them all.
 
-    The n-th best score v is found by a partial sort (``np.partition``); every row strictly
+    The n-th best score v is found in linear time (``ta_opd.order_stats``); every row strictly
     better than v is kept, and only the rows tied at v are ordered by the tie rule. The same set
     as ``_order_rows(...)[:n]``: that order is (score key, tie key, row) and the kept set is a prefix.
     """
@@ -87,7 +89,7 @@ def _take_top(
     s = np.nan_to_num(score[rows].detach().to(device="cpu", dtype=torch.float64).numpy(), nan=nan)
     if not ascending:
         s = -s  # the key sorts ascending either way
-    v = np.partition(s, n - 1)[n - 1]
+    v = kth_values(s, [n - 1])[0]
     better = s < v
     n_better = int(np.count_nonzero(better))
     tied = np.flatnonzero(s == v)
