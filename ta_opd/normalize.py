@@ -4,7 +4,7 @@ Norm(z) = clip((z − lo)/(hi − lo), 0, 1) with (lo, hi) from the registered m
 values map to 0; |hi − lo| < 1e-12 maps everything to 0. Because Norm is monotone, order
 statistics of Norm(z) are Norm of order statistics of z: the Q3 medians need no second pass.
 The built-in methods only read a few order statistics (two quantiles, the min/max), so they
-are found with one ``np.partition`` (linear time) instead of a full sort; a normaliser
+are found in linear time (``ta_opd.order_stats``) instead of a full sort; a normaliser
 registered from outside receives the fully sorted array, as before.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ta_opd.order_stats import kth_values
 from ta_opd.registry import Registry
 
 DEGENERATE_RANGE = 1e-12
@@ -88,7 +89,9 @@ class _OrderStats:
             self.values = np.sort(finite)
         else:
             kth = sorted({int(k) for k in ranks if 0 <= k < self.n})
-            self.values = np.partition(finite, kth) if kth else finite
+            # only the positions in ``kth`` hold their order statistic (the readers read no other)
+            self.values = np.zeros_like(finite)
+            self.values[kth] = kth_values(finite, kth)
 
     def tensor(self) -> Tensor:
         return torch.from_numpy(self.values)

@@ -1,11 +1,14 @@
-"""Optional compiled kernel for the per-row statistics (``stats_kernel.c``), loaded with ctypes.
+"""Optional compiled kernel (``stats_kernel.c``), loaded with ctypes: the per-row statistics and exact
+order statistics.
 
-``ta_opd.stats`` is numpy; with a C compiler on the machine the per-row passes run here instead,
-bit-identical to the numpy path (same IEEE operations in the same order; exp/log stay numpy's), about
-5× faster. Nothing is needed at install time: the first use compiles the kernel with ``$CC`` (else
-``cc``) into ``$TA_OPD_NATIVE_CACHE`` (default ``~/.cache/slime-ta-opd/native``), under a name keyed by
-the source, the compiler and the CPU, written to a temporary file and renamed into place (concurrent
-processes never load a half-written library). No compiler, or a failed build: a warning, and numpy.
+``ta_opd.stats`` and ``ta_opd.order_stats`` are numpy; with a C compiler on the machine their hot loops
+run here instead, with bit-identical results (the statistics: the same IEEE operations in the same order,
+exp/log stay numpy's; order statistics are elements of the input), several times faster.
+
+Nothing is needed at install time: the first use compiles the kernel with ``$CC`` (else ``cc``) into
+``$TA_OPD_NATIVE_CACHE`` (default ``~/.cache/slime-ta-opd/native``), under a name keyed by the source, the
+compiler and the CPU, written to a temporary file and renamed into place (concurrent processes never load
+a half-written library). No compiler, or a failed build: a warning, and numpy.
 
 ``TA_OPD_NATIVE``: ``auto`` (default), ``0``/``off`` (numpy only), ``1``/``require`` (raise if the kernel
 cannot be built).
@@ -81,8 +84,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.ta_prep_f32.argtypes = [i64, i64, i64, vp, vp, i64, vp, vp]
     lib.ta_norm.argtypes = [i64, i64, i64, vp, vp, vp, vp]
     lib.ta_row_stats.argtypes = [i64, i64, i64, i64, f64, f64, f64] + [vp] * 15 + [i64]
+    lib.ta_kth.argtypes = [i64, vp, i64, vp, vp]
     for fn in (lib.ta_prep_f64, lib.ta_prep_f32, lib.ta_norm, lib.ta_row_stats):
         fn.restype = None
+    lib.ta_kth.restype = ctypes.c_int
     return lib
 
 

@@ -12,6 +12,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -267,5 +268,151 @@ void ta_row_stats(int64_t m, int64_t stride, int64_t ks, int64_t kt, double prob
         for (size_t f = 0; f < sizeof res_d / sizeof res_d[0]; ++f) memcpy(out_d[f] + r0, &res_d[f], 8 * n_rows);
         for (size_t f = 0; f < sizeof res_i / sizeof res_i[0]; ++f) memcpy(out_i[f] + r0, &res_i[f], 8 * n_rows);
         for (int64_t w = 0; w < n_rows; ++w) reach_out[r0 + w] = (uint8_t)(reached[w] != 0);
+    }
+}
+
+/* ------------------------------------------------------------------ exact order statistics (ta_opd.order_stats)
+ * ta_kth: out[i] = sort(x)[ks[i]] for ranks ks ascending and distinct, x without NaN. A strided sample brackets
+ * each rank; counting passes check that each bracket holds its ranks, one copying pass collects the values
+ * inside the brackets, and a three-way quickselect (ties stay together) finds each rank there. A bracket
+ * that misses falls back to selecting over a copy of all of x. scratch: 2 n + 1 + KTH_SAMPLE doubles. */
+#define KTH_SAMPLE 2048
+#define KTH_SMALL 8192
+
+static inline void swap_d(double *a, double *b) {
+    const double t = *a;
+    *a = *b, *b = t;
+}
+
+static int cmp_d(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* In place: afterwards a[k] is the k-th smallest of a[0..n), everything before it <= and after it >=. */
+static void select3(double *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    uint64_t seed = 0x9E3779B97F4A7C15ull; /* fixed: the same choices every run */
+    while (hi > lo) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        const int64_t span = hi - lo + 1;
+        double p0 = a[lo + (int64_t)((seed >> 11) % (uint64_t)span)];
+        double p1 = a[lo + (int64_t)((seed >> 23) % (uint64_t)span)];
+        double p2 = a[lo + (int64_t)((seed >> 37) % (uint64_t)span)];
+        if (p0 > p1) swap_d(&p0, &p1);
+        if (p1 > p2) swap_d(&p1, &p2);
+        if (p0 > p1) swap_d(&p0, &p1);
+        const double pivot = p1; /* median of three random entries */
+        int64_t lt = lo, i = lo, gt = hi;
+        while (i <= gt) {
+            if (a[i] < pivot)
+                swap_d(&a[lt++], &a[i++]);
+            else if (a[i] > pivot)
+                swap_d(&a[i], &a[gt--]);
+            else
+                ++i;
+        }
+        if (k < lt)
+            hi = lt - 1;
+        else if (k > gt)
+            lo = gt + 1;
+        else
+            return;
+    }
+}
+
+static void select_all(int64_t n, const double *x, int64_t k, double *scratch, double *out) {
+    memcpy(scratch, x, sizeof(double) * (size_t)n);
+    select3(scratch, n, k);
+    *out = scratch[k];
+}
+
+static void kth(int64_t n, const double *restrict x, int64_t nk, const int64_t *restrict ks, double *restrict scratch,
+                double *restrict out);
+
+/* Returns 0, or -1 when out of memory. */
+int ta_kth(int64_t n, const double *restrict x, int64_t nk, const int64_t *restrict ks, double *restrict out) {
+    double *scratch = malloc(sizeof(double) * (size_t)(2 * n + 1 + KTH_SAMPLE));
+    if (!scratch) return -1;
+    kth(n, x, nk, ks, scratch, out);
+    free(scratch);
+    return 0;
+}
+
+static void kth(int64_t n, const double *restrict x, int64_t nk, const int64_t *restrict ks, double *restrict scratch,
+                double *restrict out) {
+    if (n <= KTH_SMALL) {
+        memcpy(scratch, x, sizeof(double) * (size_t)n);
+        int64_t start = 0; /* ranks ascending: each select works right of the previous one */
+        for (int64_t i = 0; i < nk; ++i) {
+            select3(scratch + start, n - start, ks[i] - start);
+            out[i] = scratch[ks[i]];
+            start = ks[i] + 1;
+        }
+        return;
+    }
+    double *sample = scratch + n + 1;
+    const int64_t step = n / KTH_SAMPLE;
+    int64_t m = 0;
+    for (int64_t r = 0; r < n && m < KTH_SAMPLE; r += step) sample[m++] = x[r];
+    qsort(sample, (size_t)m, sizeof(double), cmp_d);
+    /* brackets: the sample ranks of the k-th value spread by sqrt(m q (1 - q)); 4 of those either side, and
+     * the brackets of neighbouring ranks merged (at most KTH_MAX_BRACKETS; more ranks: one bracket each) */
+    enum { KTH_MAX_BRACKETS = 16 };
+    double lo[KTH_MAX_BRACKETS], hi[KTH_MAX_BRACKETS];
+    int64_t first[KTH_MAX_BRACKETS], last[KTH_MAX_BRACKETS], nb = 0;
+    for (int64_t i = 0; i < nk; ++i) {
+        const double q = (double)ks[i] / (double)(n - 1), pos = q * (double)(m - 1);
+        const double margin = 4.0 * sqrt((double)m * q * (1.0 - q)) + 4.0;
+        const int64_t lo_i = (int64_t)floor(pos - margin), hi_i = (int64_t)ceil(pos + margin);
+        const double b_lo = lo_i > 0 ? sample[lo_i] : -INFINITY, b_hi = hi_i < m - 1 ? sample[hi_i] : INFINITY;
+        if (nb > 0 && b_lo <= hi[nb - 1]) { /* overlaps the previous bracket: widen it */
+            hi[nb - 1] = b_hi > hi[nb - 1] ? b_hi : hi[nb - 1];
+            last[nb - 1] = i;
+        } else if (nb < KTH_MAX_BRACKETS) {
+            lo[nb] = b_lo, hi[nb] = b_hi, first[nb] = last[nb] = i, ++nb;
+        } else { /* too many separate ranks for one pass: select over all of x */
+            select_all(n, x, ks[i], scratch, &out[i]);
+        }
+    }
+    /* one counting pass for every bracket, then one copying pass */
+    int64_t below[KTH_MAX_BRACKETS] = {0}, inside[KTH_MAX_BRACKETS] = {0}, at[KTH_MAX_BRACKETS + 1];
+    for (int64_t b = 0; b < nb; ++b) {
+        const double b_lo = lo[b], b_hi = hi[b];
+        vi v_below = splat_i(0), v_inside = splat_i(0); /* lane masks are -1: subtract to count */
+        int64_t r = 0;
+        for (; r + W <= n; r += W) {
+            const vd v = load_d(x + r);
+            v_below -= v < b_lo;
+            v_inside -= (v >= b_lo) & (v <= b_hi);
+        }
+        int64_t c_below = 0, c_inside = 0;
+        for (int w = 0; w < W; ++w) c_below += v_below[w], c_inside += v_inside[w];
+        for (; r < n; ++r) {
+            c_below += x[r] < b_lo;
+            c_inside += (x[r] >= b_lo) & (x[r] <= b_hi);
+        }
+        below[b] = c_below, inside[b] = c_inside;
+    }
+    int64_t offset = 0;
+    for (int64_t b = 0; b < nb; ++b) at[b] = offset, offset += inside[b];
+    for (int64_t r = 0; r < n; ++r) { /* the branch is rarely taken: brackets hold a few % of x */
+        const double v = x[r];
+        for (int64_t b = 0; b < nb; ++b)
+            if (v >= lo[b] && v <= hi[b]) scratch[at[b]++] = v;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        double *buf = scratch + (at[b] - inside[b]);
+        if (below[b] <= ks[first[b]] && ks[last[b]] < below[b] + inside[b]) {
+            int64_t start = 0;
+            for (int64_t j = first[b]; j <= last[b]; ++j) {
+                const int64_t k = ks[j] - below[b];
+                select3(buf + start, inside[b] - start, k - start);
+                out[j] = buf[k];
+                start = k + 1;
+            }
+        } else { /* the sample misjudged these ranks */
+            for (int64_t j = first[b]; j <= last[b]; ++j) select_all(n, x, ks[j], scratch + offset + 1, &out[j]);
+        }
     }
 }

@@ -234,4 +234,7 @@ def test_select_tokens_after_permuting_and_reindexing_samples(seed, mask):
     )
     if tie_free:
         assert _kept(batch, a.mask, relabel) == _kept(permuted, b.mask)
-    assert a.metrics["opd/n_kept_tokens"] == b.metrics["opd/n_kept_tokens"]
+        assert a.metrics["opd/n_kept_tokens"] == b.metrics["opd/n_kept_tokens"]
+    # with ties the tie rule may keep another sample's token, and min-keep then tops up other samples:
+    # the kept count can differ (seed 3486, dlearn_high: 3 vs 4), but the budget n cannot
+    assert a.budget.n_budget == b.budget.n_budget
