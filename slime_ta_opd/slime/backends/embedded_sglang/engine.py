@@ -214,6 +214,9 @@ class Engine:
         self.context_length = int(context_length or getattr(cfg, "max_position_embeddings", 0) or 32768)
         self.eos_token_ids = self._eos_ids()
         self.weight_version = "default"
+        self._groups: dict[str, Any] = {}  # weight-update process groups by name
+        self._released = False  # colocated offload: weights freed until resume
+        self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.prompt_cache_tokens = int(prompt_cache_tokens)
         self._prompt_cache: OrderedDict[tuple[int, ...], _Prefilled] = OrderedDict()
         self._prompt_cache_size = 0
@@ -266,6 +269,25 @@ class Engine:
         """Empty the prompt cache (runs when no request is running, as SGLang's flush_cache)."""
         return self._control("flush_cache", None)
 
+    def init_weights_update_group(self, spec: dict[str, Any]) -> Future:
+        """Join a trainer's weight-update process group (slime.backends.weight_sync) as ``rank_offset``."""
+        return self._control("init_group", spec)
+
+    def update_weights_from_distributed(self, spec: dict[str, Any]) -> Future:
+        """Receive the named tensors by broadcast from rank 0 of the group and load them."""
+        return self._control("update_distributed", spec)
+
+    def destroy_weights_update_group(self, group_name: str) -> Future:
+        return self._control("destroy_group", group_name)
+
+    def release_memory_occupation(self) -> Future:
+        """Free the weights and the prompt cache (colocated runs); generation waits for a resume."""
+        return self._control("release", None)
+
+    def resume_memory_occupation(self) -> Future:
+        """Re-allocate the weights (their values are undefined until the next weight update, as in SGLang)."""
+        return self._control("resume", None)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._queue.put(None)
@@ -315,7 +337,9 @@ class Engine:
                         for kind, arg, fut in controls:
                             self._run_control(kind, arg, fut)
                         continue
-                    if not controls:
+                    if not controls and self._released:  # no weights to run on: refuse, do not hang
+                        self._drain_waiting(RuntimeError("the engine released its memory: resume it first"))
+                    elif not controls:
                         self._admit()
                     if self._running is not None:
                         self._decode_step()
@@ -338,6 +362,12 @@ class Engine:
             except queue.Empty:
                 return
 
+    def _drain_waiting(self, exc: Exception) -> None:
+        for _, fut in self._waiting:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiting = []
+
     def _fail_all(self, exc: Exception) -> None:
         rows = self._running.rows if self._running is not None else []
         for row in rows:
@@ -355,10 +385,86 @@ class Engine:
             self._prompt_cache_size = 0
             if kind == "update_weights":
                 fut.set_result(self._load_weights(arg))
+            elif kind == "init_group":
+                fut.set_result(self._init_group(arg))
+            elif kind == "update_distributed":
+                fut.set_result(self._receive_weights(arg))
+            elif kind == "destroy_group":
+                self._groups.pop(arg, None)
+                fut.set_result((True, f"weight-update group {arg!r} destroyed"))
+            elif kind == "release":
+                fut.set_result(self._release())
+            elif kind == "resume":
+                fut.set_result(self._resume())
             else:
                 fut.set_result((True, "Cache flushed."))
         except Exception as exc:  # reported to the caller as success=False
-            fut.set_result((False, f"Failed to update weights from {arg!r}: {exc}"))
+            fut.set_result((False, f"{kind} failed ({arg!r}): {exc}"))
+
+    # ------------------------------------------------------------------ weights over a process group
+    def _init_group(self, spec: dict[str, Any]) -> tuple[bool, str]:
+        from slime.backends.weight_sync import new_group
+
+        if spec["backend"] != "gloo":
+            return False, f"backend {spec['backend']!r}: the embedded engine runs on CPU and joins gloo groups only"
+        group = new_group(
+            "gloo", spec["master_address"], int(spec["master_port"]), int(spec["rank_offset"]),
+            int(spec["world_size"]), float(spec.get("timeout_s", 600.0)),
+        )  # fmt: skip
+        self._groups[spec["group_name"]] = group
+        return True, f"joined weight-update group {spec['group_name']!r} as rank {spec['rank_offset']}"
+
+    def _receive_weights(self, spec: dict[str, Any]) -> tuple[bool, str]:
+        from slime.backends.weight_sync import parse_dtype
+
+        group = self._groups.get(spec["group_name"])
+        if group is None:
+            return False, f"no weight-update group {spec['group_name']!r}: call /init_weights_update_group first"
+        if self._released:
+            return False, "weights are released: call /resume_memory_occupation first"
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        names, dtypes, shapes = spec["names"], [parse_dtype(d) for d in spec["dtypes"]], spec["shapes"]
+        # everything is checked before anything is received: a refusal must come before the broadcast
+        for name, shape in zip(names, shapes, strict=True):
+            if name not in params:
+                return False, f"unknown tensor {name!r}: not a parameter of the served model"
+            if tuple(shape) != tuple(params[name].shape):
+                return False, f"shape mismatch for {name!r}: {tuple(shape)} vs {tuple(params[name].shape)}"
+        opts = torch.distributed.BroadcastOptions()
+        opts.rootRank = 0
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+            buf = torch.empty(tuple(shape), dtype=dtype)
+            group.broadcast([buf], opts).wait()
+            received.append((name, buf))
+        for name, buf in received:
+            params[name].data.copy_(buf.to(device=params[name].device, dtype=params[name].dtype))
+        if isinstance(spec.get("weight_version"), str):
+            self.weight_version = spec["weight_version"]
+        else:
+            self.weight_version = f"distributed@{time.time():.0f}"
+        return True, f"Succeeded to update {len(received)} tensors from the group."
+
+    # ------------------------------------------------------------------ colocated offload
+    def _release(self) -> tuple[bool, str]:
+        if self._released:
+            return True, "already released"
+        self._shapes = {n: (tuple(p.shape), p.dtype) for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # the storage is freed
+        self._released = True
+        return True, "memory released"
+
+    def _resume(self) -> tuple[bool, str]:
+        if not self._released:
+            return True, "not released"
+        for name, p in self.model.named_parameters():
+            shape, dtype = self._shapes[name]
+            p.data = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.model.tie_weights()  # tied embeddings share storage again
+        self._released = False
+        return True, "memory resumed (weights are undefined until the next update)"
 
     def _load_weights(self, path: str) -> tuple[bool, str]:
         from safetensors.torch import load_file

@@ -179,7 +179,10 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
             reqs, as_list = parse_generate(body, engine, args.max_new_tokens_cap)
         except RequestError as exc:
             return _error(400, str(exc))
-        answers = await run_requests(reqs)
+        try:
+            answers = await run_requests(reqs)
+        except RuntimeError as exc:  # the engine refused (e.g. its memory is released): the client is told why
+            return _error(503, str(exc))
         state["served"] += len(answers)
         return JSONResponse(answers if as_list else answers[0])
 
@@ -217,6 +220,82 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         if ok and isinstance(body.get("weight_version"), str):
             engine.weight_version = body["weight_version"]
         return JSONResponse({"success": ok, "message": msg, "num_paused_requests": 0}, status_code=200 if ok else 400)
+
+    async def json_object(request: Request) -> tuple[dict[str, Any] | None, Response | None]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return None, JSONResponse({"success": False, "message": f"body is not valid JSON: {exc}"}, status_code=400)
+        if not isinstance(body, dict):
+            return None, JSONResponse({"success": False, "message": "body must be a JSON object"}, status_code=400)
+        return body, None
+
+    def answer(ok: bool, msg: str) -> Response:
+        return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
+
+    def field_error(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> str | None:
+        for name, types in fields.items():
+            if not isinstance(body.get(name), types) or isinstance(body.get(name), bool) and bool not in types:
+                got = type(body.get(name)).__name__ if name in body else "nothing"
+                return f"field {name!r} must be {' or '.join(t.__name__ for t in types)}, got {got}"
+        return None
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request) -> Response:
+        body, error = await json_object(request)
+        if error is not None:
+            return error
+        bad = field_error(
+            body,
+            {"master_address": (str,), "master_port": (int,), "rank_offset": (int,), "world_size": (int,),
+             "group_name": (str,), "backend": (str,)},
+        )  # fmt: skip
+        if bad is None and not 0 < body["rank_offset"] < body["world_size"]:
+            bad = f"rank_offset {body['rank_offset']} must be in [1, world_size={body['world_size']})"
+        if bad is not None:
+            return answer(False, bad)
+        ok, msg = await asyncio.wrap_future(engine.init_weights_update_group(body))
+        return answer(ok, msg)
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request) -> Response:
+        body, error = await json_object(request)
+        if error is not None:
+            return error
+        bad = field_error(body, {"names": (list,), "dtypes": (list,), "shapes": (list,), "group_name": (str,)})
+        if bad is None and not len(body["names"]) == len(body["dtypes"]) == len(body["shapes"]):
+            bad = f"names, dtypes and shapes differ in length: {len(body['names'])}, {len(body['dtypes'])}, "
+            bad += f"{len(body['shapes'])}"
+        if bad is None:
+            try:
+                from slime.backends.weight_sync import parse_dtype
+
+                for d in body["dtypes"]:
+                    parse_dtype(d)
+            except ValueError as exc:
+                bad = str(exc)
+        if bad is not None:
+            return answer(False, bad)
+        ok, msg = await asyncio.wrap_future(engine.update_weights_from_distributed(body))
+        return answer(ok, msg)
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request) -> Response:
+        body, error = await json_object(request)
+        if error is not None:
+            return error
+        ok, msg = await asyncio.wrap_future(engine.destroy_weights_update_group(str(body.get("group_name"))))
+        return answer(ok, msg)
+
+    @app.post("/release_memory_occupation")
+    async def release_memory_occupation() -> Response:
+        ok, msg = await asyncio.wrap_future(engine.release_memory_occupation())
+        return answer(ok, msg)
+
+    @app.post("/resume_memory_occupation")
+    async def resume_memory_occupation() -> Response:
+        ok, msg = await asyncio.wrap_future(engine.resume_memory_occupation())
+        return answer(ok, msg)
 
     def model_info() -> dict[str, Any]:
         return {

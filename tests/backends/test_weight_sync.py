@@ -1,0 +1,138 @@
+"""Weights pushed over a gloo process group (SGLang's /update_weights_from_distributed) to a real embedded server.
+
+The trainer side is slime.backends.weight_sync.DistributedWeightSender in this process; the server is a
+separate process on 127.0.0.1. After the push the server answers exactly as after loading the same weights
+from disk; bad requests are refused before any broadcast, and the sender does not hang on them.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import requests
+import torch
+
+from slime.backends.embedded_sglang.launch import launch_server
+from slime.backends.weight_sync import (
+    DistributedWeightSender,
+    buckets,
+    dtype_name,
+    parse_dtype,
+    unique_named_tensors,
+)
+
+KEY = "sync-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROBE = {
+    "input_ids": [5, 6, 7, 8, 9, 10, 11],
+    "sampling_params": {"max_new_tokens": 0},
+    "return_logprob": True,
+    "logprob_start_len": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def weights_root(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
+    root = tmp_path_factory.mktemp("sync_root")
+    shutil.copytree(tiny_student_dir, root / "student")
+    shutil.copytree(tiny_teacher_dir, root / "teacher")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(weights_root, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    handle = launch_server(
+        weights_root / "student", api_key=KEY, extra_args=["--weights-root", str(weights_root)], log_file=str(log)
+    )
+    yield handle
+    handle.stop()
+
+
+def post(server, path, payload, headers=AUTH):
+    return requests.post(server.url + path, json=payload, headers=headers, timeout=120)
+
+
+def scores(server):
+    return post(server, "/generate", PROBE).json()["meta_info"]["input_token_logprobs"]
+
+
+def teacher_tensors(tiny_teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir))
+    return unique_named_tensors(model.state_dict())
+
+
+def test_helpers():
+    assert dtype_name(torch.bfloat16) == "bfloat16" and parse_dtype("torch.float32") is torch.float32
+    with pytest.raises(ValueError, match="unknown dtype 'float7'"):
+        parse_dtype("float7")
+    w = torch.zeros(4, 2)
+    tied = {"embed.weight": w, "head.weight": w, "norm.weight": torch.ones(2)}
+    assert [n for n, _ in unique_named_tensors(tied)] == ["embed.weight", "norm.weight"]
+    sizes = [
+        [n for n, _ in b] for b in buckets([("a", torch.zeros(4)), ("b", torch.zeros(4)), ("c", torch.zeros(16))], 32)
+    ]
+    assert sizes == [["a", "b"], ["c"]]  # 16 + 16 bytes fit in 32; the 64-byte tensor goes alone
+
+
+def test_push_over_gloo_matches_loading_from_disk(server, weights_root, tiny_teacher_dir):
+    before = scores(server)
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "teacher")})
+    from_disk = scores(server)
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    assert scores(server) == before
+
+    sender = DistributedWeightSender([server.url], backend="gloo", api_key=KEY, buffer_bytes=64 * 1024, timeout_s=60)
+    try:
+        sent = sender.push(teacher_tensors(tiny_teacher_dir), weight_version="v-test")
+        assert sent > 1
+        assert scores(server) == from_disk  # bit-identical to the disk path
+        info = requests.get(server.url + "/get_model_info", headers=AUTH, timeout=30).json()
+        assert info["weight_version"] == "v-test"
+        # a second push reuses the group
+        post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+        sender.push(teacher_tensors(tiny_teacher_dir))
+        assert scores(server) == from_disk
+    finally:
+        sender.close()
+        post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+
+
+def test_bad_requests_are_refused_without_a_hang(server, tiny_teacher_dir):
+    sender = DistributedWeightSender([server.url], backend="gloo", api_key=KEY, timeout_s=60)
+    try:
+        sender.connect()
+        name, tensor = teacher_tensors(tiny_teacher_dir)[0]
+        with pytest.raises(RuntimeError, match="unknown tensor 'no.such.weight'"):
+            sender.push([("no.such.weight", tensor)])
+        sender.connect()
+        with pytest.raises(RuntimeError, match=f"shape mismatch for '{name}'"):
+            sender.push([(name, torch.zeros(3, 3))])
+    finally:
+        sender.close()
+    r = post(server, "/update_weights_from_distributed", {"names": [name], "dtypes": ["float32"], "shapes": [[1]],
+                                                          "group_name": "nobody"})  # fmt: skip
+    assert r.status_code == 400 and "no weight-update group 'nobody'" in r.json()["message"]
+    r = post(server, "/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float7"], "shapes": [[1]],
+                                                          "group_name": "g"})  # fmt: skip
+    assert r.status_code == 400 and "unknown dtype 'float7'" in r.json()["message"]
+    group = {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, "group_name": "g"}
+    r = post(server, "/init_weights_update_group", {**group, "rank_offset": 0, "backend": "gloo"})
+    assert r.status_code == 400 and "rank_offset 0" in r.json()["message"]
+    r = post(server, "/init_weights_update_group", {**group, "rank_offset": 1, "backend": "nccl"})
+    assert r.status_code == 400 and "gloo groups only" in r.json()["message"]
+    assert post(server, "/release_memory_occupation", {}, headers={}).status_code == 401  # the API key is enforced
+
+
+def test_release_and_resume_memory(server, weights_root, tiny_teacher_dir):
+    before = scores(server)
+    assert post(server, "/release_memory_occupation", {}).json()["success"] is True
+    r = post(server, "/generate", PROBE)
+    assert r.status_code >= 400 and "released" in r.text
+    assert post(server, "/resume_memory_occupation", {}).json()["success"] is True
+    r = post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    assert r.json()["success"] is True
+    assert scores(server) == before
