@@ -65,12 +65,17 @@ def train(args) -> dict:
             t0 = time.perf_counter()
             rollout_data = ray.get(rollout_manager.generate.remote(rollout_id))
             t_rollout = time.perf_counter() - t0
+            if args.offload:  # colocated: the engines give their memory to the trainer
+                ray.get(rollout_manager.offload.remote())
             train_metrics = ray.get(actor_model.async_train(rollout_id, ray.put(rollout_data)))[0]
 
             if args.save and should_run_periodic_action(rollout_id, args.save_interval, args.num_rollout):
                 if args.rollout_global_dataset:  # data position first: the trainer's pointer file is the commit
                     ray.get(rollout_manager.save.remote(rollout_id))
                 actor_model.save_model(rollout_id)
+            if args.offload:  # trainer caches out, engines back in; their weights are refreshed right after
+                actor_model.sleep()
+                ray.get(rollout_manager.onload.remote())
             actor_model.update_weights()
 
             evaluation = None

@@ -277,3 +277,27 @@ class DistributedWeightSender:
         except RuntimeError as e:  # shutting down: log, do not raise
             logger.warning("%s", e)
         self.group = None
+
+
+def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSender:
+    """The sender of a trainer's rank 0 for the engines of ``rollout_manager`` (a Ray actor handle):
+    gloo for CPU engines, NCCL (tensors on the trainer's GPU) when the engines are real SGLang on GPUs."""
+    if rollout_manager is None:
+        raise ValueError("--weight-update-mode distributed needs the RolloutManager's engines (none connected)")
+    import ray
+
+    urls = ray.get(rollout_manager.engine_urls.remote())
+    if not urls:
+        raise ValueError(
+            "--weight-update-mode distributed needs engines started by this run; with an external router "
+            "(--sglang-router-ip) use --weight-update-mode disk"
+        )
+    on_gpu = torch.cuda.is_available() and getattr(args, "rollout_backend", "auto") != "embedded"
+    return DistributedWeightSender(
+        urls,
+        backend="nccl" if on_gpu else "gloo",
+        tp_size=int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1) if on_gpu else 1,
+        api_key=getattr(args, "api_key", None),
+        buffer_bytes=int(getattr(args, "update_weight_buffer_size", DEFAULT_BUFFER_BYTES)),
+        device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu",
+    )

@@ -101,6 +101,13 @@ class RayTrainGroup:
         self._rollout_manager = rollout_manager
         return ray.get([actor.set_rollout_manager.remote(rollout_manager) for actor in self._actor_handlers])
 
+    def sleep(self, tags: Any = None) -> list[Any]:
+        """Colocated runs: every rank frees what it can before the engines take the GPUs back."""
+        return ray.get([actor.sleep.remote(tags) for actor in self._actor_handlers])
+
+    def wake_up(self, tags: Any = None) -> list[Any]:
+        return ray.get([actor.wake_up.remote(tags) for actor in self._actor_handlers])
+
     def clear_memory(self) -> list[Any]:
         return ray.get([actor.clear_memory.remote() for actor in self._actor_handlers])
 

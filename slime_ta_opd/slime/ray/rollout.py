@@ -256,6 +256,28 @@ class RolloutManager:
             raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
         return list(answers)
 
+    def offload(self) -> None:
+        """Colocated runs: the engines free their weights and caches while the trainer runs
+        (``/release_memory_occupation``); no-op without engines of our own."""
+        self._memory_call("/release_memory_occupation")
+
+    def onload(self) -> None:
+        """Bring the engines' memory back (``/resume_memory_occupation``); new weights must follow."""
+        self._memory_call("/resume_memory_occupation")
+
+    def _memory_call(self, path: str) -> None:
+        urls = self.engine_urls()
+
+        async def call_all():
+            import asyncio
+
+            return await asyncio.gather(*(post(f"{u}{path}", {}) for u in urls))
+
+        answers = run(call_all()) if urls else []
+        failed = [(u, a) for u, a in zip(urls, answers, strict=True) if not (isinstance(a, dict) and a.get("success"))]
+        if failed:
+            raise RuntimeError(f"{path} failed on {failed}")
+
     def health(self) -> dict[str, Any]:
         """``GET /health`` of the router, each engine and the teacher: {url: True | error text}."""
         urls = [f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"] + self.engine_urls()

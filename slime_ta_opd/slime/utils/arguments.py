@@ -119,6 +119,19 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--buffer-filter-path", type=str, default=None, help="(args, rollout_id, buffer, num) -> groups.")
     g.add_argument("--update-weights-interval", type=int, default=1)
+    g.add_argument(
+        "--weight-update-mode",
+        choices=["disk", "distributed"],
+        default="disk",
+        help="How new weights reach the engines: 'disk' (a HF dir + /update_weights_from_disk) or 'distributed' "
+        "(a process group with the engines + /update_weights_from_distributed: gloo on CPU, NCCL on GPUs).",
+    )
+    g.add_argument(
+        "--update-weight-buffer-size",
+        type=int,
+        default=512 * 1024**2,
+        help="Bytes of weights per /update_weights_from_distributed request (distributed mode).",
+    )
     g.add_argument("--sglang-router-ip", type=str, default=None, help="Router IP (set by the RolloutManager).")
     g.add_argument("--sglang-router-port", type=int, default=None, help="Router port (set by the RolloutManager).")
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="In-flight requests per engine.")
@@ -725,6 +738,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"actor_num_nodes * actor_num_gpus_per_node = {actor_gpus}"
             )
         args.offload = True
+    if args.update_weight_buffer_size < 1:
+        raise ValueError(f"--update-weight-buffer-size must be >= 1 byte, got {args.update_weight_buffer_size}")
     if args.rollout_num_gpus is not None:
         if args.rollout_num_gpus < 0:
             raise ValueError(f"--rollout-num-gpus must be >= 0, got {args.rollout_num_gpus}")

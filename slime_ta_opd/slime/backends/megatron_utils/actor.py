@@ -378,7 +378,21 @@ class MegatronTrainRayActor(TrainRayActor):
         return str(save_hf_dir(hf, out_dir, self.args.hf_checkpoint))
 
     def update_weights(self) -> str | None:
-        """Collective: export HF weights; rank 0 tells the engines to load them from disk, keeps the newest dir."""
+        """Collective: export HF weights; rank 0 sends them to the engines (``--weight-update-mode``): from disk
+        (keeps the newest dir) or over a process group with the engines (slime.backends.weight_sync, NCCL on GPUs)."""
+        if getattr(self.args, "weight_update_mode", "disk") == "distributed":
+            from slime.backends.megatron_utils.checkpoint import gather_hf_state_dict
+            from slime.backends.weight_sync import weight_sender_for
+
+            hf = gather_hf_state_dict(self._unwrapped(), self.shape)  # the full HF dict on rank 0, else None
+            self.weight_version += 1
+            if hf is None:
+                return None
+            if getattr(self, "_sender", None) is None:
+                self._sender = weight_sender_for(self.args, getattr(self, "rollout_manager", None))
+            version = f"weight_v{self.weight_version:06d}"
+            self._sender.push(list(hf.items()), version)
+            return version
         self.weight_version += 1
         root = Path(self.args.output_dir) / WEIGHTS_SUBDIR
         path = self.save_hf(root / f"weight_v{self.weight_version:06d}")

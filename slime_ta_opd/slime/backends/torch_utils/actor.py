@@ -36,6 +36,7 @@ from slime.backends.torch_utils.model import (
     sampled_token_log_probs,
     sparse_head_matches_dense,
 )
+from slime.backends.weight_sync import weight_sender_for
 from slime.ray.train_actor import TrainRayActor
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,13 @@ class TorchTrainRayActor(TrainRayActor):
         metrics = _mean_metrics(step_metrics)
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
         metrics.update(self.distill.step_metrics())
+        if not self.args.use_rollout_logprobs and data.get("rollout_log_probs") is not None:
+            # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless the engines
+            # run other weights (a failed push) or another numerics path
+            engine = torch.cat(
+                [t.double() for t in _per_sample(data, "rollout_log_probs", "rollout_log_probs", resp_lens)]
+            )
+            metrics["train/rollout_logp_abs_diff"] = float((engine - torch.cat(old).double()).abs().mean())
         metrics["train/step"] = float(self.global_step)
         metrics["perf/log_probs_time"] = t_logp - t0
         metrics["perf/train_time"] = time.perf_counter() - t0
@@ -312,9 +320,17 @@ class TorchTrainRayActor(TrainRayActor):
         return str(ckpt.save_hf_weights(self.distill.export_model(), out_dir, tokenizer_dir=self.args.hf_checkpoint))
 
     def update_weights(self) -> str | None:
-        """Push the current weights to the rollout engines from disk; keeps only the newest pushed dir."""
+        """Push the current weights to the rollout engines (``--weight-update-mode``): from disk (keeps only the
+        newest pushed dir) or over a process group with the engines (slime.backends.weight_sync)."""
         if self._rank != 0:
             return None
+        if getattr(self.args, "weight_update_mode", "disk") == "distributed":
+            from slime.backends.weight_sync import unique_named_tensors
+
+            self.weight_version += 1
+            version = f"weight_v{self.weight_version:06d}"
+            self._weight_sender().push(unique_named_tensors(self.distill.export_model().state_dict()), version)
+            return version
         self.weight_version += 1
         root = self._output_dir() / WEIGHTS_SUBDIR
         path = self.save_hf(root / f"weight_v{self.weight_version:06d}")
@@ -326,6 +342,11 @@ class TorchTrainRayActor(TrainRayActor):
             if old.name != Path(path).name and not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def _weight_sender(self):
+        if getattr(self, "_sender", None) is None:
+            self._sender = weight_sender_for(self.args, getattr(self, "rollout_manager", None))
+        return self._sender
 
     def save_model(self, rollout_id: int, force_sync: bool = False) -> str | None:
         """Atomic checkpoint of model + optimizer + RNG + counters under ``--save``."""
