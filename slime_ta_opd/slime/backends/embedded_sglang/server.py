@@ -204,23 +204,6 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         ok, msg = await asyncio.wrap_future(engine.flush_cache())
         return PlainTextResponse(msg, status_code=200 if ok else 400)
 
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return JSONResponse({"success": False, "message": f"body is not valid JSON: {exc}"}, status_code=400)
-        if not isinstance(body, dict):
-            return JSONResponse({"success": False, "message": "body must be a JSON object"}, status_code=400)
-        try:
-            path = resolve_weights_path(body.get("model_path"), weights_root)
-        except ValueError as exc:
-            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
-        ok, msg = await asyncio.wrap_future(engine.update_weights_from_disk(str(path)))
-        if ok and isinstance(body.get("weight_version"), str):
-            engine.weight_version = body["weight_version"]
-        return JSONResponse({"success": ok, "message": msg, "num_paused_requests": 0}, status_code=200 if ok else 400)
-
     async def json_object(request: Request) -> tuple[dict[str, Any] | None, Response | None]:
         try:
             body = await request.json()
@@ -229,6 +212,20 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         if not isinstance(body, dict):
             return None, JSONResponse({"success": False, "message": "body must be a JSON object"}, status_code=400)
         return body, None
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> Response:
+        body, error = await json_object(request)
+        if error is not None:
+            return error
+        try:
+            path = resolve_weights_path(body.get("model_path"), weights_root)
+        except ValueError as exc:
+            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
+        ok, msg = await asyncio.wrap_future(engine.update_weights_from_disk(str(path)))
+        if ok and isinstance(body.get("weight_version"), str):
+            engine.weight_version = body["weight_version"]
+        return JSONResponse({"success": ok, "message": msg, "num_paused_requests": 0}, status_code=200 if ok else 400)
 
     def answer(ok: bool, msg: str) -> Response:
         return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
