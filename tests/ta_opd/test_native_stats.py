@@ -19,7 +19,7 @@ from ta_opd import SelectionConfig, select_tokens
 from ta_opd.topk import TokenBatch
 
 LIB = native.stats_kernel()
-needs_kernel = pytest.mark.skipif(LIB is None, reason="no C compiler here: the numpy path is the only one")
+needs_kernel = pytest.mark.skipif(LIB is None, reason="no compiled kernel (no C compiler, or TA_OPD_NATIVE=0)")
 
 
 def _both(batch: TokenBatch, cfg: SelectionConfig, monkeypatch) -> tuple[dict, dict]:
