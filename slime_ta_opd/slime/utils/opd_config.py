@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from ta_opd.aliases import METHOD_ALIASES
 from ta_opd.normalize import NORMALIZERS
@@ -17,10 +18,20 @@ from ta_opd.selectors import SELECTORS
 
 # The one definition of the TA-OPD flags and of the flag → SelectionConfig builder is the
 # drop-in patch's (it has to work on an upstream checkout too); the stack reuses it.
-from ta_opd.slime_patch.slime.rollout.tip_compat import selection_config_from_args
+from ta_opd.slime_patch.slime.rollout.tip_compat import CONFIG_FIELD_TO_ARG, selection_config_from_args
 from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
 logger = logging.getLogger(__name__)
+
+# whole-word SelectionConfig field names, longest first (q_low before a shorter prefix could match)
+_FIELD_NAMES = re.compile(
+    r"\b(" + "|".join(sorted(map(re.escape, CONFIG_FIELD_TO_ARG), key=len, reverse=True)) + r")\b"
+)
+
+
+def _flag(arg_name: str) -> str:
+    return "--" + arg_name.replace("_", "-")
+
 
 __all__ = [
     "add_ta_opd_arguments",
@@ -75,19 +86,12 @@ def validate_ta_opd_args(args: argparse.Namespace) -> None:
             f"--opd-budget-ratio must be > 0 and <= 1 (the share of a step's valid tokens kept), "
             f"got {args.opd_budget_ratio}"
         )
-    if args.opd_budget_min_keep_per_sample < 0:
-        raise ValueError(f"--opd-budget-min-keep-per-sample must be >= 0, got {args.opd_budget_min_keep_per_sample}")
-    if not 0.0 <= args.opd_budget_gamma <= 1.0:
-        raise ValueError(f"--opd-budget-gamma must be in [0, 1], got {args.opd_budget_gamma}")
-    if not 0.0 <= args.opd_compat_prefix_ema_alpha <= 1.0:
-        raise ValueError(f"--opd-compat-prefix-ema-alpha must be in [0, 1], got {args.opd_compat_prefix_ema_alpha}")
-    if not 0.0 <= args.opd_metric_q_low < args.opd_metric_q_high <= 1.0:
-        raise ValueError(
-            "--opd-metric-q-low/--opd-metric-q-high must satisfy 0 <= low < high <= 1, "
-            f"got {args.opd_metric_q_low}, {args.opd_metric_q_high}"
-        )
-    if args.opd_exact_cmass_max_union < 1:
-        raise ValueError(f"--opd-exact-cmass-max-union must be >= 1, got {args.opd_exact_cmass_max_union}")
+    # the value ranges are SelectionConfig.validate's (one definition); its messages name config fields,
+    # which become the flags here
+    try:
+        selection_config_from_args(args)
+    except ValueError as e:
+        raise ValueError(_FIELD_NAMES.sub(lambda m: _flag(CONFIG_FIELD_TO_ARG[m.group(0)]), str(e))) from None
     if args.opd_exact_cmass and not args.use_opd:
         raise ValueError("--opd-exact-cmass needs --use-opd")
     if args.opd_token_bank_dir is not None and not args.use_opd:
