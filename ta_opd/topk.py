@@ -88,8 +88,8 @@ def _pack_clean_rows(entries: Sequence[Sequence[Entry] | None], k: int, ids: Ten
         tid = torch.tensor([e[1] for e in flat])
     except (TypeError, ValueError, IndexError, KeyError, OverflowError, RuntimeError):
         return list(range(n))
-    if tid.dtype not in (torch.int64, torch.bool):
-        return list(range(n))
+    if tid.dtype not in (torch.int64, torch.bool) or tid.dim() != 1 or lp.dim() != 1:
+        return list(range(n))  # e.g. ids that are lists: the per-row path names the bad entry
     tid = tid.long()
     length = torch.tensor(lengths, dtype=torch.long)
     fast = (length <= k) & (length > 0)

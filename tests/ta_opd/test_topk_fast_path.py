@@ -63,3 +63,11 @@ def test_junk_entry_falls_back_to_per_entry_path_and_its_errors():
     ids, logp = pack_topk([clean, [None, [None, 4], [-0.3, 5.0, None]]], 2)  # 5.0 is an integer id
     assert ids.tolist() == [[3, 7], [5, PAD_ID]]
     assert logp[1, 0].item() == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize("junk", [[[[0.0, [1]]]], [[[[0.1], 2]]], [[[0.0, [1]], [0.1, [2]]]]])
+def test_nested_ids_or_logprobs_get_the_entry_error(junk):
+    """Ids or log-probs that are lists make 2-D tensors on the fast path: the per-row path must report them
+    (found by the parser fuzzer: an IndexError escaped before)."""
+    with pytest.raises(ValueError, match="top-K entry"):
+        pack_topk(junk, 2)
