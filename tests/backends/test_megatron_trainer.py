@@ -61,11 +61,15 @@ def torch_step(argv, data):
     return metrics, actor.state_for_test()
 
 
-def megatron_step(argv, data, tmp_path, tp=1):
+def megatron_step(argv, data, tmp_path, world_size=1):
+    """One rollout through ``world_size`` spawned trainer ranks (gloo); the metrics and the exported HF weights."""
     data_path = tmp_path / "data.pt"
     torch.save(data, data_path)
     mp.spawn(
-        workers.opd_step_worker, args=(tp, free_port(), argv, str(data_path), str(tmp_path)), nprocs=tp, join=True
+        workers.opd_step_worker,
+        args=(world_size, free_port(), argv, str(data_path), str(tmp_path)),
+        nprocs=world_size,
+        join=True,
     )
     out = json.loads((tmp_path / "metrics.json").read_text())
     from safetensors.torch import load_file
@@ -98,8 +102,13 @@ def test_one_opd_step_matches_the_torch_backend_tp1(tiny_student_dir, tmp_path):
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "0"
 
 
-def test_in_trainer_teacher_matches_server_scored_teacher(tiny_student_dir, tiny_teacher_dir, tmp_path):
-    """--opd-type megatron --opd-teacher-load: the teacher scored inside the trainer gives the same step."""
+PP2 = ("--pipeline-model-parallel-size", "2", "--actor-num-gpus-per-node", "2")
+
+
+@pytest.mark.parametrize("layout", [(), PP2], ids=["pp1", "pp2"])
+def test_in_trainer_teacher_matches_server_scored_teacher(layout, tiny_student_dir, tiny_teacher_dir, tmp_path):
+    """--opd-type megatron --opd-teacher-load: the teacher scored inside the trainer (through the pipeline at PP=2,
+    then broadcast to every stage) gives the same step as teacher log-probs scored by HF outside it."""
     from transformers import AutoModelForCausalLM
 
     data = rollout_data(teacher_logp=False)
@@ -113,8 +122,8 @@ def test_in_trainer_teacher_matches_server_scored_teacher(tiny_student_dir, tiny
         argv_for(tiny_student_dir, tmp_path / "t", *OPD_SGLANG), {**data, "teacher_log_probs": scored}
     )
     argv = argv_for(tiny_student_dir, tmp_path, "--use-opd", "--opd-type", "megatron",
-                    "--opd-teacher-load", str(tiny_teacher_dir))  # fmt: skip
-    mg_out, mg_state = megatron_step(argv, data, tmp_path)
+                    "--opd-teacher-load", str(tiny_teacher_dir), *layout)  # fmt: skip
+    mg_out, mg_state = megatron_step(argv, data, tmp_path, world_size=2 if layout else 1)
     assert_same_step(t_metrics, t_state, mg_out, mg_state)
 
 
@@ -125,6 +134,6 @@ def test_one_opd_step_tp2_matches_tp1(tiny_student_dir, tmp_path):
     mg_out, mg_state = megatron_step(
         argv_for(tiny_student_dir, tmp_path, *OPD_SGLANG, "--tensor-model-parallel-size", "2",
                  "--actor-num-gpus-per-node", "2"),
-        data, tmp_path, tp=2,
+        data, tmp_path, world_size=2,
     )  # fmt: skip
     assert_same_step(t_metrics, t_state, mg_out, mg_state)

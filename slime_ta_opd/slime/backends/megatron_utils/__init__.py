@@ -1,6 +1,6 @@
 """Megatron-core trainer backend (``--train-backend megatron``; extra ``megatron``).
 
-- ``cpu_shims.py``: three CUDA-only calls redirected so GPTModel and ``torch_dist`` checkpoints run on CPU over gloo
+- ``cpu_shims.py``: five CUDA-only calls redirected so GPTModel and ``torch_dist`` checkpoints run on CPU over gloo
   (tests only; a GPU run never installs them);
 - ``config.py``: HF config (Qwen2 / Qwen3 / Llama) → :class:`ModelShape` → Megatron ``TransformerConfig``;
 - ``convert.py``: HF ↔ Megatron state dicts with TP sharding and PP stage selection (our own documented converter);

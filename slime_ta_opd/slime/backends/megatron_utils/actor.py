@@ -10,16 +10,22 @@ which calls :mod:`ta_opd.losses`): per rollout (METHOD.md §1)
    accumulates its micro-batches with the *global* sample/token counts, and gradients are **summed**
    over DP — so the step equals the torch backend's step on the whole batch;
 4. Adam after gradient clipping: Megatron's (distributed) optimizer on GPU; ``torch.optim.AdamW`` on
-   CPU (Megatron's optimizer is CUDA-only), with a TP-aware gradient norm.
+   CPU (Megatron's optimizer is CUDA-only), with a gradient norm over the TP and PP shards.
+
+Every forward (log-probs and training) runs through Megatron's schedule
+(``megatron.core.pipeline_parallel.get_forward_backward_func()``): a plain loop over micro-batches at PP=1,
+1F1B over the pipeline stages at ``--pipeline-model-parallel-size`` > 1. The loss (and the log-probs) are
+computed on the last stage; log-probs are then broadcast to the other stages of the pipeline.
 
 Weights start from ``--load`` (resume: newest ``torch_dist`` iteration), else ``--ref-load`` (a
 ``torch_dist`` dir from tools/convert_hf_to_torch_dist.py), else ``--hf-checkpoint`` (converted on the fly).
-Pipeline and context parallelism are supported by the converter and the checkpoints but not yet by this
-training loop (it raises); TP and DP are.
+TP, PP and DP are supported; context parallelism is not (it raises): Megatron's local attention refuses CP,
+and splitting the sequences over CP ranks (Transformer Engine's CP attention) is not implemented here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -81,10 +87,11 @@ class MegatronTrainRayActor(TrainRayActor):
         from slime.backends.megatron_utils.model import initialize_parallel
 
         tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-        if pp != 1 or cp != 1:
+        if cp != 1:
             raise NotImplementedError(
-                f"the Megatron training loop supports TP and DP only (got PP={pp}, CP={cp}); "
-                "the converter and torch_dist checkpoints already handle PP"
+                f"--context-parallel-size {cp}: the Megatron trainer supports TP, PP and DP only. CP needs "
+                "Transformer Engine attention (Megatron's local attention asserts CP == 1) and the trainer does not "
+                "split sequences over CP ranks yet; use --context-parallel-size 1"
             )
         if with_ref:
             raise ValueError("the Megatron backend keeps no reference model (no --kl-coef / --use-kl-loss support)")
@@ -93,6 +100,7 @@ class MegatronTrainRayActor(TrainRayActor):
         initialize_parallel(tp, pp, cp, seed=args.seed)
         self.on_gpu = torch.cuda.is_available()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.pp_size = pp
         self.params_dtype = _resolve_dtype(args)
         self.use_te = _use_te(args)
         self.model, self.shape = self._build_and_load(args)
@@ -211,23 +219,76 @@ class MegatronTrainRayActor(TrainRayActor):
     def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
         return [indices[s : s + size] for s in range(0, len(indices), size)]
 
+    def _forward_backward(self, model, data: dict[str, Any], micro_batches: list[list[int]], loss_fn, forward_only):
+        """Run ``micro_batches`` through Megatron's schedule; returns the last stage's ``loss_fn`` outputs.
+
+        ``loss_fn(mb, batch, logits)`` runs on the last PP stage and returns ``(loss, kept token count, outputs)``;
+        the loss is already the micro-batch's share of the step (``calculate_per_token_loss``: not rescaled).
+        Every stage builds the same batches: the first embeds them, the others need their shapes and masks.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from slime.backends.megatron_utils.model import forward_logits
+
+        if not micro_batches:
+            return []
+        batches = [(mb, self._batch(data, mb)) for mb in micro_batches]
+
+        def forward_step(data_iterator, model):
+            mb, batch = next(data_iterator)
+            return forward_logits(model, batch.input_ids), functools.partial(loss_fn, mb, batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=model,
+            num_microbatches=len(batches),
+            # each micro-batch keeps its own [T, B]: p2p sends the shape first (variable_seq_lengths)
+            seq_length=max(batch.input_ids.shape[1] for _, batch in batches),
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _from_last_stage(self, values: torch.Tensor | None, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Collective over the PP group: the last stage's flat ``values`` on every stage (CPU)."""
+        from megatron.core import parallel_state as ps
+
+        if self.pp_size == 1:
+            return values
+        dev = "cuda" if self.on_gpu else "cpu"
+        buf = values.to(dev) if ps.is_pipeline_last_stage() else torch.empty(numel, dtype=dtype, device=dev)
+        dist.broadcast(
+            buf, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+        )
+        return buf.cpu()
+
     @torch.no_grad()
     def compute_log_probs(
         self, data: dict[str, Any], model=None, temperature: float | None = None
     ) -> list[torch.Tensor]:
-        """Sampled-token log-probs (float64, CPU) of every sample's response; every TP rank gets all of them."""
-        from slime.backends.megatron_utils.model import sampled_token_log_probs
+        """Sampled-token log-probs (float64, CPU) of every sample's response; every TP and PP rank gets them all."""
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.model import response_log_probs
 
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
         temp = self.args.rollout_temperature if temperature is None else temperature
-        out: list[torch.Tensor] = []
-        for idx in self._micro_batches(list(range(len(data["tokens"]))), self.args.micro_batch_size):
-            logp = sampled_token_log_probs(model, self._batch(data, idx), temperature=temp).cpu()
-            out.extend(logp.split([int(data["response_lengths"][i]) for i in idx]))
+        resp_lens = [int(r) for r in data["response_lengths"]]
+
+        def keep_log_probs(mb, batch, logits):
+            logp = response_log_probs(logits, batch, temperature=temp)  # [N] this micro-batch's response tokens
+            return logp.new_zeros(()), torch.zeros((), dtype=torch.int), {"logp": logp.double().cpu()}
+
+        micro_batches = self._micro_batches(list(range(len(resp_lens))), self.args.micro_batch_size)
+        outputs = self._forward_backward(model, data, micro_batches, keep_log_probs, forward_only=True)
+        flat = None
+        if ps.is_pipeline_last_stage():
+            flat = torch.cat([o["logp"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.float64)
+        flat = self._from_last_stage(flat, sum(resp_lens), torch.float64)
         model.train(was_training)
-        return [t.double() for t in out]
+        return list(flat.split(resp_lens))
 
     # ------------------------------------------------------------------ training
     def train(self, rollout_id: int, rollout_data_ref: Any, external_data: Any = None) -> dict[str, float]:
@@ -261,19 +322,19 @@ class MegatronTrainRayActor(TrainRayActor):
 
     def _train_step(self, data, idx, old, advantages, loss_masks) -> dict[str, float]:
         """One optimizer step on the global batch ``idx``; this DP rank takes every dp_size-th sample."""
-        from slime.backends.megatron_utils.model import sampled_token_log_probs
+        from megatron.core import parallel_state as ps
+
+        from slime.backends.megatron_utils.model import response_log_probs
 
         args = self.args
         kept_total = int(sum(int(loss_masks[i].sum()) for i in idx))
         global_tokens, global_samples = max(kept_total, 1), len(idx)
         mine = idx[self.dp_rank :: self.dp_size]
-        self._zero_grad()
-        loss_sum, clipped = 0.0, 0.0
-        for mb in self._micro_batches(mine, args.micro_batch_size):
-            batch = self._batch(data, mb)
-            mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
-            logp = sampled_token_log_probs(self.model, batch, temperature=args.rollout_temperature)
+
+        def step_loss(mb, batch, logits):
+            logp = response_log_probs(logits, batch, temperature=args.rollout_temperature)  # [N]
             dev = logp.device
+            mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
             loss, n_clipped = policy_loss(
                 args,
                 logp,
@@ -285,17 +346,26 @@ class MegatronTrainRayActor(TrainRayActor):
                 global_sample_count=global_samples,
             )
             # a micro-batch with no kept token still runs backward: TP ranks must take part in every collective
-            loss.backward()
-            loss_sum += float(loss.detach())
-            clipped += float(n_clipped)
+            stats = {"loss": float(loss.detach()), "clipped": float(n_clipped)}
+            return loss, torch.tensor(int(mask.sum()), dtype=torch.int), stats
+
+        self._zero_grad()
+        outputs = self._forward_backward(
+            self.model, data, self._micro_batches(mine, args.micro_batch_size), step_loss, forward_only=False
+        )
         grad_norm = self._optimizer_step()
         self.global_step += 1
-        totals = torch.tensor([loss_sum, clipped], dtype=torch.float64)
-        if self.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
+        # the loss lives on the last PP stage of each DP rank: sum over DP and PP (other stages add zeros)
+        totals = torch.tensor(
+            [sum(o["loss"] for o in outputs), sum(o["clipped"] for o in outputs)], dtype=torch.float64
+        )
+        if self.dp_size > 1 or self.pp_size > 1:
             totals = totals.to("cuda" if self.on_gpu else "cpu")
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+            if self.dp_size > 1:
+                dist.all_reduce(totals, group=ps.get_data_parallel_group())
+            if self.pp_size > 1:
+                dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+            totals = totals.cpu()
         return {
             "train/loss": float(totals[0]),
             "train/grad_norm": float(grad_norm),
@@ -328,8 +398,13 @@ class MegatronTrainRayActor(TrainRayActor):
             return float(grad_norm or 0.0)
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
 
-        named = [(n, p) for n, p in self.model.named_parameters() if p.grad is not None]
+        model = self._unwrapped()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        for _, p in named:  # a rank without samples in this step still joins every all-reduce below
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         params = [p for _, p in named]
         if ps.get_tensor_model_parallel_world_size() > 1:
             # replicated weights applied to TP-sharded activations get partial grads on each TP rank: q/k norms
@@ -338,16 +413,25 @@ class MegatronTrainRayActor(TrainRayActor):
             for name, p in named:
                 if "q_layernorm" in name or "k_layernorm" in name or getattr(p, "sequence_parallel", False):
                     dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        if self.pp_size > 1 and self.shape.tie_word_embeddings and ps.is_rank_in_embedding_group():
+            # tied head under PP: the first stage's embedding and the last stage's head copy each hold their own
+            # part of the one shared matrix's gradient; both take the sum, so the two copies stay equal
+            dist.all_reduce(model.shared_embedding_or_output_weight().grad, group=ps.get_embedding_group())
         if self.dp_size > 1:  # SUM: each rank's loss is already its share of the step's loss
             for p in params:
                 dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-        # TP-aware norm: sharded params count on every TP rank, replicated ones once
+        # norm over the model-parallel shards: TP-sharded params count on every TP rank, replicated ones once;
+        # each PP stage adds its layers; the last stage's tied-head copy (``shared``) is not counted twice
         sq = sum(
-            (p.grad.double().pow(2).sum() for p in params if param_is_not_tensor_parallel_duplicate(p)),
+            (
+                p.grad.double().pow(2).sum()
+                for p in params
+                if param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)
+            ),
             torch.zeros((), dtype=torch.float64),
         )
-        if ps.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        if ps.get_model_parallel_group().size() > 1:
+            dist.all_reduce(sq, group=ps.get_model_parallel_group())
         grad_norm = float(sq.sqrt())
         if self.args.clip_grad and self.args.clip_grad > 0 and grad_norm > self.args.clip_grad:
             scale = self.args.clip_grad / (grad_norm + 1e-6)

@@ -150,6 +150,15 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         # HF computes q·k/sqrt(d) and the softmax in the activation dtype; so does Megatron's local path
         attention_softmax_in_fp32=True,
+        # pipeline schedule: activations travel between stages in the weights' dtype; micro-batches are padded
+        # to their own longest sample, so each p2p message sends its shape first
+        pipeline_dtype=params_dtype,
+        variable_seq_lengths=True,
+        # no MoE layer here; the default ("allgather") dispatcher refuses variable_seq_lengths even in dense models
+        moe_token_dispatcher_type="alltoall",
+        # our losses are already each micro-batch's share of the step (global token/sample counts):
+        # the schedule must not divide them by the number of micro-batches again
+        calculate_per_token_loss=True,
     )
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

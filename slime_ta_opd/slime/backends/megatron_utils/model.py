@@ -185,7 +185,8 @@ def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T, V/TP]`` logits of this TP rank's vocabulary slice (last PP stage)."""
+    """``[B, T, V/TP]`` logits of this TP rank's vocabulary slice on the last PP stage; on an earlier stage the
+    ``[T, B, H]`` hidden states it hands to the next one (its input then comes from ``set_input_tensor``)."""
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
     return model(input_ids, position_ids, attention_mask=causal_mask(seq, input_ids.device))
@@ -202,17 +203,23 @@ def logits_to_token_log_probs(logits_rows: torch.Tensor, target: torch.Tensor, t
     return -vocab_parallel_cross_entropy(rows.unsqueeze(1), target.unsqueeze(1)).squeeze(1)
 
 
-def sampled_token_log_probs(
-    model, batch: ResponseBatch, select: torch.Tensor | None = None, temperature: float = 1.0
+def response_log_probs(
+    logits: torch.Tensor, batch: ResponseBatch, select: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log π(y_t | c_t) of the response tokens of ``batch`` (all, or the rows ``select``), one per row."""
+    """log π(y_t | c_t) from the ``[B, T, V/TP]`` logits of ``batch``: its response tokens (all, or ``select``)."""
     idx = torch.arange(batch.num_tokens) if select is None else select
     if idx.dtype == torch.bool:
         idx = idx.nonzero().squeeze(-1)
-    logits = forward_logits(model, batch.input_ids)  # [B, T, V/TP]
     dev = logits.device
     rows = logits[batch.row[idx].to(dev), batch.pred_pos[idx].to(dev)]  # [n, V/TP]
     return logits_to_token_log_probs(rows, batch.target[idx].to(dev), temperature)
+
+
+def sampled_token_log_probs(
+    model, batch: ResponseBatch, select: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """log π(y_t | c_t) of the response tokens of ``batch`` (all, or the rows ``select``), one per row (PP=1)."""
+    return response_log_probs(forward_logits(model, batch.input_ids), batch, select, temperature)
 
 
 def write_hf_config(shape_source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
