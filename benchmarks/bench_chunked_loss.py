@@ -171,10 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args.tokens, args.hidden, args.vocab, args.chunk_size, tuple(args.variants.split(",")), args.seed)
     print(_table(res))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=2)
-        os.replace(tmp, args.out)
+        from ta_opd.atomic_io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -113,10 +113,9 @@ def main() -> None:
     )
     print(json.dumps(res, indent=1))
     if a.out:
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.out)
+        from ta_opd.atomic_io import atomic_write_text
+
+        atomic_write_text(a.out, json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ta_opd.atomic_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 100.0
@@ -244,11 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs.update(QUICK_KWARGS)
     res = run(**kwargs)
     print(table(res))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    out = atomic_write_text(a.out, json.dumps(res, indent=1))
     print(f"wrote {out}")
 
 

@@ -295,10 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args.quick, args.tokens, args.hidden, args.vocab, args.logprob_tokens, args.ratio, phases, args.seed)
     print(table(res))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=2)
-        os.replace(tmp, args.out)
+        from ta_opd.atomic_io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

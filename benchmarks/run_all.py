@@ -148,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "benchmarks": results,
     }
-    out = Path(a.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, out)
+    from ta_opd.atomic_io import atomic_write_text  # here: the parent process needs no torch before
+
+    out = atomic_write_text(a.out, json.dumps(summary, indent=1, default=str))
     print(f"wrote {out}")
     return 0 if all(r["ok"] for r in results.values()) else 1
 

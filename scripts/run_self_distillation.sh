@@ -147,18 +147,7 @@ ARGS=(
 printf '%s\n' "${ARGS[@]}" > "$RUN_DIR/train_args.txt" # one argument per line: the exact command, reusable
 
 # Parse the flags with the stack's own parser (unknown flag, bad value, missing file) before starting.
-"$PYTHON" - "$RUN_DIR/train_args.txt" << 'PY' || ta_die "the train.py flags are invalid (see above); nothing was started"
-import sys
-from pathlib import Path
-
-from slime.utils.arguments import parse_args
-
-try:
-    parse_args(Path(sys.argv[1]).read_text().splitlines())
-except (SystemExit, Exception) as e:  # argparse exits; validation raises
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
-PY
+ta_check_train_args "$RUN_DIR/train_args.txt" || ta_die "the train.py flags are invalid (see above); nothing was started"
 
 ta_log "$METHOD: $RUN_DIR (teacher: ${TEACHER_MODEL:-self, base weights of $STUDENT_HF}; mask $OPD_BUDGET_MASK)"
 start=$(date +%s.%N)

@@ -124,6 +124,11 @@ class _Reduction:
     weights: Tensor | None = None  # [N] extra per-token factor (PW-OPSD w_t), constant
 
 
+def _naive_path(student: LogitSource, chunk_size: int | None) -> bool:
+    """True when `student` is evaluated in one pass over [N, V] (see the module doc for `chunk_size`)."""
+    return chunk_size == 0 or (chunk_size is None and not isinstance(student, LMHeadInput))
+
+
 def _run(
     token_fn: TokenFn,
     student: LogitSource,
@@ -141,8 +146,7 @@ def _run(
         global_token_count=red.global_token_count,
         global_sample_count=red.global_sample_count,
     )
-    naive = chunk_size == 0 or (chunk_size is None and not isinstance(student, LMHeadInput))
-    if naive:
+    if _naive_path(student, chunk_size):
         s_logits = materialize_logits(student)
         t_logits = None if teacher is None else materialize_logits(teacher).detach()
         result = token_fn(s_logits, t_logits, extras)
@@ -279,7 +283,7 @@ def reopold_loss(
         raise ValueError(f"need 0 < lam < 1 and 0 <= entropy_percentile <= 1, got {lam}, {entropy_percentile}")
     extras = {"target_ids": target_ids.long()}
     stat_fn = partial(reopold_stats, temperature=temperature)
-    if chunk_size == 0 or (chunk_size is None and not isinstance(student, LMHeadInput)):
+    if _naive_path(student, chunk_size):
         with torch.no_grad():
             t_logits = materialize_logits(teacher)
             stats = stat_fn(materialize_logits(student).detach(), t_logits.detach(), extras)

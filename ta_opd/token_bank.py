@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ta_opd.atomic_io import atomic_open
+
 TOKEN_BANK_FORMATS = ("csv", "jsonl", "parquet")
 RAW_TOPK_COLUMNS = ("student_topk_ids", "student_topk_logp", "teacher_topk_ids", "teacher_topk_logp")
 
@@ -247,27 +249,12 @@ _WRITERS = {"csv": _write_csv, "jsonl": _write_jsonl, "parquet": _write_parquet}
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` via a temp file in the same directory, fsync, rename; never leave a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``path`` via ``ta_opd.atomic_io`` (temp file, fsync, rename); never leave a partial file."""
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_open(path) as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
         raise OSError(exc.errno, f"token bank: could not write {path} ({exc}); no partial file was left") from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:

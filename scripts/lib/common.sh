@@ -216,5 +216,26 @@ ta_use_embedded_defaults() {
   fi
 }
 
+# ta_check_train_args FILE...: parse each train_args.txt (one train.py argument per line) with the stack's own
+# parser, so an unknown flag, a bad value or a missing file is caught before anything starts. Every bad file is
+# named on stderr ("error: FILE: ..."); the status is non-zero when any is bad.
+ta_check_train_args() {
+  "$(ta_python)" - "$@" << 'PY'
+import sys
+from pathlib import Path
+
+from slime.utils.arguments import parse_args
+
+bad = 0
+for path in sys.argv[1:]:
+    try:
+        parse_args(Path(path).read_text().splitlines())
+    except (SystemExit, Exception) as e:  # argparse exits; validation raises
+        bad += 1
+        print(f"error: {path}: {type(e).__name__}: {e}", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+}
+
 # ta_seconds_between START END: END - START (both `date +%s.%N`), one decimal.
 ta_seconds_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }

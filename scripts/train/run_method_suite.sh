@@ -142,6 +142,7 @@ fi
 SUITE_DIR="$OUTPUT_ROOT/$SUITE_NAME"
 mkdir -p "$SUITE_DIR/runs"
 RUN_NAMES=()
+ARG_FILES=()
 while read -r idx alias mask ratio; do
   name="${idx}_${alias}_r${ratio}"
   run_dir="$SUITE_DIR/runs/$name"
@@ -158,26 +159,11 @@ while read -r idx alias mask ratio; do
   args+=("${EXTRA_ARGS_ARRAY[@]}" "${CLI_EXTRA_ARGS[@]}")
   printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt" # one argument per line: the exact command, reusable
   RUN_NAMES+=("$name")
+  ARG_FILES+=("$run_dir/train_args.txt")
 done <<< "$PARSED_METHODS"
 
 # Parse every entry's flags with the stack's own parser (unknown flag, bad value, missing file) before any run.
-"$PYTHON" - "$SUITE_DIR" "${RUN_NAMES[@]}" << 'PY' || ta_die "the train.py flags of an entry are invalid (see above); nothing was started"
-import sys
-from pathlib import Path
-
-from slime.utils.arguments import parse_args
-
-suite, names = Path(sys.argv[1]), sys.argv[2:]
-bad = 0
-for name in names:
-    argv = (suite / "runs" / name / "train_args.txt").read_text().splitlines()
-    try:
-        parse_args(argv)
-    except (SystemExit, Exception) as e:  # argparse exits; validation raises
-        bad += 1
-        print(f"error: entry {name}: {type(e).__name__}: {e}", file=sys.stderr)
-sys.exit(1 if bad else 0)
-PY
+ta_check_train_args "${ARG_FILES[@]}" || ta_die "the train.py flags of an entry are invalid (see above); nothing was started"
 
 # ---------------------------------------------------------------- method_mapping.csv
 {

@@ -6,7 +6,8 @@ and the support definitions of C used by the robustness check (§6.5): exact C (
 on the student's top-K), overlap, Jaccard, shared teacher / student top-K mass. The
 union-at-K statistics (D = KLf_union, KLr_union, BC_union, H = normalised top-K entropy, the
 lower-bound C) are *not* re-implemented here: top-K lists are built from the full logits and
-handed to :func:`ta_opd.stats.compute_token_stats`, the same code the training step uses.
+handed to :func:`ta_opd.stats.compute_token_stats`, the same code the training step uses, and
+the KL / entropy terms are :func:`ta_opd.sd_kernels.p_log_ratio`, the self-distillation losses' own.
 
 Everything works on one chunk of tokens ``[n, V]``; :func:`chunked_fullvocab_token_stats`
 walks a longer token range so that at most ``chunk_tokens × V`` logits exist at a time.
@@ -17,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+# p·(log p − log q) with 0·log 0 = 0: the one implementation, shared with the SD losses' kernels.
+from ta_opd.sd_kernels import p_log_ratio
 
 # Columns produced per student model (besides the per-K ones below).
 FULLVOCAB_STATS = ("entropy_student", "kl_f", "kl_r", "bc_full", "student_logp_sampled")
@@ -30,15 +34,12 @@ UNION_STATS = ("kl_f_union", "kl_r_union", "bc", "cmass", "entropy_norm")
 
 def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of each row of a full log-distribution ``[n, V]`` (0·log 0 = 0)."""
-    p = logp.exp()
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return -p_log_ratio(logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
 
 
 def kl_from_logp(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """KL(a‖b) = Σ_v a(v)(log a(v) − log b(v)) per row; terms with a(v) = 0 contribute 0."""
-    p_a = logp_a.exp()
-    diff = torch.where(p_a > 0, logp_a - logp_b, torch.zeros_like(logp_a))
-    return (p_a * diff).sum(-1).clamp_min(0.0)
+    return p_log_ratio(logp_a, logp_b).sum(-1).clamp_min(0.0)
 
 
 def topk_from_logp(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

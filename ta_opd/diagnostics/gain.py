@@ -143,14 +143,19 @@ def cluster_bootstrap(
     for r in range(n_resamples):
         draw = rng.integers(0, labels.size, size=labels.size)
         values[r] = statistic(np.concatenate([members[j] for j in draw]))
-    values = values[np.isfinite(values)]
+    lo, hi, se, n_valid = _percentile_ci(values, confidence)
+    return BootstrapResult(estimate, lo, hi, se, int(clusters.size), int(labels.size), n_valid)
+
+
+def _percentile_ci(resampled: np.ndarray, confidence: float) -> tuple[float, float, float, int]:
+    """(CI low, CI high, bootstrap SE, resamples kept) of bootstrap statistics; NaN/inf ones are dropped."""
+    kept = resampled[np.isfinite(resampled)]
+    if kept.size == 0:
+        return float("nan"), float("nan"), float("nan"), 0
     alpha = (1.0 - confidence) / 2.0
-    if values.size == 0:
-        lo = hi = se = float("nan")
-    else:
-        lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
-        se = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return BootstrapResult(estimate, float(lo), float(hi), se, int(clusters.size), int(labels.size), int(values.size))
+    lo, hi = np.quantile(kept, [alpha, 1.0 - alpha])
+    se = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
+    return float(lo), float(hi), se, int(kept.size)
 
 
 def bootstrap_mean_diff(
@@ -196,16 +201,9 @@ def bootstrap_mean_diff(
     draws = rng.integers(0, n_c, size=(n_resamples, n_c))
     weights = np.zeros((n_resamples, n_c))
     np.add.at(weights, (np.arange(n_resamples)[:, None], draws), 1.0)
-    boot = stat(weights)
-    boot = boot[np.isfinite(boot)]
-    alpha = (1.0 - confidence) / 2.0
-    if boot.size == 0:
-        lo = hi = se = float("nan")
-    else:
-        lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
-        se = float(boot.std(ddof=1)) if boot.size > 1 else 0.0
+    lo, hi, se, n_valid = _percentile_ci(stat(weights), confidence)
     n_tok = int(np.asarray(group_a, bool).sum() + (0 if group_b is None else np.asarray(group_b, bool).sum()))
-    return BootstrapResult(estimate, float(lo), float(hi), se, n_tok, int(n_c), int(boot.size))
+    return BootstrapResult(estimate, lo, hi, se, n_tok, int(n_c), n_valid)
 
 
 def gap_groups(c: np.ndarray, region: np.ndarray, n_bins: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
 """Atomic file I/O for the diagnostic tools: JSONL, tables (parquet/CSV), text.
 
+The atomic writes themselves are ``ta_opd.atomic_io``'s (re-exported here for the tools).
 pandas/pyarrow are imported inside the functions that need them.
 """
 
@@ -7,33 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ta_opd.atomic_io import atomic_write_bytes, atomic_write_text
+
+__all__ = [
+    "TABLE_FORMATS",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "read_jsonl",
+    "read_table",
+    "table_format",
+    "write_jsonl",
+    "write_table",
+]
+
 TABLE_FORMATS = ("parquet", "csv")
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (no partial file on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:

@@ -4,6 +4,7 @@
 - the actor's old log-probs reach every pipeline stage and equal HF's;
 - one OPD step (loss, gradient norm, updated weights exported to HF names) equals the torch backend's step
   (the in-trainer teacher at PP=2: ``test_megatron_trainer.py``);
+- data parallel: DP=2 and DP=2 × PP=2 steps equal the torch backend's single-rank step;
 - a TP=1, PP=2 ``torch_dist`` checkpoint loads back into fresh models at PP=2 and at PP=1;
 - context parallelism is refused with the value and the reason.
 """
@@ -80,6 +81,24 @@ def test_pp2_opd_step_matches_the_torch_backend(tiny_student_dir, tmp_path):
             for g, r in zip(got, ref_logp, strict=True):
                 assert (g - r.double()).abs().max().item() < TOL, (when, rank)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout,world",
+    [
+        (("--actor-num-gpus-per-node", "2"), 2),
+        (("--pipeline-model-parallel-size", "2", "--actor-num-gpus-per-node", "4"), 4),
+    ],
+    ids=["dp2", "dp2xpp2"],
+)
+def test_data_parallel_step_matches_the_torch_backend(layout, world, tiny_student_dir, tmp_path):
+    """DP=2 (each rank one micro-batch of the global batch; gradients averaged over DP) and DP=2 × PP=2 give the
+    single-rank torch step: same loss, gradient norm and updated weights."""
+    data = rollout_data()
+    t_metrics, t_state = torch_step(argv_for(tiny_student_dir, tmp_path / "t", *OPD_SGLANG), data)
+    mg_out, mg_state = megatron_step(argv_for(tiny_student_dir, tmp_path, *OPD_SGLANG, *layout), data, tmp_path, world)
+    assert_same_step(t_metrics, t_state, mg_out, mg_state)
 
 
 def test_pp2_checkpoint_round_trip(tiny_student_dir, tmp_path):

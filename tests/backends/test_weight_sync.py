@@ -1,12 +1,16 @@
-"""Weights pushed over a gloo process group (SGLang's /update_weights_from_distributed) to a real embedded server.
+"""Weights pushed to a real embedded server over a gloo process group (SGLang's /update_weights_from_distributed)
+and as shared tensors (/update_weights_from_tensor).
 
-The trainer side is slime.backends.weight_sync.DistributedWeightSender in this process; the server is a
+The trainer side is slime.backends.weight_sync.{Distributed,Tensor}WeightSender in this process; the server is a
 separate process on 127.0.0.1. After the push the server answers exactly as after loading the same weights
 from disk; bad requests are refused before any broadcast, and the sender does not hang on them.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import pickle
 import shutil
 
 import pytest
@@ -16,9 +20,12 @@ import torch
 from slime.backends.embedded_sglang.launch import launch_server
 from slime.backends.weight_sync import (
     DistributedWeightSender,
+    TensorWeightSender,
     buckets,
+    deserialize_named_tensors,
     dtype_name,
     parse_dtype,
+    serialize_named_tensors,
     unique_named_tensors,
 )
 
@@ -135,4 +142,64 @@ def test_release_and_resume_memory(server, weights_root, tiny_teacher_dir):
     assert post(server, "/resume_memory_occupation", {}).json()["success"] is True
     r = post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
     assert r.json()["success"] is True
+    assert scores(server) == before
+
+
+def test_tensor_payload_round_trip_and_refusals():
+    import torch.multiprocessing as mp
+
+    strategy = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    try:
+        named = [("a", torch.arange(6.0).reshape(2, 3).share_memory_()), ("b", torch.ones(2, dtype=torch.bfloat16))]
+        back = deserialize_named_tensors(serialize_named_tensors(named))
+    finally:
+        mp.set_sharing_strategy(strategy)
+    assert [n for n, _ in back] == ["a", "b"]
+    assert torch.equal(back[0][1], named[0][1]) and back[1][1].dtype is torch.bfloat16
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    evil = base64.b64encode(pickle.dumps([("a", Evil())])).decode()
+    with pytest.raises(ValueError, match="system is not allowed in a weight payload"):
+        deserialize_named_tensors(evil)
+    with pytest.raises(ValueError, match="must be a list of \\(name, tensor\\) pairs"):
+        deserialize_named_tensors(base64.b64encode(pickle.dumps({"a": 1})).decode())
+    with pytest.raises(ValueError, match="could not be read"):
+        deserialize_named_tensors("not base64 !")
+
+
+def test_push_as_shared_tensors_matches_loading_from_disk(server, weights_root, tiny_teacher_dir):
+    before = scores(server)
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "teacher")})
+    from_disk = scores(server)
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    assert scores(server) == before
+
+    sender = TensorWeightSender([server.url], api_key=KEY, buffer_bytes=64 * 1024, timeout_s=60)
+    teacher = teacher_tensors(tiny_teacher_dir)
+    ptrs = [t.untyped_storage().data_ptr() for _, t in teacher]
+    try:
+        assert sender.push(teacher, weight_version="v-tensor") == len(teacher) > 1
+        assert scores(server) == from_disk  # bit-identical to the disk path
+        info = requests.get(server.url + "/get_model_info", headers=AUTH, timeout=30).json()
+        assert info["weight_version"] == "v-tensor"
+        assert [t.untyped_storage().data_ptr() for _, t in teacher] == ptrs  # the sender's own storage stayed put
+        name, tensor = teacher[0]
+        with pytest.raises(RuntimeError, match="unknown tensor 'no.such.weight'"):
+            sender.push([("no.such.weight", tensor)])
+        with pytest.raises(RuntimeError, match=f"shape mismatch for '{name}'"):
+            sender.push([(name, torch.zeros(3, 3))])
+        assert scores(server) == from_disk  # a refused push changed nothing
+    finally:
+        post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    r = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": []})
+    assert r.status_code == 400 and "non-empty list of base64 strings" in r.json()["message"]
+    r = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": ["eA=="], "load_format": "x"})
+    assert r.status_code == 400 and "load_format 'x'" in r.json()["message"]
+    evil = base64.b64encode(pickle.dumps([("a", os.getpid)])).decode()
+    r = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": [evil]})
+    assert r.status_code == 400 and "is not allowed in a weight payload" in r.json()["message"]
     assert scores(server) == before

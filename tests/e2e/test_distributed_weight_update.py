@@ -1,7 +1,8 @@
-"""train.py with --weight-update-mode distributed and --offload: weights reach the engine over a gloo group.
+"""train.py with --weight-update-mode distributed|tensor and --offload: weights reach the engine over a gloo
+group, or as shared-memory tensors (the colocated path).
 
 Real Ray, a real embedded engine and teacher server, the torch trainer. Each step the engine releases its
-memory during training, resumes it (weights undefined) and receives the new weights by broadcast; the
+memory during training, resumes it (weights undefined) and receives the new weights (broadcast or shared); the
 engine's log-probs of the next rollout then equal the trainer's own (``train/rollout_logp_abs_diff``), which
 they would not if the push had failed. No weight directory is written.
 """
@@ -20,7 +21,8 @@ from tests.e2e.test_opd_end_to_end import load_train_module, ray_local  # noqa: 
 
 
 @pytest.mark.slow
-def test_distributed_updates_with_offload(tmp_path, ray_local):  # noqa: F811
+@pytest.mark.parametrize("mode", ["distributed", "tensor"])
+def test_pushed_updates_with_offload(tmp_path, ray_local, mode):  # noqa: F811
     student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
     teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
     train_jsonl, _ = write_splits(tmp_path / "data", num_train=32, num_eval=4, seed=0)
@@ -32,7 +34,7 @@ def test_distributed_updates_with_offload(tmp_path, ray_local):  # noqa: F811
         "--rollout-num-engines", "1", "--num-rollout", "3",
         "--use-opd", "--opd-type", "sglang", "--opd-teacher-hf-checkpoint", str(teacher),
         "--micro-batch-size", "4", "--lr", "1e-2", "--output-dir", str(out),
-        "--weight-update-mode", "distributed", "--update-weight-buffer-size", "65536", "--offload",
+        "--weight-update-mode", mode, "--update-weight-buffer-size", "65536", "--offload",
     ]  # fmt: skip
     train = load_train_module()
     train.train(parse_args(argv))

@@ -107,3 +107,37 @@ def test_sglang_engine_receives_weights_over_nccl(tiny_student_dir, tiny_teacher
         assert [e[0] for e in pushed[1:]] == pytest.approx([e[0] for e in from_disk[1:]], abs=1e-6)
     finally:
         group.stop()
+
+
+def test_sglang_engine_receives_weights_as_cuda_ipc_tensors(tiny_student_dir, tiny_teacher_dir, tmp_path):
+    """--weight-update-mode tensor against real SGLang on the same GPU: /update_weights_from_tensor with CUDA IPC
+    handles gives the scores of the teacher loaded from disk."""
+    pytest.importorskip("sglang")
+    from argparse import Namespace
+
+    import requests
+    from transformers import AutoModelForCausalLM
+
+    from slime.backends.sglang_utils.engines import launch_sglang_engine_group
+    from slime.backends.weight_sync import TensorWeightSender, unique_named_tensors
+
+    args = Namespace(hf_checkpoint=str(tiny_student_dir), rollout_num_gpus=1, rollout_num_gpus_per_engine=1,
+                     api_key=None, colocate=True, offload=False)  # fmt: skip
+    group = launch_sglang_engine_group(args, log_dir=str(tmp_path))
+    probe = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+             "logprob_start_len": 0}  # fmt: skip
+
+    def scores():
+        return requests.post(f"{group.url}/generate", json=probe, timeout=120).json()["meta_info"][
+            "input_token_logprobs"
+        ]
+
+    try:
+        group.update_weights_from_disk(str(tiny_teacher_dir))
+        from_disk = scores()
+        group.update_weights_from_disk(str(tiny_student_dir))
+        teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).to("cuda:0")
+        TensorWeightSender(group.engine_urls).push(unique_named_tensors(teacher.state_dict()))
+        assert [e[0] for e in scores()[1:]] == pytest.approx([e[0] for e in from_disk[1:]], abs=1e-6)
+    finally:
+        group.stop()

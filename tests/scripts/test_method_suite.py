@@ -75,7 +75,7 @@ def test_missing_student_path_fails_before_anything_starts(tmp_path):
 def test_bad_train_flag_is_caught_by_the_stack_parser(explicit_paths):
     r = run_suite({**explicit_paths, "METHOD_LIST": "tip:0.1:1", "EXTRA_ARGS": "--no-such-flag 3", "DRY_RUN": "1"})
     assert r.returncode == 2
-    assert "entry 1_tip_r0.1" in r.stderr and "nothing was started" in r.stderr
+    assert "runs/1_tip_r0.1/train_args.txt" in r.stderr and "nothing was started" in r.stderr
 
 
 def test_mapping_csv_and_train_args(explicit_paths):

@@ -11,6 +11,13 @@
    the tensors in that order; the request returns once the engine has received and loaded them;
 3. ``POST /destroy_weights_update_group {group_name}`` at shutdown.
 
+``--weight-update-mode tensor``: SGLang's colocated path, ``POST /update_weights_from_tensor
+{serialized_named_tensors, load_format, flush_cache, weight_version}`` per bucket. The tensors are pickled with
+torch's multiprocessing reductions and base64-encoded (the form of SGLang's ``MultiprocessingSerializer``), one
+string per engine TP rank: CUDA tensors travel as CUDA IPC handles, CPU tensors as shared-memory file names, so
+an engine on the same node maps the trainer's copy instead of receiving the bytes over a socket. The trainer
+keeps each bucket alive until every engine has answered.
+
 The backend is gloo on CPU (the embedded engines) and NCCL on GPUs (real SGLang). A failed request never
 leaves the trainer blocked in a broadcast: the broadcast is polled while the requests are in flight, and an
 engine's error answer aborts it with that error.
@@ -18,8 +25,11 @@ engine's error answer aborts it with that error.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import io
 import logging
+import pickle
 import socket
 import threading
 import time
@@ -32,7 +42,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_UPDATE_MODES = ("disk", "distributed")
+WEIGHT_UPDATE_MODES = ("disk", "distributed", "tensor")
 DEFAULT_BUFFER_BYTES = 512 * 1024**2
 
 
@@ -279,25 +289,179 @@ class DistributedWeightSender:
         self.group = None
 
 
-def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSender:
-    """The sender of a trainer's rank 0 for the engines of ``rollout_manager`` (a Ray actor handle):
-    gloo for CPU engines, NCCL (tensors on the trainer's GPU) when the engines are real SGLang on GPUs."""
+# ---------------------------------------------------------------------------------------------- tensor (colocated)
+# The globals a payload may name: torch's rebuild functions and the classes/dtypes they take. Anything else in a
+# pickle is refused, so a request cannot run arbitrary code through the unpickler.
+_PAYLOAD_GLOBALS = {
+    "torch": {"Tensor", "Size", "device", "dtype"}
+    | {n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)},
+    "torch.storage": {"UntypedStorage", "TypedStorage"},
+    "torch.nn.parameter": {"Parameter"},
+    "builtins": {"list", "tuple", "dict", "int", "float", "str", "bool", "slice"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _PayloadUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _PAYLOAD_GLOBALS.get(module, set())
+        if (module == "torch.multiprocessing.reductions" and name.startswith("rebuild_")) or name in allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
+
+
+def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
+    """``named`` pickled with torch's multiprocessing reductions, base64 (SGLang's ``MultiprocessingSerializer``
+    with ``output_str=True``). CPU tensors must already be in shared memory (``share_memory_``)."""
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(named)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
+    """The receiving side of ``serialize_named_tensors``: a list of ``(name, tensor)``, refused with a
+    ``ValueError`` naming the problem when the payload is malformed or names anything but torch's tensor types."""
+    import torch.multiprocessing.reductions  # noqa: F401 (registers the rebuild functions)
+
+    try:
+        raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else bytes(payload)
+        named = _PayloadUnpickler(io.BytesIO(raw)).load()
+    except Exception as e:
+        raise ValueError(f"weight payload could not be read: {e}") from e
+    if not isinstance(named, list) or not all(
+        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)
+        for item in named
+    ):
+        raise ValueError("weight payload must be a list of (name, tensor) pairs")
+    return named
+
+
+def _patch_cuda_reductions() -> None:
+    """With SGLang installed, its patch makes CUDA IPC handles carry the GPU's UUID instead of a device index, so
+    the engine opens them on the right GPU whatever its ``CUDA_VISIBLE_DEVICES``. (Its receiver expects it.)"""
+    try:
+        from sglang.srt.patch_torch import monkey_patch_torch_reductions
+    except ImportError:
+        logger.warning("sglang is not importable here: CUDA IPC handles carry device indices, not GPU UUIDs")
+        return
+    monkey_patch_torch_reductions()
+
+
+class TensorWeightSender:
+    """The colocated sender: tensors shared with the engines on this node (CUDA IPC on GPUs, shared memory on CPU).
+
+    Each bucket of at most ``buffer_bytes`` becomes one ``/update_weights_from_tensor`` request per engine, with the
+    same payload for each of the engine's ``tp_size`` ranks (every rank loads the full HF tensors and keeps its
+    shard, as with a disk update)."""
+
+    def __init__(
+        self,
+        engine_urls: list[str],
+        tp_size: int = 1,
+        api_key: str | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        timeout_s: float = 600.0,
+    ):
+        if not engine_urls:
+            raise ValueError("tensor weight updates need the engines' URLs (this run owns no engines)")
+        if buffer_bytes < 1:
+            raise ValueError(f"--update-weight-buffer-size must be >= 1 byte, got {buffer_bytes}")
+        self.engine_urls, self.tp_size, self.api_key = list(engine_urls), int(tp_size), api_key
+        self.buffer_bytes, self.timeout_s = buffer_bytes, timeout_s
+        self._patched = False
+
+    def _shareable(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.is_cuda:
+            if not self._patched:
+                _patch_cuda_reductions()
+                self._patched = True
+            return tensor.contiguous()
+        # a private copy in shared memory: the trainer's own storage is never moved
+        return tensor.clone(memory_format=torch.contiguous_format).share_memory_()
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None) -> int:
+        """Send every tensor to every engine, bucket by bucket; returns the number of tensors sent."""
+        import torch.multiprocessing as mp
+
+        groups = list(buckets(named_tensors, self.buffer_bytes))
+        strategy = mp.get_sharing_strategy()
+        mp.set_sharing_strategy("file_system")  # shm names open in any process; fds would need a socket
+        sent = 0
+        try:
+            for b, bucket in enumerate(groups):
+                shared = [(name, self._shareable(t)) for name, t in bucket]
+                payload: dict[str, Any] = {
+                    "serialized_named_tensors": [serialize_named_tensors(shared)] * self.tp_size,
+                    "load_format": None,
+                    "flush_cache": b == len(groups) - 1,
+                }
+                if weight_version is not None:
+                    payload["weight_version"] = weight_version
+                n = len(self.engine_urls)
+                calls = _Calls().start(self.engine_urls, "/update_weights_from_tensor", [payload] * n,
+                                       self.api_key, self.timeout_s)  # fmt: skip
+                calls.join("update_weights_from_tensor")  # `shared` stays alive until every engine has answered
+                sent += len(bucket)
+                del shared
+        finally:
+            mp.set_sharing_strategy(strategy)
+        return sent
+
+    def close(self) -> None:
+        return None
+
+
+def pushes_tensors(args: Any) -> bool:
+    """Whether ``--weight-update-mode`` sends tensors (``distributed``, ``tensor``) rather than a HF dir."""
+    return getattr(args, "weight_update_mode", "disk") != "disk"
+
+
+def load_from_disk(rollout_manager: Any, path: str) -> None:
+    """The disk mode's second half: the engines load the HF dir ``path``, then the older ``weight_v*`` dirs
+    beside it are removed (only the newest pushed dir is kept)."""
+    import shutil
+    from pathlib import Path
+
+    if rollout_manager is not None:
+        import ray
+
+        ray.get(rollout_manager.update_weights_from_disk.remote(path))
+    for old in Path(path).parent.glob("weight_v*"):
+        if old.name != Path(path).name and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSender | TensorWeightSender:
+    """The sender of a trainer's rank 0 for the engines of ``rollout_manager`` (a Ray actor handle), by
+    ``--weight-update-mode``: ``distributed`` (gloo for CPU engines, NCCL with tensors on the trainer's GPU for
+    real SGLang) or ``tensor`` (shared with engines on this node)."""
+    mode = getattr(args, "weight_update_mode", "disk")
+    if mode not in ("distributed", "tensor"):
+        raise ValueError(f"--weight-update-mode {mode!r} pushes no tensors; expected 'distributed' or 'tensor'")
     if rollout_manager is None:
-        raise ValueError("--weight-update-mode distributed needs the RolloutManager's engines (none connected)")
+        raise ValueError(f"--weight-update-mode {mode} needs the RolloutManager's engines (none connected)")
     import ray
 
     urls = ray.get(rollout_manager.engine_urls.remote())
     if not urls:
         raise ValueError(
-            "--weight-update-mode distributed needs engines started by this run; with an external router "
+            f"--weight-update-mode {mode} needs engines started by this run; with an external router "
             "(--sglang-router-ip) use --weight-update-mode disk"
         )
     on_gpu = torch.cuda.is_available() and getattr(args, "rollout_backend", "auto") != "embedded"
+    tp_size = int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1) if on_gpu else 1
+    buffer_bytes = int(getattr(args, "update_weight_buffer_size", DEFAULT_BUFFER_BYTES))
+    api_key = getattr(args, "api_key", None)
+    if mode == "tensor":
+        return TensorWeightSender(urls, tp_size=tp_size, api_key=api_key, buffer_bytes=buffer_bytes)
     return DistributedWeightSender(
         urls,
         backend="nccl" if on_gpu else "gloo",
-        tp_size=int(getattr(args, "rollout_num_gpus_per_engine", 1) or 1) if on_gpu else 1,
-        api_key=getattr(args, "api_key", None),
-        buffer_bytes=int(getattr(args, "update_weight_buffer_size", DEFAULT_BUFFER_BYTES)),
+        tp_size=tp_size,
+        api_key=api_key,
+        buffer_bytes=buffer_bytes,
         device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu",
     )

@@ -31,7 +31,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 
 from slime.embedded.task import TaskConfig, build_prompt, generate_splits, read_jsonl, to_record, write_jsonl
+from ta_opd.atomic_io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -282,15 +282,8 @@ def ensure_assets(
             shutil.rmtree(stale, ignore_errors=True)
         if force or not _is_complete(root):
             print(f"[assets] building the embedded teacher/student into {root} (cached for later runs)")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp", dir=cache))
-            try:
+            with atomic_dir(root) as tmp:  # ".{root.name}.tmp*", what the sweep above removes
                 build_assets(tmp, recipe)
-                if root.exists():
-                    shutil.rmtree(root)
-                os.replace(tmp, root)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         info = json.loads((root / "manifest.json").read_text())
     return _assets_in(root, info)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from slime.embedded.tokenizer import build_tokenizer, vocab
+from ta_opd.atomic_io import atomic_dir
 
 # The model's embedding table is padded past the tokenizer's vocabulary, as real Qwen
 # checkpoints are (151,936 rows for a 151,665-token tokenizer): code must not assume they match.
@@ -71,9 +71,7 @@ def save_model(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLi
     and renamed into place.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_dir is None:
             build_tokenizer(tmp)
@@ -82,12 +80,6 @@ def save_model(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLi
                 src = Path(tokenizer_dir) / name
                 if src.is_file() and ("token" in name or name.endswith(".jinja")):
                     shutil.copy2(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -121,16 +121,18 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--update-weights-interval", type=int, default=1)
     g.add_argument(
         "--weight-update-mode",
-        choices=["disk", "distributed"],
+        choices=["disk", "distributed", "tensor"],
         default="disk",
-        help="How new weights reach the engines: 'disk' (a HF dir + /update_weights_from_disk) or 'distributed' "
-        "(a process group with the engines + /update_weights_from_distributed: gloo on CPU, NCCL on GPUs).",
+        help="How new weights reach the engines: 'disk' (a HF dir + /update_weights_from_disk), 'distributed' "
+        "(a process group with the engines + /update_weights_from_distributed: gloo on CPU, NCCL on GPUs) or "
+        "'tensor' (engines on the trainer's node map its tensors: /update_weights_from_tensor with CUDA IPC "
+        "handles on GPUs, shared memory on CPU; upstream's colocated path).",
     )
     g.add_argument(
         "--update-weight-buffer-size",
         type=int,
         default=512 * 1024**2,
-        help="Bytes of weights per /update_weights_from_distributed request (distributed mode).",
+        help="Bytes of weights per request in the distributed and tensor modes.",
     )
     g.add_argument("--sglang-router-ip", type=str, default=None, help="Router IP (set by the RolloutManager).")
     g.add_argument("--sglang-router-port", type=int, default=None, help="Router port (set by the RolloutManager).")

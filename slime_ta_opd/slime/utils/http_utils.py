@@ -56,6 +56,12 @@ class _Retryable(Exception):
     pass
 
 
+def _failed(message: str, *, url: str, attempts: int, status: int | None = None) -> HTTPRequestError:
+    """Count a call that failed for good and build its error (the caller raises it)."""
+    _stats["failures"] += 1
+    return HTTPRequestError(message, url=url, attempts=attempts, status=status)
+
+
 def init_http_client(args) -> None:
     """Take timeout, retry budget and API key for our own servers from the parsed flags."""
     _config["timeout"] = float(getattr(args, "http_timeout", DEFAULT_TIMEOUT_S))
@@ -136,8 +142,7 @@ async def _request(
                 if resp.status in RETRYABLE_STATUS:
                     raise _Retryable(f"HTTP {resp.status}: {body[:300]}")
                 if resp.status >= 400:
-                    _stats["failures"] += 1
-                    raise HTTPRequestError(
+                    raise _failed(
                         f"{method} {url} failed with HTTP {resp.status} (not retried): {body[:500]}",
                         url=url,
                         attempts=attempt,
@@ -146,8 +151,7 @@ async def _request(
                 if not expect_json:
                     return body
                 if not body.strip():
-                    _stats["failures"] += 1
-                    raise HTTPRequestError(
+                    raise _failed(
                         f"{method} {url} returned HTTP {resp.status} with an empty body; expected JSON",
                         url=url,
                         attempts=attempt,
@@ -156,8 +160,7 @@ async def _request(
                 try:
                     return await resp.json(content_type=None)
                 except ValueError as e:
-                    _stats["failures"] += 1
-                    raise HTTPRequestError(
+                    raise _failed(
                         f"{method} {url} returned a body that is not JSON: {body[:300]!r}",
                         url=url,
                         attempts=attempt,
@@ -181,8 +184,7 @@ async def _request(
                 delay,
             )
             await asyncio.sleep(delay)
-    _stats["failures"] += 1
-    raise HTTPRequestError(
+    raise _failed(
         f"{method} {url} failed after {attempts_allowed} attempts; last error: {last_error}",
         url=url,
         attempts=attempts_allowed,

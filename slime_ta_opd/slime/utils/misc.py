@@ -1,15 +1,16 @@
-"""Small helpers shared by the stack: plug-in loading by dotted path, atomic writes."""
+"""Small helpers shared by the stack: plug-in loading by dotted path, atomic writes (``ta_opd.atomic_io``)."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from ta_opd.atomic_io import atomic_write_text  # re-exported: the stack's one atomic write
 
 
 @cache
@@ -52,24 +53,6 @@ class SingletonMeta(type):
 
     def clear_instances(cls) -> None:
         cls._instances.pop(cls, None)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 from ta_opd.diagnostics import gain as G
 from ta_opd.diagnostics.cli.common import (
     Bank,
-    add_common_args,
+    analysis_parser,
     load_bank,
     markdown_table,
     out_dir,
@@ -39,11 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="analyze_fixed_context_gain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(p)
-    return p
+    return analysis_parser("analyze_fixed_context_gain", __doc__)
 
 
 def regressors(bank: Bank) -> dict[str, np.ndarray]:

@@ -17,6 +17,13 @@ import torch
 from ta_opd.diagnostics import gain as G
 
 
+def analysis_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An analysis tool's parser: its module doc as the description (usage kept verbatim) and the common flags."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    return p
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", required=True, help="token_stats.{parquet,csv} from eval_fixed_context_bank.")
     p.add_argument("--out-dir", required=True, help="Where tables, plots and the report go.")

@@ -24,7 +24,7 @@ import numpy as np
 from ta_opd.diagnostics import gain as G
 from ta_opd.diagnostics.cli.common import (
     Bank,
-    add_common_args,
+    analysis_parser,
     load_bank,
     markdown_table,
     out_dir,
@@ -38,10 +38,7 @@ DEFAULT_SELECTORS = "dlearn_high,divergence,tip,entropy,random,ca_softor,dincomp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="matched_fixed_context_topn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(p)
+    p = analysis_parser("matched_fixed_context_topn", __doc__)
     p.add_argument("--selectors", default=DEFAULT_SELECTORS, help="Selector (mask) names or aliases, comma list.")
     p.add_argument("--budgets", default="0.01,0.03,0.10", help="Budget ratios ρ, comma list.")
     return p

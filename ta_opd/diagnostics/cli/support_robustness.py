@@ -20,7 +20,7 @@ import logging
 import numpy as np
 
 from ta_opd.diagnostics import gain as G
-from ta_opd.diagnostics.cli.common import add_common_args, load_bank, markdown_table, out_dir, pyplot, save_figure
+from ta_opd.diagnostics.cli.common import analysis_parser, load_bank, markdown_table, out_dir, pyplot, save_figure
 from ta_opd.diagnostics.io import atomic_write_text, write_table
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,7 @@ DEFINITIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="support_definition_robustness", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    add_common_args(p)
+    p = analysis_parser("support_definition_robustness", __doc__)
     p.add_argument("--ks", default="8,16,32", help="K values (each must be in the stats table).")
     p.add_argument("--bins", type=int, default=3, help="C bins inside Q3 (3 = terciles).")
     return p

@@ -17,17 +17,14 @@ import logging
 import numpy as np
 
 from ta_opd.diagnostics import gain as G
-from ta_opd.diagnostics.cli.common import add_common_args, load_bank, markdown_table, out_dir, pyplot, save_figure
+from ta_opd.diagnostics.cli.common import analysis_parser, load_bank, markdown_table, out_dir, pyplot, save_figure
 from ta_opd.diagnostics.io import atomic_write_text, write_table
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="within_region_analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_args(p)
+    p = analysis_parser("within_region_analysis", __doc__)
     p.add_argument("--bins", type=int, default=3, help="C bins per quadrant (3 = terciles).")
     return p
 

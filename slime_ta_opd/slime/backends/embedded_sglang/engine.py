@@ -173,6 +173,16 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
+def _check_shapes(params: dict[str, torch.Tensor], names_shapes: Any) -> str | None:
+    """Why a weight update naming these tensors must be refused, or None."""
+    for name, shape in names_shapes:
+        if name not in params:
+            return f"unknown tensor {name!r}: not a parameter of the served model"
+        if tuple(shape) != tuple(params[name].shape):
+            return f"shape mismatch for {name!r}: {tuple(shape)} vs {tuple(params[name].shape)}"
+    return None
+
+
 class Engine:
     """A HF causal LM served by a batching worker thread.
 
@@ -279,6 +289,10 @@ class Engine:
 
     def destroy_weights_update_group(self, group_name: str) -> Future:
         return self._control("destroy_group", group_name)
+
+    def update_weights_from_tensor(self, spec: dict[str, Any]) -> Future:
+        """Load the tensors of a ``/update_weights_from_tensor`` payload (shared memory on the same node)."""
+        return self._control("update_tensor", spec)
 
     def release_memory_occupation(self) -> Future:
         """Free the weights and the prompt cache (colocated runs); generation waits for a resume."""
@@ -389,6 +403,8 @@ class Engine:
                 fut.set_result(self._init_group(arg))
             elif kind == "update_distributed":
                 fut.set_result(self._receive_weights(arg))
+            elif kind == "update_tensor":
+                fut.set_result(self._load_tensors(arg))
             elif kind == "destroy_group":
                 self._groups.pop(arg, None)
                 fut.set_result((True, f"weight-update group {arg!r} destroyed"))
@@ -426,11 +442,9 @@ class Engine:
         params.update(dict(self.model.named_buffers()))
         names, dtypes, shapes = spec["names"], [parse_dtype(d) for d in spec["dtypes"]], spec["shapes"]
         # everything is checked before anything is received: a refusal must come before the broadcast
-        for name, shape in zip(names, shapes, strict=True):
-            if name not in params:
-                return False, f"unknown tensor {name!r}: not a parameter of the served model"
-            if tuple(shape) != tuple(params[name].shape):
-                return False, f"shape mismatch for {name!r}: {tuple(shape)} vs {tuple(params[name].shape)}"
+        refusal = _check_shapes(params, zip(names, shapes, strict=True))
+        if refusal is not None:
+            return False, refusal
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = 0
         received = []
@@ -438,13 +452,30 @@ class Engine:
             buf = torch.empty(tuple(shape), dtype=dtype)
             group.broadcast([buf], opts).wait()
             received.append((name, buf))
-        for name, buf in received:
-            params[name].data.copy_(buf.to(device=params[name].device, dtype=params[name].dtype))
-        if isinstance(spec.get("weight_version"), str):
-            self.weight_version = spec["weight_version"]
-        else:
-            self.weight_version = f"distributed@{time.time():.0f}"
+        self._assign(params, received, spec.get("weight_version"), "distributed")
         return True, f"Succeeded to update {len(received)} tensors from the group."
+
+    def _load_tensors(self, spec: dict[str, Any]) -> tuple[bool, str]:
+        from slime.backends.weight_sync import deserialize_named_tensors
+
+        if self._released:
+            return False, "weights are released: call /resume_memory_occupation first"
+        try:
+            named = deserialize_named_tensors(spec["serialized_named_tensors"][0])  # this engine's one TP rank
+        except ValueError as e:
+            return False, str(e)
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        refusal = _check_shapes(params, ((name, t.shape) for name, t in named))
+        if refusal is not None:
+            return False, refusal
+        self._assign(params, named, spec.get("weight_version"), "tensor")
+        return True, f"Succeeded to update {len(named)} tensors."
+
+    def _assign(self, params: dict[str, torch.Tensor], named: list, weight_version: Any, how: str) -> None:
+        for name, tensor in named:
+            params[name].data.copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+        self.weight_version = weight_version if isinstance(weight_version, str) else f"{how}@{time.time():.0f}"
 
     # ------------------------------------------------------------------ colocated offload
     def _release(self) -> tuple[bool, str]:

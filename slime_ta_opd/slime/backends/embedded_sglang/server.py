@@ -9,13 +9,17 @@ Usage::
 
 Speaks SGLang's native API (``/generate``, ``/health``, ``/health_generate``, ``/flush_cache``,
 ``/update_weights_from_disk``, ``/get_model_info``, ``/get_server_info``, plus ``/model_info``,
-``/server_info``, ``/get_load`` which the sglang-router probes). See docs/embedded_server.md.
+``/server_info``, ``/get_load`` which the sglang-router probes), the weight-sync routes
+(``/init_weights_update_group``, ``/update_weights_from_distributed``, ``/destroy_weights_update_group``,
+``/update_weights_from_tensor``) and ``/release_memory_occupation``/``/resume_memory_occupation``.
+See docs/embedded_server.md.
 
 Security: binds 127.0.0.1 by default and refuses a non-loopback host without ``--api-key``;
 ``Authorization: Bearer KEY`` is checked in constant time on every route except ``/health*``
 (as SGLang does); request bodies above ``--max-body-bytes`` get 413; ``max_new_tokens`` above
 ``--max-new-tokens-cap`` gets 400; ``/update_weights_from_disk`` only reads ``*.safetensors``
-below ``--weights-root``.
+below ``--weights-root``; ``/update_weights_from_tensor`` unpickles only torch's tensor-rebuild
+functions and types (anything else in the payload is refused).
 """
 
 from __future__ import annotations
@@ -274,6 +278,23 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         if bad is not None:
             return answer(False, bad)
         ok, msg = await asyncio.wrap_future(engine.update_weights_from_distributed(body))
+        return answer(ok, msg)
+
+    @app.post("/update_weights_from_tensor")
+    async def update_weights_from_tensor(request: Request) -> Response:
+        body, error = await json_object(request)
+        if error is not None:
+            return error
+        bad = field_error(body, {"serialized_named_tensors": (list,)})
+        if bad is None and not (
+            body["serialized_named_tensors"] and isinstance(body["serialized_named_tensors"][0], str)
+        ):
+            bad = "field 'serialized_named_tensors' must be a non-empty list of base64 strings (one per TP rank)"
+        if bad is None and body.get("load_format") not in (None, "direct"):
+            bad = f"load_format {body['load_format']!r} is not supported here; expected null or 'direct'"
+        if bad is not None:
+            return answer(False, bad)
+        ok, msg = await asyncio.wrap_future(engine.update_weights_from_tensor(body))
         return answer(ok, msg)
 
     @app.post("/destroy_weights_update_group")

@@ -463,32 +463,26 @@ class MegatronTrainRayActor(TrainRayActor):
 
     def update_weights(self) -> str | None:
         """Collective: export HF weights; rank 0 sends them to the engines (``--weight-update-mode``): from disk
-        (keeps the newest dir) or over a process group with the engines (slime.backends.weight_sync, NCCL on GPUs)."""
-        if getattr(self.args, "weight_update_mode", "disk") == "distributed":
-            from slime.backends.megatron_utils.checkpoint import gather_hf_state_dict
-            from slime.backends.weight_sync import weight_sender_for
+        (keeps the newest dir), over a process group with the engines (NCCL on GPUs) or as shared tensors
+        (CUDA IPC; slime.backends.weight_sync)."""
+        from slime.backends.megatron_utils.checkpoint import gather_hf_state_dict
+        from slime.backends.weight_sync import load_from_disk, pushes_tensors, weight_sender_for
 
+        self.weight_version += 1
+        version = f"weight_v{self.weight_version:06d}"
+        if pushes_tensors(self.args):
             hf = gather_hf_state_dict(self._unwrapped(), self.shape)  # the full HF dict on rank 0, else None
-            self.weight_version += 1
             if hf is None:
                 return None
             if getattr(self, "_sender", None) is None:
                 self._sender = weight_sender_for(self.args, getattr(self, "rollout_manager", None))
-            version = f"weight_v{self.weight_version:06d}"
             self._sender.push(list(hf.items()), version)
             return version
-        self.weight_version += 1
-        root = Path(self.args.output_dir) / WEIGHTS_SUBDIR
-        path = self.save_hf(root / f"weight_v{self.weight_version:06d}")
+        # absolute: the engines resolve the pushed path in their own working directory
+        path = self.save_hf(Path(self.args.output_dir).resolve() / WEIGHTS_SUBDIR / version)
         if path is None:
             return None
-        if getattr(self, "rollout_manager", None) is not None:
-            import ray
-
-            ray.get(self.rollout_manager.update_weights_from_disk.remote(path))
-        for old in root.glob("weight_v*"):
-            if old.name != Path(path).name and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+        load_from_disk(getattr(self, "rollout_manager", None), path)
         return path
 
     def save_model(self, rollout_id: int, force_sync: bool = False) -> str | None:

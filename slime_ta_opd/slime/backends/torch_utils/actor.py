@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -36,7 +35,7 @@ from slime.backends.torch_utils.model import (
     sampled_token_log_probs,
     sparse_head_matches_dense,
 )
-from slime.backends.weight_sync import weight_sender_for
+from slime.backends.weight_sync import load_from_disk, pushes_tensors, unique_named_tensors, weight_sender_for
 from slime.ray.train_actor import TrainRayActor
 
 logger = logging.getLogger(__name__)
@@ -321,26 +320,16 @@ class TorchTrainRayActor(TrainRayActor):
 
     def update_weights(self) -> str | None:
         """Push the current weights to the rollout engines (``--weight-update-mode``): from disk (keeps only the
-        newest pushed dir) or over a process group with the engines (slime.backends.weight_sync)."""
+        newest pushed dir), over a process group with the engines or as shared tensors (slime.backends.weight_sync)."""
         if self._rank != 0:
             return None
-        if getattr(self.args, "weight_update_mode", "disk") == "distributed":
-            from slime.backends.weight_sync import unique_named_tensors
-
-            self.weight_version += 1
-            version = f"weight_v{self.weight_version:06d}"
+        self.weight_version += 1
+        version = f"weight_v{self.weight_version:06d}"
+        if pushes_tensors(self.args):
             self._weight_sender().push(unique_named_tensors(self.distill.export_model().state_dict()), version)
             return version
-        self.weight_version += 1
-        root = self._output_dir() / WEIGHTS_SUBDIR
-        path = self.save_hf(root / f"weight_v{self.weight_version:06d}")
-        if getattr(self, "rollout_manager", None) is not None:
-            import ray
-
-            ray.get(self.rollout_manager.update_weights_from_disk.remote(path))
-        for old in root.glob("weight_v*"):
-            if old.name != Path(path).name and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+        path = self.save_hf(self._output_dir() / WEIGHTS_SUBDIR / version)
+        load_from_disk(getattr(self, "rollout_manager", None), path)
         return path
 
     def _weight_sender(self):

@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from slime.utils.misc import atomic_write_json, atomic_write_text
+from ta_opd.atomic_io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +121,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_hf_weights(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Save ``model`` as a HF safetensors dir, atomically (temp dir + rename); copies tokenizer files if given."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _write_hf_dir(model, tmp, tokenizer_dir)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -159,8 +151,7 @@ def save_checkpoint(
     for stale in root.glob(".iter_*.tmp*"):  # leftovers of a crashed save
         shutil.rmtree(stale, ignore_errors=True)
     final = root / iter_dir_name(rollout_id)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=root))
-    try:
+    with atomic_dir(final) as tmp:  # temp dir ".iter_N.tmp*": the stale sweep above matches it
         _write_hf_dir(model, tmp / "model", tokenizer_dir)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -170,12 +161,6 @@ def save_checkpoint(
         (tmp / "args.json").write_text(json.dumps(args_snapshot, indent=2, sort_keys=True, default=str) + "\n")
         manifest = _build_manifest(tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(root / POINTER, f"{int(rollout_id)}\n")
     if keep_last_n is not None and keep_last_n > 0:
         rotate_checkpoints(root, keep_last_n, protect=final)
