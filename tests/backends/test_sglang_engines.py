@@ -83,7 +83,7 @@ def test_single_engine_has_no_router_and_colocate_enables_memory_saver():
     assert "--enable-memory-saver" in cmd and cmd[cmd.index("--mem-fraction-static") + 1] == "0.5"
 
 
-def test_dead_engine_is_restarted_reloaded_and_reregistered():
+def test_dead_engine_is_restarted_on_its_port_and_reloaded():
     cluster = FakeCluster()
     g = group(cluster)
     g.update_weights_from_disk("/w/v1")
@@ -93,7 +93,7 @@ def test_dead_engine_is_restarted_reloaded_and_reregistered():
     assert g.engines[1].is_alive() and g.engines[1].restarts == 1
     posts = [(u, p) for m, u, p in cluster.calls if m == "POST"]
     assert (f"{g.engines[1].url}/update_weights_from_disk", {"model_path": "/w/v1"}) in posts
-    assert any("/add_worker?url=" + g.engines[1].url in u for u, _ in posts)
+    assert g.engines[1].spec.port == 30001  # same URL: the router routes to it again without re-registration
     assert g.check_and_restart() == []
 
 
@@ -149,3 +149,63 @@ def test_missing_extra_gives_install_hint(monkeypatch):
 def test_bad_gpu_split_is_refused():
     with pytest.raises(ValueError, match="must divide"):
         eng.engine_specs(flags(rollout_num_gpus=3), "127.0.0.1", [1])
+
+
+def test_bundles_are_ordered_by_node_then_gpu():
+    from slime.ray.placement_group import order_bundles
+
+    where = [("10.0.0.2", 1), ("10.0.0.1", 3), ("10.0.0.2", 0), ("10.0.0.1", 2)]
+    assert order_bundles(where) == ([3, 1, 2, 0], [("10.0.0.1", 2), ("10.0.0.1", 3), ("10.0.0.2", 0), ("10.0.0.2", 1)])
+
+
+def test_an_engine_split_over_two_nodes_is_refused():
+    pytest.importorskip("ray")
+    with pytest.raises(ValueError, match="consecutive GPUs of one node"):
+        eng.remote_engines(
+            flags(rollout_num_gpus=2, rollout_num_gpus_per_engine=2), (object(), [0, 1], [("a", 7), ("b", 0)])
+        )
+
+
+@pytest.mark.slow
+def test_engines_on_their_placement_group_bundles_start_route_and_restart(tiny_student_dir, tmp_path):
+    """Real Ray actors pinned to placement-group bundles start the servers on their node (the embedded server
+    stands in for sglang.launch_server on CPU): the router serves them, and a killed engine comes back on the
+    same port through its host actor."""
+    import os
+    import signal
+
+    import ray
+    import requests
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
+    try:
+        pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+        ray.get(pg.ready())
+        args = flags(hf_checkpoint=str(tiny_student_dir), rollout_num_gpus=2, rollout_num_gpus_per_engine=1)
+        group = eng.launch_sglang_engine_group(
+            args, placement=(pg, [0, 1], [None, None]), command_fn=eng.embedded_server_command, log_dir=str(tmp_path)
+        )
+        try:
+            node_ip = ray.util.get_node_ip_address()
+            assert all(isinstance(e, eng.RemoteEngine) for e in group.engines)
+            assert [e.url.rsplit(":", 1)[0] for e in group.engines] == [f"http://{node_ip}"] * 2
+            auth = {"Authorization": "Bearer k"}
+            probe = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2, "temperature": 0.0}}
+            first = requests.post(f"{group.url}/generate", json=probe, headers=auth, timeout=60).json()
+            assert len(first["output_ids"]) == 2
+            victim = group.engines[1]
+            os.kill(victim.pid, signal.SIGKILL)
+            ray.get(victim.host_actor.stop.remote())  # reap it: the host sees the exit code
+            assert not group.engine_alive(victim)
+            assert group.check_and_restart() == [victim.url]
+            assert group.engine_alive(victim) and victim.restarts == 1
+            for _ in range(2):  # both engines answer behind the router again
+                again = requests.post(f"{group.url}/generate", json=probe, headers=auth, timeout=60).json()
+                assert again["output_ids"] == first["output_ids"]
+        finally:
+            group.stop()
+        assert all(ray.get(e.host_actor.exit_code.remote()) is not None for e in group.engines)
+        remove_placement_group(pg)
+    finally:
+        ray.shutdown()

@@ -65,6 +65,14 @@ def scores(server):
     return post(server, "/generate", PROBE).json()["meta_info"]["input_token_logprobs"]
 
 
+def teacher_scores_from_disk(server, weights_root):
+    """The server's scores with the teacher loaded from disk; the student is loaded back afterwards."""
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "teacher")})
+    from_disk = scores(server)
+    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    return from_disk
+
+
 def teacher_tensors(tiny_teacher_dir):
     from transformers import AutoModelForCausalLM
 
@@ -87,9 +95,7 @@ def test_helpers():
 
 def test_push_over_gloo_matches_loading_from_disk(server, weights_root, tiny_teacher_dir):
     before = scores(server)
-    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "teacher")})
-    from_disk = scores(server)
-    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    from_disk = teacher_scores_from_disk(server, weights_root)
     assert scores(server) == before
 
     sender = DistributedWeightSender([server.url], backend="gloo", api_key=KEY, buffer_bytes=64 * 1024, timeout_s=60)
@@ -173,9 +179,7 @@ def test_tensor_payload_round_trip_and_refusals():
 
 def test_push_as_shared_tensors_matches_loading_from_disk(server, weights_root, tiny_teacher_dir):
     before = scores(server)
-    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "teacher")})
-    from_disk = scores(server)
-    post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+    from_disk = teacher_scores_from_disk(server, weights_root)
     assert scores(server) == before
 
     sender = TensorWeightSender([server.url], api_key=KEY, buffer_bytes=64 * 1024, timeout_s=60)
@@ -203,3 +207,24 @@ def test_push_as_shared_tensors_matches_loading_from_disk(server, weights_root, 
     r = post(server, "/update_weights_from_tensor", {"serialized_named_tensors": [evil]})
     assert r.status_code == 400 and "is not allowed in a weight payload" in r.json()["message"]
     assert scores(server) == before
+
+
+def test_a_restarted_engine_gets_a_new_group(server, weights_root, tiny_teacher_dir):
+    """After an engine restart (the RolloutManager's count grows) the next push makes a new group first."""
+    from_disk = teacher_scores_from_disk(server, weights_root)
+    restarts = [0]
+    sender = DistributedWeightSender(
+        [server.url], backend="gloo", api_key=KEY, timeout_s=60, restart_count=lambda: restarts[0]
+    )
+    try:
+        sender.push(teacher_tensors(tiny_teacher_dir))
+        assert scores(server) == from_disk
+        server.restart()  # same port, initial weights, no group
+        restarts[0] += 1
+        assert scores(server) != from_disk
+        sender.push(teacher_tensors(tiny_teacher_dir))
+        assert sender.group_name == "slime_weight_update_2"
+        assert scores(server) == from_disk
+    finally:
+        sender.close()
+        post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})

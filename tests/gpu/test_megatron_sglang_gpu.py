@@ -71,9 +71,9 @@ def test_managed_sglang_engine_serves_and_reloads(tiny_student_dir, tmp_path):
         group.stop()
 
 
-def test_sglang_engine_receives_weights_over_nccl(tiny_student_dir, tiny_teacher_dir, tmp_path):
-    """--weight-update-mode distributed against real SGLang: NCCL group, then the teacher's weights by broadcast
-    score exactly as the teacher loaded from disk."""
+def _pushed_and_from_disk_scores(student_dir, teacher_dir, log_dir, push, colocate=False):
+    """One real SGLang engine on the student: the teacher's scores after loading it from disk, and after
+    ``push(engine_urls, teacher_model)`` (the teacher in its checkpoint's dtype, on CPU)."""
     pytest.importorskip("sglang")
     from argparse import Namespace
 
@@ -81,63 +81,48 @@ def test_sglang_engine_receives_weights_over_nccl(tiny_student_dir, tiny_teacher
     from transformers import AutoModelForCausalLM
 
     from slime.backends.sglang_utils.engines import launch_sglang_engine_group
-    from slime.backends.weight_sync import DistributedWeightSender, unique_named_tensors
 
-    args = Namespace(hf_checkpoint=str(tiny_student_dir), rollout_num_gpus=1, rollout_num_gpus_per_engine=1,
-                     api_key=None, colocate=False, offload=False)  # fmt: skip
-    group = launch_sglang_engine_group(args, log_dir=str(tmp_path))
+    args = Namespace(hf_checkpoint=str(student_dir), rollout_num_gpus=1, rollout_num_gpus_per_engine=1,
+                     api_key=None, colocate=colocate, offload=False)  # fmt: skip
+    group = launch_sglang_engine_group(args, log_dir=str(log_dir))
     probe = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
              "logprob_start_len": 0}  # fmt: skip
 
     def scores():
-        return requests.post(f"{group.url}/generate", json=probe, timeout=120).json()["meta_info"][
-            "input_token_logprobs"
-        ]
+        answer = requests.post(f"{group.url}/generate", json=probe, timeout=120).json()
+        return [e[0] for e in answer["meta_info"]["input_token_logprobs"][1:]]
 
     try:
-        group.update_weights_from_disk(str(tiny_teacher_dir))
+        group.update_weights_from_disk(str(teacher_dir))
         from_disk = scores()
-        group.update_weights_from_disk(str(tiny_student_dir))
-        teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir))  # the checkpoint's own dtype
-        sender = DistributedWeightSender(group.engine_urls, backend="nccl", device="cuda:0")
-        sender.push(unique_named_tensors(teacher.state_dict()))
-        pushed = scores()
-        sender.close()
-        # the same tensors reach the same model dtype either way
-        assert [e[0] for e in pushed[1:]] == pytest.approx([e[0] for e in from_disk[1:]], abs=1e-6)
+        group.update_weights_from_disk(str(student_dir))
+        push(group.engine_urls, AutoModelForCausalLM.from_pretrained(str(teacher_dir)))
+        return scores(), from_disk
     finally:
         group.stop()
+
+
+def test_sglang_engine_receives_weights_over_nccl(tiny_student_dir, tiny_teacher_dir, tmp_path):
+    """--weight-update-mode distributed against real SGLang: NCCL group, then the teacher's weights by broadcast
+    score exactly as the teacher loaded from disk (the same tensors reach the same model dtype either way)."""
+    from slime.backends.weight_sync import DistributedWeightSender, unique_named_tensors
+
+    def push(urls, teacher):
+        sender = DistributedWeightSender(urls, backend="nccl", device="cuda:0")
+        sender.push(unique_named_tensors(teacher.state_dict()))
+        sender.close()
+
+    pushed, from_disk = _pushed_and_from_disk_scores(tiny_student_dir, tiny_teacher_dir, tmp_path, push)
+    assert pushed == pytest.approx(from_disk, abs=1e-6)
 
 
 def test_sglang_engine_receives_weights_as_cuda_ipc_tensors(tiny_student_dir, tiny_teacher_dir, tmp_path):
     """--weight-update-mode tensor against real SGLang on the same GPU: /update_weights_from_tensor with CUDA IPC
     handles gives the scores of the teacher loaded from disk."""
-    pytest.importorskip("sglang")
-    from argparse import Namespace
-
-    import requests
-    from transformers import AutoModelForCausalLM
-
-    from slime.backends.sglang_utils.engines import launch_sglang_engine_group
     from slime.backends.weight_sync import TensorWeightSender, unique_named_tensors
 
-    args = Namespace(hf_checkpoint=str(tiny_student_dir), rollout_num_gpus=1, rollout_num_gpus_per_engine=1,
-                     api_key=None, colocate=True, offload=False)  # fmt: skip
-    group = launch_sglang_engine_group(args, log_dir=str(tmp_path))
-    probe = {"input_ids": [5, 6, 7, 8], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-             "logprob_start_len": 0}  # fmt: skip
+    def push(urls, teacher):
+        TensorWeightSender(urls).push(unique_named_tensors(teacher.to("cuda:0").state_dict()))
 
-    def scores():
-        return requests.post(f"{group.url}/generate", json=probe, timeout=120).json()["meta_info"][
-            "input_token_logprobs"
-        ]
-
-    try:
-        group.update_weights_from_disk(str(tiny_teacher_dir))
-        from_disk = scores()
-        group.update_weights_from_disk(str(tiny_student_dir))
-        teacher = AutoModelForCausalLM.from_pretrained(str(tiny_teacher_dir)).to("cuda:0")
-        TensorWeightSender(group.engine_urls).push(unique_named_tensors(teacher.state_dict()))
-        assert [e[0] for e in scores()[1:]] == pytest.approx([e[0] for e in from_disk[1:]], abs=1e-6)
-    finally:
-        group.stop()
+    pushed, from_disk = _pushed_and_from_disk_scores(tiny_student_dir, tiny_teacher_dir, tmp_path, push, True)
+    assert pushed == pytest.approx(from_disk, abs=1e-6)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+from pathlib import Path
 
 import psutil
 import pytest
 import reliability_plugins as plugins
+import requests
 
 from slime.ray.rollout import RolloutManager
 from slime.utils.arguments import parse_args
@@ -53,7 +56,7 @@ def manager(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
 
 
 @pytest.mark.slow
-def test_dead_servers_are_restarted_and_a_step_survives_a_teacher_kill(manager):
+def test_dead_servers_are_restarted_and_a_step_survives_a_teacher_kill(manager, tiny_teacher_dir):
     # a normal step: nothing restarted
     data = manager.generate(0)
     m = data["metrics"]
@@ -74,12 +77,19 @@ def test_dead_servers_are_restarted_and_a_step_survives_a_teacher_kill(manager):
     assert len(data["teacher_log_probs"]) == 4 and all(len(t) > 0 for t in data["teacher_log_probs"])
 
     # fault 2: the student engine dies between steps → restarted by the pre-step health check; the router
-    # still routes to it (same port)
+    # still routes to it (same port), and it serves the newest pushed weights, not the initial checkpoint's
+    pushed = Path(manager.args.output_dir) / "weights" / "weight_v000001"
+    shutil.copytree(tiny_teacher_dir, pushed)
+    manager.update_weights_from_disk(str(pushed))
     old_engine = manager._engine_group.engines[0].pid
     _kill(old_engine)
     data = manager.generate(2)
     assert manager._engine_group.engines[0].pid != old_engine
     assert data["metrics"]["rollout/server_restarts"] == 1 and data["metrics"]["rollout/step_retries"] == 0
+    info = requests.get(
+        manager._engine_group.engines[0].url + "/get_model_info", headers={"Authorization": "Bearer k"}
+    )
+    assert info.json()["weight_version"].startswith("weight_v000001@")
 
     # fault 3: the router dies → started again on its port
     old_router = manager._engine_group.router_proc.pid

@@ -33,7 +33,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,7 +168,11 @@ class DistributedWeightSender:
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         timeout_s: float = 600.0,
         device: str | torch.device = "cpu",
+        restart_count: Callable[[], int] | None = None,
     ):
+        """``restart_count``: how many times the engines were restarted so far (the RolloutManager's count); when
+        it changed since the group was made, the next push first makes a new group (a restarted engine is not a
+        member of the old one)."""
         if not engine_urls:
             raise ValueError("distributed weight updates need the engines' URLs (this run owns no engines)")
         if buffer_bytes < 1:
@@ -178,13 +182,23 @@ class DistributedWeightSender:
         self.master_address, self.group_name = master_address, group_name
         self.buffer_bytes, self.timeout_s, self.device = buffer_bytes, timeout_s, torch.device(device)
         self.group: Any = None
+        self.base_group_name = group_name
+        self.restart_count = restart_count
+        self._restarts_seen: int | None = None
+        self._connects = 0
 
     @property
     def world_size(self) -> int:
         return 1 + self.tp_size * len(self.engine_urls)
 
     def connect(self) -> None:
-        """Every engine joins the group (``/init_weights_update_group``), then rank 0 does."""
+        """Every engine joins a new group (``/init_weights_update_group``), then rank 0 does. The group name
+        gets a suffix from the second group on, so an engine never re-joins a name it holds."""
+        if self.restart_count is not None:
+            self._restarts_seen = self.restart_count()
+        self._connects += 1
+        if self._connects > 1:
+            self.group_name = f"{self.base_group_name}_{self._connects}"
         port = free_port(self.master_address)
         payloads = [
             {
@@ -210,6 +224,9 @@ class DistributedWeightSender:
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None) -> int:
         """Broadcast every tensor to every engine (bucket by bucket); returns the number of tensors sent."""
+        if self.group is not None and self.restart_count is not None and self.restart_count() != self._restarts_seen:
+            logger.warning("an engine was restarted since the weight-update group was made: making a new one")
+            self._abandon()
         if self.group is None:
             self.connect()
         groups = list(buckets(named_tensors, self.buffer_bytes))
@@ -459,6 +476,7 @@ def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSende
         return TensorWeightSender(urls, tp_size=tp_size, api_key=api_key, buffer_bytes=buffer_bytes)
     return DistributedWeightSender(
         urls,
+        restart_count=lambda: ray.get(rollout_manager.engine_restart_count.remote()),
         backend="nccl" if on_gpu else "gloo",
         tp_size=tp_size,
         api_key=api_key,

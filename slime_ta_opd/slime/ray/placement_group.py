@@ -1,9 +1,9 @@
 """Placement groups and the creation of the RolloutManager and the training group (upstream's layout).
 
-GPU cluster: one placement group of ``{"GPU": 1, "CPU": 1}`` bundles — the actor's
-``actor_num_nodes × actor_num_gpus_per_node`` first, then ``--rollout-num-gpus`` for the engines;
-with ``--colocate`` both share ``max(actor, rollout)`` bundles. The embedded torch backend trains
-on one rank, so it reserves one actor bundle whatever the flags say.
+GPU cluster: one placement group of ``{"GPU": 1, "CPU": 1}`` bundles, ordered by node IP and GPU id (a probe
+actor in each bundle reports them) — the actor's ``actor_num_nodes × actor_num_gpus_per_node`` first, then
+``--rollout-num-gpus`` for the engines; with ``--colocate`` both share ``max(actor, rollout)`` bundles.
+The embedded torch backend trains on one rank, so it reserves one actor bundle whatever the flags say.
 
 CPU-only machine (no GPU registered with Ray): the training ranks get ``{"CPU": 1}`` bundles and
 the rollout side gets none (embedded engines run as processes of the RolloutManager).
@@ -65,8 +65,39 @@ def _create_placement_group(num_bundles: int, use_gpu: bool) -> PlacementGroupIn
         )
     pg = placement_group([dict(bundle) for _ in range(num_bundles)], strategy="PACK")
     ray.get(pg.ready())
-    # bundles are used in creation order; upstream reorders by node IP and GPU id for multi-node packing
-    return pg, list(range(num_bundles)), [None] * num_bundles
+    if not use_gpu:
+        return pg, list(range(num_bundles)), [None] * num_bundles
+    indices, gpu_ids = order_bundles(probe_bundles(pg, num_bundles))
+    return pg, indices, gpu_ids
+
+
+def probe_bundles(pg: Any, num_bundles: int) -> list[tuple[str, int]]:
+    """``(node_ip, gpu_id)`` of every bundle, by a tiny actor in each (a sliver of the bundle's GPU)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0, num_gpus=0.01)
+    class _Probe:
+        def where(self) -> tuple[str, int]:
+            return ray.util.get_node_ip_address(), int(ray.get_gpu_ids()[0])
+
+    probes = [
+        _Probe.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        ).remote()
+        for i in range(num_bundles)
+    ]
+    try:
+        return ray.get([p.where.remote() for p in probes])
+    finally:
+        for p in probes:
+            ray.kill(p)
+
+
+def order_bundles(where: list[tuple[str, int]]) -> tuple[list[int], list[tuple[str, int]]]:
+    """Bundle indices sorted by node, then GPU (so consecutive ranks and an engine's TP GPUs share a node), and
+    each one's ``(node_ip, gpu_id)`` in that order."""
+    order = sorted(range(len(where)), key=lambda i: (where[i][0], where[i][1]))
+    return order, [where[i] for i in order]
 
 
 def create_placement_groups(args: Namespace) -> dict[str, PlacementGroupInfo]:

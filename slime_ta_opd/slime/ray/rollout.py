@@ -76,7 +76,9 @@ class RolloutManager:
         self.pg = pg
         self._engine_group = None
         self._teacher = None
+        self._latest_weights: str | None = None  # the newest dir pushed with update_weights_from_disk
         self.server_restarts = 0  # servers found dead and restarted since start
+        self.engine_restarts = 0  # of which student engines (a pushed-weights sender reconnects when it grows)
         self.step_retries = 0  # steps redone after a server restart
         init_http_client(args)
         self._check_inputs_before_start()
@@ -128,43 +130,40 @@ class RolloutManager:
         if isinstance(info, dict):
             check_teacher_server_info(self.args.hf_checkpoint, info, base)
 
-    def _handles(self) -> list[tuple[str, Any]]:
-        out: list[tuple[str, Any]] = []
-        if self._engine_group is not None:
-            out += [(f"engine {i}", e) for i, e in enumerate(self._engine_group.engines)]
-        if self._teacher is not None:
-            out.append(("teacher", self._teacher))
-        return out
-
     def check_servers(self) -> int:
         """Restart every server this manager started that is dead or not answering ``/health``; returns how many.
 
-        Engines come back on the same port, so the router's worker URLs stay valid; a dead router is
-        started again on its port too.
+        Engines come back on the same port, so the router's worker URLs stay valid, and load the newest weights
+        pushed from disk (with ``--weight-update-mode distributed|tensor`` they serve the initial weights until
+        the trainer's next push, which reconnects). A dead router is started again on its port too.
         """
         restarted = 0
-        for name, handle in self._handles():
-            if handle.is_alive():
-                continue
-            logger.warning("%s (%s, pid %s) is not healthy: restarting it", name, handle.url, handle.pid)
-            handle.restart()
-            restarted += 1
         group = self._engine_group
-        if group is not None and group.router_proc is not None and group.router_proc.poll() is not None:
-            from slime.backends.embedded_sglang.launch import launch_router
-
-            logger.warning("the sglang-router (pid %s) exited: restarting it", group.router_proc.pid)
-            log_dir = self._log_dir()
-            group.router_proc, _ = launch_router(
-                group.engine_urls,
-                port=group.router_port,
-                host=group.router_host,
-                api_key=group.api_key,
-                log_file=None if log_dir is None else os.path.join(log_dir, "router.log"),
-            )
+        if group is not None:
+            for i, engine in enumerate(group.engines):
+                if group.engine_alive(engine):
+                    continue
+                logger.warning("engine %d (%s, pid %s) is not healthy: restarting it", i, engine.url, engine.pid)
+                group.restart_engine(engine)
+                restarted += 1
+                self.engine_restarts += 1
+                self._reload_latest_weights(engine.url)
+            restarted += int(group.restart_router_if_dead(self._log_dir()))
+        if self._teacher is not None and not self._teacher.is_alive():
+            logger.warning("teacher (%s, pid %s) is not healthy: restarting it", self._teacher.url, self._teacher.pid)
+            self._teacher.restart()
             restarted += 1
         self.server_restarts += restarted
         return restarted
+
+    def _reload_latest_weights(self, url: str) -> None:
+        if self._latest_weights is not None:
+            answer = run(post(f"{url}/update_weights_from_disk", {"model_path": self._latest_weights}))
+            if not (isinstance(answer, dict) and answer.get("success")):
+                raise RuntimeError(f"restarted engine {url} could not load {self._latest_weights!r}: {answer}")
+            logger.info("restarted engine %s reloaded %s", url, self._latest_weights)
+        elif getattr(self.args, "weight_update_mode", "disk") != "disk":
+            logger.warning("restarted engine %s serves the initial weights until the next weight push", url)
 
     def _start_servers(self) -> None:
         args = self.args
@@ -177,7 +176,11 @@ class RolloutManager:
             from slime.backends.sglang_utils.engines import launch_sglang_engine_group
 
             base_gpu = 0 if args.colocate else args.actor_num_nodes * args.actor_num_gpus_per_node
-            self._engine_group = launch_sglang_engine_group(args, base_gpu_id=base_gpu, log_dir=self._log_dir())
+            # engines on their bundles' nodes when the placement group reserved rollout bundles; else local
+            placement = self.pg if isinstance(self.pg, tuple) and self.pg[0] is not None and self.pg[1] else None
+            self._engine_group = launch_sglang_engine_group(
+                args, base_gpu_id=base_gpu, log_dir=self._log_dir(), placement=placement
+            )
             host, _, port = self._engine_group.url.split("://", 1)[-1].rstrip("/").rpartition(":")
             args.sglang_router_ip, args.sglang_router_port = host, int(port)
         elif not external:
@@ -235,6 +238,10 @@ class RolloutManager:
             "teacher_url": None if self._teacher is None else self._teacher.url,
         }
 
+    def engine_restart_count(self) -> int:
+        """Student engines restarted since start: a weight-update group made before a restart is stale."""
+        return self.engine_restarts
+
     def engine_urls(self) -> list[str]:
         """Base URLs of the student engines (not the router); empty for an external router."""
         return [] if self._engine_group is None else list(self._engine_group.engine_urls)
@@ -254,6 +261,7 @@ class RolloutManager:
         failed = [(u, a) for u, a in zip(urls, answers, strict=True) if not (isinstance(a, dict) and a.get("success"))]
         if failed:
             raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
+        self._latest_weights = path
         return list(answers)
 
     def offload(self) -> None:

@@ -18,6 +18,7 @@ Works from inside a Ray actor (plain ``subprocess`` + HTTP polling, no signals i
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import requests
+
+logger = logging.getLogger(__name__)
 
 _SERVER_MODULE = "slime.backends.embedded_sglang.server"
 
@@ -214,12 +217,59 @@ class EngineGroup:
         pids = [e.pid for e in self.engines if e.pid is not None]
         return pids + ([self.router_proc.pid] if self.router_proc is not None else [])
 
+    def engine_alive(self, engine: ServerHandle) -> bool:
+        return engine.is_alive()
+
+    def restart_engine(self, engine: ServerHandle) -> None:
+        """Same port, so the router's worker URL stays valid (weights: the initial checkpoint's)."""
+        engine.restart()
+
+    def restart_router_if_dead(self, log_dir: str | None = None) -> bool:
+        """Start the router again on its port if its process exited; whether it did."""
+        if self.router_proc is None or self.router_proc.poll() is None:
+            return False
+        logger.warning("the sglang-router (pid %s) exited: restarting it", self.router_proc.pid)
+        self.router_proc, _ = launch_router(
+            self.engine_urls,
+            port=self.router_port,
+            host=self.router_host,
+            api_key=self.api_key,
+            log_file=None if log_dir is None else os.path.join(log_dir, "router.log"),
+        )
+        return True
+
     def stop(self) -> None:
         """Stop the router and the engines this group started (by pid)."""
         if self.router_proc is not None:
             _stop_process(self.router_proc)
         for e in self.engines:
             e.stop()
+
+
+def router_command(
+    worker_urls: Sequence[str],
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    extra_args: Sequence[str] = (),
+    python: str = sys.executable,
+) -> list[str]:
+    """The ``sglang_router.launch_router`` command line fronting ``worker_urls`` (embedded and real engines)."""
+    cmd = [
+        python, "-m", "sglang_router.launch_router",
+        "--host", host, "--port", str(port),
+        "--policy", "round_robin",
+        "--log-level", "warn",
+        # a request failure must not take an engine out of rotation for a minute: the RolloutManager's own
+        # health checks restart dead engines (same URL, so no re-registration), and clients retry with backoff
+        "--disable-circuit-breaker",
+    ]  # fmt: skip
+    if api_key:
+        cmd += ["--api-key", api_key]
+    if "--prometheus-port" not in extra_args:
+        # the router's metrics endpoint defaults to a fixed port: two routers on one machine would collide
+        cmd += ["--prometheus-host", host, "--prometheus-port", str(find_free_port(host))]
+    return [*cmd, *extra_args, "--worker-urls", *worker_urls]
 
 
 def launch_router(
@@ -236,30 +286,7 @@ def launch_router(
     The router binds 0.0.0.0 by default; we always pass ``--host`` (loopback unless told otherwise).
     """
     port = port or find_free_port(host)
-    cmd = [
-        sys.executable,
-        "-m",
-        "sglang_router.launch_router",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--worker-urls",
-        *worker_urls,
-        "--policy",
-        "round_robin",
-        "--log-level",
-        "warn",
-        # a request failure must not take the only engine out of rotation for a minute: the RolloutManager's
-        # own health checks restart dead engines, and clients retry with backoff
-        "--disable-circuit-breaker",
-    ]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    if "--prometheus-port" not in extra_args:
-        # the router's metrics endpoint defaults to a fixed port: two routers on one machine would collide
-        cmd += ["--prometheus-host", host, "--prometheus-port", str(find_free_port(host))]
-    cmd += list(extra_args)
+    cmd = router_command(worker_urls, host, port, api_key, extra_args)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     out: Any = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from slime.backends.megatron_utils.config import ModelShape
 from slime.backends.megatron_utils.convert import from_te_names, megatron_to_hf, merge_tp, pp_merge
+from ta_opd.atomic_io import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def save_torch_dist(
         dist.barrier()
     if _rank0():
         (out / TRAINER_STATE).write_text(json.dumps({"iteration": iteration, **(trainer_state or {})}, indent=1))
-        tmp = Path(root) / f".{TRACKER}.tmp"
-        tmp.write_text(str(iteration))
-        os.replace(tmp, Path(root) / TRACKER)
+        atomic_write_text(Path(root) / TRACKER, str(iteration))
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -151,16 +149,7 @@ def save_hf_dir(hf_state: dict[str, torch.Tensor], out_dir: str | os.PathLike, c
 
     from slime.backends.megatron_utils.model import write_hf_config
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         write_hf_config(config_dir, tmp)
         save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)

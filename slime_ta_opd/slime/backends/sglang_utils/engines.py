@@ -5,22 +5,33 @@ and each engine's ``--tp-size``; engine i uses GPUs ``[base + i·tp, base + (i+1
 the ``sglang_router`` process fronts them (the rollout talks to the router; weight updates go to each engine).
 
 Lifecycle, all by process handle (never by name):
-- ``start()``: spawn every engine, wait for ``GET /health``, then the router;
-- ``check_and_restart()``: an engine whose process died is restarted on the same GPUs and port, reloaded
-  with the newest pushed weights, and re-registered with the router;
+- ``start()``: spawn every engine, wait for ``GET /health``, then the router (stops what started on failure);
+- ``check_and_restart()``: an engine whose process died is restarted on the same GPUs and port and reloaded
+  with the newest pushed weights (the router keeps its URL and routes to it again once healthy);
+- ``engine_alive`` / ``restart_engine`` / ``restart_router_if_dead``: what the RolloutManager's health check
+  calls (the embedded ``EngineGroup`` has the same three);
 - ``update_weights_from_disk(path)``: ``POST /update_weights_from_disk`` on every engine (after each step);
 - ``release_memory_occupation()`` / ``resume_memory_occupation()``: colocated offload/onload (engines are
   started with ``--enable-memory-saver`` when ``--offload``/``--colocate``);
 - ``stop()``: terminate the processes this group started.
 
+Placement: without a placement group the engines are processes of the caller (one node). With the rollout
+part of the Ray placement group (``placement=(pg, bundle_indices, gpu_ids)``), engine i runs on the node of its
+bundles ``i·tp ... i·tp + tp − 1``: a small Ray actor (``EngineHost``) pinned to the first of them starts the
+server there, bound to the node's IP, with ``--base-gpu-id`` the first bundle's GPU (the placement group orders
+bundles by node and GPU, and the tp bundles of one engine must be consecutive GPUs of one node).
+
 The process factory and the HTTP calls are injectable, so command lines and restart logic are unit-tested
-with fakes on a CPU machine; the real path needs ``pip install -e '.[sglang]'`` and GPUs.
+with fakes on a CPU machine; the Ray placement is tested with real actors and embedded servers on CPU; the real
+path needs ``pip install -e '.[sglang]'`` and GPUs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -84,19 +95,14 @@ def server_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
     return cmd + list(spec.extra_args)
 
 
-def router_command(worker_urls: list[str], host: str, port: int, python: str = sys.executable) -> list[str]:
-    """The ``sglang_router.launch_router`` command line fronting ``worker_urls``."""
-    return [
-        python,
-        "-m",
-        "sglang_router.launch_router",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--worker-urls",
-        *worker_urls,
-    ]
+def embedded_server_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
+    """The embedded server's command line for ``spec`` (GPU flags dropped): the placement and restart logic of
+    this module run with it on a CPU machine (tests)."""
+    cmd = [python, "-m", "slime.backends.embedded_sglang.server", "--model-path", spec.model_path,
+           "--host", spec.host, "--port", str(spec.port)]  # fmt: skip
+    if spec.api_key:
+        cmd += ["--api-key", spec.api_key]
+    return cmd + list(spec.extra_args)
 
 
 def engine_specs(args: Namespace, host: str, ports: list[int], base_gpu_id: int = 0) -> list[EngineSpec]:
@@ -132,20 +138,31 @@ class ManagedEngine:
     log_path: str | None = None
     process: Any = None
     restarts: int = 0
+    command_fn: Callable[[EngineSpec], list[str]] = server_command
 
     @property
     def url(self) -> str:
         return self.spec.url
 
     def start(self) -> None:
+        if self.log_path:
+            os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by the child)
         env = os.environ.copy()
         if env.get("CUDA_VISIBLE_DEVICES") == "":  # a GPU-less Ray actor hides the node's GPUs; --base-gpu-id picks
             env.pop("CUDA_VISIBLE_DEVICES")
-        self.process = self.popen(server_command(self.spec), stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.process = self.popen(self.command_fn(self.spec), stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def is_alive(self) -> bool:
+        """The process runs (``SGLangEngineGroup.engine_alive`` also asks ``/health``)."""
         return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -158,11 +175,122 @@ class ManagedEngine:
             self.process.wait(timeout=timeout)
 
 
+class EngineHost:
+    """Runs one ``ManagedEngine`` on the node where Ray placed it (used as a Ray actor by ``RemoteEngine``)."""
+
+    def __init__(self, log_path: str | None = None):
+        self.log_path = log_path
+        self.engine: ManagedEngine | None = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it (for the engine's spec)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def start(self, spec: EngineSpec, command_fn: Callable[[EngineSpec], list[str]] = server_command) -> int:
+        if self.engine is not None:
+            self.engine.stop()
+        self.engine = ManagedEngine(spec, log_path=self.log_path, command_fn=command_fn)
+        self.engine.start()
+        return self.engine.pid
+
+    def exit_code(self) -> int | None:
+        return None if self.engine is None else self.engine.exit_code()
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+
+@dataclass
+class RemoteEngine:
+    """An engine started by an ``EngineHost`` actor on another node; the same interface as ``ManagedEngine``."""
+
+    spec: EngineSpec
+    host_actor: Any
+    command_fn: Callable[[EngineSpec], list[str]] = server_command
+    restarts: int = 0
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def start(self) -> None:
+        import ray
+
+        self.pid = ray.get(self.host_actor.start.remote(self.spec, self.command_fn))
+
+    def exit_code(self) -> int | None:
+        import ray
+
+        return ray.get(self.host_actor.exit_code.remote())
+
+    def is_alive(self) -> bool:
+        return self.pid is not None and self.exit_code() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import ray
+
+        try:
+            ray.get(self.host_actor.stop.remote(), timeout=timeout + 10)
+        except Exception as e:  # the node may be gone: nothing left to stop there
+            logger.warning("stopping the engine at %s failed: %s", self.url, e)
+
+
+def remote_engines(
+    args: Namespace,
+    placement: tuple[Any, list[int], list[Any]],
+    log_dir: str | None = None,
+    command_fn: Callable[[EngineSpec], list[str]] = server_command,
+) -> list[RemoteEngine]:
+    """One ``RemoteEngine`` per engine of the rollout flags, each on the node of its placement-group bundles.
+
+    ``placement`` is the rollout part of the placement group: ``(pg, bundle_indices, gpu_ids)``, bundles
+    ordered by node and GPU; ``gpu_ids[j]`` is ``(node_ip, gpu)`` or None (CPU bundles: base GPU 0)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg, indices, gpu_ids = placement
+    tp = args.rollout_num_gpus_per_engine
+    n = (args.rollout_num_gpus or tp) // tp
+    if len(indices) < n * tp:
+        raise ValueError(f"{n} engines of {tp} GPU(s) need {n * tp} rollout bundles, the placement group has "
+                         f"{len(indices)}")  # fmt: skip
+    host_cls = ray.remote(num_cpus=0, num_gpus=0)(EngineHost)
+    engines = []
+    for i in range(n):
+        mine = gpu_ids[i * tp : (i + 1) * tp]
+        base_gpu = 0
+        if mine and mine[0] is not None:
+            nodes = {node for node, _ in mine}
+            gpus = [gpu for _, gpu in mine]
+            if len(nodes) != 1 or gpus != list(range(gpus[0], gpus[0] + tp)):
+                raise ValueError(
+                    f"engine {i} (--rollout-num-gpus-per-engine {tp}) got GPUs {mine}: an engine's GPUs must be "
+                    "consecutive GPUs of one node; make --rollout-num-gpus-per-engine divide the GPUs per node"
+                )
+            base_gpu = gpus[0]
+        actor = host_cls.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=indices[i * tp]
+            )
+        ).remote(None if log_dir is None else os.path.join(log_dir, f"sglang_{i}.log"))
+        ip, port = ray.get(actor.address.remote())
+        spec = dataclasses.replace(engine_specs(args, ip, [port] * n)[i], base_gpu_id=base_gpu)
+        engines.append(RemoteEngine(spec, actor, command_fn))
+    return engines
+
+
 @dataclass
 class SGLangEngineGroup:
     """N managed engines (+ router when N > 1); the handle the RolloutManager keeps."""
 
-    engines: list[ManagedEngine]
+    engines: list[Any]  # ManagedEngine (local processes) or RemoteEngine (on their placement-group nodes)
     router_host: str = "127.0.0.1"
     router_port: int | None = None
     popen: Popen = subprocess.Popen
@@ -173,6 +301,8 @@ class SGLangEngineGroup:
     latest_weights: str | None = None
     sleeping: bool = False
     events: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    log_dir: str | None = None
 
     @property
     def engine_urls(self) -> list[str]:
@@ -187,20 +317,24 @@ class SGLangEngineGroup:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SGLangEngineGroup:
-        for engine in self.engines:
-            engine.start()
-        for engine in self.engines:
-            self.wait_healthy(engine)
-        if self.router_port is not None:
-            self.router_process = self.popen(router_command(self.engine_urls, self.router_host, self.router_port))
-            self._wait_url(self.url)
+        """Start every engine, wait until all are healthy, then the router; on failure stop what started."""
+        try:
+            for engine in self.engines:
+                engine.start()
+            for engine in self.engines:
+                self.wait_healthy(engine)
+            if self.router_port is not None:
+                self._start_router()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_url(self, url: str, engine: ManagedEngine | None = None) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if engine is not None and not engine.is_alive():
-                code = engine.process.poll() if engine.process is not None else None
+                code = engine.exit_code()
                 raise RuntimeError(f"SGLang engine {url} exited with code {code} before becoming healthy")
             try:
                 self.http("GET", f"{url}/health", None, 10.0)
@@ -213,23 +347,51 @@ class SGLangEngineGroup:
     def wait_healthy(self, engine: ManagedEngine) -> None:
         self._wait_url(engine.url, engine)
 
+    def engine_alive(self, engine: Any) -> bool:
+        """The engine's process runs and ``/health`` answers."""
+        if not engine.is_alive():
+            return False
+        try:
+            self.http("GET", f"{engine.url}/health", None, 10.0)
+            return True
+        except Exception:
+            return False
+
+    def restart_engine(self, engine: Any) -> None:
+        """Stop and start ``engine`` on the same GPUs and port and wait for it. The router keeps its URL and
+        routes to it again once healthy. (Its weights are the initial checkpoint's: the caller reloads the newest.)"""
+        engine.stop()
+        engine.start()
+        engine.restarts += 1
+        self.wait_healthy(engine)
+        self.events.append(f"restart {engine.url}")
+
+    def restart_router_if_dead(self, log_dir: str | None = None) -> bool:
+        """Start the router again on its port if its process exited; whether it did."""
+        if self.router_process is None or self.router_process.poll() is None:
+            return False
+        logger.warning("the sglang router (exit %s) is down: restarting it", self.router_process.poll())
+        self._start_router()
+        return True
+
+    def _start_router(self) -> None:
+        from slime.backends.embedded_sglang.launch import router_command
+
+        log = open(os.path.join(self.log_dir, "router.log"), "ab") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        cmd = router_command(self.engine_urls, self.router_host, self.router_port, api_key=self.api_key)
+        self.router_process = self.popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_url(self.url)
+
     def check_and_restart(self) -> list[str]:
-        """Restart every engine whose process died; returns the restarted URLs."""
+        """Restart every engine whose process died and reload the newest pushed weights; returns their URLs."""
         restarted = []
         for engine in self.engines:
             if engine.is_alive():
                 continue
-            code = engine.process.poll() if engine.process is not None else None
-            logger.warning("SGLang engine %s died (exit %s): restarting", engine.url, code)
-            engine.stop()
-            engine.start()
-            engine.restarts += 1
-            self.wait_healthy(engine)
+            logger.warning("SGLang engine %s died (exit %s): restarting", engine.url, engine.exit_code())
+            self.restart_engine(engine)
             if self.latest_weights is not None:
                 self._post(engine.url, "/update_weights_from_disk", {"model_path": self.latest_weights})
-            if self.router_port is not None:
-                self.http("POST", f"{self.url}/add_worker?url={engine.url}", None, 30.0)
-            self.events.append(f"restart {engine.url}")
             restarted.append(engine.url)
         return restarted
 
@@ -278,11 +440,16 @@ def launch_sglang_engine_group(
     http: HttpCall = _default_http,
     port_fn: Callable[[], int] | None = None,
     start: bool = True,
+    placement: tuple[Any, list[int], list[Any]] | None = None,
+    command_fn: Callable[[EngineSpec], list[str]] = server_command,
 ) -> SGLangEngineGroup:
-    """Engines (and the router when more than one) for the rollout flags; started unless ``start=False``."""
+    """Engines (and the router when more than one) for the rollout flags; started unless ``start=False``.
+
+    With ``placement`` (the rollout part of the Ray placement group) each engine runs on its bundles' node
+    (``remote_engines``); without, they are processes of this one."""
     from slime.backends.select import MissingExtraError, extra_available, install_hint
 
-    if start and popen is subprocess.Popen and not extra_available("sglang"):
+    if start and popen is subprocess.Popen and command_fn is server_command and not extra_available("sglang"):
         raise MissingExtraError(install_hint("sglang"))
     if args.hf_checkpoint is None:
         raise ValueError("managed SGLang engines need --hf-checkpoint (the student)")
@@ -291,12 +458,20 @@ def launch_sglang_engine_group(
 
         port_fn = _free_port
     n = (args.rollout_num_gpus or args.rollout_num_gpus_per_engine) // args.rollout_num_gpus_per_engine
-    specs = engine_specs(args, host, [port_fn() for _ in range(n)], base_gpu_id)
-    engines = [
-        ManagedEngine(s, popen=popen, log_path=None if log_dir is None else os.path.join(log_dir, f"sglang_{i}.log"))
-        for i, s in enumerate(specs)
-    ]
+    engines: list[Any]
+    if placement is not None and placement[0] is not None:
+        engines = remote_engines(args, placement, log_dir, command_fn)
+    else:
+        specs = engine_specs(args, host, [port_fn() for _ in range(n)], base_gpu_id)
+        engines = [
+            ManagedEngine(
+                s, popen=popen, log_path=None if log_dir is None else os.path.join(log_dir, f"sglang_{i}.log"),
+                command_fn=command_fn,
+            )
+            for i, s in enumerate(specs)
+        ]  # fmt: skip
     group = SGLangEngineGroup(
-        engines, router_host=host, router_port=port_fn() if n > 1 else None, popen=popen, http=http
-    )
+        engines, router_host=host, router_port=port_fn() if n > 1 else None, popen=popen, http=http,
+        api_key=getattr(args, "api_key", None), log_dir=log_dir,
+    )  # fmt: skip
     return group.start() if start else group
