@@ -34,7 +34,7 @@ import torch
 
 from slime.rollout.base_types import call_rollout_fn
 from slime.utils.async_utils import run
-from slime.utils.http_utils import get, init_http_client, post
+from slime.utils.http_utils import close_session, get, init_http_client, post
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
@@ -307,7 +307,11 @@ class RolloutManager:
         return dict(zip(urls, run(probe_all()), strict=True))
 
     def shutdown(self) -> None:
-        """Stop the servers this manager started (by their handles; nothing else)."""
+        """Stop the servers this manager started (by their handles; nothing else) and close the HTTP session."""
+        try:
+            run(close_session())
+        except Exception:  # a session on a loop that is already gone: nothing left to close
+            logger.debug("closing the HTTP session failed", exc_info=True)
         for name in ("_teacher", "_engine_group"):
             handle = getattr(self, name, None)
             if handle is not None:
