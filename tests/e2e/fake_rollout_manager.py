@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +53,19 @@ class FakeRolloutManager:
 
     def generate(self, rollout_id: int) -> dict:
         self._event("generate", rollout_id=rollout_id)
+        self._hold(rollout_id)
         return fake_rollout(rollout_id)
+
+    def _hold(self, rollout_id: int) -> None:
+        """Block while ``<output_dir>/hold_at`` names this rollout id, so a test can act at a known point."""
+        hold = Path(self.args.output_dir) / "hold_at"
+        if not (hold.is_file() and hold.read_text().strip() == str(rollout_id)):
+            return
+        self._event("hold", rollout_id=rollout_id)
+        for _ in range(6000):  # bounded: ten minutes at most
+            if not hold.is_file():
+                return
+            time.sleep(0.1)
 
     def eval(self, rollout_id: int) -> dict:
         self._event("eval", rollout_id=rollout_id)

@@ -72,6 +72,11 @@ def _pointer(run: Path) -> int | None:
     return int(p.read_text()) if p.is_file() else None
 
 
+def _held(run: Path) -> bool:
+    log = run / "out" / "fake_rm_calls.jsonl"
+    return log.is_file() and '"call": "hold"' in log.read_text()
+
+
 def _kill_9(proc: subprocess.Popen) -> None:
     """SIGKILL the driver (by pid) and anything it started itself (none expected: it joined our cluster)."""
     family = psutil.Process(proc.pid).children(recursive=True)
@@ -98,16 +103,22 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, tiny_student_dir,
     ref = _start(tiny_student_dir, reference, ray_cluster)
     assert ref.wait(timeout=900) == 0, (reference / "driver.log").read_text()[-3000:]
 
+    # the stand-in RolloutManager holds the victim's generate(2): checkpoint 1 is committed and the run cannot go on
+    hold = victim / "out" / "hold_at"
+    hold.parent.mkdir(parents=True)
+    hold.write_text("2")
     proc = _start(tiny_student_dir, victim, ray_cluster)
-    for _ in range(3000):  # bounded poll: until the checkpoint of rollout 1 is committed
-        if (_pointer(victim) or -1) >= 1 or proc.poll() is not None:
+    for _ in range(6000):  # bounded poll: until the run is held at rollout 2
+        if _held(victim) or proc.poll() is not None:
             break
         time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    assert proc.poll() is None, "the run ended before it could be killed: " + (victim / "driver.log").read_text()[-3000:]
+    assert _held(victim), "the run never reached rollout 2"
     _kill_9(proc)
-    killed_at = _pointer(victim)  # read after the kill: the run may commit one more checkpoint in between
+    killed_at = _pointer(victim)
     print(f"kill-resume: SIGKILL with checkpoint {killed_at} committed; resuming at rollout {killed_at + 1}")
-    assert killed_at is not None and killed_at < NUM_ROLLOUT - 1
+    assert killed_at == 1
+    hold.unlink()
 
     resumed = _start(tiny_student_dir, victim, ray_cluster)
     assert resumed.wait(timeout=900) == 0, (victim / "driver.log").read_text()[-3000:]
