@@ -112,7 +112,7 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, tiny_student_dir,
         if _held(victim) or proc.poll() is not None:
             break
         time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be killed: " + (victim / "driver.log").read_text()[-3000:]
+    assert proc.poll() is None, "the run ended early: " + (victim / "driver.log").read_text()[-3000:]
     assert _held(victim), "the run never reached rollout 2"
     _kill_9(proc)
     killed_at = _pointer(victim)
