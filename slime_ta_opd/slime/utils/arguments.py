@@ -218,6 +218,14 @@ def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument(
+        "--nonfinite-policy",
+        type=str,
+        default="stop",
+        choices=["stop", "skip"],
+        help="A step whose loss or gradient norm is NaN/inf is never applied: stop the run with an error (nothing "
+        "saved or pushed), or skip that optimizer step and go on (docs/training.md).",
+    )
     g.add_argument("--bf16", action="store_true", default=False)
     g.add_argument("--calculate-per-token-loss", action="store_true", default=False)
     g.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip range.")
