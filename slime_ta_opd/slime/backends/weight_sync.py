@@ -25,11 +25,8 @@ engine's error answer aborts it with that error.
 
 from __future__ import annotations
 
-import base64
 import datetime
-import io
 import logging
-import pickle
 import socket
 import threading
 import time
@@ -39,6 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from slime.backends.weight_payload import deserialize_named_tensors, serialize_named_tensors  # noqa: F401 (re-exported)
+from slime.utils.nonfinite import check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +227,10 @@ class DistributedWeightSender:
         if self.group is not None and self.restart_count is not None and self.restart_count() != self._restarts_seen:
             logger.warning("an engine was restarted since the weight-update group was made: making a new one")
             self._abandon()
+        groups = list(buckets(named_tensors, self.buffer_bytes))
+        check_finite_weights((nt for bucket in groups for nt in bucket), f"push weights {weight_version}")
         if self.group is None:
             self.connect()
-        groups = list(buckets(named_tensors, self.buffer_bytes))
         sent = 0
         for b, bucket in enumerate(groups):
             payload = {
@@ -307,52 +308,7 @@ class DistributedWeightSender:
 
 
 # ---------------------------------------------------------------------------------------------- tensor (colocated)
-# The globals a payload may name: torch's rebuild functions and the classes/dtypes they take. Anything else in a
-# pickle is refused, so a request cannot run arbitrary code through the unpickler.
-_PAYLOAD_GLOBALS = {
-    "torch": {"Tensor", "Size", "device", "dtype"}
-    | {n for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)},
-    "torch.storage": {"UntypedStorage", "TypedStorage"},
-    "torch.nn.parameter": {"Parameter"},
-    "builtins": {"list", "tuple", "dict", "int", "float", "str", "bool", "slice"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _PayloadUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _PAYLOAD_GLOBALS.get(module, set())
-        if (module == "torch.multiprocessing.reductions" and name.startswith("rebuild_")) or name in allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
-
-
-def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
-    """``named`` pickled with torch's multiprocessing reductions, base64 (SGLang's ``MultiprocessingSerializer``
-    with ``output_str=True``). CPU tensors must already be in shared memory (``share_memory_``)."""
-    from multiprocessing.reduction import ForkingPickler
-
-    buf = io.BytesIO()
-    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(named)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def deserialize_named_tensors(payload: str | bytes) -> list[tuple[str, torch.Tensor]]:
-    """The receiving side of ``serialize_named_tensors``: a list of ``(name, tensor)``, refused with a
-    ``ValueError`` naming the problem when the payload is malformed or names anything but torch's tensor types."""
-    import torch.multiprocessing.reductions  # noqa: F401 (registers the rebuild functions)
-
-    try:
-        raw = base64.b64decode(payload, validate=True) if isinstance(payload, str) else bytes(payload)
-        named = _PayloadUnpickler(io.BytesIO(raw)).load()
-    except Exception as e:
-        raise ValueError(f"weight payload could not be read: {e}") from e
-    if not isinstance(named, list) or not all(
-        isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)
-        for item in named
-    ):
-        raise ValueError("weight payload must be a list of (name, tensor) pairs")
-    return named
+# The payload format and its checked reader (the engine's side reads pickles from HTTP) are in weight_payload.
 
 
 def _patch_cuda_reductions() -> None:
@@ -404,6 +360,7 @@ class TensorWeightSender:
         import torch.multiprocessing as mp
 
         groups = list(buckets(named_tensors, self.buffer_bytes))
+        check_finite_weights((nt for bucket in groups for nt in bucket), f"push weights {weight_version}")
         strategy = mp.get_sharing_strategy()
         mp.set_sharing_strategy("file_system")  # shm names open in any process; fds would need a socket
         sent = 0
