@@ -9,17 +9,24 @@ What it does, in order:
 1. checks SLIME_DIR is a slime checkout (train.py, slime/rollout/, slime/utils/types.py,
    slime/utils/arguments.py);
 2. refuses a git checkout with uncommitted changes (other than its own) unless ``--force``;
-3. backs up every file it replaces or edits under ``SLIME_DIR/.ta_opd_backup/files/`` with a
+3. on a reinstall, refuses to overwrite a file it installed earlier that was edited since (its sha256
+   differs from the one the manifest recorded for what the installer wrote) unless ``--force``; a
+   forced install first copies each edited file to ``SLIME_DIR/.ta_opd_edited/<timestamp>/<path>``;
+4. backs up every file it replaces or edits under ``SLIME_DIR/.ta_opd_backup/files/`` with a
    ``manifest.json`` (sha256 of the original and of the installed content); a later install keeps
    the first, original backup;
-4. copies ``slime/rollout/on_policy_distillation.py``, ``slime/rollout/tip_compat.py`` and
+5. copies ``slime/rollout/on_policy_distillation.py``, ``slime/rollout/tip_compat.py`` and
    ``slime/utils/ta_opd_arguments.py``, and adds the ``add_ta_opd_arguments`` call to
    ``slime/utils/arguments.py`` (the lines of ARGUMENTS_PATCH.md);
-5. imports the patched modules with the target's Python (``--python``, SLIME_DIR first on
+6. imports the patched modules with the target's Python (``--python``, SLIME_DIR first on
    PYTHONPATH) and parses the TA-OPD flags;
-6. prints each file as new / replaced / edited / updated / unchanged.
+7. prints each file as new / replaced / edited / updated / unchanged.
 
-``--uninstall`` restores the backups byte for byte and removes the files it added.
+``--uninstall`` restores the backups byte for byte and removes the files it added. It refuses to
+drop edits made after the install unless ``--force`` (then the edited files are first copied to
+``.ta_opd_edited/`` as above), and it refuses the whole uninstall, before touching anything, when
+any manifest path is not one of the installer's files, is absolute, has a ``..`` part or resolves
+(through symlinks) outside the checkout or its backup directory.
 Exit status 0 on success, 1 on an error (printed as one line starting with "error:").
 """
 
@@ -36,10 +43,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 PATCH_ROOT = Path(__file__).resolve().parent  # ta_opd/slime_patch
 BACKUP_DIR = ".ta_opd_backup"
+# Copies of files edited after an install, taken before a forced (re)install or uninstall overwrites
+# them; outside BACKUP_DIR because a successful uninstall removes that directory.
+EDITED_DIR = ".ta_opd_edited"
 MANIFEST = "manifest.json"
 # Files copied verbatim (path inside the slime checkout == path under ta_opd/slime_patch).
 PATCH_FILES = (
@@ -48,6 +58,7 @@ PATCH_FILES = (
     "slime/utils/ta_opd_arguments.py",
 )
 ARGUMENTS_FILE = "slime/utils/arguments.py"
+MANAGED_FILES = (*PATCH_FILES, ARGUMENTS_FILE)
 REQUIRED_PATHS = ("train.py", "slime/__init__.py", "slime/rollout", "slime/utils/types.py", ARGUMENTS_FILE)
 ARGS_MARKER = "# TA-OPD token selection flags (slime-ta-opd patch)"
 _ARGS_ANCHOR = re.compile(r"^(?P<indent>[ \t]*)parser = add_on_policy_distillation_arguments\(parser\)[ \t]*\n", re.M)
@@ -133,16 +144,125 @@ def _git_dirty_paths(slime_dir: Path) -> list[str] | None:
 
 
 def _load_manifest(slime_dir: Path) -> dict | None:
+    """The install manifest, every entry checked (``_check_manifest``); None when there is none."""
     path = slime_dir / BACKUP_DIR / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise InstallError(f"{path} is not valid JSON ({e}); restore it or remove {BACKUP_DIR}/ by hand") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise InstallError(f"{path} has no 'files' table; restore it or remove {BACKUP_DIR}/ by hand")
+    _check_manifest(slime_dir, manifest, path)
     return manifest
+
+
+def _resolves_inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with every symlink on it followed, stays inside ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _check_rel(rel: object, what: str) -> str | None:
+    """Why ``rel`` is not a safe relative POSIX path (None when it is)."""
+    if not isinstance(rel, str) or not rel:
+        return f"{what} {rel!r} is not a non-empty string"
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or os.path.isabs(rel) or "\\" in rel or "\0" in rel:
+        return f"{what} {rel!r} is not a relative path"
+    if ".." in pure.parts or any(part in ("", ".") for part in rel.split("/")):
+        return f"{what} {rel!r} has a '..', '.' or empty part"
+    return None
+
+
+def _check_manifest(slime_dir: Path, manifest: dict, path: Path) -> None:
+    """Refuse a manifest any of whose paths could reach outside the checkout (checked before any write).
+
+    Every file is one of the installer's own (``MANAGED_FILES``) and resolves, symlinks followed,
+    inside ``slime_dir``; every backup is ``files/<the same path>`` and resolves inside the backup
+    directory; the sha256 fields are hex strings. All problems are reported together.
+    """
+    problems = []
+    backup_root = slime_dir / BACKUP_DIR
+    for rel, entry in manifest["files"].items():
+        bad = _check_rel(rel, "file")
+        if bad is None and rel not in MANAGED_FILES:
+            bad = f"file {rel!r} is not one the installer manages ({', '.join(MANAGED_FILES)})"
+        if bad is None and not _resolves_inside(slime_dir / rel, slime_dir):
+            bad = f"file {rel!r} resolves to {(slime_dir / rel).resolve()}, outside {slime_dir}"
+        if bad is None and not isinstance(entry, dict):
+            bad = f"entry of {rel!r} is not an object"
+        if bad is None:
+            backup = entry.get("backup")
+            if backup is not None:
+                bad = _check_rel(backup, f"backup of {rel!r}")
+                if bad is None and backup != f"files/{rel}":
+                    bad = f"backup of {rel!r} is {backup!r}, expected 'files/{rel}'"
+                if bad is None and not _resolves_inside(backup_root / backup, backup_root):
+                    bad = f"backup {backup!r} resolves to {(backup_root / backup).resolve()}, outside {backup_root}"
+            for key in ("original_sha256", "installed_sha256"):
+                value = entry.get(key)
+                if bad is None and value is not None and not re.fullmatch(r"[0-9a-f]{64}", str(value)):
+                    bad = f"{key} of {rel!r} is {value!r}, not a sha256 hex digest"
+            if bad is None and backup is not None and entry.get("original_sha256") is None:
+                bad = f"entry of {rel!r} has a backup but no original_sha256"
+        if bad is not None:
+            problems.append(bad)
+    if problems:
+        raise InstallError(
+            f"{path} is not a manifest this installer wrote: {'; '.join(problems)}; nothing was changed "
+            f"(restore the manifest, or restore the files by hand and remove {BACKUP_DIR}/)"
+        )
+
+
+def _edited_since_install(slime_dir: Path, manifest: dict | None, planned: dict[str, bytes] | None) -> list[str]:
+    """Files the installer wrote earlier whose content changed since (sha256 != the recorded one).
+
+    A file the manifest does not list is upstream's (or the user's): an install backs it up as the
+    original instead. A deleted file and a file that already holds the planned content lose nothing.
+    """
+    edited = []
+    for rel, entry in sorted((manifest or {}).get("files", {}).items()):
+        target = slime_dir / rel
+        if not target.is_file():
+            continue
+        current = _sha256(target.read_bytes())
+        if current == entry.get("installed_sha256"):
+            continue
+        if planned is not None and rel in planned and current == _sha256(planned[rel]):
+            continue
+        edited.append(rel)
+    return edited
+
+
+def _save_edited(slime_dir: Path, rels: list[str], *, dry_run: bool, log) -> Path:
+    """Copy ``rels`` to a new ``EDITED_DIR/<timestamp>[-N]/`` (git-ignored); return that directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = slime_dir / EDITED_DIR / stamp
+    n = 1
+    while dest.exists():
+        dest = slime_dir / EDITED_DIR / f"{stamp}-{n}"
+        n += 1
+    for rel in rels:
+        log(f"{'backup':>9}  {rel} -> {dest / rel}" + (" (dry run: not written)" if dry_run else ""))
+        if not dry_run:
+            _write_atomic(dest / rel, (slime_dir / rel).read_bytes())
+    if not dry_run:
+        _write_atomic(slime_dir / EDITED_DIR / ".gitignore", b"*\n")  # keeps `git status` of the checkout clean
+    return dest
+
+
+def _refuse_edited(edited: list[str], what: str) -> None:
+    raise InstallError(
+        f"{', '.join(edited)} {'was' if len(edited) == 1 else 'were'} modified after the installer wrote "
+        f"{'it' if len(edited) == 1 else 'them'} "
+        f"(sha256 differs from {BACKUP_DIR}/{MANIFEST}); {what} would overwrite those local edits. "
+        f"Copy the edits elsewhere (or undo them) and run again, or pass --force: each edited file is then "
+        f"copied to {EDITED_DIR}/<timestamp>/<path> in the checkout first"
+    )
 
 
 def _edited_arguments(original: bytes) -> bytes:
@@ -192,18 +312,32 @@ def install(
     slime_dir = slime_dir.resolve()
     check_slime_checkout(slime_dir)
     manifest = _load_manifest(slime_dir)
-    managed = set(PATCH_FILES) | {ARGUMENTS_FILE}
+    managed = set(MANAGED_FILES)
+    outside = [rel for rel in MANAGED_FILES if not _resolves_inside(slime_dir / rel, slime_dir)]
+    if outside:
+        raise InstallError(
+            f"{', '.join(outside)} resolve(s) outside {slime_dir} through a symlink; "
+            "the installer writes only inside the checkout (replace the symlink by the file)"
+        )
     dirty = _git_dirty_paths(slime_dir)
     if dirty is None:
         log(f"note: {slime_dir} is not a git checkout; no dirty-tree check")
     else:
-        foreign = [p for p in dirty if p not in managed and not p.startswith(BACKUP_DIR)]
+        own = (BACKUP_DIR, EDITED_DIR)
+        foreign = [p for p in dirty if p not in managed and not p.startswith(own)]
         if manifest is None:
             foreign += [p for p in dirty if p in managed]
         if foreign and not force:
             shown = ", ".join(foreign[:8]) + (" ..." if len(foreign) > 8 else "")
             raise InstallError(f"{slime_dir} has uncommitted changes ({shown}); commit or stash them, or pass --force")
     planned = _planned_contents(slime_dir, manifest)
+    # A reinstall over files the installer wrote: the manifest's installed_sha256 tells our content from the
+    # user's later edits (git cannot: our own earlier install already shows as a change).
+    edited = _edited_since_install(slime_dir, manifest, planned)
+    if edited:
+        if not force:
+            _refuse_edited(edited, "reinstalling")
+        _save_edited(slime_dir, edited, dry_run=dry_run, log=log)
     files = dict((manifest or {}).get("files", {}))
     changes: list[Change] = []
     for rel, content in planned.items():
@@ -267,27 +401,38 @@ def verify_install(slime_dir: Path, *, python: str = "python3", log=print) -> No
 
 
 def uninstall(slime_dir: Path, *, force: bool = False, dry_run: bool = False, log=print) -> list[Change]:
-    """Restore every backed-up file byte for byte and remove added files; then drop the backup dir."""
+    """Restore every backed-up file byte for byte and remove added files; then drop the backup dir.
+
+    Every check (manifest paths, later edits, backup checksums) runs before the first file is touched,
+    so a refused uninstall changes nothing.
+    """
     slime_dir = slime_dir.resolve()
     check_slime_checkout(slime_dir)
     manifest = _load_manifest(slime_dir)
     if manifest is None:
         raise InstallError(f"{slime_dir} has no {BACKUP_DIR}/{MANIFEST}: the TA-OPD patch is not installed there")
-    changes: list[Change] = []
-    for rel, entry in sorted(manifest["files"].items()):
-        target = slime_dir / rel
-        if target.exists() and entry.get("installed_sha256") and not force:
-            if _sha256(target.read_bytes()) != entry["installed_sha256"]:
-                raise InstallError(
-                    f"{rel} was modified after the install; uninstalling would lose those edits (pass --force)"
-                )
+    entries = sorted(manifest["files"].items())
+    originals: dict[str, bytes] = {}
+    for rel, entry in entries:
         if entry.get("backup"):
-            original = (slime_dir / BACKUP_DIR / entry["backup"]).read_bytes()
-            if _sha256(original) != entry["original_sha256"]:
-                raise InstallError(f"backup of {rel} does not match its recorded sha256; not restoring")
+            backup = slime_dir / BACKUP_DIR / entry["backup"]
+            if not backup.is_file():
+                raise InstallError(f"backup of {rel} ({backup}) is missing; not restoring anything")
+            originals[rel] = backup.read_bytes()
+            if _sha256(originals[rel]) != entry["original_sha256"]:
+                raise InstallError(f"backup of {rel} does not match its recorded sha256; not restoring anything")
+    edited = _edited_since_install(slime_dir, manifest, None)
+    if edited:
+        if not force:
+            _refuse_edited(edited, "uninstalling")
+        _save_edited(slime_dir, edited, dry_run=dry_run, log=log)
+    changes: list[Change] = []
+    for rel, _entry in entries:
+        target = slime_dir / rel
+        if rel in originals:
             changes.append(Change(rel, "restored"))
             if not dry_run:
-                _write_atomic(target, original)
+                _write_atomic(target, originals[rel])
         else:
             changes.append(Change(rel, "removed"))
             if not dry_run:
@@ -308,7 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("slime_dir", type=Path, help="root of the slime checkout (holds train.py and slime/)")
     parser.add_argument("--python", default="python3", help="Python of slime's environment used to verify")
-    parser.add_argument("--force", action="store_true", help="proceed on a dirty git checkout / modified files")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help=f"proceed on a dirty git checkout, and overwrite installed files edited since the install "
+        f"(copied to SLIME_DIR/{EDITED_DIR}/<timestamp>/ first)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would change; write nothing")
     parser.add_argument("--uninstall", action="store_true", help="restore the backed-up files, remove added ones")
     parser.add_argument("--no-verify", action="store_true", help="skip the import check after installing")
