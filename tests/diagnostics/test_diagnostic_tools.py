@@ -63,8 +63,9 @@ def test_merge_dedupes_and_rejects_mismatched_schemas(tmp_path):
     out = tmp_path / "merged.parquet"
     assert main([str(tmp_path / "run_a"), str(tmp_path / "run_c"), "--allow-missing-columns", "--out", str(out)]) == 0
     assert out.exists()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no step"):
-        main([str(tmp_path), "--out", str(out)])
+        main([str(tmp_path / "empty"), "--out", str(out)])
 
 
 def test_export_from_student_is_seeded(tmp_path, tiny_student_dir):

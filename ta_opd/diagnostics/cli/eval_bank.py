@@ -19,6 +19,13 @@ Resumable: contexts are processed in chunks of ``--contexts-per-chunk``; each ch
 atomically to ``OUT/chunks/`` and recorded in ``OUT/manifest.json``; a re-run with the same
 arguments skips finished chunks. When all chunks exist they are merged into
 ``OUT/token_stats.{parquet,csv}``.
+
+The manifest is keyed by the arguments *and* by a sha256 of every model's weight files
+(``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth`` and ``config.json`` of each local checkpoint
+directory; the digest of a file is reused from the manifest while its inode, size, mtime and ctime are
+unchanged, so a resume does not re-read unchanged weights). When the weights at a path changed
+since the chunks were written (a retrained θτ saved to the same directory), the run refuses to mix
+old and new results and names the model; ``--overwrite`` discards the old chunks and starts fresh.
 """
 
 from __future__ import annotations
@@ -88,12 +95,52 @@ def parse_students(specs: list[str]) -> dict[str, str]:
     return students
 
 
-def _file_digest(path: str) -> str:
+def _file_digest(path: str, full: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest() if full else h.hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_NAMES = ("config.json",)
+
+
+def weight_files(path: str) -> list[Path]:
+    """The files of a local checkpoint directory (or file) that decide its outputs; [] for a hub id."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(
+        f for f in root.rglob("*") if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in WEIGHT_NAMES)
+    )
+
+
+def weights_digest(path: str, cache: dict[str, Any]) -> str | None:
+    """sha256 over (relative name, content sha256) of ``weight_files(path)``; None when there are none.
+
+    ``cache`` maps an absolute file path to its stat key and content digest (kept in the manifest): a file
+    whose device, inode, size, mtime and ctime are unchanged is not read again. Rewriting a file in place
+    changes its ctime and replacing it changes its inode, so either is hashed anew.
+    """
+    files = weight_files(path)
+    if not files:
+        return None
+    root = Path(path)
+    outer = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        entry = cache.get(str(f.resolve()))
+        if not (isinstance(entry, dict) and entry.get("stat") == key and isinstance(entry.get("sha256"), str)):
+            entry = {"stat": key, "sha256": _file_digest(str(f), full=True)}
+        cache[str(f.resolve())] = entry
+        rel = f.name if f == root else str(f.relative_to(root))
+        outer.update(f"{rel}\0{entry['sha256']}\n".encode())
+    return outer.hexdigest()
 
 
 def _load_model(path: str, device: str, dtype: str) -> Any:
@@ -213,6 +260,35 @@ def eval_chunk(
     return cols
 
 
+def _labelled_models(teacher: Any, students: dict[str, Any]) -> dict[str, Any]:
+    """``{"teacher": path, "student NAME": path, ...}``: one key per model (a student may be named teacher)."""
+    return {"teacher": teacher, **{f"student {name}": path for name, path in students.items()}}
+
+
+def _mismatch_message(manifest_path: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why the chunks under ``manifest_path`` cannot be resumed: changed weights first, then other arguments."""
+    old_w = old.get("weights_sha256") if isinstance(old.get("weights_sha256"), dict) else None
+    new_w = new["weights_sha256"]
+    path_of = _labelled_models(new["teacher"], new["students"])
+    how = "use another --out-dir, or --overwrite to discard the old chunks and start fresh"
+    if old_w is None:
+        return (
+            f"{manifest_path} records no weight hashes (written by an older version or other arguments), so its "
+            f"chunks cannot be shown to come from the current weights; refusing to mix results: {how}"
+        )
+    old_students = old.get("students") if isinstance(old.get("students"), dict) else {}
+    old_paths = _labelled_models(old.get("teacher"), old_students)
+    changed = [n for n in new_w if old_paths.get(n) == path_of[n] and old_w.get(n) != new_w[n]]
+    if changed:
+        detail = ", ".join(f"{n} ({path_of[n]}: {str(old_w[n])[:12]} -> {str(new_w[n])[:12]})" for n in changed)
+        return (
+            f"the weights of {detail} changed since {manifest_path} was written; its finished chunks hold "
+            f"results of the old weights, so resuming would mix old and new results: {how}"
+        )
+    diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    return f"{manifest_path} was written with other arguments ({', '.join(diff)} differ); {how}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from tqdm import tqdm
@@ -248,22 +324,40 @@ def main(argv: list[str] | None = None) -> int:
         "vocab_mode": args.vocab_mode,
     }
     manifest_path = out / "manifest.json"
+    manifest: dict[str, Any] = {}
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{manifest_path}: unreadable manifest ({e}); use another --out-dir or remove it") from e
+        if not isinstance(manifest, dict):
+            raise SystemExit(f"{manifest_path}: expected a JSON object; use another --out-dir or remove it")
+    digest_cache = manifest.get("weights_cache") if isinstance(manifest.get("weights_cache"), dict) else {}
+    # Keyed by content, not path: a θτ retrained into the same directory must not resume the old θτ's chunks.
+    config["weights_sha256"] = {
+        label: weights_digest(path, digest_cache) for label, path in _labelled_models(args.teacher, students).items()
+    }
     n_chunks = (len(contexts) + args.contexts_per_chunk - 1) // args.contexts_per_chunk
     done: list[int] = []
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") != config:
+    if manifest:
+        old_config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        if old_config != config:
             if not args.overwrite:
-                raise SystemExit(
-                    f"{manifest_path} was written with other arguments; use another --out-dir or --overwrite"
-                )
-            for f in chunk_dir.glob("chunk_*"):
+                raise SystemExit(_mismatch_message(manifest_path, old_config, config))
+            logger.info("--overwrite: discarding the chunks of %s", manifest_path)
+            for f in [*chunk_dir.glob("chunk_*"), *out.glob("token_stats.*")]:
                 f.unlink()
         else:
             done = [i for i in manifest.get("done", []) if (chunk_dir / f"chunk_{i:05d}.{args.format}").exists()]
 
     def save_manifest(complete: bool) -> None:
-        body = {"config": config, "n_chunks": n_chunks, "done": sorted(done), "complete": complete}
+        body = {
+            "config": config,
+            "n_chunks": n_chunks,
+            "done": sorted(done),
+            "complete": complete,
+            "weights_cache": digest_cache,
+        }
         atomic_write_text(manifest_path, json.dumps(body, indent=2))
 
     save_manifest(False)

@@ -8,13 +8,16 @@ adds a ``run`` column (``--label`` per input, default the directory name), drops
 of the same (run, pair_id, rollout_id, sample_id, position) — e.g. a step written twice after a
 resume — keeping the last file's copy, and writes ``--out`` (.parquet, .csv or .jsonl).
 Files whose columns differ are an error naming both column sets, unless
-``--allow-missing-columns`` (missing columns become empty).
+``--allow-missing-columns`` (missing columns become empty). ``--out`` must lie outside every input:
+an ``--out`` that is an input, is inside an input directory or contains an input (symlinks and hard
+links followed) is refused before anything is read or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,25 @@ def bank_files(path: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{path}: no step*_rank*.{{csv,jsonl,parquet}} token bank files")
     return files
+
+
+def check_out_path(out: str, inputs: list[str]) -> None:
+    """Raise ``ValueError`` when ``out`` is, is inside, or contains one of ``inputs`` (resolved paths)."""
+    out_path = Path(out).resolve()
+    for item in inputs:
+        in_path = Path(item).resolve()
+        if out_path == in_path or (out_path.exists() and in_path.exists() and os.path.samefile(out_path, in_path)):
+            relation = "is"
+        elif out_path.is_relative_to(in_path):
+            relation = "is inside"
+        elif in_path.is_relative_to(out_path):
+            relation = "contains"
+        else:
+            continue
+        raise ValueError(
+            f"--out {out} (resolves to {out_path}) {relation} the input {item} (resolves to {in_path}); "
+            "writing it would overwrite or mix into an input: pick an --out path outside every input"
+        )
 
 
 def merge(inputs: list[str], labels: list[str] | None, allow_missing: bool) -> Any:
@@ -86,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        check_out_path(args.out, args.inputs)
         merged = merge(args.inputs, args.label, args.allow_missing_columns)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"merge_token_banks: {exc}") from exc
