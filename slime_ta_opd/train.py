@@ -20,7 +20,9 @@ from slime.ray.placement_group import (
 )
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import MetricsLogger, configure_logger
+from slime.utils.nonfinite import NonFiniteError
 from slime.utils.preflight import PreflightError, run_preflight
+from slime.utils.run_dirs import OutputPathError, SaveDirLockedError, prepare_run_dirs
 
 logger = logging.getLogger("slime.train")
 
@@ -34,12 +36,14 @@ def should_run_periodic_action(rollout_id: int, interval: int | None, num_rollou
 def train(args) -> dict:
     """Run the loop; returns the last step's logged metrics. Servers and actors are stopped on any exit."""
     configure_logger()
+    # before anything starts: output paths writable, --load meaningful, --save locked for the run's life
+    save_lock = prepare_run_dirs(args)
+    rollout_manager, actor_model, pgs, record, metrics_logger = None, None, {}, {}, None
     started_ray = not ray.is_initialized()
-    if started_ray:  # RAY_ADDRESS joins an existing cluster; otherwise a local Ray starts here
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    rollout_manager, actor_model, pgs, record = None, None, {}, {}
-    metrics_logger = MetricsLogger(args)
     try:
+        if started_ray:  # RAY_ADDRESS joins an existing cluster; otherwise a local Ray starts here
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        metrics_logger = MetricsLogger(args)
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs["rollout"])
         if args.preflight:  # on unless --skip-preflight (docs/preflight.md); a FAIL raises PreflightError
@@ -99,9 +103,12 @@ def train(args) -> dict:
         if actor_model is not None:
             actor_model.shutdown()
         remove_placement_groups(pgs)
-        metrics_logger.close()
+        if metrics_logger is not None:
+            metrics_logger.close()
         if started_ray:
             ray.shutdown()
+        if save_lock is not None:
+            save_lock.release()
 
 
 def _interrupt(signum, frame):
@@ -119,6 +126,12 @@ def main(argv=None) -> int:
     except PreflightError as e:  # the full report is already in the log
         logger.error("pre-flight failed (%s): not training", ", ".join(e.report.failed))
         return 3
+    except (OutputPathError, SaveDirLockedError) as e:  # refused before anything started
+        logger.error("%s", e)
+        return 2
+    except NonFiniteError as e:  # nothing applied, saved or pushed (docs/training.md)
+        logger.error("stopped on a non-finite value: %s", e)
+        return 4
     return 0
 
 

@@ -3,6 +3,11 @@
 ``<output-dir>/metrics.jsonl`` gets one JSON object per rollout step (appended and flushed, so a
 crash loses at most the line being written); ``metrics.csv`` is rewritten atomically from all
 records so far, so a metric that appears later simply adds a column.
+
+Reading an existing file (a resumed run, :func:`read_metrics`): a last line that is not a complete JSON
+object is the torn tail of an append interrupted by a kill; it is dropped with a warning (and cut off the
+file when the logger reopens it for appending). A damaged line anywhere before the last one is not a torn
+append, and raises a ValueError naming ``file:line``: the file needs a look, not a silent repair.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from slime.utils.misc import atomic_write_text
+from slime.utils.redact import redact_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +56,13 @@ class MetricsLogger:
         self.csv_path = self.jsonl_path.with_suffix(".csv")
         self.records: list[dict[str, Any]] = []
         if self.jsonl_path.exists():  # a resumed run keeps the earlier steps' lines
-            with open(self.jsonl_path) as f:
-                self.records = [json.loads(line) for line in f if line.strip()]
+            self.records, good_bytes = _read_jsonl(self.jsonl_path)
+            raw = self.jsonl_path.read_bytes()
+            intact = raw[:good_bytes]
+            if intact and not intact.endswith(b"\n"):
+                intact += b"\n"
+            if intact != raw:  # a torn last line cut off (atomically): the next append starts on a clean line
+                atomic_write_text(self.jsonl_path, intact.decode("utf-8"))
         self._tb = None
         self._wandb = None
         if getattr(args, "use_tensorboard", False):
@@ -73,7 +84,9 @@ class MetricsLogger:
                     group=args.wandb_group,
                     mode=args.wandb_mode,
                     dir=str(self.output_dir),
-                    config={k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | None)},
+                    config={
+                        k: v for k, v in redact_secrets(args).items() if isinstance(v, str | int | float | bool | None)
+                    },
                 )
             except ImportError as e:
                 logger.warning("--use-wandb: wandb is not installed (%s); `pip install wandb`", e)
@@ -124,12 +137,40 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a metrics JSONL file and the byte length of its intact part (the file minus a torn last
+    line); rules in the module docstring."""
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records: list[dict[str, Any]] = []
+    offset = 0
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                rec = json.loads(line.decode("utf-8"))
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a JSON {type(rec).__name__}, expected an object")
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                if i == last:
+                    logger.warning(
+                        "%s:%d: dropping a torn last line (%d bytes; an append interrupted by a kill?): %s",
+                        path, i + 1, len(line), e,
+                    )  # fmt: skip
+                    return records, offset
+                raise ValueError(
+                    f"{path}:{i + 1}: not a metrics record ({e}); only a torn last line is dropped automatically: "
+                    "fix or remove this line, or move the file aside"
+                ) from e
+            records.append(rec)
+        offset += len(line)
+    return records, offset
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSONL records of a run, one dict per line (later lines for a repeated rollout id win)."""
+    """The JSONL records of a run, one dict per line (later lines for a repeated rollout id win); a torn last
+    line is dropped with a warning, a damaged earlier line raises ValueError naming file:line."""
     by_id: dict[Any, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                by_id[rec.get("rollout_id")] = rec
+    for rec in _read_jsonl(Path(path))[0]:
+        by_id[rec.get("rollout_id")] = rec
     return list(by_id.values())

@@ -10,14 +10,17 @@ which calls :mod:`ta_opd.losses`): per rollout (METHOD.md §1)
    accumulates its micro-batches with the *global* sample/token counts, and gradients are **summed**
    over DP — so the step equals the torch backend's step on the whole batch;
 4. Adam after gradient clipping: Megatron's (distributed) optimizer on GPU; ``torch.optim.AdamW`` on
-   CPU (Megatron's optimizer is CUDA-only), with a gradient norm over the TP and PP shards.
+   CPU (Megatron's optimizer is CUDA-only), with a gradient norm over the TP and PP shards. Every rank takes the
+   same decision before the step: a NaN/inf loss or gradient anywhere stops the run or skips the step
+   (``--nonfinite-policy``); weights are checked for NaN/inf before every checkpoint and every push.
 
 Every forward (log-probs and training) runs through Megatron's schedule
 (``megatron.core.pipeline_parallel.get_forward_backward_func()``): a plain loop over micro-batches at PP=1,
 1F1B over the pipeline stages at ``--pipeline-model-parallel-size`` > 1. The loss (and the log-probs) are
 computed on the last stage; log-probs are then broadcast to the other stages of the pipeline.
 
-Weights start from ``--load`` (resume: newest ``torch_dist`` iteration), else ``--ref-load`` (a
+Weights start from ``--load`` (resume: the tracker's ``torch_dist`` iteration, or one ``iter_*`` directory; the
+rule of slime.utils.run_dirs), else ``--ref-load`` (a
 ``torch_dist`` dir from tools/convert_hf_to_torch_dist.py), else ``--hf-checkpoint`` (converted on the fly).
 TP, PP and DP are supported; context parallelism is not (it raises): Megatron's local attention refuses CP,
 and splitting the sequences over CP ranks (Transformer Engine's CP attention) is not implemented here.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import shutil
 import time
@@ -48,6 +52,7 @@ from slime.backends.torch_utils.actor import (
 from slime.backends.torch_utils.loss import compute_advantages, policy_loss
 from slime.backends.torch_utils.model import build_response_batch
 from slime.ray.train_actor import TrainRayActor
+from slime.utils.nonfinite import NonFiniteError, check_finite_weights, first_nonfinite, step_is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ class MegatronTrainRayActor(TrainRayActor):
         self.pp_size = pp
         self.params_dtype = _resolve_dtype(args)
         self.use_te = _use_te(args)
+        self.load_path = ckpt.checkpoint_to_load(args.load, args.save)  # None: start fresh
         self.model, self.shape = self._build_and_load(args)
         from slime.backends.megatron_utils.config import check_shape_flags
 
@@ -113,17 +119,16 @@ class MegatronTrainRayActor(TrainRayActor):
             self.teacher = self._build_teacher(args)
         self._build_optimizer(args)
         self.global_step, self.weight_version, self.last_rollout_id = 0, 0, -1
+        self.skipped_steps = 0
         start_rollout_id = 0
-        if args.load is not None and ckpt.latest_iteration(args.load) is not None:
-            state = ckpt.load_torch_dist(self.model, args.load)
-            self._load_optimizer(Path(args.load), state["iteration"])
+        if self.load_path is not None:
+            state = ckpt.load_torch_dist_dir(self.model, self.load_path)
+            self._load_optimizer(self.load_path)
             self.global_step = int(state.get("global_step", 0))
             self.weight_version = int(state.get("weight_version", 0))
             self.last_rollout_id = int(state.get("rollout_id", state["iteration"]))
             start_rollout_id = self.last_rollout_id + 1
-            logger.info(
-                "resumed from %s iteration %s: next rollout %d", args.load, state["iteration"], start_rollout_id
-            )
+            logger.info("resumed from %s: next rollout %d", self.load_path, start_rollout_id)
         return start_rollout_id
 
     # ------------------------------------------------------------------ building
@@ -135,7 +140,7 @@ class MegatronTrainRayActor(TrainRayActor):
         kwargs: dict[str, Any] = {"sequence_parallel": bool(getattr(args, "sequence_parallel", False))}
         if getattr(args, "recompute_granularity", None):
             kwargs["recompute"] = True
-        resume = args.load is not None and ckpt.latest_iteration(args.load) is not None
+        resume = self.load_path is not None
         if resume or args.ref_load is not None:
             shape = shape_from_hf_config(read_hf_config(args.hf_checkpoint))
             model = build_gpt_model(shape, params_dtype=self.params_dtype, use_te=self.use_te, **kwargs)
@@ -311,7 +316,10 @@ class MegatronTrainRayActor(TrainRayActor):
         t_logp = time.perf_counter()
 
         batches = _global_batches(n, args.global_batch_size)
-        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in batches]
+        step_metrics = [
+            self._train_step(data, idx, old, advantages, loss_masks, where=f"rollout {rollout_id} step {s}")
+            for s, idx in enumerate(batches)
+        ]
         metrics = _mean_metrics(step_metrics)
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
         metrics["train/step"] = float(self.global_step)
@@ -320,7 +328,7 @@ class MegatronTrainRayActor(TrainRayActor):
         self.last_rollout_id = rollout_id
         return metrics
 
-    def _train_step(self, data, idx, old, advantages, loss_masks) -> dict[str, float]:
+    def _train_step(self, data, idx, old, advantages, loss_masks, where: str = "step") -> dict[str, float]:
         """One optimizer step on the global batch ``idx``; this DP rank takes every dp_size-th sample."""
         from megatron.core import parallel_state as ps
 
@@ -353,9 +361,8 @@ class MegatronTrainRayActor(TrainRayActor):
         outputs = self._forward_backward(
             self.model, data, self._micro_batches(mine, args.micro_batch_size), step_loss, forward_only=False
         )
-        grad_norm = self._optimizer_step()
-        self.global_step += 1
-        # the loss lives on the last PP stage of each DP rank: sum over DP and PP (other stages add zeros)
+        # the loss lives on the last PP stage of each DP rank: sum over DP and PP (other stages add zeros); summed
+        # before the optimizer step, so that every rank knows whether the step's loss is finite
         totals = torch.tensor(
             [sum(o["loss"] for o in outputs), sum(o["clipped"] for o in outputs)], dtype=torch.float64
         )
@@ -366,9 +373,16 @@ class MegatronTrainRayActor(TrainRayActor):
             if self.pp_size > 1:
                 dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
             totals = totals.cpu()
+        applied, grad_norm = self._optimizer_step(float(totals[0]), f"{where} (optimizer step {self.global_step})")
+        if applied:
+            self.global_step += 1
+        else:
+            self._zero_grad()
+            self.skipped_steps += 1
         return {
             "train/loss": float(totals[0]),
             "train/grad_norm": float(grad_norm),
+            "train/skipped_steps": 0.0 if applied else 1.0,
             "train/clipfrac": float(totals[1]) / global_tokens,
             "train/lr": self._lr(),
             "train/kept_tokens": float(kept_total),
@@ -386,16 +400,37 @@ class MegatronTrainRayActor(TrainRayActor):
             return self.args.lr * (self.global_step + 1) / warmup
         return self.args.lr
 
-    def _optimizer_step(self) -> float:
+    def _nonfinite_anywhere(self, local_bad: bool) -> bool:
+        """Collective over every rank: whether any rank saw a non-finite value (all take the same decision)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return local_bad
+        flag = torch.tensor([1.0 if local_bad else 0.0], device="cuda" if self.on_gpu else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _optimizer_step(self, loss: float, where: str) -> tuple[bool, float]:
+        """Reduce, check and apply the step's gradients; returns (applied, gradient norm). A NaN/inf loss or
+        gradient on any rank is never applied (``--nonfinite-policy``: raise on every rank, or skip)."""
         lr = self._lr()
+        policy = self.args.nonfinite_policy
         if self.on_gpu:
             from megatron.core.distributed import finalize_model_grads
 
             finalize_model_grads([self.model])  # DP reduce-scatter/all-reduce, SP layernorm and tied-embedding grads
+            # Megatron's bf16/fp32 optimizer steps on NaN grads: look at every rank's (reduced) grad buffers first
+            grads = [
+                (n, getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad)
+                for n, p in self._unwrapped().named_parameters()
+                if p.requires_grad
+            ]
+            bad_grad = first_nonfinite((n, g) for n, g in grads if g is not None) is not None
+            bad = self._nonfinite_anywhere(bad_grad or not math.isfinite(loss))
+            if not step_is_finite(loss, float("nan") if bad else 0.0, policy, where):
+                return False, float("nan")
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             _, grad_norm, _ = self.optimizer.step()
-            return float(grad_norm or 0.0)
+            return True, float(grad_norm or 0.0)
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
         from megatron.core.transformer.module import param_is_not_shared
@@ -433,6 +468,9 @@ class MegatronTrainRayActor(TrainRayActor):
         if ps.get_model_parallel_group().size() > 1:
             dist.all_reduce(sq, group=ps.get_model_parallel_group())
         grad_norm = float(sq.sqrt())
+        # the norm is global (DP-summed grads, all-reduced over the model-parallel shards): every rank decides alike
+        if not step_is_finite(loss, grad_norm, policy, where):
+            return False, grad_norm
         if self.args.clip_grad and self.args.clip_grad > 0 and grad_norm > self.args.clip_grad:
             scale = self.args.clip_grad / (grad_norm + 1e-6)
             for p in params:
@@ -440,7 +478,7 @@ class MegatronTrainRayActor(TrainRayActor):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return grad_norm
+        return True, grad_norm
 
     @staticmethod
     def _rollout_metrics(old, teacher, loss_masks, resp_lens) -> dict[str, float]:
@@ -453,12 +491,14 @@ class MegatronTrainRayActor(TrainRayActor):
         return getattr(self.model, "module", self.model)
 
     def save_hf(self, out_dir: str | os.PathLike) -> str | None:
-        """Collective: gather the weights and write a HF dir on rank 0 (returns its path there, else None)."""
+        """Collective: gather the weights and write a HF dir on rank 0 (returns its path there, else None).
+        Weights with a NaN/inf are refused (NonFiniteError on rank 0) before anything is written."""
         from slime.backends.megatron_utils.checkpoint import gather_hf_state_dict, save_hf_dir
 
         hf = gather_hf_state_dict(self._unwrapped(), self.shape)
         if hf is None:
             return None
+        check_finite_weights(hf.items(), f"write HF weights to {str(out_dir)!r}")
         return str(save_hf_dir(hf, out_dir, self.args.hf_checkpoint))
 
     def update_weights(self) -> str | None:
@@ -476,7 +516,7 @@ class MegatronTrainRayActor(TrainRayActor):
                 return None
             if getattr(self, "_sender", None) is None:
                 self._sender = weight_sender_for(self.args, getattr(self, "rollout_manager", None))
-            self._sender.push(list(hf.items()), version)
+            self._sender.push(list(hf.items()), version)  # refuses NaN/inf tensors before sending any
             return version
         # absolute: the engines resolve the pushed path in their own working directory
         path = self.save_hf(Path(self.args.output_dir).resolve() / WEIGHTS_SUBDIR / version)
@@ -491,6 +531,14 @@ class MegatronTrainRayActor(TrainRayActor):
 
         if self.args.save is None:
             return None
+        # every rank checks its own shards and all agree before the collective save: no rank writes NaN weights
+        bad = first_nonfinite(self._unwrapped().state_dict().items())
+        if self._nonfinite_anywhere(bad is not None):
+            raise NonFiniteError(
+                f"refusing to save checkpoint {rollout_id} under {self.args.save!r}: "
+                f"{'weight ' + repr(bad) if bad else 'a weight on another rank'} holds NaN/inf; the existing "
+                "checkpoints are untouched"
+            )
         state = {"rollout_id": rollout_id, "global_step": self.global_step, "weight_version": self.weight_version}
         out = ckpt.save_torch_dist(self._unwrapped(), self.args.save, rollout_id, trainer_state=state)
         if not getattr(self.args, "no_save_optim", False):
@@ -508,10 +556,8 @@ class MegatronTrainRayActor(TrainRayActor):
         torch.save(self.optimizer.state_dict(), out / "optim" / f"rank{dist.get_rank():05d}.pt")
         dist.barrier()
 
-    def _load_optimizer(self, root: Path, iteration: int) -> None:
-        from slime.backends.megatron_utils.checkpoint import iter_dir
-
-        path = iter_dir(root, iteration) / "optim" / f"rank{dist.get_rank():05d}.pt"
+    def _load_optimizer(self, ckpt_dir: Path) -> None:
+        path = Path(ckpt_dir) / "optim" / f"rank{dist.get_rank():05d}.pt"
         if getattr(self.args, "no_load_optim", False) or not path.is_file():
             return
         self.optimizer.load_state_dict(torch.load(path, weights_only=False))

@@ -7,6 +7,9 @@
         .metadata  __*_*.distcp  common.pt  metadata.json
     DIR/iter_000000N/slime_trainer_state.json  # rollout id, step, weight version (this stack)
 
+``--load`` follows the rule of :mod:`slime.utils.run_dirs` (:func:`checkpoint_to_load`): a directory with the
+tracker file, or one ``iter_*``/``release`` directory itself; never a silent fresh start when asked to load.
+
 The sharded state is ``{"model": model.sharded_state_dict()}``: parallelism-agnostic, so a checkpoint
 written at TP=1 by ``tools/convert_hf_to_torch_dist.py`` loads at any TP/PP. The tracker file is
 written last, so a crash mid-save leaves the previous iteration as the newest.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ import torch.distributed as dist
 
 from slime.backends.megatron_utils.config import ModelShape
 from slime.backends.megatron_utils.convert import from_te_names, megatron_to_hf, merge_tp, pp_merge
+from slime.utils.run_dirs import resolve_load
 from ta_opd.atomic_io import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -83,10 +88,8 @@ def save_torch_dist(
     return out
 
 
-def load_torch_dist(model, root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
-    """Collective: load the model weights of ``iteration`` (default: the tracker's); returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
+def checkpoint_dir(root: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The directory of ``iteration`` (default: the tracker's) under ``root``, ``release`` as Megatron-LM does."""
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
@@ -94,13 +97,54 @@ def load_torch_dist(model, root: str | os.PathLike, iteration: int | None = None
     path = iter_dir(root, iteration)
     if not path.is_dir() and (Path(root) / "release").is_dir():
         path = Path(root) / "release"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{root}: {TRACKER} names iteration {iteration}, but {path} does not exist")
+    return path
+
+
+def checkpoint_to_load(load: str | os.PathLike | None, save: str | os.PathLike | None) -> Path | None:
+    """The checkpoint directory ``--load`` names (rule in slime.utils.run_dirs), or None to start fresh."""
+    target = resolve_load(load, save)
+    if target is None:
+        return None
+    if target.kind == "latest":
+        return checkpoint_dir(target.path)
+    if not (target.path / ".metadata").is_file():
+        raise FileNotFoundError(f"--load {str(target.path)!r} is not a torch_dist checkpoint (no .metadata)")
+    return target.path
+
+
+def _iteration_of(path: Path) -> int:
+    m = re.fullmatch(r"iter_(\d+)", path.name)
+    return int(m.group(1)) if m else 0
+
+
+def load_torch_dist(model, root: str | os.PathLike, iteration: int | None = None) -> dict[str, Any]:
+    """Collective: load the model weights of ``iteration`` (default: the tracker's); returns the trainer state."""
+    return load_torch_dist_dir(model, checkpoint_dir(root, iteration))
+
+
+def load_torch_dist_dir(model, path: str | os.PathLike) -> dict[str, Any]:
+    """Collective: load the model weights of the checkpoint directory ``path``; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    iteration = _iteration_of(path)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     result = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path}: missing {missing[:6]}, unexpected {result.unexpected_keys[:6]}")
     state_file = path / TRAINER_STATE
-    return json.loads(state_file.read_text()) if state_file.is_file() else {"iteration": iteration}
+    if not state_file.is_file():
+        return {"iteration": iteration}
+    try:
+        state = json.loads(state_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{state_file}: unreadable trainer state ({e})") from e
+    if not isinstance(state, dict) or not all(type(state.get(k, 0)) is int for k in ("iteration", "rollout_id")):
+        raise ValueError(f"{state_file}: expected an object with integer 'iteration' and 'rollout_id', got {state!r}")
+    return {"iteration": iteration, **state}
 
 
 def gather_megatron_state_dict(model, shape: ModelShape) -> dict[str, torch.Tensor] | None:

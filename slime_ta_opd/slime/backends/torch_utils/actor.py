@@ -6,7 +6,10 @@ Per rollout (METHOD.md §1):
 3. ``num_steps_per_rollout`` optimizer steps over consecutive global batches; each step accumulates
    gradients over micro-batches whose losses use the step's global sample/token counts, so the
    result does not depend on ``--micro-batch-size``;
-4. AdamW step after ``--clip-grad``.
+4. AdamW step after ``--clip-grad``, applied only when the step's loss and gradient norm are finite
+   (``--nonfinite-policy``: stop the run, or skip the step; slime.utils.nonfinite).
+
+Weights are checked for NaN/inf before every checkpoint and every push to the engines.
 
 The class is a plain Python class (unit tests construct it directly); ``RayTrainGroup`` wraps it
 with ``ray.remote``. Upstream's Megatron actor has the same method names.
@@ -37,6 +40,7 @@ from slime.backends.torch_utils.model import (
 )
 from slime.backends.weight_sync import load_from_disk, pushes_tensors, unique_named_tensors, weight_sender_for
 from slime.ray.train_actor import TrainRayActor
+from slime.utils.nonfinite import check_finite_weights, step_is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -130,24 +134,26 @@ class TorchTrainRayActor(TrainRayActor):
             eps=args.adam_eps,
         )
         self.global_step = 0
+        self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss / grad norm (--nonfinite-policy skip)
         self.weight_version = 0
         self.last_rollout_id = -1
         self.loaded_from: str | None = None
         start_rollout_id = 0
-        if args.load is not None and os.path.isdir(args.load):
-            latest = ckpt.latest_checkpoint(args.load)
-            if latest is not None:
-                state = ckpt.load_checkpoint(
-                    latest, self.model, None if getattr(args, "no_load_optim", False) else self.optimizer
-                )
-                self.global_step = int(state.get("global_step", 0))
-                self.weight_version = int(state.get("weight_version", 0))
-                self.last_rollout_id = int(state["rollout_id"])
-                start_rollout_id = self.last_rollout_id + 1
-                self.loaded_from = str(latest)
-                logger.info("resumed from %s: next rollout %d, step %d", latest, start_rollout_id, self.global_step)
-            else:
-                logger.info("--load %s holds no checkpoint yet: starting from --hf-checkpoint", args.load)
+        # the --load rule (slime.utils.run_dirs): a --save dir, one iter_* dir, or a fresh start only for --load ==
+        # --save without a checkpoint yet; anything else is refused rather than trained from scratch
+        latest = ckpt.checkpoint_to_load(args.load, args.save)
+        if latest is not None:
+            state = ckpt.load_checkpoint(
+                latest, self.model, None if getattr(args, "no_load_optim", False) else self.optimizer
+            )
+            self.global_step = int(state.get("global_step", 0))
+            self.weight_version = int(state.get("weight_version", 0))
+            self.last_rollout_id = int(state["rollout_id"])
+            start_rollout_id = self.last_rollout_id + 1
+            self.loaded_from = str(latest)
+            logger.info("resumed from %s: next rollout %d, step %d", latest, start_rollout_id, self.global_step)
+        elif args.load is not None:
+            logger.info("--load %s holds no checkpoint yet: starting from --hf-checkpoint", args.load)
         return start_rollout_id
 
     # ------------------------------------------------------------------ log-probs
@@ -202,7 +208,10 @@ class TorchTrainRayActor(TrainRayActor):
         t_logp = time.perf_counter()
 
         batches = _global_batches(n, self.args.global_batch_size)
-        step_metrics = [self._train_step(data, idx, old, advantages, loss_masks) for idx in batches]
+        step_metrics = [
+            self._train_step(data, idx, old, advantages, loss_masks, where=f"rollout {rollout_id} step {s}")
+            for s, idx in enumerate(batches)
+        ]
         metrics = _mean_metrics(step_metrics)
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
         metrics.update(self.distill.step_metrics())
@@ -219,7 +228,7 @@ class TorchTrainRayActor(TrainRayActor):
         self.last_rollout_id = rollout_id
         return metrics
 
-    def _train_step(self, data, idx, old, advantages, loss_masks) -> dict[str, float]:
+    def _train_step(self, data, idx, old, advantages, loss_masks, where: str = "step") -> dict[str, float]:
         args = self.args
         kept_total = int(sum(int(loss_masks[i].sum()) for i in idx))
         global_tokens = max(kept_total, 1)
@@ -270,19 +279,28 @@ class TorchTrainRayActor(TrainRayActor):
             loss.backward()
             loss_sum += float(loss.detach())
             clipped += float(n_clipped)
-        if args.clip_grad and args.clip_grad > 0:
+        if args.clip_grad and args.clip_grad > 0:  # a non-finite norm leaves the grads unscaled: never applied
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
         else:
             grads = [p.grad.detach().double().norm() for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
         lr = self._lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.global_step += 1
+        skipped = 0.0
+        if step_is_finite(
+            loss_sum, float(grad_norm), args.nonfinite_policy, f"{where} (optimizer step {self.global_step})"
+        ):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.global_step += 1
+        else:  # --nonfinite-policy skip: drop the gradients, leave weights and AdamW state as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            skipped = 1.0
         return {
             "train/loss": loss_sum,
             "train/grad_norm": float(grad_norm),
+            "train/skipped_steps": skipped,
             "train/clipfrac": clipped / global_tokens,
             "train/lr": lr,
             "train/kept_tokens": float(kept_total),
@@ -325,9 +343,10 @@ class TorchTrainRayActor(TrainRayActor):
             return None
         self.weight_version += 1
         version = f"weight_v{self.weight_version:06d}"
-        if pushes_tensors(self.args):
+        if pushes_tensors(self.args):  # the sender checks every tensor for NaN/inf before sending any
             self._weight_sender().push(unique_named_tensors(self.distill.export_model().state_dict()), version)
             return version
+        check_finite_weights(self.model.state_dict().items(), f"push weights {version} to the engines")
         path = self.save_hf(self._output_dir() / WEIGHTS_SUBDIR / version)
         load_from_disk(getattr(self, "rollout_manager", None), path)
         return path
@@ -347,7 +366,7 @@ class TorchTrainRayActor(TrainRayActor):
             self.distill.export_model(),  # merged weights for a LoRA student
             None if getattr(self.args, "no_save_optim", False) else self.optimizer,
             trainer_state={"global_step": self.global_step, "weight_version": self.weight_version},
-            args_snapshot=vars(self.args),
+            args_snapshot=vars(self.args),  # secrets redacted by save_checkpoint
             tokenizer_dir=self.args.hf_checkpoint,
             keep_last_n=self.args.keep_last_n_checkpoints,
         )

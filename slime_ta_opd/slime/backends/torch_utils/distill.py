@@ -141,6 +141,10 @@ class LoraExport:
     def __init__(self, peft_model):
         self.peft_model = peft_model
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The merged HF weights (what a save or a tensor push sends; checked for NaN/inf before either)."""
+        return merged_lora_state_dict(self.peft_model)
+
     def save_pretrained(self, out, **kwargs):
         kwargs.pop("state_dict", None)
         hf = self.peft_model.get_base_model()
