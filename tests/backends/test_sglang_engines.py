@@ -14,6 +14,7 @@ from slime.backends.sglang_utils import engines as eng
 class FakeProcess:
     def __init__(self, cmd, **kwargs):
         self.cmd, self.returncode, self.terminated = cmd, None, False
+        self.env = kwargs.get("env")
 
     def poll(self):
         return self.returncode
@@ -68,7 +69,12 @@ def test_engine_command_lines_follow_the_rollout_flags():
     assert first[first.index("--tp-size") + 1] == "2"
     assert first[first.index("--base-gpu-id") + 1] == "0" and second[second.index("--base-gpu-id") + 1] == "2"
     assert first[first.index("--model-path") + 1] == "/models/qwen3"
-    assert first[first.index("--api-key") + 1] == "k"
+    # the API key never is on a command line (readable by every user): keyed_launch reads it from the environment
+    from slime.backends.sglang_utils.keyed_launch import KEY_ENV
+
+    for p in cluster.processes:
+        assert "k" not in p.cmd and "--api-key" not in p.cmd, p.cmd
+        assert p.cmd[2] == "slime.backends.sglang_utils.keyed_launch" and p.env[KEY_ENV] == "k"
     assert "--enable-memory-saver" not in first
     router = [p.cmd for p in cluster.processes if "sglang_router.launch_router" in p.cmd]
     assert len(router) == 1 and router[0][-2:] == g.engine_urls

@@ -37,6 +37,15 @@ from slime.backends.embedded_sglang.sampling import SamplingTensors, sample_next
 logger = logging.getLogger(__name__)
 
 _LOGPROB_CHUNK = 1024  # prompt positions per lm-head chunk when computing input log-probs
+GROUP_TIMEOUT_MAX_S = 600.0  # the longest a weight-update group rendezvous may wait (and its default)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve generation now (memory released, weights undefined, shutting down): HTTP 503."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine failed while serving these requests (the others are unaffected): HTTP 500 naming the error."""
 
 
 @dataclass
@@ -226,6 +235,10 @@ class Engine:
         self.weight_version = "default"
         self._groups: dict[str, Any] = {}  # weight-update process groups by name
         self._released = False  # colocated offload: weights freed until resume
+        # after a resume the weights are zeros until every parameter was written again: storage pointers still due
+        self._undefined: set[int] = set()
+        self._groups_lock = threading.Lock()
+        self._pending_groups: set[str] = set()  # group names whose rendezvous runs on a helper thread
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.prompt_cache_tokens = int(prompt_cache_tokens)
         self._prompt_cache: OrderedDict[tuple[int, ...], _Prefilled] = OrderedDict()
@@ -271,17 +284,49 @@ class Engine:
         futs = self.submit_many(reqs)
         return [f.result(timeout) for f in futs]
 
-    def update_weights_from_disk(self, path: str) -> Future:
-        """Load ``*.safetensors`` from ``path`` into the model once no request is running."""
-        return self._control("update_weights", path)
+    def update_weights_from_disk(self, path: str, tensors: dict[str, torch.Tensor] | None = None) -> Future:
+        """Load the ``*.safetensors`` of ``path`` into the model once no request is running.
+
+        ``tensors``: the files' tensors, already read by the caller (the server reads them on a worker thread,
+        with ``--weights-root`` containment); without them the engine reads ``path`` itself."""
+        return self._control("update_weights", (path, tensors))
+
+    @property
+    def released(self) -> bool:
+        """The weights are freed (``/release_memory_occupation``) until ``/resume_memory_occupation``."""
+        return self._released
+
+    def weights_state_error(self) -> str | None:
+        """Why generation must not run now, or None."""
+        if self._released:
+            return "the engine released its memory (/release_memory_occupation): call /resume_memory_occupation first"
+        if self._undefined:
+            total = sum(1 for _ in self.model.parameters())
+            return (
+                "the weights are undefined after /resume_memory_occupation: load weights "
+                "(/update_weights_from_disk, /update_weights_from_tensor or /update_weights_from_distributed) "
+                f"before generating; {total - len(self._undefined)} of {total} parameters loaded so far"
+            )
+        return None
 
     def flush_cache(self) -> Future:
         """Empty the prompt cache (runs when no request is running, as SGLang's flush_cache)."""
         return self._control("flush_cache", None)
 
     def init_weights_update_group(self, spec: dict[str, Any]) -> Future:
-        """Join a trainer's weight-update process group (slime.backends.weight_sync) as ``rank_offset``."""
-        return self._control("init_group", spec)
+        """Join a trainer's weight-update process group (slime.backends.weight_sync) as ``rank_offset``.
+
+        The rendezvous waits for the other ranks (up to ``timeout_s``, at most ``GROUP_TIMEOUT_MAX_S``) on a
+        helper thread, so generation goes on meanwhile; the group is usable once the future resolves."""
+        fut: Future = Future()
+        name = spec["group_name"]
+        with self._groups_lock:
+            if name in self._pending_groups:
+                fut.set_result((False, f"weight-update group {name!r} is already being joined; wait for that call"))
+                return fut
+            self._pending_groups.add(name)
+        threading.Thread(target=self._join_group, args=(spec, fut), name=f"join-group-{name}", daemon=True).start()
+        return fut
 
     def update_weights_from_distributed(self, spec: dict[str, Any]) -> Future:
         """Receive the named tensors by broadcast from rank 0 of the group and load them."""
@@ -302,10 +347,23 @@ class Engine:
         """Re-allocate the weights (their values are undefined until the next weight update, as in SGLang)."""
         return self._control("resume", None)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the worker; every request still queued or running is answered with ``EngineUnavailable``."""
         self._stop.set()
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+        gone = EngineUnavailable("the server is shutting down")
+        self._drain_queue(block=False)
+        self._drain_waiting(gone)
+        with self._controls_lock:
+            controls, self._controls = self._controls, []
+        for _, _, fut in controls:
+            if not fut.done():
+                fut.set_result((False, "the server is shutting down"))
+        running = self._running
+        for row in running.rows if running is not None else []:
+            if not row.future.done():
+                row.future.set_exception(gone)
 
     def safe_decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Decode ids, skipping ids the tokenizer does not know (padded-vocabulary rows)."""
@@ -351,17 +409,18 @@ class Engine:
                         for kind, arg, fut in controls:
                             self._run_control(kind, arg, fut)
                         continue
-                    if not controls and self._released:  # no weights to run on: refuse, do not hang
-                        self._drain_waiting(RuntimeError("the engine released its memory: resume it first"))
+                    refusal = self.weights_state_error()
+                    if not controls and refusal is not None:  # no weights to run on: refuse, do not hang
+                        self._drain_waiting(EngineUnavailable(refusal))
                     elif not controls:
                         self._admit()
                     if self._running is not None:
                         self._decode_step()
                     self.num_running = len(self._running) if self._running is not None else 0
                     self.num_waiting = len(self._waiting)
-                except Exception as exc:  # a bug must not hang clients: fail everything in flight
+                except Exception as exc:  # a bug must not hang clients: fail the requests the failed step touched
                     logger.exception("engine step failed")
-                    self._fail_all(exc)
+                    self._fail_running(exc)
 
     def _drain_queue(self, block: bool) -> None:
         try:
@@ -382,31 +441,28 @@ class Engine:
                 fut.set_exception(exc)
         self._waiting = []
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_running(self, exc: Exception) -> None:
+        """A decode step failed: its rows (the requests it touched) get the error; waiting requests stay queued."""
         rows = self._running.rows if self._running is not None else []
+        err = EngineRequestError(f"the engine failed while decoding this request: {type(exc).__name__}: {exc}")
         for row in rows:
             if not row.future.done():
-                row.future.set_exception(exc)
-        for _, fut in self._waiting:
-            if not fut.done():
-                fut.set_exception(exc)
+                row.future.set_exception(err)
         self._running = None
-        self._waiting = []
 
     def _run_control(self, kind: str, arg: Any, fut: Future) -> None:
         try:
             self._prompt_cache.clear()  # stale after new weights; emptied on flush_cache
             self._prompt_cache_size = 0
             if kind == "update_weights":
-                fut.set_result(self._load_weights(arg))
-            elif kind == "init_group":
-                fut.set_result(self._init_group(arg))
+                fut.set_result(self._load_weights(*arg))
             elif kind == "update_distributed":
                 fut.set_result(self._receive_weights(arg))
             elif kind == "update_tensor":
                 fut.set_result(self._load_tensors(arg))
             elif kind == "destroy_group":
-                self._groups.pop(arg, None)
+                with self._groups_lock:
+                    self._groups.pop(arg, None)
                 fut.set_result((True, f"weight-update group {arg!r} destroyed"))
             elif kind == "release":
                 fut.set_result(self._release())
@@ -415,25 +471,40 @@ class Engine:
             else:
                 fut.set_result((True, "Cache flushed."))
         except Exception as exc:  # reported to the caller as success=False
-            fut.set_result((False, f"{kind} failed ({arg!r}): {exc}"))
+            shown = arg[0] if kind == "update_weights" else arg if kind in ("destroy_group", "flush_cache") else ""
+            fut.set_result((False, f"{kind} failed{f' ({shown!r})' if shown else ''}: {type(exc).__name__}: {exc}"))
 
     # ------------------------------------------------------------------ weights over a process group
-    def _init_group(self, spec: dict[str, Any]) -> tuple[bool, str]:
+    def _join_group(self, spec: dict[str, Any], fut: Future) -> None:
+        """The rendezvous of ``init_weights_update_group``, on its own thread (bounded by the group timeout)."""
         from slime.backends.weight_sync import new_group
 
-        if spec["backend"] != "gloo":
-            return False, f"backend {spec['backend']!r}: the embedded engine runs on CPU and joins gloo groups only"
-        group = new_group(
-            "gloo", spec["master_address"], int(spec["master_port"]), int(spec["rank_offset"]),
-            int(spec["world_size"]), float(spec.get("timeout_s", 600.0)),
-        )  # fmt: skip
-        self._groups[spec["group_name"]] = group
-        return True, f"joined weight-update group {spec['group_name']!r} as rank {spec['rank_offset']}"
+        name = spec["group_name"]
+        try:
+            if spec["backend"] != "gloo":
+                fut.set_result(
+                    (False, f"backend {spec['backend']!r}: the embedded engine runs on CPU and joins gloo groups only")
+                )
+                return
+            timeout_s = min(float(spec.get("timeout_s") or GROUP_TIMEOUT_MAX_S), GROUP_TIMEOUT_MAX_S)
+            group = new_group(
+                "gloo", spec["master_address"], int(spec["master_port"]), int(spec["rank_offset"]),
+                int(spec["world_size"]), timeout_s,
+            )  # fmt: skip
+            with self._groups_lock:
+                self._groups[name] = group
+            fut.set_result((True, f"joined weight-update group {name!r} as rank {spec['rank_offset']}"))
+        except Exception as exc:  # reported to the caller as success=False
+            fut.set_result((False, f"init_weights_update_group {name!r} failed: {type(exc).__name__}: {exc}"))
+        finally:
+            with self._groups_lock:
+                self._pending_groups.discard(name)
 
     def _receive_weights(self, spec: dict[str, Any]) -> tuple[bool, str]:
         from slime.backends.weight_sync import parse_dtype
 
-        group = self._groups.get(spec["group_name"])
+        with self._groups_lock:
+            group = self._groups.get(spec["group_name"])
         if group is None:
             return False, f"no weight-update group {spec['group_name']!r}: call /init_weights_update_group first"
         if self._released:
@@ -475,6 +546,7 @@ class Engine:
     def _assign(self, params: dict[str, torch.Tensor], named: list, weight_version: Any, how: str) -> None:
         for name, tensor in named:
             params[name].data.copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
+            self._undefined.discard(params[name].data_ptr())
         self.weight_version = weight_version if isinstance(weight_version, str) else f"{how}@{time.time():.0f}"
 
     # ------------------------------------------------------------------ colocated offload
@@ -495,19 +567,21 @@ class Engine:
             p.data = torch.zeros(shape, dtype=dtype, device=self.device)
         self.model.tie_weights()  # tied embeddings share storage again
         self._released = False
-        return True, "memory resumed (weights are undefined until the next update)"
+        self._undefined = {p.data_ptr() for p in self.model.parameters()}
+        return True, "memory resumed (weights are undefined until the next update; /generate answers 503 until then)"
 
-    def _load_weights(self, path: str) -> tuple[bool, str]:
-        from safetensors.torch import load_file
+    def _load_weights(self, path: str, loaded: dict[str, torch.Tensor] | None) -> tuple[bool, str]:
+        if self._released:
+            return False, (
+                f"cannot load {path!r}: the engine's memory is released (/release_memory_occupation); "
+                "call /resume_memory_occupation first"
+            )
+        if loaded is None:
+            from slime.backends.embedded_sglang.weights_io import read_safetensors_dir
 
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            return False, f"no *.safetensors files in {path!r} (only safetensors weights are accepted)"
+            loaded = read_safetensors_dir(Path(path), [Path(path)])
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
-        loaded: dict[str, torch.Tensor] = {}
-        for f in files:
-            loaded.update(load_file(str(f), device="cpu"))
         unknown = sorted(set(loaded) - set(params))
         if unknown:
             return False, f"weights in {path!r} do not match the model: unknown tensors {unknown[:5]}"
@@ -518,9 +592,8 @@ class Engine:
         missing = [n for n, p in self.model.named_parameters() if n not in loaded and p.data_ptr() not in loaded_ptrs]
         if missing:
             return False, f"weights in {path!r} lack tensors {missing[:5]}"
-        for name, tensor in loaded.items():
-            params[name].data.copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
-        self.weight_version = f"{Path(path).name}@{time.time():.0f}"
+        self._assign(params, list(loaded.items()), None, Path(path).name)
+        self._undefined.clear()  # every parameter was loaded (checked above)
         return True, "Succeeded to update model weights."
 
     # ------------------------------------------------------------------ scheduling
@@ -546,7 +619,33 @@ class Engine:
                 rest.append((req, fut))
         self._waiting = rest
         if batch:
+            self._prefill_isolated(batch)
+
+    def _prefill_isolated(self, batch: list[tuple[GenRequest, Future]]) -> None:
+        """Prefill ``batch``; when that fails, prefill its requests one by one, so that exactly the requests that
+        fail get the error and the others of the batch are served."""
+        try:
             self._prefill(batch)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail_prefill(batch, exc)
+                return
+            logger.warning("a prefill batch of %d failed (%r): prefilling its requests one by one", len(batch), exc)
+        for item in batch:
+            if item[1].done():  # answered before the failure (prefill-only scoring)
+                continue
+            try:
+                self._prefill([item])
+            except Exception as exc:
+                self._fail_prefill([item], exc)
+
+    def _fail_prefill(self, batch: list[tuple[GenRequest, Future]], exc: Exception) -> None:
+        logger.error("prefill failed for %s: %r", [req.rid for req, _ in batch], exc)
+        err = EngineRequestError(f"the engine failed while prefilling this request: {type(exc).__name__}: {exc}")
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(err)
 
     def _prefill(self, batch: list[tuple[GenRequest, Future]]) -> None:
         start = time.time()

@@ -34,6 +34,7 @@ import requests
 logger = logging.getLogger(__name__)
 
 _SERVER_MODULE = "slime.backends.embedded_sglang.server"
+_API_KEY_ENV = "SGLANG_API_KEY"  # what the embedded server reads (server.API_KEY_ENV)
 
 
 _RECENT_PORTS: list[int] = []  # ports handed out by this process, not yet bound by their server
@@ -128,13 +129,14 @@ class ServerHandle:
             "--port",
             str(self.port),
         ]
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
-        return cmd + list(self.extra_args)
+        return cmd + list(self.extra_args)  # the key travels in the environment (``start``), never on the cmdline
 
     def start(self) -> ServerHandle:
         env = dict(os.environ)
         env.update(self.env or {})
+        env.pop(_API_KEY_ENV, None)  # this handle's key, not one inherited from the caller's environment
+        if self.api_key:
+            env[_API_KEY_ENV] = self.api_key
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         if self.log_file:
@@ -254,9 +256,14 @@ def router_command(
     extra_args: Sequence[str] = (),
     python: str = sys.executable,
 ) -> list[str]:
-    """The ``sglang_router.launch_router`` command line fronting ``worker_urls`` (embedded and real engines)."""
+    """The ``sglang_router.launch_router`` command line fronting ``worker_urls`` (embedded and real engines).
+
+    With ``api_key`` the router runs under ``keyed_launch``: the key must be in the child's environment as
+    ``router_env(api_key)`` gives it, never on this command line."""
+    from slime.backends.sglang_utils.keyed_launch import __name__ as keyed_launch
+
     cmd = [
-        python, "-m", "sglang_router.launch_router",
+        python, "-m", *([keyed_launch] if api_key else []), "sglang_router.launch_router",
         "--host", host, "--port", str(port),
         "--policy", "round_robin",
         "--log-level", "warn",
@@ -264,12 +271,22 @@ def router_command(
         # health checks restart dead engines (same URL, so no re-registration), and clients retry with backoff
         "--disable-circuit-breaker",
     ]  # fmt: skip
-    if api_key:
-        cmd += ["--api-key", api_key]
     if "--prometheus-port" not in extra_args:
         # the router's metrics endpoint defaults to a fixed port: two routers on one machine would collide
         cmd += ["--prometheus-host", host, "--prometheus-port", str(find_free_port(host))]
     return [*cmd, *extra_args, "--worker-urls", *worker_urls]
+
+
+def keyed_env(api_key: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child started by ``router_command`` / ``engines.server_command``: the key (if any)
+    in ``keyed_launch``'s variable, any inherited one removed."""
+    from slime.backends.sglang_utils.keyed_launch import KEY_ENV
+
+    env = dict(os.environ if base is None else base)
+    env.pop(KEY_ENV, None)
+    if api_key:
+        env[KEY_ENV] = api_key
+    return env
 
 
 def launch_router(
@@ -287,7 +304,7 @@ def launch_router(
     """
     port = port or find_free_port(host)
     cmd = router_command(worker_urls, host, port, api_key, extra_args)
-    env = dict(os.environ)
+    env = keyed_env(api_key)
     env.setdefault("HF_HUB_OFFLINE", "1")
     out: Any = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

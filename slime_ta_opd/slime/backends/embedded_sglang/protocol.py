@@ -64,18 +64,30 @@ class RequestError(ValueError):
     """A malformed request (HTTP 400)."""
 
 
+# Integer fields end up in int64 tensors (seeds, top-k) or token counts: bounded so that nothing overflows later.
+MAX_INT32 = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shown(val: Any) -> str:
+    """A value for an error message, cut short (a 10,000-digit integer or a long list stays readable)."""
+    text = repr(val) if not isinstance(val, int) or abs(val) < 10**30 else f"an integer of {len(str(abs(val)))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _num(params: dict, key: str, default: float, lo: float, hi: float, where: str) -> float:
     val = params.get(key, default)
     if val is None:
         return default
-    if not isinstance(val, int | float) or isinstance(val, bool) or not math.isfinite(val):
-        raise RequestError(f"{where}.{key} must be a finite number, got {val!r}")
+    # an int too large for a float is out of range, not a crash (math.isfinite would raise OverflowError)
+    if not isinstance(val, int | float) or isinstance(val, bool) or isinstance(val, float) and not math.isfinite(val):
+        raise RequestError(f"{where}.{key} must be a finite number in [{lo}, {hi}], got {_shown(val)}")
     if not lo <= val <= hi:
-        raise RequestError(f"{where}.{key}={val!r} is out of range [{lo}, {hi}]")
+        raise RequestError(f"{where}.{key}={_shown(val)} is out of range [{lo}, {hi}]")
     return float(val)
 
 
@@ -84,9 +96,9 @@ def _int(params: dict, key: str, default: int, lo: int, hi: int, where: str) -> 
     if val is None:
         return default
     if not _is_int(val):
-        raise RequestError(f"{where}.{key} must be an integer, got {val!r}")
+        raise RequestError(f"{where}.{key} must be an integer in [{lo}, {hi}], got {_shown(val)}")
     if not lo <= val <= hi:
-        raise RequestError(f"{where}.{key}={val!r} is out of range [{lo}, {hi}]")
+        raise RequestError(f"{where}.{key}={_shown(val)} is out of range [{lo}, {hi}]")
     return int(val)
 
 
@@ -95,7 +107,7 @@ def _bool(params: dict, key: str, default: bool, where: str) -> bool:
     if val is None:
         return default
     if not isinstance(val, bool):
-        raise RequestError(f"{where}.{key} must be a boolean, got {val!r}")
+        raise RequestError(f"{where}.{key} must be a boolean, got {_shown(val)}")
     return val
 
 
@@ -136,27 +148,36 @@ def parse_generate(body: Any, engine: Any, max_new_tokens_cap: int) -> tuple[lis
         elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
             texts, batched = text, True
         else:
-            raise RequestError(f"text must be a string or a non-empty list of strings, got {str(text)[:80]!r}")
+            raise RequestError(f"text must be a string or a non-empty list of strings, got {_shown(text)}")
         prompts = [list(engine.tokenizer.encode(t)) for t in texts]
     for i, p in enumerate(prompts):
         if not p:
             raise RequestError(f"prompt {i} is empty: at least one input token is required")
         if len(p) >= engine.context_length:
-            raise RequestError(f"prompt {i} has {len(p)} tokens, not below the context length {engine.context_length}")
+            raise RequestError(
+                f"prompt {i}: the input ({len(p)} tokens) is longer than the model's context length "
+                f"({engine.context_length} tokens)"
+            )
 
-    sp_all = body.get("sampling_params") or {}
-    if isinstance(sp_all, list):
+    sp_all = body.get("sampling_params")
+    if sp_all is None:
+        sp_list = [{}] * len(prompts)
+    elif isinstance(sp_all, dict):
+        sp_list = [sp_all] * len(prompts)
+    elif isinstance(sp_all, list) and batched:
         if len(sp_all) != len(prompts):
             raise RequestError(f"sampling_params has {len(sp_all)} entries for {len(prompts)} prompts")
         sp_list = sp_all
-    elif isinstance(sp_all, dict):
-        sp_list = [sp_all] * len(prompts)
+    elif isinstance(sp_all, list):
+        raise RequestError(f"sampling_params must be an object for a single prompt, got {_shown(sp_all)}")
     else:
-        raise RequestError(f"sampling_params must be an object or a list of objects, got {sp_all!r}")
+        raise RequestError(
+            f"sampling_params must be an object (or, for batched prompts, a list of objects), got {_shown(sp_all)}"
+        )
 
     return_logprob = _bool(body, "return_logprob", False, "request")
     top_k_lp = _int(body, "top_logprobs_num", 0, 0, vocab, "request")
-    lp_start = _int(body, "logprob_start_len", -1, -1, 1 << 31, "request")
+    lp_start = _int(body, "logprob_start_len", -1, -1, MAX_INT32, "request")
     text_lp = _bool(body, "return_text_in_logprobs", False, "request")
     tid_lp = body.get("token_ids_logprob")
     if tid_lp is not None:
@@ -167,40 +188,55 @@ def parse_generate(body: Any, engine: Any, max_new_tokens_cap: int) -> tuple[lis
         # The sglang-router forwards only fields it knows; custom_labels survives it (docs/embedded_server.md).
         try:
             lp_temp = float(labels["logprob_temperature"])
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"custom_labels.logprob_temperature must be a number, got {labels!r}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise RequestError(f"custom_labels.logprob_temperature must be a number, got {_shown(labels)}") from exc
     if lp_temp is not None:
         lp_temp = _num({"t": lp_temp}, "t", 1.0, 1e-6, 1e6, "request.logprob_temperature")
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str | list):
-        raise RequestError(f"rid must be a string or a list of strings, got {rid!r}")
+        raise RequestError(f"rid must be a string or a list of strings, got {_shown(rid)}")
 
     reqs: list[GenRequest] = []
     for i, (prompt, sp) in enumerate(zip(prompts, sp_list, strict=True)):
         where = f"sampling_params[{i}]" if batched else "sampling_params"
         if not isinstance(sp, dict):
-            raise RequestError(f"{where} must be an object, got {sp!r}")
+            raise RequestError(f"{where} must be an object, got {_shown(sp)}")
         unknown = set(sp) - _IMPLEMENTED_SAMPLING - _IGNORED_SAMPLING - set(_NEUTRAL_SAMPLING)
         if unknown:
             raise RequestError(f"{where} has unknown keys {sorted(unknown)}")
         for key, neutral in _NEUTRAL_SAMPLING.items():
             if sp.get(key, neutral) not in (neutral, None):
-                raise RequestError(f"{where}.{key}={sp[key]!r} is not supported by the embedded server")
-        max_new = _int(sp, "max_new_tokens", 128, 0, 1 << 31, where)
+                raise RequestError(f"{where}.{key}={_shown(sp[key])} is not supported by the embedded server")
+        max_new = _int(sp, "max_new_tokens", 128, 0, MAX_INT32, where)
         if max_new > max_new_tokens_cap:
             raise RequestError(f"{where}.max_new_tokens={max_new} exceeds the server cap {max_new_tokens_cap}")
-        max_new = min(max_new, engine.context_length - len(prompt) - 1)
+        room = engine.context_length - len(prompt) - 1  # SGLang's scheduler keeps one position free
+        if sp.get("max_new_tokens") is not None and max_new > 0 and len(prompt) + max_new >= engine.context_length:
+            # SGLang's tokenizer manager refuses an explicit budget that does not fit (same wording)
+            raise RequestError(
+                f"prompt {i}: requested token count exceeds the model's maximum context length of "
+                f"{engine.context_length} tokens. You requested a total of {len(prompt) + max_new} tokens: "
+                f"{len(prompt)} tokens from the input messages and {max_new} tokens for the completion "
+                f"({where}.max_new_tokens); at most {room} new tokens fit after this prompt"
+            )
+        if max_new > 0 and room < 1:
+            raise RequestError(
+                f"prompt {i} has {len(prompt)} tokens: no room to generate within the context length "
+                f"{engine.context_length} (a prompt of at most {engine.context_length - 2} tokens leaves room for "
+                "one new token); send max_new_tokens=0 to score it"
+            )
+        max_new = min(max_new, room)
         stop = sp.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise RequestError(f"{where}.stop must be a string or a list of non-empty strings, got {stop!r}")
+            raise RequestError(f"{where}.stop must be a string or a list of non-empty strings, got {_shown(stop)}")
         stop_ids = sp.get("stop_token_ids") or []
         stop_ids = _id_list(stop_ids, vocab, f"{where}.stop_token_ids")
         n = _int(sp, "n", 1, 1, 1024, where)
         seed = sp.get("sampling_seed")
-        if seed is not None and not _is_int(seed):
-            raise RequestError(f"{where}.sampling_seed must be an integer, got {seed!r}")
+        if seed is not None:  # sample j of n uses seed + j, an int64 in the engine
+            seed = _int(sp, "sampling_seed", 0, 0, MAX_SEED - (n - 1), where)
         if return_logprob and lp_start > len(prompt):
             raise RequestError(f"logprob_start_len={lp_start} is higher than the number of input tokens {len(prompt)}")
         for j in range(n):
@@ -217,10 +253,10 @@ def parse_generate(body: Any, engine: Any, max_new_tokens_cap: int) -> tuple[lis
                     rid=this_rid,
                     input_ids=prompt,
                     max_new_tokens=max_new,
-                    min_new_tokens=_int(sp, "min_new_tokens", 0, 0, 1 << 31, where),
+                    min_new_tokens=_int(sp, "min_new_tokens", 0, 0, MAX_INT32, where),
                     temperature=_num(sp, "temperature", 1.0, 0.0, 1e6, where),
                     top_p=_num(sp, "top_p", 1.0, 1e-9, 1.0, where),
-                    top_k=_int(sp, "top_k", -1, -1, 1 << 31, where),
+                    top_k=_int(sp, "top_k", -1, -1, MAX_INT32, where),
                     min_p=_num(sp, "min_p", 0.0, 0.0, 1.0, where),
                     stop_strs=list(stop),
                     stop_token_ids=stop_ids,

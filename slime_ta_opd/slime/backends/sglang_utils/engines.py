@@ -75,9 +75,13 @@ class EngineSpec:
 
 
 def server_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
-    """The ``python -m sglang.launch_server`` command line of one engine."""
+    """The ``python -m sglang.launch_server`` command line of one engine. With an API key the server runs under
+    ``keyed_launch`` and the key travels in its environment (``ManagedEngine.start``), not on this line, which
+    every user of the machine can read."""
+    from slime.backends.sglang_utils.keyed_launch import __name__ as keyed_launch
+
     cmd = [
-        python, "-m", "sglang.launch_server",
+        python, "-m", *([keyed_launch] if spec.api_key else []), "sglang.launch_server",
         "--model-path", spec.model_path,
         "--host", spec.host,
         "--port", str(spec.port),
@@ -86,8 +90,6 @@ def server_command(spec: EngineSpec, python: str = sys.executable) -> list[str]:
         "--trust-remote-code",
         "--skip-server-warmup",
     ]  # fmt: skip
-    if spec.api_key:
-        cmd += ["--api-key", spec.api_key]
     if spec.memory_saver:
         cmd += ["--enable-memory-saver"]
     if spec.mem_fraction_static is not None:
@@ -100,9 +102,7 @@ def embedded_server_command(spec: EngineSpec, python: str = sys.executable) -> l
     this module run with it on a CPU machine (tests)."""
     cmd = [python, "-m", "slime.backends.embedded_sglang.server", "--model-path", spec.model_path,
            "--host", spec.host, "--port", str(spec.port)]  # fmt: skip
-    if spec.api_key:
-        cmd += ["--api-key", spec.api_key]
-    return cmd + list(spec.extra_args)
+    return cmd + list(spec.extra_args)  # the key: $SGLANG_API_KEY, set by ManagedEngine.start
 
 
 def engine_specs(args: Namespace, host: str, ports: list[int], base_gpu_id: int = 0) -> list[EngineSpec]:
@@ -148,7 +148,12 @@ class ManagedEngine:
         if self.log_path:
             os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 (owned by the child)
-        env = os.environ.copy()
+        from slime.backends.embedded_sglang.launch import keyed_env
+
+        env = keyed_env(self.spec.api_key)  # read by keyed_launch (real SGLang)
+        env.pop("SGLANG_API_KEY", None)
+        if self.spec.api_key:
+            env["SGLANG_API_KEY"] = self.spec.api_key  # read by the embedded server
         if env.get("CUDA_VISIBLE_DEVICES") == "":  # a GPU-less Ray actor hides the node's GPUs; --base-gpu-id picks
             env.pop("CUDA_VISIBLE_DEVICES")
         self.process = self.popen(self.command_fn(self.spec), stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -378,8 +383,10 @@ class SGLangEngineGroup:
         from slime.backends.embedded_sglang.launch import router_command
 
         log = open(os.path.join(self.log_dir, "router.log"), "ab") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
+        from slime.backends.embedded_sglang.launch import keyed_env
+
         cmd = router_command(self.engine_urls, self.router_host, self.router_port, api_key=self.api_key)
-        self.router_process = self.popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.router_process = self.popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=keyed_env(self.api_key))
         self._wait_url(self.url)
 
     def check_and_restart(self) -> list[str]:
