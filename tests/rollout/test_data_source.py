@@ -23,6 +23,8 @@ def make_args(tmp_path, prompt_data, **kw):
         apply_chat_template=False,
         apply_chat_template_kwargs={},
         rollout_max_prompt_len=None,
+        rollout_max_response_len=4,
+        rollout_max_context_len=None,
         rollout_filter_long_prompts=False,
         input_key="prompt",
         label_key="label",

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from slime.rollout.base_types import call_rollout_fn
+from slime.utils.arguments import DEFAULT_ROLLOUT_FUNCTION
 from slime.utils.async_utils import run
 from slime.utils.http_utils import close_session, get, init_http_client, post
 from slime.utils.misc import load_function
@@ -103,8 +104,13 @@ class RolloutManager:
     # ------------------------------------------------------------------ servers
     def _check_inputs_before_start(self) -> None:
         """Refuse what would fail later, before any server starts: a teacher with another tokenizer, a bank
-        directory that cannot be written."""
+        directory that cannot be written, a bad ``--eval-prompt-data`` file (read in full here, not at the first
+        periodic eval; the prompt data is read in full when the data source is built, right after)."""
         args = self.args
+        if getattr(args, "eval_datasets", None) and args.eval_function_path == DEFAULT_ROLLOUT_FUNCTION:
+            from slime.rollout.data_source import eval_datasets
+
+            eval_datasets(args)  # cached: the eval rollout reuses them
         bank_dir = getattr(args, "opd_token_bank_dir", None)
         if bank_dir:
             from ta_opd.token_bank import TokenBankWriter

@@ -278,32 +278,15 @@ async def generate_rollout_async(args: Namespace, rollout_id: int, data_source) 
     return RolloutFnTrainOutput(samples=results, metrics=metrics)
 
 
-_EVAL_DATASETS: dict[tuple, Any] = {}
-
-
 async def eval_rollout(args: Namespace, rollout_id: int) -> RolloutFnEvalOutput:
     """Generate on every ``--eval-prompt-data`` dataset; rewards via the eval reward (see ``async_rm``)."""
-    from slime.rollout.data_source import Dataset, load_tokenizer
+    from slime.rollout.data_source import eval_datasets
 
     data: dict[str, dict[str, Any]] = {}
     metrics: dict[str, float] = {}
     params = build_sampling_params(args, evaluation=True)
     reward_key = args.eval_reward_key or args.reward_key
-    for cfg in getattr(args, "eval_datasets", None) or []:
-        key = (cfg["name"], cfg["path"], args.hf_checkpoint, args.apply_chat_template)
-        if key not in _EVAL_DATASETS:
-            needs_tok = args.apply_chat_template or args.eval_max_prompt_len is not None
-            _EVAL_DATASETS[key] = Dataset(
-                cfg["path"],
-                tokenizer=load_tokenizer(args.hf_checkpoint) if needs_tok else None,
-                max_length=args.eval_max_prompt_len,
-                prompt_key=args.eval_input_key or args.input_key,
-                label_key=args.eval_label_key or args.label_key,
-                metadata_key=args.metadata_key,
-                apply_chat_template=args.apply_chat_template,
-                apply_chat_template_kwargs=args.apply_chat_template_kwargs,
-            )
-        dataset = _EVAL_DATASETS[key]
+    for name, dataset in eval_datasets(args).items():
         samples = []
         for prompt in dataset.samples:
             for _ in range(args.n_samples_per_eval_prompt):
@@ -318,11 +301,11 @@ async def eval_rollout(args: Namespace, rollout_id: int) -> RolloutFnEvalOutput:
             "truncated": [s.status == Sample.Status.TRUNCATED for s in samples],
             "samples": samples,
         }
-        data[cfg["name"]] = entry
-        metrics.update(_rollout_metrics(samples, f"eval/{cfg['name']}"))
+        data[name] = entry
+        metrics.update(_rollout_metrics(samples, f"eval/{name}"))
         numeric = [float(r) for r in rewards if isinstance(r, int | float)]
         if numeric and len(numeric) == len(rewards):
-            metrics[f"eval/{cfg['name']}/reward_mean"] = sum(numeric) / len(numeric)
+            metrics[f"eval/{name}/reward_mean"] = sum(numeric) / len(numeric)
     return RolloutFnEvalOutput(data=data, metrics=metrics)
 
 

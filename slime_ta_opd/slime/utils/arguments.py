@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
 from slime.utils.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
 from ta_opd.losses import REDUCTIONS
@@ -383,19 +384,7 @@ def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
 def validate_self_distillation_args(args: argparse.Namespace) -> None:
     """Checks of the self-distillation group (called by ``validate_args``)."""
     sd_loss = args.loss_type in SD_LOSS_TYPES
-    if args.sd_temperature is not None and args.sd_temperature <= 0:
-        raise ValueError(f"--sd-temperature must be > 0, got {args.sd_temperature}")
-    if not 0.0 <= args.pwopsd_w_min <= 1.0 or args.pwopsd_s <= 0:
-        raise ValueError(f"need 0 <= --pwopsd-w-min <= 1 and --pwopsd-s > 0, got {args.pwopsd_w_min}, {args.pwopsd_s}")
-    if not 0.0 < args.reopold_lambda < 1.0:
-        raise ValueError(f"--reopold-lambda must be in (0, 1), got {args.reopold_lambda}")
-    if not 0.0 <= args.reopold_entropy_percentile <= 1.0:
-        raise ValueError(f"--reopold-entropy-percentile must be in [0, 1], got {args.reopold_entropy_percentile}")
-    if not 0.0 <= args.jsd_beta <= 1.0:
-        raise ValueError(f"--jsd-beta must be in [0, 1], got {args.jsd_beta}")
-    _positive(args, "eopd_topk", "sd_topk", "sd_chunk_size")
-    if args.lora_rank < 0:
-        raise ValueError(f"--lora-rank must be >= 0, got {args.lora_rank}")
+    # value ranges of this group are checked with every numeric flag (slime.utils.flag_ranges)
     if args.self_distillation:
         for key in ("{prompt}", "{label}"):
             if key not in args.sd_teacher_prompt_template:
@@ -532,8 +521,7 @@ def _add_megatron_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_megatron_args(args: argparse.Namespace) -> None:
-    """Parallel sizes must be positive and divide the training GPUs (checked whatever the backend)."""
-    _positive(args, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+    """Parallel sizes (positive: slime.utils.flag_ranges) must divide the training GPUs (whatever the backend)."""
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if args.train_backend == "megatron" and (args.actor_num_nodes * args.actor_num_gpus_per_node) % model_parallel:
         raise ValueError(
@@ -641,7 +629,7 @@ def parse_args(
         parser.set_defaults(**_yaml_defaults(parser, known.config))
     args = parser.parse_args(argv)
     if validate:
-        validate_args(args)
+        validate_args(args, parser)
     return args
 
 
@@ -658,50 +646,17 @@ def _resolve_eval_datasets(args: argparse.Namespace) -> list[dict[str, str]]:
     return datasets
 
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Fill derived values and reject contradictory flags (ValueError / FileNotFoundError), in place.
 
-
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill derived values and reject contradictory flags (ValueError / FileNotFoundError), in place."""
+    Every numeric flag of ``parser`` (default: this module's parser) is checked first: finite and in
+    its documented range (``slime.utils.flag_ranges``).
+    """
     if args.rollout_batch_size is None:
         raise ValueError("--rollout-batch-size is required")
     if args.rollout_max_response_len is None:
         raise ValueError("--rollout-max-response-len is required (max_new_tokens of each rollout)")
-    _positive(
-        args,
-        "rollout_batch_size",
-        "n_samples_per_prompt",
-        "rollout_max_response_len",
-        "micro_batch_size",
-        "global_batch_size",
-        "num_steps_per_rollout",
-        "rollout_num_gpus_per_engine",
-        "rollout_num_engines",
-        "actor_num_nodes",
-        "actor_num_gpus_per_node",
-        "rollout_max_prompt_len",
-        "n_samples_per_eval_prompt",
-        "sglang_server_concurrency",
-        "http_timeout",
-        "save_interval",
-        "eval_interval",
-        "keep_last_n_checkpoints",
-        "update_weights_interval",
-    )
-    if args.rollout_temperature <= 0:
-        raise ValueError(f"--rollout-temperature must be > 0 (0 is greedy decoding), got {args.rollout_temperature}")
-    if not 0 < args.rollout_top_p <= 1:
-        raise ValueError(f"--rollout-top-p must be in (0, 1], got {args.rollout_top_p}")
-    if args.num_rollout is not None and args.num_rollout < 0:
-        raise ValueError(f"--num-rollout must be >= 0, got {args.num_rollout}")
-    if args.http_max_retries < 0:
-        raise ValueError(f"--http-max-retries must be >= 0, got {args.http_max_retries}")
-    if args.rollout_step_retries < 0:
-        raise ValueError(f"--rollout-step-retries must be >= 0, got {args.rollout_step_retries}")
+    check_numeric_flags(parser or get_parser(), args)
 
     # batch sizes: global batch counts samples, one optimizer step per global batch
     samples_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt
@@ -748,16 +703,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"actor_num_nodes * actor_num_gpus_per_node = {actor_gpus}"
             )
         args.offload = True
-    if args.update_weight_buffer_size < 1:
-        raise ValueError(f"--update-weight-buffer-size must be >= 1 byte, got {args.update_weight_buffer_size}")
-    if args.rollout_num_gpus is not None:
-        if args.rollout_num_gpus < 0:
-            raise ValueError(f"--rollout-num-gpus must be >= 0, got {args.rollout_num_gpus}")
-        if args.rollout_num_gpus % args.rollout_num_gpus_per_engine:
-            raise ValueError(
-                f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine} must divide "
-                f"--rollout-num-gpus {args.rollout_num_gpus}"
-            )
+    if args.rollout_num_gpus is not None and args.rollout_num_gpus % args.rollout_num_gpus_per_engine:
+        raise ValueError(
+            f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine} must divide "
+            f"--rollout-num-gpus {args.rollout_num_gpus}"
+        )
     if args.rollout_num_engines is None:
         gpus = args.rollout_num_gpus or 0
         args.rollout_num_engines = max(1, gpus // args.rollout_num_gpus_per_engine)
@@ -790,10 +740,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 args.custom_rm_path = OPD_REWARD_FUNC
             if args.custom_reward_post_process_path is None:
                 args.custom_reward_post_process_path = OPD_POST_PROCESS
-        if args.opd_kl_coef < 0:
-            raise ValueError(f"--opd-kl-coef must be >= 0, got {args.opd_kl_coef}")
-        if args.opd_teacher_temperature <= 0:
-            raise ValueError(f"--opd-teacher-temperature must be > 0, got {args.opd_teacher_temperature}")
     else:
         if args.opd_type is not None:
             raise ValueError(f"--opd-type {args.opd_type} is set but --use-opd is not")
@@ -851,7 +797,8 @@ def dump_markdown(parser: argparse.ArgumentParser | None = None) -> str:
             flags = ", ".join(f"`{o}`" for o in a.option_strings)
             default = "" if a.default is None or a.default == argparse.SUPPRESS else f"`{a.default}`"
             choices = ", ".join(str(c) for c in a.choices) if a.choices else ""
-            text = (a.help or "").replace("|", "\\|")
+            valid = describe_flag_range(a)
+            text = ((a.help or "") + (f" Valid: {valid}." if valid else "")).strip().replace("|", "\\|")
             lines.append(f"| {flags} | {default} | {choices} | {text} |")
         lines.append("")
     return "\n".join(lines)
