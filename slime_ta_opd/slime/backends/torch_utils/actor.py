@@ -341,12 +341,13 @@ class TorchTrainRayActor(TrainRayActor):
         newest pushed dir), over a process group with the engines or as shared tensors (slime.backends.weight_sync)."""
         if self._rank != 0:
             return None
+        version = f"weight_v{self.weight_version + 1:06d}"
+        state = self.distill.export_model().state_dict()  # merged weights for a LoRA student
+        check_finite_weights(state.items(), f"push weights {version} to the engines")  # nothing sent or written
         self.weight_version += 1
-        version = f"weight_v{self.weight_version:06d}"
-        if pushes_tensors(self.args):  # the sender checks every tensor for NaN/inf before sending any
-            self._weight_sender().push(unique_named_tensors(self.distill.export_model().state_dict()), version)
+        if pushes_tensors(self.args):
+            self._weight_sender().push(unique_named_tensors(state), version)
             return version
-        check_finite_weights(self.model.state_dict().items(), f"push weights {version} to the engines")
         path = self.save_hf(self._output_dir() / WEIGHTS_SUBDIR / version)
         load_from_disk(getattr(self, "rollout_manager", None), path)
         return path
