@@ -10,11 +10,15 @@
 #     DEVICE=cuda bash scripts/diagnostics/run_fixed_context.sh    # release sizes (300 contexts × 192 tokens)
 #
 # Every path and size is an environment variable (defaults below; PROFILE=embedded|release picks the sizes).
-# Steps whose outputs already exist are skipped (the eval step also resumes chunk by chunk), so a re-run
-# after an interruption continues. Only processes this script starts are stopped on exit.
+# An OUTPUT_DIR that already holds output is refused (its results would mix with the new ones) unless
+# RESUME=1 — the same settings (OUTPUT_DIR/settings.txt) continue: steps whose outputs exist are skipped and
+# the eval step resumes chunk by chunk; other settings are refused — or FORCE=1, which moves the old
+# OUTPUT_DIR aside to OUTPUT_DIR.replaced-<date>_<time>. Only processes this script starts are stopped on exit.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# shellcheck source=../lib/common.sh
+source "${ROOT}/scripts/lib/common.sh"
 PYTHON="${PYTHON:-python}"
 PROFILE="${PROFILE:-embedded}"
 
@@ -67,7 +71,36 @@ TOPN_SELECTORS="${TOPN_SELECTORS:-teachability,divergence,tip,entropy,random,tea
 TOPN_BUDGETS="${TOPN_BUDGETS:-0.01,0.03,0.10}"
 read -r -a TRAIN_EXTRA_ARGS <<< "${TRAIN_EXTRA_ARGS:-}"
 
+# Rerun policy: every setting that shapes an output is recorded; only the same settings may be resumed.
+SETTINGS="$(printf '%s\n' "PROFILE=${PROFILE}" "TEACHER_MODEL=${TEACHER_MODEL}" "STUDENT_HF=${STUDENT_HF}" \
+  "PROMPT_DATA=${PROMPT_DATA}" "NUM_CONTEXTS=${NUM_CONTEXTS}" "RESPONSE_TOKENS=${RESPONSE_TOKENS}" \
+  "NUM_ROLLOUT=${NUM_ROLLOUT}" "ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE}" "N_SAMPLES_PER_PROMPT=${N_SAMPLES_PER_PROMPT}" \
+  "MAX_RESPONSE_LEN=${MAX_RESPONSE_LEN}" "LR=${LR}" "SEED=${SEED}" "TOPK=${TOPK}" "EXACT_CMASS=${EXACT_CMASS}" \
+  "METHOD_LIST=${METHOD_LIST}" "TRAIN_EXTRA_ARGS=${TRAIN_EXTRA_ARGS[*]}")"
+ta_require_flag RESUME FORCE
+((RESUME && FORCE)) && ta_die "RESUME=1 and FORCE=1 together: RESUME continues ${OUTPUT_DIR}, FORCE starts afresh; pick one"
+[[ ! -e "${OUTPUT_DIR}" || -d "${OUTPUT_DIR}" ]] || ta_die "OUTPUT_DIR=${OUTPUT_DIR} exists and is not a directory"
+if [[ -d "${OUTPUT_DIR}" && -n "$(ls -A "${OUTPUT_DIR}")" ]]; then
+  if ((FORCE)); then
+    ta_log "FORCE=1: moved the earlier OUTPUT_DIR to $(ta_move_aside "${OUTPUT_DIR}"); starting fresh"
+  elif ((RESUME)); then
+    [[ -f "${OUTPUT_DIR}/settings.txt" ]] \
+      || ta_die "RESUME=1: OUTPUT_DIR=${OUTPUT_DIR} has no settings.txt, so its outputs cannot be shown to come from" \
+        "these settings; FORCE=1 moves it aside and starts fresh"
+    if ! printf '%s\n' "${SETTINGS}" | cmp -s - "${OUTPUT_DIR}/settings.txt"; then
+      ta_die "RESUME=1: OUTPUT_DIR=${OUTPUT_DIR} was made with other settings ($(printf '%s\n' "${SETTINGS}" \
+        | diff "${OUTPUT_DIR}/settings.txt" - | sed -n 's/^> //p' | paste -sd ' ')); resuming would mix their" \
+        "outputs. Restore those settings, FORCE=1 (moves it aside), or another OUTPUT_DIR"
+    fi
+    ta_log "RESUME=1: continuing ${OUTPUT_DIR}"
+  else
+    ta_die "OUTPUT_DIR=${OUTPUT_DIR} already holds outputs of an earlier run; running again would mix them with the" \
+      "new ones. RESUME=1 continues it (same settings only), FORCE=1 moves it aside to" \
+      "${OUTPUT_DIR}.replaced-<date>_<time> and starts fresh; or choose another OUTPUT_DIR"
+  fi
+fi
 mkdir -p "${OUTPUT_DIR}"
+printf '%s\n' "${SETTINGS}" > "${OUTPUT_DIR}/settings.txt"
 CONTEXTS="${OUTPUT_DIR}/contexts.jsonl"
 EVAL_DIR="${OUTPUT_DIR}/eval"
 REPORT_DIR="${OUTPUT_DIR}/report"

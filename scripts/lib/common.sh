@@ -30,6 +30,87 @@ ta_require_path() {
   esac
 }
 
+# ta_require_uint NAME VALUE [MAX] [WHAT]: VALUE must be a plain decimal integer in [0, MAX] (default 2^31 - 1),
+# checked as text before any arithmetic, so a huge value cannot wrap around in bash's 64-bit arithmetic and
+# nothing in it is evaluated (bash arithmetic would run a command substitution hidden in a variable).
+# WHAT (default "NAME=VALUE") names the offending input in the error.
+ta_require_uint() {
+  local name=$1 value=$2 max=${3:-2147483647} what=${4:-"$1=$2"} digits
+  [[ "$value" =~ ^[0-9]+$ ]] || ta_die "$what: expected a non-negative integer in [0, $max]"
+  digits=${value#"${value%%[!0]*}"} # leading zeros off (bash would read them as octal)
+  digits=${digits:-0}
+  if ((${#digits} > ${#max})) || { ((${#digits} == ${#max})) && [[ "$digits" > "$max" ]]; }; then
+    ta_die "$what: $value is out of range (expected an integer in [0, $max])"
+  fi
+  printf -v "$name" '%s' "$digits"
+}
+
+# ta_require_flag NAME...: each named variable (unset means 0) must be 0 or 1; it is set to that value.
+ta_require_flag() {
+  local name
+  for name in "$@"; do
+    case "${!name:-0}" in
+      0 | 1) printf -v "$name" '%s' "${!name:-0}" ;;
+      *) ta_die "$name=${!name}: expected 0 or 1" ;;
+    esac
+  done
+}
+
+# Seeds are 32-bit (numpy, torch.manual_seed on every device); launchers check SEED + idx against this.
+TA_SEED_MAX=4294967295
+# Written into a run directory when its train.py exited 0: RESUME=1 skips that entry.
+TA_COMPLETE_MARKER=complete.json
+
+# ta_dir_started DIR: true when DIR holds output of a run that started (a train.log, metrics.jsonl, launcher.json,
+# complete marker, checkpoints/, eval_accuracy.json or summary.csv anywhere below it). A DRY_RUN leaves only
+# method_mapping.csv and train_args.txt, which is not "started".
+ta_dir_started() {
+  [[ -d "$1" ]] || return 1
+  [[ -n "$(find "$1" \( -name train.log -o -name metrics.jsonl -o -name launcher.json -o -name "$TA_COMPLETE_MARKER" \
+    -o -name checkpoints -o -name eval_accuracy.json -o -name summary.csv \) -print -quit)" ]]
+}
+
+# ta_move_aside PATH: rename PATH to PATH.replaced-<date>_<time>[-N] (never deleted); prints the new path.
+ta_move_aside() {
+  local path=$1 aside n=1
+  aside="$path.replaced-$(date +%Y%m%d_%H%M%S)"
+  while [[ -e "$aside" ]]; do
+    aside="$path.replaced-$(date +%Y%m%d_%H%M%S)-$n"
+    n=$((n + 1))
+  done
+  mv -- "$path" "$aside" || ta_die "cannot move $path aside to $aside"
+  printf '%s' "$aside"
+}
+
+# ta_prepare_output_dir WHAT DIR: the rerun policy of every launcher that writes a suite (or sweep, or diagnostic)
+# directory, applied before anything is written:
+#   DIR absent, or nothing started in it (ta_dir_started)  -> a fresh run;
+#   started and RESUME=1 -> continue it (TA_RESUMING=1; the launcher skips finished entries and resumes the rest);
+#   started and FORCE=1  -> DIR is moved aside to DIR.replaced-<date>_<time> (never deleted), then a fresh run;
+#   started otherwise    -> exit 2: running again into DIR would mix the old results with the new ones.
+# RESUME and FORCE must be 0 or 1 and not both 1. WHAT names DIR in messages ("suite directory (SUITE_NAME=x)").
+ta_prepare_output_dir() {
+  local what=$1 dir=$2 aside
+  ta_require_flag RESUME FORCE
+  ((RESUME && FORCE)) && ta_die "RESUME=1 and FORCE=1 together: RESUME continues $dir, FORCE starts afresh; pick one"
+  TA_RESUMING=0
+  [[ ! -e "$dir" || -d "$dir" ]] || ta_die "$what $dir exists and is not a directory"
+  if ! ta_dir_started "$dir"; then
+    return 0
+  fi
+  if ((RESUME)); then
+    TA_RESUMING=1
+    ta_log "RESUME=1: continuing $what $dir"
+  elif ((FORCE)); then
+    aside=$(ta_move_aside "$dir")
+    ta_log "FORCE=1: moved the earlier $what to $aside; starting fresh in $dir"
+  else
+    ta_die "$what $dir already holds results of an earlier run; running again would mix them with the new ones." \
+      "RESUME=1 continues it (finished entries skipped, the others resumed from their last checkpoint or" \
+      "restarted), FORCE=1 moves it aside to $dir.replaced-<date>_<time> and starts fresh; or choose another name"
+  fi
+}
+
 # ta_python: the interpreter the launchers use ($PYTHON, else python3, else python).
 ta_python() {
   if [[ -n "${PYTHON:-}" ]]; then
@@ -58,7 +139,8 @@ print("\n".join(f"{k} {v}" for k, v in mod.METHOD_ALIASES.items()))' \
 
 # ta_parse_method_list "LIST": validate every "alias:ratio:idx" entry, then print one line per entry:
 #   "idx alias mask ratio"   (pure_opd's ratio is forced to 1.0)
-# Errors (all found, then exit 2): malformed entry, unknown alias, ratio outside (0, 1], duplicate idx.
+# Errors (all found, then exit 2): malformed entry, unknown alias, ratio outside (0, 1], idx outside [0, 2^32),
+# duplicate idx.
 ta_parse_method_list() {
   local list=$1 table entry alias ratio idx mask errors=() out=() seen=" " entries=()
   [[ -n "${list//[[:space:]]/}" ]] || ta_die "METHOD_LIST is empty; expected entries like 'pure_opd:1.0:10 teachability:0.10:20'"
@@ -73,7 +155,13 @@ ta_parse_method_list() {
     fi
     alias=${BASH_REMATCH[1]}
     ratio=${BASH_REMATCH[2]}
-    idx=$((10#${BASH_REMATCH[4]}))
+    idx=${BASH_REMATCH[4]}
+    idx=${idx#"${idx%%[!0]*}"} # leading zeros off, as text: a 20-digit idx must not wrap in bash arithmetic
+    idx=${idx:-0}
+    if ((${#idx} > ${#TA_SEED_MAX})) || { ((${#idx} == ${#TA_SEED_MAX})) && [[ "$idx" > "$TA_SEED_MAX" ]]; }; then
+      errors+=("entry '$entry': idx ${BASH_REMATCH[4]} is out of range (expected an integer in [0, $TA_SEED_MAX]: it is added to SEED)")
+      continue
+    fi
     if [[ -z "${masks[$alias]+x}" ]]; then
       errors+=("entry '$entry': unknown alias '$alias' (known: $(printf '%s ' "${!masks[@]}" | tr ' ' '\n' | sort | xargs))")
       continue
@@ -157,6 +245,7 @@ ta_run_single_method() {
     RATIO=${RATIO:-0.10}
   fi
   IDX=${IDX:-0}
+  [[ "$IDX" =~ ^[0-9]+$ ]] || ta_die "IDX=$IDX: expected a non-negative integer (it names the run and is added to SEED)"
   METHOD_LIST="$alias:$RATIO:$IDX" SUITE_NAME=${SUITE_NAME:-${name}_$(date +%Y%m%d_%H%M%S)} \
     exec bash "$TA_OPD_REPO_ROOT/scripts/train/run_method_suite.sh" "$@"
 }

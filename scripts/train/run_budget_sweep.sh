@@ -11,6 +11,8 @@
 # $OUTPUT_ROOT/$SWEEP_NAME/budget_<ratio>; a method keeps its idx (10, 20, ...) and so its seed
 # across budgets. INCLUDE_FULL_OPD=0 skips the reference run. Every entry of every budget is
 # validated before anything starts. Outputs: $OUTPUT_ROOT/$SWEEP_NAME/{summary.csv, summary.md, plots/}.
+# An existing sweep is refused unless RESUME=1 (every suite resumes: finished entries skipped, finished
+# evaluations kept) or FORCE=1 (the old sweep directory is moved aside to <sweep>.replaced-<date>_<time>).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +25,7 @@ ta_exit_on_help "${BASH_SOURCE[0]}" "$@"
 METHODS=${METHODS-"teachability teachability_entropy entropy tip divergence random"}
 BUDGETS=${BUDGETS-"0.05 0.1 0.2"}
 INCLUDE_FULL_OPD=${INCLUDE_FULL_OPD:-1}
+ta_require_flag INCLUDE_FULL_OPD RESUME FORCE
 OUTPUT_ROOT=${OUTPUT_ROOT:-$REPO_ROOT/outputs/budget_sweep}
 SWEEP_NAME=${SWEEP_NAME:-sweep_$(date +%Y%m%d_%H%M%S)}
 SWEEP_DIR="$OUTPUT_ROOT/$SWEEP_NAME"
@@ -46,10 +49,12 @@ for budget in "${BUDGET_ARRAY[@]}"; do
   LISTS[$budget]=$list
 done
 
+ta_prepare_output_dir "sweep directory (SWEEP_NAME=$SWEEP_NAME)" "$SWEEP_DIR" # refuse / RESUME / FORCE
+
 SUITES=()
-run_suite() { # run_suite NAME METHOD_LIST
+run_suite() { # run_suite NAME METHOD_LIST (a fresh sweep has fresh suites; RESUME=1 resumes each)
   SUITES+=("$SWEEP_DIR/$1")
-  OUTPUT_ROOT=$SWEEP_DIR SUITE_NAME=$1 METHOD_LIST=$2 SAVE_CHECKPOINT=1 SUMMARIZE=0 \
+  OUTPUT_ROOT=$SWEEP_DIR SUITE_NAME=$1 METHOD_LIST=$2 SAVE_CHECKPOINT=1 SUMMARIZE=0 RESUME=$TA_RESUMING FORCE=0 \
     bash "$SCRIPT_DIR/run_method_suite.sh"
 }
 
@@ -64,9 +69,14 @@ done
 EVAL_DATA=${EVAL_PROMPT_DATA:-}
 [[ -n "$EVAL_DATA" ]] || EVAL_DATA=$(ta_embedded_asset eval_jsonl)
 for suite in "${SUITES[@]}"; do
-  for run_dir in "$suite"/runs/*/; do
-    run_dir=${run_dir%/}
-    if [[ -f "$run_dir/checkpoints/latest_checkpointed_iteration.txt" ]]; then
+  # the suite's own entries (method_mapping.csv), not whatever else lies under runs/
+  mapfile -t run_dirs < <(tail -n +2 "$suite/method_mapping.csv" | cut -d, -f6)
+  for rel in "${run_dirs[@]}"; do
+    run_dir="$suite/$rel"
+    if [[ -f "$run_dir/eval_accuracy.json" && -f "$run_dir/$TA_COMPLETE_MARKER" \
+      && "$run_dir/eval_accuracy.json" -nt "$run_dir/$TA_COMPLETE_MARKER" ]]; then
+      ta_log "$run_dir already evaluated after it finished; kept"
+    elif [[ -f "$run_dir/checkpoints/latest_checkpointed_iteration.txt" ]]; then
       ta_log "evaluating $run_dir"
       bash "$REPO_ROOT/scripts/eval/eval_accuracy.sh" "$run_dir/checkpoints" "$EVAL_DATA" "$run_dir/eval_accuracy.json"
     else

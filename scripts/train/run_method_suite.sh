@@ -15,6 +15,11 @@
 # idx names the run and is added to SEED. Every entry and every path is checked before anything
 # starts. Outputs: $OUTPUT_ROOT/$SUITE_NAME/{method_mapping.csv, runs/<idx>_<alias>_r<ratio>/,
 # summary.csv, summary.md, plots/}. Environment variables and defaults: docs/method_suite.md.
+#
+# Rerunning an existing suite is refused (it would mix old and new results) unless RESUME=1 (entries
+# that finished are skipped, the others resume from their last checkpoint under SAVE_CHECKPOINT=1 /
+# SAVE_INTERVAL, or restart with their earlier output moved to replaced/) or FORCE=1 (the old suite
+# directory is moved aside to <suite>.replaced-<date>_<time>, never deleted).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,6 +37,20 @@ PYTHON=$(ta_python)
 # (unset → the default list; set but empty → an error)
 METHOD_LIST=${METHOD_LIST-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
 PARSED_METHODS=$(ta_parse_method_list "$METHOD_LIST") # validates every entry first (exit 2 on any error)
+
+# Numbers the launcher computes with are checked as text first (bash arithmetic wraps silently at 2^63 and
+# evaluates what a variable holds); the values that only go to train.py are checked by its parser below.
+SUMMARIZE=${SUMMARIZE:-1}                                                  # 0: no summary.csv/plots at the end
+ta_require_flag SAVE_CHECKPOINT CONTINUE_ON_ERROR SUMMARIZE DRY_RUN RESUME FORCE # DRY_RUN=1: validate, start nothing
+SEED=${SEED:-1234}
+ta_require_uint SEED "$SEED" "$TA_SEED_MAX"
+for name in NUM_ROLLOUT SAVE_INTERVAL ROLLOUT_BATCH_SIZE N_SAMPLES_PER_PROMPT GLOBAL_BATCH_SIZE; do
+  [[ -z "${!name:-}" ]] || ta_require_uint "$name" "${!name}" 1000000000
+done
+while read -r idx alias _ ratio; do
+  ((SEED + idx <= TA_SEED_MAX)) \
+    || ta_die "entry '$alias:$ratio:$idx': seed SEED + idx = $((SEED + idx)) is outside [0, $TA_SEED_MAX] (SEED=$SEED)"
+done <<< "$PARSED_METHODS"
 
 # ---------------------------------------------------------------- where things are
 SLIME_DIR=${SLIME_DIR:-$REPO_ROOT/slime_ta_opd}
@@ -79,8 +98,10 @@ else
   : "${LR:=1e-6}" "${MICRO_BATCH_SIZE:=1}" "${EVAL_INTERVAL:=20}" "${EVAL_MAX_RESPONSE_LEN:=$ROLLOUT_MAX_RESPONSE_LEN}"
   : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
 fi
-SEED=${SEED:-1234}
 ROLLOUT_SEED=${ROLLOUT_SEED:-42} # prompt order: the same for every entry, so methods see the same prompts
+ta_require_uint ROLLOUT_BATCH_SIZE "$ROLLOUT_BATCH_SIZE" 1000000000
+ta_require_uint N_SAMPLES_PER_PROMPT "$N_SAMPLES_PER_PROMPT" 1000000000
+ta_require_uint NUM_ROLLOUT "$NUM_ROLLOUT" 1000000000
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((ROLLOUT_BATCH_SIZE * N_SAMPLES_PER_PROMPT))}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-$GLOBAL_BATCH_SIZE} # tiny models: one micro-batch per step
 OPD_TOPK_METRICS_K=${OPD_TOPK_METRICS_K:-16}
@@ -90,10 +111,11 @@ LABEL_KEY=${LABEL_KEY:-label}
 EVAL_RM_PATH=${EVAL_RM_PATH:-slime.embedded.task.reward_func}
 NUM_GPUS_PER_NODE=${NUM_GPUS_PER_NODE:-} # unset: the stack decides (CPU-only machines need none)
 ROLLOUT_NUM_GPUS=${ROLLOUT_NUM_GPUS:-}
-SAVE_CHECKPOINT=${SAVE_CHECKPOINT:-0} # 1: save the final weights to <run>/checkpoints (HF dir under iter_*/model)
-CONTINUE_ON_ERROR=${CONTINUE_ON_ERROR:-0}
-SUMMARIZE=${SUMMARIZE:-1}
-DRY_RUN=${DRY_RUN:-0} # 1: validate and write method_mapping.csv + train_args.txt, start nothing
+# SAVE_CHECKPOINT=1: save to <run>/checkpoints every SAVE_INTERVAL steps (default NUM_ROLLOUT: the final weights
+# only; HF dir under iter_*/model); RESUME=1 resumes an unfinished entry from its newest checkpoint.
+SAVE_INTERVAL=${SAVE_INTERVAL:-$NUM_ROLLOUT}
+ta_require_uint SAVE_INTERVAL "$SAVE_INTERVAL" 1000000000
+((SAVE_INTERVAL > 0)) || ta_die "SAVE_INTERVAL=$SAVE_INTERVAL: expected a positive number of steps"
 EXTRA_ARGS=${EXTRA_ARGS:-}
 [[ -n "${RAY_ADDRESS:-}" ]] && export RAY_ADDRESS # train.py's ray.init joins that cluster
 read -r -a EXTRA_ARGS_ARRAY <<< "$EXTRA_ARGS"
@@ -140,13 +162,14 @@ fi
 
 # ---------------------------------------------------------------- per-entry argument files, checked together
 SUITE_DIR="$OUTPUT_ROOT/$SUITE_NAME"
+ta_prepare_output_dir "suite directory (SUITE_NAME=$SUITE_NAME)" "$SUITE_DIR" # refuse / RESUME / FORCE
 mkdir -p "$SUITE_DIR/runs"
 RUN_NAMES=()
 ARG_FILES=()
+declare -A PLAN=() # name -> skip | resume | restart | fresh
 while read -r idx alias mask ratio; do
   name="${idx}_${alias}_r${ratio}"
   run_dir="$SUITE_DIR/runs/$name"
-  mkdir -p "$run_dir"
   args=(
     "${CKPT_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${OPD_ARGS[@]}"
     --opd-budget-mask "$mask"
@@ -155,8 +178,25 @@ while read -r idx alias mask ratio; do
     --seed "$((SEED + idx))"
     --output-dir "$run_dir"
   )
-  ((SAVE_CHECKPOINT)) && args+=(--save "$run_dir/checkpoints" --save-interval "$NUM_ROLLOUT" --no-save-optim)
+  ((SAVE_CHECKPOINT)) && args+=(--save "$run_dir/checkpoints" --save-interval "$SAVE_INTERVAL" --no-save-optim)
   args+=("${EXTRA_ARGS_ARRAY[@]}" "${CLI_EXTRA_ARGS[@]}")
+  PLAN[$name]=fresh
+  if ((TA_RESUMING)) && ta_dir_started "$run_dir"; then
+    # A resumed entry must be the same run: other flags would blend two configurations in one metrics.jsonl.
+    if ! printf '%s\n' "${args[@]}" | cmp -s - "$run_dir/train_args.txt"; then
+      ta_die "RESUME=1: entry '$alias:$ratio:$idx' ($run_dir) was started with other train.py flags" \
+        "(compare $run_dir/train_args.txt with this launch's settings); resuming would mix two configurations." \
+        "Restore the same settings, or FORCE=1 for a fresh suite"
+    fi
+    if [[ -f "$run_dir/$TA_COMPLETE_MARKER" ]]; then
+      PLAN[$name]=skip
+    elif [[ -f "$run_dir/checkpoints/latest_checkpointed_iteration.txt" ]]; then
+      PLAN[$name]=resume
+    else
+      PLAN[$name]=restart
+    fi
+  fi
+  mkdir -p "$run_dir"
   printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt" # one argument per line: the exact command, reusable
   RUN_NAMES+=("$name")
   ARG_FILES+=("$run_dir/train_args.txt")
@@ -174,6 +214,16 @@ ta_check_train_args "${ARG_FILES[@]}" || ta_die "the train.py flags of an entry 
 } > "$SUITE_DIR/method_mapping.csv.tmp"
 mv "$SUITE_DIR/method_mapping.csv.tmp" "$SUITE_DIR/method_mapping.csv"
 ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s); mapping in method_mapping.csv"
+if ((TA_RESUMING)); then
+  for name in "${RUN_NAMES[@]}"; do
+    case ${PLAN[$name]} in
+      skip) ta_log "  $name: finished ($TA_COMPLETE_MARKER): skipped" ;;
+      resume) ta_log "  $name: resumes from checkpoint $(tr -d '[:space:]' < "$SUITE_DIR/runs/$name/checkpoints/latest_checkpointed_iteration.txt")" ;;
+      restart) ta_log "  $name: no checkpoint: restarts (earlier output moved to $SUITE_DIR/replaced/)" ;;
+      fresh) ta_log "  $name: not started yet" ;;
+    esac
+  done
+fi
 if ((DRY_RUN)); then
   ta_log "DRY_RUN=1: every entry validated; commands in $SUITE_DIR/runs/*/train_args.txt; nothing started"
   exit 0
@@ -186,7 +236,23 @@ for name in "${RUN_NAMES[@]}"; do
   n=$((n + 1))
   run_dir="$SUITE_DIR/runs/$name"
   mapfile -t args < "$run_dir/train_args.txt"
-  ta_log "[$n/${#RUN_NAMES[@]}] $name"
+  case ${PLAN[$name]} in
+    skip)
+      ta_log "[$n/${#RUN_NAMES[@]}] $name: already finished; skipped"
+      continue
+      ;;
+    resume) args+=(--load "$run_dir/checkpoints") ;; # train.py continues after the newest checkpoint
+    restart) # nothing to resume from: the earlier attempt's output is kept aside, the entry starts clean
+      mkdir -p "$SUITE_DIR/replaced"
+      aside=$(ta_move_aside "$run_dir")
+      mv -- "$aside" "$SUITE_DIR/replaced/"
+      mkdir -p "$run_dir"
+      printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt"
+      ;;
+  esac
+  # a post-hoc evaluation of an earlier, unfinished attempt no longer describes this run's weights
+  [[ -f "$run_dir/eval_accuracy.json" ]] && mv -- "$run_dir/eval_accuracy.json" "$run_dir/eval_accuracy.json.stale"
+  ta_log "[$n/${#RUN_NAMES[@]}] $name (${PLAN[$name]})"
   start=$(date +%s.%N)
   rc=0
   ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
@@ -194,6 +260,10 @@ for name in "${RUN_NAMES[@]}"; do
   printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
     "$name" "$rc" "$start" "$end" "$(ta_seconds_between "$start" "$end")" \
     > "$run_dir/launcher.json"
+  if ((rc == 0)); then # the entry is complete: RESUME=1 skips it
+    printf '{"name": "%s", "finished": "%s"}\n' "$name" "$(date +%Y-%m-%dT%H:%M:%S)" > "$run_dir/$TA_COMPLETE_MARKER.tmp"
+    mv -- "$run_dir/$TA_COMPLETE_MARKER.tmp" "$run_dir/$TA_COMPLETE_MARKER"
+  fi
   if ((rc != 0)); then
     FAILED+=("$name")
     ta_log "run $name failed (exit $rc); log: $run_dir/train.log"

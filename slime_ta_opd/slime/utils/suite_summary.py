@@ -4,7 +4,8 @@ Reads ``<suite>/method_mapping.csv`` (written by scripts/train/run_method_suite.
 run ``<suite>/<run_dir>/metrics.jsonl`` (one JSON object per rollout step, written by train.py),
 ``launcher.json`` (wall time, exit code) and, when present, ``eval_accuracy.json`` (a post-hoc
 evaluation of the final checkpoint by tools/eval_task_accuracy.py). Several suites (a budget sweep)
-can be combined into one table.
+can be combined into one table. Only the newest run of each ``metrics.jsonl`` is read, one record per
+rollout step (``current_run_records``), so a file that somehow holds two runs is never blended.
 
 Writes ``summary.csv``, ``summary.md`` and ``plots/{curves,accuracy_vs_budget}.png`` under
 ``--out-dir`` (default: the first suite directory) and prints the Markdown table.
@@ -110,6 +111,32 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def current_run_records(records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The records of the newest run in one metrics file, one per rollout id; and how many earlier runs were dropped.
+
+    A run resumed from a checkpoint continues its own file: its first new step is past the checkpoint (>= 1), and
+    a step logged again after the resume replaces the earlier line. A step that goes back to the start (at or
+    below the segment's first step, or to step 0 / the pre-training eval -1) begins a new run, e.g. ``train.py``
+    run twice with one ``--output-dir``: the earlier lines belong to another run and are not summarised with it.
+    """
+    runs: list[dict[int, dict[str, Any]]] = [{}]
+    first: float | None = None
+    previous: float | None = None
+    for record in records:
+        rid = record.get("rollout_id")
+        if not _finite(rid):
+            continue
+        if first is None:
+            first = rid
+        elif previous is not None and rid <= previous and (rid <= first or rid <= 0):
+            runs.append({})
+            first = rid
+        previous = rid
+        runs[-1][int(rid)] = record
+    newest = runs[-1]
+    return [newest[k] for k in sorted(newest)], len(runs) - 1
+
+
 def load_suite(suite: Path) -> list[Run]:
     mapping = suite / "method_mapping.csv"
     if not mapping.is_file():
@@ -123,7 +150,13 @@ def load_suite(suite: Path) -> list[Run]:
     for row in rows:
         run = Run(suite=suite, row=row)
         if (run.dir / "metrics.jsonl").is_file():
-            run.records = read_jsonl(run.dir / "metrics.jsonl")
+            run.records, earlier = current_run_records(read_jsonl(run.dir / "metrics.jsonl"))
+            if earlier:
+                print(
+                    f"warning: {run.dir / 'metrics.jsonl'} holds {earlier} earlier run(s) before the newest; "
+                    "only the newest is summarised",
+                    file=sys.stderr,
+                )
         for name, attr in (("launcher.json", "launcher"), ("eval_accuracy.json", "posthoc")):
             if (run.dir / name).is_file():
                 setattr(run, attr, json.loads((run.dir / name).read_text()))
