@@ -257,24 +257,139 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise OSError(exc.errno, f"token bank: could not write {path} ({exc}); no partial file was left") from exc
 
 
+# Columns every bank file has (``TokenBankWriter.step_columns``): integer-valued, free text, and the rest numbers.
+BANK_INT_COLUMNS = (
+    "rollout_id", "rank", "sample_index", "position", "response_length", "sampled_id", "loss_mask", "kept",
+)  # fmt: skip
+BANK_TEXT_COLUMNS = ("sample_id", "pair_id", "teacher_name", "student_name")
+BANK_REQUIRED_COLUMNS = (*BANK_INT_COLUMNS, "student_logp", "teacher_logp", *BANK_TEXT_COLUMNS)
+
+
+class TokenBankError(ValueError):
+    """A damaged token-bank file: the message names the file and, where there is one, the line."""
+
+
+def _check_columns(path: Path, names: Sequence[str]) -> None:
+    if not names:
+        raise TokenBankError(f"{path}: empty token bank file (no header / no rows)")
+    duplicates = sorted({n for n in names if list(names).count(n) > 1})
+    if duplicates:
+        raise TokenBankError(f"{path}: duplicate column(s) {duplicates}")
+    missing = [n for n in BANK_REQUIRED_COLUMNS if n not in names]
+    if missing:
+        raise TokenBankError(
+            f"{path}: token bank lacks column(s) {missing}; a bank file has {list(BANK_REQUIRED_COLUMNS)} and "
+            "the statistics columns (was it written by TokenBankWriter?)"
+        )
+
+
+def _cell(where: str, name: str, value: Any) -> Any:
+    """One cell as the writer meant it: an int, a float (NaN allowed), a top-K list, or text (unchanged)."""
+    if name in BANK_TEXT_COLUMNS:
+        return value
+    if name in RAW_TOPK_COLUMNS:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise TokenBankError(f"{where}: column {name!r}: not a JSON list ({exc.msg})") from None
+        if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+            raise TokenBankError(f"{where}: column {name!r}: expected a list of numbers, got {value!r:.80}")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("True", "False"):  # a numpy bool column
+            value = text == "True"
+        else:
+            try:
+                value = int(text) if name in BANK_INT_COLUMNS else float(text)
+            except ValueError:
+                kind = "an integer" if name in BANK_INT_COLUMNS else "a number"
+                raise TokenBankError(f"{where}: column {name!r}: {value!r:.80} is not {kind}") from None
+    if value is None and name not in BANK_INT_COLUMNS:
+        return math.nan  # JSON lines store non-finite statistics as null
+    if isinstance(value, bool):
+        value = int(value)
+    if name in BANK_INT_COLUMNS and not isinstance(value, int):
+        raise TokenBankError(f"{where}: column {name!r}: {value!r:.80} is not an integer")
+    if not isinstance(value, int | float):
+        raise TokenBankError(f"{where}: column {name!r}: {value!r:.80} is not a number")
+    return value
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TokenBankError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x})") from None
+
+
 def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
-    """Read one token-bank file back into columns (raw top-K columns decoded to lists)."""
+    """Read one token-bank file back into columns (typed cells; raw top-K columns decoded to lists).
+
+    A damaged file (missing columns, a non-numeric cell, a truncated row or line, bytes that are not
+    UTF-8) raises ``TokenBankError`` naming the file and the line (CSV / JSONL) or the column.
+    """
     path = Path(path)
     suffix = path.suffix.lstrip(".")
+    if suffix not in TOKEN_BANK_FORMATS:
+        raise ValueError(f"{path}: unknown token bank file type {suffix!r}; expected one of {TOKEN_BANK_FORMATS}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such token bank file")
     if suffix == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pydict()
-    if suffix == "jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {name: [r.get(name) for r in rows] for name in (rows[0] if rows else {})}
-    if suffix == "csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, [])
-            cols: dict[str, list[Any]] = {name: [] for name in header}
-            for row in reader:
-                for name, value in zip(header, row, strict=True):
-                    cols[name].append(json.loads(value) if name in RAW_TOPK_COLUMNS else value)
+        try:
+            cols = pq.read_table(path).to_pydict()
+        except Exception as exc:  # pyarrow's errors do not name the file
+            raise TokenBankError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from exc
+        _check_columns(path, list(cols))
+        for name in BANK_INT_COLUMNS:
+            bad = next((i for i, v in enumerate(cols[name]) if not isinstance(v, int) or isinstance(v, bool)), None)
+            if bad is not None:
+                raise TokenBankError(f"{path}: row {bad}: column {name!r}: {cols[name][bad]!r} is not an integer")
         return cols
-    raise ValueError(f"{path}: unknown token bank file type {suffix!r}; expected one of {TOKEN_BANK_FORMATS}")
+    text = _decode(path, path.read_bytes())
+    if suffix == "jsonl":
+        rows: list[tuple[int, dict]] = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TokenBankError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise TokenBankError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            rows.append((lineno, record))
+        names = list(rows[0][1]) if rows else []
+        _check_columns(path, names)
+        cols: dict[str, list[Any]] = {name: [] for name in names}
+        for lineno, record in rows:
+            if set(record) != set(names):
+                raise TokenBankError(
+                    f"{path}:{lineno}: keys differ from line {rows[0][0]}: lacks {sorted(set(names) - set(record))}, "
+                    f"extra {sorted(set(record) - set(names))}"
+                )
+            for name in names:
+                cols[name].append(_cell(f"{path}:{lineno}", name, record[name]))
+        return cols
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        _check_columns(path, header)
+        cols = {name: [] for name in header}
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise TokenBankError(
+                    f"{where}: row has {len(row)} cells, the header has {len(header)} (truncated or damaged row)"
+                )
+            for name, value in zip(header, row, strict=True):
+                cols[name].append(_cell(where, name, value))
+    except csv.Error as exc:
+        raise TokenBankError(f"{path}:{reader.line_num}: damaged CSV ({exc})") from None
+    return cols

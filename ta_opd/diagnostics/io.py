@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_text",
     "read_jsonl",
     "read_table",
+    "require_numeric_columns",
     "table_format",
     "write_jsonl",
     "write_table",
@@ -74,4 +75,27 @@ def read_table(path: str | os.PathLike[str]) -> Any:
     fmt = table_format(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such table")
-    return pd.read_parquet(path) if fmt == "parquet" else pd.read_csv(path)
+    try:
+        return pd.read_parquet(path) if fmt == "parquet" else pd.read_csv(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:  # pandas/pyarrow messages do not name the file
+        if isinstance(exc, UnicodeDecodeError):
+            data = Path(path).read_bytes()
+            line = data.count(b"\n", 0, exc.start) + 1 if exc.start < len(data) else "?"
+            raise ValueError(f"{path}: not valid UTF-8 near line {line}") from None
+        raise ValueError(f"{path}: damaged {fmt} table ({type(exc).__name__}: {exc})") from exc
+
+
+def require_numeric_columns(frame: Any, path: str | os.PathLike[str], columns: Iterable[str]) -> None:
+    """Refuse a table that lacks ``columns`` or holds a non-numeric cell in one (names the file, column, line)."""
+    import pandas as pd
+
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: table lacks column(s) {missing}")
+    for name in columns:
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = values.isna() & frame[name].notna()
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            where = f"line {row + 2}" if table_format(path) == "csv" else f"row {row}"  # CSV: after the header
+            raise ValueError(f"{path}: {where}: column {name!r}: {frame[name].iloc[row]!r} is not a number")

@@ -313,3 +313,105 @@ def test_valid_eval_datasets_are_cached_for_the_eval_rollout(tmp_path, tiny_stud
     first = eval_datasets(args)
     assert list(first) == ["math"] and first["math"].samples[0].label == "2"
     assert eval_datasets(args)["math"] is first["math"]
+
+
+# ------------------------------------------------------------------------------------- token banks
+
+
+def _bank_csv(tmp_path: Path) -> Path:
+    from ta_opd.token_bank import BANK_REQUIRED_COLUMNS
+
+    header = [*BANK_REQUIRED_COLUMNS, "kl_f_union", "student_topk_ids"]
+    row = ["7", "0", "0", "0", "3", "4", "1", "1", "-0.5", "-1.5", "s0", "", "T", "S", "0.25", '"[3, 9]"']
+    path = tmp_path / "step0000007_rank000.csv"
+    path.write_text(",".join(header) + "\n" + (",".join(row) + "\n") * 3)
+    return path
+
+
+def _damage(path: Path, line: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[line - 1]
+    lines[line - 1] = lines[line - 1].replace(old, new, 1)
+    path.write_text("".join(lines))
+
+
+def test_token_bank_csv_reads_typed_cells(tmp_path):
+    from ta_opd.token_bank import read_token_bank_file
+
+    cols = read_token_bank_file(_bank_csv(tmp_path))
+    assert cols["sampled_id"] == [4, 4, 4] and cols["kl_f_union"] == [0.25] * 3
+    assert cols["student_topk_ids"][0] == [3, 9] and cols["sample_id"] == ["s0"] * 3
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _damage(p, 3, "-0.5", "abc"), r":3: column 'student_logp': 'abc' is not a number$"),
+        (lambda p: _damage(p, 2, ",4,", ",4.5,"), r":2: column 'sampled_id': '4.5' is not an integer$"),
+        (
+            lambda p: p.write_text(p.read_text()[:-25]),
+            r":4: row has 10 cells, the header has 16 \(truncated or damaged row\)$",
+        ),
+        (lambda p: _damage(p, 4, '"[3, 9]"', '"[3, 9"'), r":4: column 'student_topk_ids': not a JSON list"),
+        (lambda p: _damage(p, 1, "teacher_logp,", ""), r": token bank lacks column\(s\) \['teacher_logp'\]; "),
+        (lambda p: p.write_bytes(p.read_bytes().replace(b"s0", b"s\xff", 2)), r":2: not valid UTF-8 \(byte 0xff\)$"),
+        (lambda p: p.write_text(""), r": empty token bank file \(no header / no rows\)$"),
+    ],
+    ids=["non_numeric", "non_integer", "truncated_row", "bad_topk_json", "missing_column", "not_utf8", "empty"],
+)
+def test_damaged_token_bank_csv(tmp_path, damage, message):
+    from ta_opd.token_bank import TokenBankError, read_token_bank_file
+
+    path = _bank_csv(tmp_path)
+    damage(path)
+    with pytest.raises(TokenBankError, match=f"^{path}{message}"):
+        read_token_bank_file(path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"rollout_id": 1', r":2: not valid JSON \(Expecting ',' delimiter at column 17\)$"),
+        ("[1, 2]", r":2: expected a JSON object, got list$"),
+        ("RECORD_WITHOUT_KL", r":2: keys differ from line 1: lacks \['kl_f_union'\], extra \[\]$"),
+        ("RECORD_TEXT_ID", r":2: column 'position': 'x' is not an integer$"),
+    ],
+    ids=["truncated_line", "not_an_object", "missing_key", "non_numeric"],
+)
+def test_damaged_token_bank_jsonl(tmp_path, line, message):
+    from ta_opd.token_bank import BANK_REQUIRED_COLUMNS, TokenBankError, read_token_bank_file
+
+    record = {name: 0 for name in BANK_REQUIRED_COLUMNS} | {"sample_id": "s0", "kl_f_union": None}
+    if line == "RECORD_WITHOUT_KL":
+        line = json.dumps({k: v for k, v in record.items() if k != "kl_f_union"})
+    elif line == "RECORD_TEXT_ID":
+        line = json.dumps(record | {"position": "x"})
+    path = tmp_path / "step0000000_rank000.jsonl"
+    path.write_text(json.dumps(record) + "\n" + line + "\n")
+    with pytest.raises(TokenBankError, match=f"^{path}{message}"):
+        read_token_bank_file(path)
+
+
+def test_damaged_bank_named_by_merge_token_banks(tmp_path):
+    from ta_opd.diagnostics.cli import merge_banks
+
+    path = _bank_csv(tmp_path)
+    _damage(path, 3, "-0.5", "abc")
+    with pytest.raises(SystemExit, match=rf"^merge_token_banks: {path}:3: column 'student_logp': 'abc' is not a"):
+        merge_banks.main([str(path), "--out", str(tmp_path / "merged.csv")])
+
+
+def test_damaged_stats_table_names_file_and_line(tmp_path):
+    import pandas as pd
+
+    from ta_opd.diagnostics.io import read_table, require_numeric_columns
+
+    path = tmp_path / "token_stats.csv"
+    pd.DataFrame({"prompt_id": ["p0", "p1"], "base.kl_f": [0.5, "oops"]}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=rf"^{path}: line 3: column 'base.kl_f': 'oops' is not a number$"):
+        require_numeric_columns(read_table(path), path, ["base.kl_f"])
+    with pytest.raises(ValueError, match=rf"^{path}: table lacks column\(s\) \['run.kl_f'\]$"):
+        require_numeric_columns(read_table(path), path, ["run.kl_f"])
+    path.write_text('prompt_id,base.kl_f\n"p0,0.5\n')  # an unterminated quote
+    with pytest.raises(ValueError, match=rf"^{path}: damaged csv table \(ParserError: "):
+        read_table(path)

@@ -111,7 +111,7 @@ def feature_arrays(features: Any) -> dict[str, np.ndarray]:
 
 
 def load_bank(args: argparse.Namespace, k: int | None = None, need_features: bool = True) -> Bank:
-    from ta_opd.diagnostics.io import read_table
+    from ta_opd.diagnostics.io import read_table, require_numeric_columns
     from ta_opd.diagnostics.selection import bank_scores, selection_config
 
     frame = read_table(args.stats)
@@ -125,6 +125,10 @@ def load_bank(args: argparse.Namespace, k: int | None = None, need_features: boo
     unknown = [r for r in runs if r not in students]
     if unknown:
         raise SystemExit(f"--runs {unknown} not in the table (students: {students})")
+    # every column read below as a number (a damaged cell is named here, not as a numpy error later)
+    require_numeric_columns(frame, args.stats, [f"{s}.kl_f" for s in (reference, *runs)])
+    if "prompt_id" not in frame.columns:
+        raise ValueError(f"{args.stats}: table lacks column(s) ['prompt_id']")
     lo, hi = (float(x) for x in args.winsor.split(","))
     raw = {r: G.gain(frame[f"{reference}.kl_f"], frame[f"{r}.kl_f"], args.gain) for r in runs}
     bank = Bank(
@@ -136,6 +140,11 @@ def load_bank(args: argparse.Namespace, k: int | None = None, need_features: boo
         clusters=np.asarray(frame["prompt_id"]).astype(str),
     )
     if need_features:
+        numeric = ["token_id", "position", "response_length", "teacher_logp_sampled"]
+        numeric.append(f"{reference}.student_logp_sampled")
+        require_numeric_columns(frame, args.stats, numeric)
+        if "context_id" not in frame.columns:
+            raise ValueError(f"{args.stats}: table lacks column(s) ['context_id']")
         k = args.k if k is None else k
         exact = not args.no_exact_c
         bank.batch = bank_batch(frame, reference, k, exact)
