@@ -83,7 +83,7 @@ def test_loop_trains_pushes_saves_and_resumes(tmp_path, ray_local, train_module,
     # save-interval 2 and the last rollout: saves at 1 and 2, keep-last-1 leaves iter 2; data position saved first
     assert [c["rollout_id"] for c in calls if c["call"] == "save"] == [1, 2]
     ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert ckpts == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert ckpts == ["iter_0000002", "latest_checkpointed_iteration.txt", "slime_save.lock"]  # lock: run_dirs
 
     # resume: continues at rollout 3 with the trainer's step counter, data position and engine weights restored
     calls_path.unlink()

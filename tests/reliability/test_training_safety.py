@@ -531,7 +531,7 @@ def test_loop_nan_weights_stop_run_and_keep_good_checkpoint(tmp_path, ray_local,
     assert "iter_0000000/manifest.json" in good
 
     args = _loop_args(tiny_student_dir, tmp_path, "--num-rollout", "3")
-    args.lr = float("nan")  # (refused at start-up now; here it stands for any step that diverges)
+    args.lr = float("inf")  # refused at start-up now; here it stands for any step whose update overflows
     with pytest.raises(NonFiniteError, match="refusing to save checkpoint .*iter_0000001"):
         train_module.train(args)
     assert _ckpt_listing(tmp_path / "ckpt") == good
