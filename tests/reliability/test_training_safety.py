@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -191,10 +192,14 @@ def test_train_refuses_locked_save_before_starting_anything(tiny_student_dir, tm
 
     train = _load_module("slime_train_entry_safety", ROOT / "slime_ta_opd" / "train.py")
     args = make_args(tiny_student_dir, tmp_path, "--save", str(tmp_path / "ckpt"), "--skip-preflight")
-    with SaveDirLock(tmp_path / "ckpt"):
-        with pytest.raises(SaveDirLockedError, match=f"pid {os.getpid()}"):
-            train.train(args)
-        assert train.main([*_argv_of(args)]) == 2
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler: restored below
+    try:
+        with SaveDirLock(tmp_path / "ckpt"):
+            with pytest.raises(SaveDirLockedError, match=f"pid {os.getpid()}"):
+                train.train(args)
+            assert train.main([*_argv_of(args)]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     assert not ray.is_initialized()
 
 

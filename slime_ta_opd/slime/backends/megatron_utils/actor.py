@@ -423,7 +423,8 @@ class MegatronTrainRayActor(TrainRayActor):
                 for n, p in self._unwrapped().named_parameters()
                 if p.requires_grad
             ]
-            bad_grad = first_nonfinite((n, g) for n, g in grads if g is not None) is not None
+            finite = [torch.isfinite(g).all() for _, g in grads if g is not None and g.is_floating_point()]
+            bad_grad = bool(finite) and not bool(torch.stack(finite).all())  # one device sync, not one per tensor
             bad = self._nonfinite_anywhere(bad_grad or not math.isfinite(loss))
             if not step_is_finite(loss, float("nan") if bad else 0.0, policy, where):
                 return False, float("nan")
