@@ -482,6 +482,24 @@ def test_secret_names_rule():
                    "cmd": f"--api-key {REDACTED}"}  # fmt: skip
 
 
+def test_arguments_cli_prints_no_secret(capsys):
+    from slime.utils.arguments import main as arguments_main
+
+    argv = [
+        "--api-key",
+        API_KEY,
+        "--rollout-batch-size",
+        "2",
+        "--rollout-max-response-len",
+        "4",
+        "--hf-checkpoint",
+        "x",
+    ]
+    assert arguments_main(argv) == 0
+    out = capsys.readouterr().out
+    assert API_KEY not in out and f"api_key = {REDACTED!r}" in out
+
+
 def _files_holding(root: Path, secret: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 

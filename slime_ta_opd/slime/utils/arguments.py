@@ -809,8 +809,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--dump-markdown" in argv:
         sys.stdout.write(dump_markdown())
         return 0
+    from slime.utils.redact import redact_secrets
+
     args = parse_args(argv)
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted(redact_secrets(args).items()):  # never echo an API key to a terminal or log
         print(f"{key} = {value!r}")
     return 0
 
