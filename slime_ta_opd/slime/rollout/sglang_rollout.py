@@ -101,10 +101,16 @@ def _prompt_ids(sample: Sample, tokenizer) -> list[int]:
     return ids
 
 
-async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
-    """One student generation through the router; fills tokens, response, log-probs, status, top-K."""
+async def generate(
+    args: Namespace, sample: Sample, sampling_params: dict[str, Any], *, url: str | None = None, student: bool = True
+) -> Sample:
+    """One student generation through the router; fills tokens, response, log-probs, status, top-K.
+
+    ``url`` sends the request elsewhere; ``student=False`` (another model answers, e.g. the teacher of
+    ``slime.rollout.sft_baseline``) asks for no top-K, which would be stored as the student's.
+    """
     state = _state(args)
-    url = get_model_url(args)
+    url = url or get_model_url(args)
     if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
         raise ValueError(f"sample {sample.index}: cannot generate from status {sample.status}")
     prompt_ids = _prompt_ids(sample, state.tokenizer)
@@ -117,7 +123,7 @@ async def generate(args: Namespace, sample: Sample, sampling_params: dict[str, A
         return sample
 
     payload: dict[str, Any] = {"input_ids": prompt_ids, "sampling_params": sampling_params, "return_logprob": True}
-    topk = int(args.opd_topk_metrics_k) if needs_student_topk(args) else 0
+    topk = int(args.opd_topk_metrics_k) if student and needs_student_topk(args) else 0
     if topk:
         payload["top_logprobs_num"] = topk
         payload["return_text_in_logprobs"] = False

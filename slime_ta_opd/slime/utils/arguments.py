@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
+from slime.utils.lr_schedule import LR_DECAY_STYLES, resolve_lr_schedule_args
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
 from slime.utils.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
 from ta_opd.losses import REDUCTIONS
@@ -33,6 +34,8 @@ DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sglang_rollout.generate_rollout"
 DEFAULT_DATA_SOURCE = "slime.rollout.data_source.RolloutDataSourceWithBuffer"
 OPD_REWARD_FUNC = "slime.rollout.on_policy_distillation.reward_func"
 OPD_POST_PROCESS = "slime.rollout.on_policy_distillation.post_process_rewards"
+# the off-policy SFT baseline's generate function: the teacher samples, the student trains with sft_loss
+SFT_BASELINE_GENERATE = "slime.rollout.sft_baseline.generate_with_teacher"
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
 # policy_loss: the sampled-token OPD PPO-clip of METHOD.md §1; then the ta_opd.sd_losses registry (§7-8).
 SD_LOSS_TYPES = tuple(LOSSES.names())
@@ -212,8 +215,35 @@ def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-save-optim", action="store_true", default=False)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--min-lr", type=float, default=0.0, help="LR at the end of a linear/cosine decay (Megatron).")
+    g.add_argument(
+        "--lr-warmup-iters",
+        type=int,
+        default=0,
+        help="Optimizer steps of linear warm-up from --lr-warmup-init to --lr (Megatron; slime.utils.lr_schedule).",
+    )
+    g.add_argument(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="Warm-up as a fraction of --lr-decay-iters (instead of --lr-warmup-iters, as Megatron).",
+    )
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="LR of the first warm-up step (Megatron).")
+    g.add_argument(
+        "--lr-decay-style",
+        type=str,
+        default="constant",
+        choices=list(LR_DECAY_STYLES),
+        help="LR after the warm-up, Megatron's formulas (docs/training.md). Megatron's default is linear; this "
+        "stack keeps constant so a run without schedule flags trains at --lr.",
+    )
+    g.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        default=None,
+        help="Optimizer steps over which linear/cosine decay to --min-lr. Default: the run's optimizer steps, "
+        "--num-rollout × rollout_batch_size × n_samples_per_prompt / global_batch_size (Megatron: --train-iters).",
+    )
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -286,8 +316,33 @@ def _add_opd_arguments(parser: argparse.ArgumentParser) -> None:
         help="Embedded stack: start a teacher server from this HF checkpoint when --rm-url is not given.",
     )
     g.add_argument(
-        "--opd-teacher-temperature", type=float, default=1.0, help="Temperature of the teacher's scoring prefill."
+        "--opd-teacher-temperature",
+        type=float,
+        default=None,
+        help="Temperature of the teacher's scoring prefill. Default and only accepted value with --use-opd: "
+        "--rollout-temperature, the temperature of the student's log-probs it is compared with (docs/training.md).",
     )
+
+
+def _resolve_teacher_temperature(args: argparse.Namespace) -> None:
+    """``--opd-teacher-temperature`` defaults to ``--rollout-temperature``; with ``--use-opd`` no other value.
+
+    The OPD advantage λ·(log p_T(y) − log p_S(y)) (METHOD.md §1), the sampled reverse-KL metrics and the
+    selection statistics compare the teacher's log-probs with the student's, and the student's are those of
+    the distribution it samples from: ``log_softmax(logits / --rollout-temperature)`` (the engines' and both
+    trainers'). Only a teacher scored at the same temperature gives log p_T − log p_S = log of the ratio of the
+    two tempered distributions; mixing temperatures adds a token-dependent bias to every advantage.
+    """
+    if args.opd_teacher_temperature is None:
+        args.opd_teacher_temperature = args.rollout_temperature
+    elif args.use_opd and args.opd_teacher_temperature != args.rollout_temperature:
+        raise ValueError(
+            f"--opd-teacher-temperature {args.opd_teacher_temperature} != --rollout-temperature "
+            f"{args.rollout_temperature}: the OPD advantage log p_T(y) - log p_S(y) compares the teacher's log-probs "
+            "with the student's, which are taken at the rollout temperature; scoring the teacher at another "
+            "temperature mixes two distributions. Leave --opd-teacher-temperature unset (it follows "
+            "--rollout-temperature) or set it equal"
+        )
 
 
 def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -684,6 +739,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
         raise ValueError(
             f"--micro-batch-size {args.micro_batch_size} must divide --global-batch-size {args.global_batch_size}"
         )
+    resolve_lr_schedule_args(args)  # default --lr-decay-iters from --num-rollout and the steps per rollout
     if args.over_sampling_batch_size is None:
         args.over_sampling_batch_size = args.rollout_batch_size
     if args.over_sampling_batch_size < args.rollout_batch_size:
@@ -721,6 +777,17 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
         raise ValueError("--custom-loss-function-path is only used with --loss-type custom_loss")
     if args.eval_function_path is None:
         args.eval_function_path = args.rollout_function_path
+    if args.custom_generate_function_path == SFT_BASELINE_GENERATE:
+        if args.loss_type != "sft_loss":
+            raise ValueError(
+                f"--custom-generate-function-path {SFT_BASELINE_GENERATE} trains on the teacher's samples: it needs "
+                f"--loss-type sft_loss, got {args.loss_type} (OPD losses need the student's own samples)"
+            )
+        if not (args.use_opd and args.opd_type == "sglang"):
+            raise ValueError(
+                f"--custom-generate-function-path {SFT_BASELINE_GENERATE} samples from the teacher server: it needs "
+                "--use-opd --opd-type sglang with --opd-teacher-hf-checkpoint DIR or --rm-url URL"
+            )
 
     # OPD (same rules as upstream)
     if args.use_opd:
@@ -751,6 +818,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
             )
     if args.opd_teacher_hf_checkpoint is not None and not os.path.isdir(args.opd_teacher_hf_checkpoint):
         raise FileNotFoundError(f"--opd-teacher-hf-checkpoint {args.opd_teacher_hf_checkpoint!r} is not a directory")
+    _resolve_teacher_temperature(args)
     validate_ta_opd_args(args)
     validate_megatron_args(args)
     validate_self_distillation_args(args)

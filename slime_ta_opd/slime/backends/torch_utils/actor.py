@@ -40,6 +40,8 @@ from slime.backends.torch_utils.model import (
 )
 from slime.backends.weight_sync import load_from_disk, pushes_tensors, unique_named_tensors, weight_sender_for
 from slime.ray.train_actor import TrainRayActor
+from slime.utils.arguments import SFT_BASELINE_GENERATE
+from slime.utils.lr_schedule import LRSchedule, lr_at
 from slime.utils.nonfinite import check_finite_weights, step_is_finite
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,7 @@ class TorchTrainRayActor(TrainRayActor):
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps,
         )
+        self.lr_schedule = LRSchedule.from_args(args)  # --lr-decay-style & co. (slime.utils.lr_schedule)
         self.global_step = 0
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss / grad norm (--nonfinite-policy skip)
         self.weight_version = 0
@@ -213,9 +216,10 @@ class TorchTrainRayActor(TrainRayActor):
             for s, idx in enumerate(batches)
         ]
         metrics = _mean_metrics(step_metrics)
-        metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
+        from_teacher = self.args.custom_generate_function_path == SFT_BASELINE_GENERATE  # the SFT baseline
+        metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens, from_teacher=from_teacher))
         metrics.update(self.distill.step_metrics())
-        if not self.args.use_rollout_logprobs and data.get("rollout_log_probs") is not None:
+        if not from_teacher and not self.args.use_rollout_logprobs and data.get("rollout_log_probs") is not None:
             # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless the engines
             # run other weights (a failed push) or another numerics path
             engine = torch.cat(
@@ -308,18 +312,21 @@ class TorchTrainRayActor(TrainRayActor):
         }
 
     def _lr(self) -> float:
-        warmup = getattr(self.args, "lr_warmup_iters", 0) or 0
-        if warmup > 0 and self.global_step < warmup:
-            return self.args.lr * (self.global_step + 1) / warmup
-        return self.args.lr
+        """LR of the next optimizer step: a function of the applied steps alone (resume-safe)."""
+        return lr_at(self.global_step, self.lr_schedule)
 
     @staticmethod
-    def _rollout_metrics(old, teacher, loss_masks, resp_lens) -> dict[str, float]:
+    def _rollout_metrics(old, teacher, loss_masks, resp_lens, from_teacher: bool = False) -> dict[str, float]:
         out = {
             "train/response_length_mean": float(np.mean(resp_lens)) if resp_lens else 0.0,
             "train/response_tokens": float(sum(resp_lens)),
         }
-        if teacher is not None and resp_lens and sum(resp_lens) > 0:
+        if from_teacher and teacher is not None and sum(resp_lens) > 0:
+            # the SFT baseline's responses are the teacher's samples: log p_T(y) − log p_S(y) averages to the
+            # forward KL(p_T‖p_S), not the reverse KL that teacher_kl_* estimates on the student's samples
+            diff = torch.cat([t - o for o, t in zip(old, teacher, strict=True)])
+            out["train/teacher_fkl_sampled"] = float(diff.mean())
+        elif teacher is not None and resp_lens and sum(resp_lens) > 0:
             # sampled-token reverse KL estimate, log p_S(y) − log p_T(y), under the pre-step weights
             diff = torch.cat([o - t for o, t in zip(old, teacher, strict=True)])
             kept = torch.cat(loss_masks)
@@ -376,6 +383,14 @@ class TorchTrainRayActor(TrainRayActor):
     def state_for_test(self) -> dict[str, torch.Tensor]:
         """A copy of the parameters (tests compare runs with it)."""
         return {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+
+    def reset(self, args: Namespace) -> int:
+        """Start another run on this rank (slime.suite: runs sharing the servers): exactly ``init(args)`` — the
+        student's weights from ``--hf-checkpoint`` (or the ``--load`` checkpoint), a fresh optimizer, counters
+        and RNGs seeded from ``args`` — keeping the rollout manager. Returns the start rollout id."""
+        self.model = self.optimizer = self.distill = None  # the previous run's tensors go before the new ones load
+        self.clear_memory()
+        return self.init(args, self.role, self.with_ref, self.with_opd_teacher)
 
     def sleep(self, tags=None) -> None:  # the embedded backend keeps weights resident
         return None

@@ -248,7 +248,9 @@ class Distiller:
         self.model = model
         self.loss_type = getattr(args, "loss_type", "policy_loss")
         self.active = self.loss_type != "policy_loss"
-        self.teacher = build_teacher(args, model, self.peft_model, dtype, device) if self.active else None
+        # sft_loss reads no teacher distribution: no teacher weights in the trainer for it
+        wants_teacher = self.loss_type in LOSSES.names() or self.loss_type == "custom_loss"
+        self.teacher = build_teacher(args, model, self.peft_model, dtype, device) if wants_teacher else None
         if self.loss_type in LOSSES.names() and self.teacher is None:
             raise ValueError(f"--loss-type {self.loss_type} needs --opd-teacher-hf-checkpoint or --self-distillation")
         self.cfg = sd_loss_config(args) if self.loss_type in LOSSES.names() else None

@@ -103,10 +103,11 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
         ids = _exact_cmass_request_ids(args, sample)
         if ids:
             payload["token_ids_logprob"] = ids
-    teacher_temperature = float(getattr(args, "opd_teacher_temperature", 1.0) or 1.0)
+    teacher_temperature = teacher_scoring_temperature(args)
     if teacher_temperature != 1.0:
         # Extension of the project's embedded server (logits / T before the prefill log-softmax).
-        # Real SGLang has no such field: leave --opd-teacher-temperature at 1 with it.
+        # Real SGLang has no such field and scores at T = 1: this project's pre-flight check
+        # `teacher_temperature` refuses such a teacher when T != 1 (docs/preflight.md).
         payload["logprob_temperature"] = teacher_temperature
         # sglang-router rebuilds requests and drops unknown top-level fields but keeps custom_labels
         payload["custom_labels"] = {"logprob_temperature": str(teacher_temperature)}
@@ -116,6 +117,16 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
     if k > 0:
         _response_top_entries(answer, "input_top_logprobs", sample, response_length, source="teacher answer")
     return answer
+
+
+def teacher_scoring_temperature(args: Any) -> float:
+    """The temperature of the teacher's prefill log-probs: ``--opd-teacher-temperature`` if the checkout defines
+    and sets it, else ``--rollout-temperature`` (the student's log-probs in the advantage are tempered by it;
+    METHOD.md §1 compares the two), else 1."""
+    value = getattr(args, "opd_teacher_temperature", None)
+    if value is None:
+        value = getattr(args, "rollout_temperature", None)
+    return 1.0 if value is None else float(value)
 
 
 def _checked_response_length(sample: Sample) -> int:
