@@ -52,6 +52,7 @@ from slime.backends.torch_utils.actor import (
 from slime.backends.torch_utils.loss import compute_advantages, policy_loss
 from slime.backends.torch_utils.model import build_response_batch
 from slime.ray.train_actor import TrainRayActor
+from slime.utils.lr_schedule import LRSchedule, lr_at
 from slime.utils.nonfinite import NonFiniteError, check_finite_weights, first_nonfinite, step_is_finite
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ class MegatronTrainRayActor(TrainRayActor):
             )
         if with_ref:
             raise ValueError("the Megatron backend keeps no reference model (no --kl-coef / --use-kl-loss support)")
+        if args.loss_type != "policy_loss":
+            raise ValueError(
+                f"--loss-type {args.loss_type}: the Megatron trainer implements policy_loss only (the OPD PPO-clip "
+                "loss); sft_loss, custom_loss and the full-vocabulary losses run on --train-backend torch"
+            )
         if args.hf_checkpoint is None:
             raise ValueError("the Megatron trainer needs --hf-checkpoint (model config, tokenizer, engine weights)")
         initialize_parallel(tp, pp, cp, seed=args.seed)
@@ -118,6 +124,9 @@ class MegatronTrainRayActor(TrainRayActor):
         if getattr(args, "use_opd", False) and args.opd_type == "megatron":
             self.teacher = self._build_teacher(args)
         self._build_optimizer(args)
+        # the same LR schedule as the torch trainer, set on every param group before each step: Megatron's
+        # OptimizerParamScheduler formulas (slime.utils.lr_schedule), a function of global_step alone
+        self.lr_schedule = LRSchedule.from_args(args)
         self.global_step, self.weight_version, self.last_rollout_id = 0, 0, -1
         self.skipped_steps = 0
         start_rollout_id = 0
@@ -373,6 +382,7 @@ class MegatronTrainRayActor(TrainRayActor):
             if self.pp_size > 1:
                 dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
             totals = totals.cpu()
+        lr = self._lr()  # the LR this step applies (before global_step moves on)
         applied, grad_norm = self._optimizer_step(float(totals[0]), f"{where} (optimizer step {self.global_step})")
         if applied:
             self.global_step += 1
@@ -384,7 +394,7 @@ class MegatronTrainRayActor(TrainRayActor):
             "train/grad_norm": float(grad_norm),
             "train/skipped_steps": 0.0 if applied else 1.0,
             "train/clipfrac": float(totals[1]) / global_tokens,
-            "train/lr": self._lr(),
+            "train/lr": lr,
             "train/kept_tokens": float(kept_total),
             "train/samples": float(global_samples),
         }
@@ -395,10 +405,8 @@ class MegatronTrainRayActor(TrainRayActor):
         self.optimizer.zero_grad()
 
     def _lr(self) -> float:
-        warmup = getattr(self.args, "lr_warmup_iters", 0) or 0
-        if warmup > 0 and self.global_step < warmup:
-            return self.args.lr * (self.global_step + 1) / warmup
-        return self.args.lr
+        """LR of the next optimizer step (slime.utils.lr_schedule): a function of the applied steps alone."""
+        return lr_at(self.global_step, self.lr_schedule)
 
     def _nonfinite_anywhere(self, local_bad: bool) -> bool:
         """Collective over every rank: whether any rank saw a non-finite value (all take the same decision)."""
