@@ -219,6 +219,11 @@ class TorchTrainRayActor(TrainRayActor):
         from_teacher = self.args.custom_generate_function_path == SFT_BASELINE_GENERATE  # the SFT baseline
         metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens, from_teacher=from_teacher))
         metrics.update(self.distill.step_metrics())
+        if from_teacher and teacher is not None and data.get("rollout_log_probs") is not None:
+            # the sampling engine's log-probs vs the teacher's prefill of the same tokens: ~0 iff the teacher sampled
+            sampled = _per_sample(data, "rollout_log_probs", "rollout_log_probs", resp_lens)
+            gap = torch.cat([(a - b).abs() for a, b in zip(sampled, teacher, strict=True)])
+            metrics["train/rollout_teacher_logp_abs_diff"] = float(gap.mean()) if gap.numel() else 0.0
         if not from_teacher and not self.args.use_rollout_logprobs and data.get("rollout_log_probs") is not None:
             # engine vs trainer log-probs of the same tokens under the same weights: ~0 unless the engines
             # run other weights (a failed push) or another numerics path
