@@ -569,7 +569,15 @@ class MegatronTrainRayActor(TrainRayActor):
         path = Path(ckpt_dir) / "optim" / f"rank{dist.get_rank():05d}.pt"
         if getattr(self.args, "no_load_optim", False) or not path.is_file():
             return
-        self.optimizer.load_state_dict(torch.load(path, weights_only=False))
+        try:  # weights_only: a tampered optimizer file must never run code while it is read
+            state = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"optimizer state '{path}' cannot be read as plain tensors and containers ({type(e).__name__}: {e}); "
+                "it is refused rather than unpickled with code execution. Resume with --no-load-optim to start the "
+                "optimizer fresh from the checkpoint's weights"
+            ) from e
+        self.optimizer.load_state_dict(state)
 
     def state_for_test(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().cpu() for k, v in self._unwrapped().state_dict().items() if "extra" not in k}
