@@ -11,10 +11,30 @@ METHOD_ALIASES: dict[str, str] = {
     "tip": "tip",
     "divergence": "divergence",
     "random": "random",
+    "sft_teacher": "full",  # the SFT baseline row: no token selection (its loss is set by METHOD_FLAGS)
 }
 
 # Aliases whose budget ratio is fixed whatever the entry says.
-FORCED_RATIO: dict[str, float] = {"pure_opd": 1.0}
+FORCED_RATIO: dict[str, float] = {"pure_opd": 1.0, "sft_teacher": 1.0}
+
+# train.py flags an alias adds besides ``--opd-budget-mask MASK --opd-budget-ratio RATIO`` (the launcher appends
+# them to the entry's flags). ``sft_teacher``: off-policy SFT on teacher samples of the same prompts
+# (slime.rollout.sft_baseline), the baseline row of a method suite. No value may contain whitespace.
+METHOD_FLAGS: dict[str, tuple[str, ...]] = {
+    "sft_teacher": (
+        "--loss-type",
+        "sft_loss",
+        "--custom-generate-function-path",
+        "slime.rollout.sft_baseline.generate_with_teacher",
+    ),
+}
+
+
+def method_flags(alias: str) -> tuple[str, ...]:
+    """The extra train.py flags of a method alias (empty for the token selectors)."""
+    if alias not in METHOD_ALIASES:
+        raise ValueError(f"unknown method alias {alias!r}; aliases: {sorted(METHOD_ALIASES)}")
+    return METHOD_FLAGS.get(alias, ())
 
 
 def resolve_alias(name: str) -> str:

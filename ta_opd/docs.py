@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ta_opd.aliases import FORCED_RATIO, METHOD_ALIASES
+from ta_opd.aliases import FORCED_RATIO, METHOD_ALIASES, METHOD_FLAGS
 from ta_opd.config import COMPAT_PROXIES, NONFINITE_POLICIES, SelectionConfig
 from ta_opd.normalize import NORMALIZERS
 from ta_opd.selectors import SELECTORS
@@ -72,6 +72,10 @@ def render() -> str:
     lines += [
         "",
         f"Forced ratios: {forced}. Mask `full` (or ρ ≥ 1) keeps every valid token; ρ ≤ 0 with a mask is an error.",
+        "",
+        "Aliases that add train.py flags (the launchers append them): "
+        + "; ".join(f"`{a}`: `{' '.join(flags)}`" for a, flags in METHOD_FLAGS.items())
+        + ".",
         "",
         "## Normalisations (`--opd-metric-normalization`)",
         "",

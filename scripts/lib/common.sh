@@ -56,7 +56,7 @@ ta_require_flag() {
   done
 }
 
-# Seeds are 32-bit (numpy, torch.manual_seed on every device); launchers check SEED + idx against this.
+# Seeds are 32-bit (numpy, torch.manual_seed on every device); launchers check SEED / SEEDS against this.
 TA_SEED_MAX=4294967295
 # Written into a run directory when its train.py exited 0: RESUME=1 skips that entry.
 TA_COMPLETE_MARKER=complete.json
@@ -122,7 +122,8 @@ ta_python() {
   fi
 }
 
-# ta_alias_table: "alias mask" lines from ta_opd.aliases.METHOD_ALIASES (the one table; never retyped here).
+# ta_alias_table: "alias mask [flag ...]" lines from ta_opd.aliases (METHOD_ALIASES and the extra train.py flags of
+# METHOD_FLAGS: the one table; never retyped here).
 ta_alias_table() {
   # The module is loaded from its file: it needs nothing else, and importing the package would load torch
   # (seconds) just to read a dict.
@@ -133,20 +134,24 @@ path = os.path.join(list(spec.submodule_search_locations)[0], "aliases.py")
 mod_spec = importlib.util.spec_from_file_location("_ta_opd_aliases", path)
 mod = importlib.util.module_from_spec(mod_spec)
 mod_spec.loader.exec_module(mod)
-print("\n".join(f"{k} {v}" for k, v in mod.METHOD_ALIASES.items()))' \
+print("\n".join(" ".join([k, v, *mod.METHOD_FLAGS.get(k, ())]) for k, v in mod.METHOD_ALIASES.items()))' \
     || ta_die "cannot read ta_opd.aliases.METHOD_ALIASES (is the project installed? pip install -e .)"
 }
 
 # ta_parse_method_list "LIST": validate every "alias:ratio:idx" entry, then print one line per entry:
-#   "idx alias mask ratio"   (pure_opd's ratio is forced to 1.0)
-# Errors (all found, then exit 2): malformed entry, unknown alias, ratio outside (0, 1], idx outside [0, 2^32),
-# duplicate idx.
+#   "idx alias mask ratio [flag ...]"   (the ratio of a mask-`full` alias is forced to 1.0; the flags are the
+#   alias's extra train.py flags, ta_opd.aliases.METHOD_FLAGS)
+# idx names the run (runs/<idx>_<alias>_r<ratio>_s<seed>); it does not change the seed: every method of one seed
+# trains with that seed (paired runs). Errors (all found, then exit 2): malformed entry, unknown alias, ratio
+# outside (0, 1], idx outside [0, 2^32), duplicate idx.
 ta_parse_method_list() {
-  local list=$1 table entry alias ratio idx mask errors=() out=() seen=" " entries=()
+  local list=$1 table entry alias ratio idx mask flags errors=() out=() seen=" " entries=()
   [[ -n "${list//[[:space:]]/}" ]] || ta_die "METHOD_LIST is empty; expected entries like 'pure_opd:1.0:10 teachability:0.10:20'"
   table=$(ta_alias_table) || exit 2
-  declare -A masks=()
-  while read -r alias mask; do [[ -n "$alias" ]] && masks[$alias]=$mask; done <<< "$table"
+  declare -A masks=() alias_flags=()
+  while read -r alias mask flags; do
+    [[ -n "$alias" ]] && masks[$alias]=$mask && alias_flags[$alias]=$flags
+  done <<< "$table"
   read -r -a entries <<< "$list" # word split without glob expansion
   for entry in "${entries[@]}"; do
     if [[ ! "$entry" =~ ^([A-Za-z0-9_]+):([0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?):([0-9]+)$ ]]; then
@@ -159,7 +164,7 @@ ta_parse_method_list() {
     idx=${idx#"${idx%%[!0]*}"} # leading zeros off, as text: a 20-digit idx must not wrap in bash arithmetic
     idx=${idx:-0}
     if ((${#idx} > ${#TA_SEED_MAX})) || { ((${#idx} == ${#TA_SEED_MAX})) && [[ "$idx" > "$TA_SEED_MAX" ]]; }; then
-      errors+=("entry '$entry': idx ${BASH_REMATCH[4]} is out of range (expected an integer in [0, $TA_SEED_MAX]: it is added to SEED)")
+      errors+=("entry '$entry': idx ${BASH_REMATCH[4]} is out of range (expected an integer in [0, $TA_SEED_MAX])")
       continue
     fi
     if [[ -z "${masks[$alias]+x}" ]]; then
@@ -174,11 +179,11 @@ ta_parse_method_list() {
       continue
     fi
     if [[ "$seen" == *" $idx "* ]]; then
-      errors+=("entry '$entry': duplicate idx $idx (each entry needs its own idx: it names the run and offsets the seed)")
+      errors+=("entry '$entry': duplicate idx $idx (each entry needs its own idx: it names the run)")
       continue
     fi
     seen+="$idx "
-    out+=("$idx $alias $mask $ratio")
+    out+=("$idx $alias $mask $ratio${alias_flags[$alias]:+ ${alias_flags[$alias]}}")
   done
   if ((${#errors[@]})); then
     printf 'error: METHOD_LIST: %s\n' "${errors[@]}" >&2
@@ -245,7 +250,7 @@ ta_run_single_method() {
     RATIO=${RATIO:-0.10}
   fi
   IDX=${IDX:-0}
-  [[ "$IDX" =~ ^[0-9]+$ ]] || ta_die "IDX=$IDX: expected a non-negative integer (it names the run and is added to SEED)"
+  [[ "$IDX" =~ ^[0-9]+$ ]] || ta_die "IDX=$IDX: expected a non-negative integer (it names the run)"
   METHOD_LIST="$alias:$RATIO:$IDX" SUITE_NAME=${SUITE_NAME:-${name}_$(date +%Y%m%d_%H%M%S)} \
     exec bash "$TA_OPD_REPO_ROOT/scripts/train/run_method_suite.sh" "$@"
 }

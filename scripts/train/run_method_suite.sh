@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run a suite of OPD / TA-OPD token selectors, one training run per METHOD_LIST entry, then summarise.
+# Run a suite of OPD / TA-OPD token selectors, one training run per METHOD_LIST entry and seed, then summarise.
 #
 # Usage:
 #   bash scripts/train/run_method_suite.sh                      # embedded defaults (CPU, minutes)
-#   METHOD_LIST="pure_opd:1.0:10 teachability:0.10:20 tip:0.10:30" NUM_ROLLOUT=50 \
+#   METHOD_LIST="pure_opd:1.0:10 teachability:0.10:20 tip:0.10:30" SEEDS="1 2 3" NUM_ROLLOUT=50 \
 #     bash scripts/train/run_method_suite.sh
 #   TEACHER_MODEL=/path/to/teacher-hf STUDENT_HF=/path/to/student-hf PROMPT_DATA=/path/to/train.jsonl \
 #     bash scripts/train/run_method_suite.sh -- --extra-slime-flag value
@@ -11,10 +11,16 @@
 #
 # METHOD_LIST: space-separated "alias:ratio:idx" entries. alias is a script alias of
 # ta_opd.aliases.METHOD_ALIASES (pure_opd, teachability, teachability_entropy, entropy, tip,
-# divergence, random); ratio is the global token budget in (0, 1] (pure_opd always uses 1.0);
-# idx names the run and is added to SEED. Every entry and every path is checked before anything
-# starts. Outputs: $OUTPUT_ROOT/$SUITE_NAME/{method_mapping.csv, runs/<idx>_<alias>_r<ratio>/,
-# summary.csv, summary.md, plots/}. Environment variables and defaults: docs/method_suite.md.
+# divergence, random, sft_teacher); ratio is the global token budget in (0, 1] (pure_opd and
+# sft_teacher always use 1.0); idx names the run. SEEDS (default: SEED, 1234) lists the seeds: every
+# entry runs once per seed, and all entries of one seed use that seed (--seed, and --rollout-seed
+# unless ROLLOUT_SEED is set): the same prompts in the same order from the same student weights, so
+# methods are compared pairwise. SHARED_SERVERS=1 (the default of the embedded profile) runs every
+# entry in one process sharing Ray, the engines and the teacher (python -m slime.suite);
+# SHARED_SERVERS=0 starts one train.py per entry. Every entry and every path is checked before
+# anything starts. Outputs: $OUTPUT_ROOT/$SUITE_NAME/{method_mapping.csv,
+# runs/<idx>_<alias>_r<ratio>_s<seed>/, summary.csv, summary.md, runs.csv, plots/}.
+# Environment variables and defaults: docs/method_suite.md.
 #
 # Rerunning an existing suite is refused (it would mix old and new results) unless RESUME=1 (entries
 # that finished are skipped, the others resume from their last checkpoint under SAVE_CHECKPOINT=1 /
@@ -44,13 +50,20 @@ SUMMARIZE=${SUMMARIZE:-1}                                                  # 0: 
 ta_require_flag SAVE_CHECKPOINT CONTINUE_ON_ERROR SUMMARIZE DRY_RUN RESUME FORCE # DRY_RUN=1: validate, start nothing
 SEED=${SEED:-1234}
 ta_require_uint SEED "$SEED" "$TA_SEED_MAX"
+SEEDS=${SEEDS:-$SEED} # every METHOD_LIST entry runs once per seed; all entries of one seed share it (paired)
+read -r -a SEED_ARRAY <<< "$SEEDS"
+((${#SEED_ARRAY[@]})) || ta_die "SEEDS is empty; expected seeds like '1 2 3'"
+declare -A SEEN_SEEDS=()
+for i in "${!SEED_ARRAY[@]}"; do
+  ta_require_uint seed "${SEED_ARRAY[$i]}" "$TA_SEED_MAX" "SEEDS entry ${SEED_ARRAY[$i]}"
+  [[ -z "${SEEN_SEEDS[$seed]+x}" ]] || ta_die "SEEDS=$SEEDS: seed $seed is listed twice"
+  SEEN_SEEDS[$seed]=1
+  SEED_ARRAY[i]=$seed
+done
+[[ -z "${ROLLOUT_SEED:-}" ]] || ta_require_uint ROLLOUT_SEED "$ROLLOUT_SEED" "$TA_SEED_MAX"
 for name in NUM_ROLLOUT SAVE_INTERVAL ROLLOUT_BATCH_SIZE N_SAMPLES_PER_PROMPT GLOBAL_BATCH_SIZE; do
   [[ -z "${!name:-}" ]] || ta_require_uint "$name" "${!name}" 1000000000
 done
-while read -r idx alias _ ratio; do
-  ((SEED + idx <= TA_SEED_MAX)) \
-    || ta_die "entry '$alias:$ratio:$idx': seed SEED + idx = $((SEED + idx)) is outside [0, $TA_SEED_MAX] (SEED=$SEED)"
-done <<< "$PARSED_METHODS"
 
 # ---------------------------------------------------------------- where things are
 SLIME_DIR=${SLIME_DIR:-$REPO_ROOT/slime_ta_opd}
@@ -98,7 +111,10 @@ else
   : "${LR:=1e-6}" "${MICRO_BATCH_SIZE:=1}" "${EVAL_INTERVAL:=20}" "${EVAL_MAX_RESPONSE_LEN:=$ROLLOUT_MAX_RESPONSE_LEN}"
   : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
 fi
-ROLLOUT_SEED=${ROLLOUT_SEED:-42} # prompt order: the same for every entry, so methods see the same prompts
+FIXED_ROLLOUT_SEED=${ROLLOUT_SEED:-} # unset: each seed's prompt order is drawn with that seed (the same for all
+# methods of the seed); set: one prompt order for every seed
+SHARED_SERVERS=${SHARED_SERVERS:-$([[ "$PROFILE" == embedded ]] && echo 1 || echo 0)}
+ta_require_flag SHARED_SERVERS
 ta_require_uint ROLLOUT_BATCH_SIZE "$ROLLOUT_BATCH_SIZE" 1000000000
 ta_require_uint N_SAMPLES_PER_PROMPT "$N_SAMPLES_PER_PROMPT" 1000000000
 ta_require_uint NUM_ROLLOUT "$NUM_ROLLOUT" 1000000000
@@ -129,8 +145,6 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_O
 # ---------------------------------------------------------------- flags shared by every entry
 CKPT_ARGS=(--hf-checkpoint "$STUDENT_HF")
 [[ -n "$STUDENT_TORCH_DIST" ]] && CKPT_ARGS+=(--ref-load "$STUDENT_TORCH_DIST")
-
-ta_set_rollout_args # ROLLOUT_ARGS
 
 ta_set_eval_args # EVAL_ARGS (none without EVAL_PROMPT_DATA)
 
@@ -166,16 +180,23 @@ ta_prepare_output_dir "suite directory (SUITE_NAME=$SUITE_NAME)" "$SUITE_DIR" # 
 mkdir -p "$SUITE_DIR/runs"
 RUN_NAMES=()
 ARG_FILES=()
+MAPPING=("idx,alias,mask,ratio,seed,run_dir")
 declare -A PLAN=() # name -> skip | resume | restart | fresh
-while read -r idx alias mask ratio; do
-  name="${idx}_${alias}_r${ratio}"
+for seed in "${SEED_ARRAY[@]}"; do
+ROLLOUT_SEED=${FIXED_ROLLOUT_SEED:-$seed}
+ta_set_rollout_args # ROLLOUT_ARGS (this seed's prompt order)
+while read -r idx alias mask ratio flags; do
+  name="${idx}_${alias}_r${ratio}_s${seed}"
   run_dir="$SUITE_DIR/runs/$name"
+  read -r -a alias_flags <<< "$flags" # the alias's own train.py flags (ta_opd.aliases.METHOD_FLAGS)
   args=(
     "${CKPT_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${OPD_ARGS[@]}"
     --opd-budget-mask "$mask"
     --opd-budget-ratio "$ratio"
+    --opd-budget-mask-seed "$seed"
+    "${alias_flags[@]}"
     "${TRAIN_ARGS[@]}" "${CLUSTER_ARGS[@]}"
-    --seed "$((SEED + idx))"
+    --seed "$seed"
     --output-dir "$run_dir"
   )
   ((SAVE_CHECKPOINT)) && args+=(--save "$run_dir/checkpoints" --save-interval "$SAVE_INTERVAL" --no-save-optim)
@@ -184,7 +205,7 @@ while read -r idx alias mask ratio; do
   if ((TA_RESUMING)) && ta_dir_started "$run_dir"; then
     # A resumed entry must be the same run: other flags would blend two configurations in one metrics.jsonl.
     if ! printf '%s\n' "${args[@]}" | cmp -s - "$run_dir/train_args.txt"; then
-      ta_die "RESUME=1: entry '$alias:$ratio:$idx' ($run_dir) was started with other train.py flags" \
+      ta_die "RESUME=1: entry '$alias:$ratio:$idx' seed $seed ($run_dir) was started with other train.py flags" \
         "(compare $run_dir/train_args.txt with this launch's settings); resuming would mix two configurations." \
         "Restore the same settings, or FORCE=1 for a fresh suite"
     fi
@@ -200,20 +221,17 @@ while read -r idx alias mask ratio; do
   printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt" # one argument per line: the exact command, reusable
   RUN_NAMES+=("$name")
   ARG_FILES+=("$run_dir/train_args.txt")
+  MAPPING+=("$idx,$alias,$mask,$ratio,$seed,runs/$name")
 done <<< "$PARSED_METHODS"
+done
 
 # Parse every entry's flags with the stack's own parser (unknown flag, bad value, missing file) before any run.
 ta_check_train_args "${ARG_FILES[@]}" || ta_die "the train.py flags of an entry are invalid (see above); nothing was started"
 
 # ---------------------------------------------------------------- method_mapping.csv
-{
-  echo "idx,alias,mask,ratio,seed,run_dir"
-  while read -r idx alias mask ratio; do
-    echo "$idx,$alias,$mask,$ratio,$((SEED + idx)),runs/${idx}_${alias}_r${ratio}"
-  done <<< "$PARSED_METHODS"
-} > "$SUITE_DIR/method_mapping.csv.tmp"
+printf '%s\n' "${MAPPING[@]}" > "$SUITE_DIR/method_mapping.csv.tmp"
 mv "$SUITE_DIR/method_mapping.csv.tmp" "$SUITE_DIR/method_mapping.csv"
-ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s); mapping in method_mapping.csv"
+ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s) (seeds: ${SEED_ARRAY[*]}; shared servers: $SHARED_SERVERS); mapping in method_mapping.csv"
 if ((TA_RESUMING)); then
   for name in "${RUN_NAMES[@]}"; do
     case ${PLAN[$name]} in
@@ -230,47 +248,69 @@ if ((DRY_RUN)); then
 fi
 
 # ---------------------------------------------------------------- run every entry
-FAILED=()
-n=0
+# Before any entry runs: an entry restarted without a checkpoint keeps its earlier attempt aside, and a post-hoc
+# evaluation of an earlier, unfinished attempt no longer describes this run's weights.
 for name in "${RUN_NAMES[@]}"; do
-  n=$((n + 1))
   run_dir="$SUITE_DIR/runs/$name"
-  mapfile -t args < "$run_dir/train_args.txt"
-  case ${PLAN[$name]} in
-    skip)
-      ta_log "[$n/${#RUN_NAMES[@]}] $name: already finished; skipped"
-      continue
-      ;;
-    resume) args+=(--load "$run_dir/checkpoints") ;; # train.py continues after the newest checkpoint
-    restart) # nothing to resume from: the earlier attempt's output is kept aside, the entry starts clean
-      mkdir -p "$SUITE_DIR/replaced"
-      aside=$(ta_move_aside "$run_dir")
-      mv -- "$aside" "$SUITE_DIR/replaced/"
-      mkdir -p "$run_dir"
-      printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt"
-      ;;
-  esac
-  # a post-hoc evaluation of an earlier, unfinished attempt no longer describes this run's weights
+  if [[ ${PLAN[$name]} == restart ]]; then
+    mkdir -p "$SUITE_DIR/replaced"
+    aside=$(ta_move_aside "$run_dir")
+    mv -- "$aside" "$SUITE_DIR/replaced/"
+    mkdir -p "$run_dir"
+    cp -- "$SUITE_DIR/replaced/$(basename "$aside")/train_args.txt" "$run_dir/train_args.txt"
+  fi
   [[ -f "$run_dir/eval_accuracy.json" ]] && mv -- "$run_dir/eval_accuracy.json" "$run_dir/eval_accuracy.json.stale"
-  ta_log "[$n/${#RUN_NAMES[@]}] $name (${PLAN[$name]})"
-  start=$(date +%s.%N)
-  rc=0
-  ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
-  end=$(date +%s.%N)
-  printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
-    "$name" "$rc" "$start" "$end" "$(ta_seconds_between "$start" "$end")" \
-    > "$run_dir/launcher.json"
-  if ((rc == 0)); then # the entry is complete: RESUME=1 skips it
-    printf '{"name": "%s", "finished": "%s"}\n' "$name" "$(date +%Y-%m-%dT%H:%M:%S)" > "$run_dir/$TA_COMPLETE_MARKER.tmp"
-    mv -- "$run_dir/$TA_COMPLETE_MARKER.tmp" "$run_dir/$TA_COMPLETE_MARKER"
-  fi
-  if ((rc != 0)); then
-    FAILED+=("$name")
-    ta_log "run $name failed (exit $rc); log: $run_dir/train.log"
-    ((rc == 130)) && exit 130
-    ((CONTINUE_ON_ERROR)) || break
-  fi
 done
+
+FAILED=()
+if ((SHARED_SERVERS)); then
+  # One process: Ray, the engines, the router and the teacher start once; each entry resets the trainer to the
+  # student checkpoint with a fresh optimizer and pushes those weights to the engines (slime/suite.py).
+  plan_file="$SUITE_DIR/suite_plan.tsv"
+  for name in "${RUN_NAMES[@]}"; do printf '%s\t%s\t%s\n' "$name" "${PLAN[$name]}" "$SUITE_DIR/runs/$name"; done \
+    > "$plan_file"
+  ta_log "shared servers: every entry in one process (python -m slime.suite); log: $SUITE_DIR/suite.log"
+  rc=0
+  ta_run_tracked "$SUITE_DIR/suite.log" "$PYTHON" -m slime.suite --plan "$plan_file" \
+    --continue-on-error "$CONTINUE_ON_ERROR" || rc=$?
+  ((rc == 130)) && exit 130
+  for name in "${RUN_NAMES[@]}"; do # the driver writes launcher.json and complete.json per entry
+    [[ ${PLAN[$name]} == skip || -f "$SUITE_DIR/runs/$name/$TA_COMPLETE_MARKER" ]] || FAILED+=("$name")
+  done
+  ((rc == 0 || ${#FAILED[@]})) || FAILED+=("suite driver (exit $rc)")
+else
+  n=0
+  for name in "${RUN_NAMES[@]}"; do
+    n=$((n + 1))
+    run_dir="$SUITE_DIR/runs/$name"
+    mapfile -t args < "$run_dir/train_args.txt"
+    case ${PLAN[$name]} in
+      skip)
+        ta_log "[$n/${#RUN_NAMES[@]}] $name: already finished; skipped"
+        continue
+        ;;
+      resume) args+=(--load "$run_dir/checkpoints") ;; # train.py continues after the newest checkpoint
+    esac
+    ta_log "[$n/${#RUN_NAMES[@]}] $name (${PLAN[$name]})"
+    start=$(date +%s.%N)
+    rc=0
+    ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
+    end=$(date +%s.%N)
+    printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
+      "$name" "$rc" "$start" "$end" "$(ta_seconds_between "$start" "$end")" \
+      > "$run_dir/launcher.json"
+    if ((rc == 0)); then # the entry is complete: RESUME=1 skips it
+      printf '{"name": "%s", "finished": "%s"}\n' "$name" "$(date +%Y-%m-%dT%H:%M:%S)" > "$run_dir/$TA_COMPLETE_MARKER.tmp"
+      mv -- "$run_dir/$TA_COMPLETE_MARKER.tmp" "$run_dir/$TA_COMPLETE_MARKER"
+    fi
+    if ((rc != 0)); then
+      FAILED+=("$name")
+      ta_log "run $name failed (exit $rc); log: $run_dir/train.log"
+      ((rc == 130)) && exit 130
+      ((CONTINUE_ON_ERROR)) || break
+    fi
+  done
+fi
 
 if ((SUMMARIZE)); then
   "$PYTHON" "$REPO_ROOT/tools/summarize_suite.py" --suite-dir "$SUITE_DIR" || ta_log "summary failed"

@@ -1,9 +1,10 @@
 """Fixed-context gain analysis math (METHOD.md §6.3–6.5): numpy in, numbers out.
 
 Gain, winsorising, quantile bins and the H×D quadrants, the high-C minus low-C gap,
-prompt-cluster bootstrap confidence intervals, within-prompt nearest-neighbour matching,
-matched top-N means and the standardised OLS models. statsmodels is imported only inside
-:func:`standardized_ols` (the ``ta_opd`` layer imports torch/numpy at module level only).
+prompt-cluster bootstrap confidence intervals, the paired seed × prompt bootstrap of a method suite's
+accuracies, within-prompt nearest-neighbour matching, matched top-N means and the standardised OLS models.
+statsmodels is imported only inside :func:`standardized_ols` (the ``ta_opd`` layer imports torch/numpy at
+module level only).
 """
 
 from __future__ import annotations
@@ -204,6 +205,64 @@ def bootstrap_mean_diff(
     lo, hi, se, n_valid = _percentile_ci(stat(weights), confidence)
     n_tok = int(np.asarray(group_a, bool).sum() + (0 if group_b is None else np.asarray(group_b, bool).sum()))
     return BootstrapResult(estimate, lo, hi, se, n_tok, int(n_c), n_valid)
+
+
+def paired_bootstrap_draws(
+    n_seeds: int, n_prompts: int, n_resamples: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample indices of a two-level bootstrap: ``seed_draws [R, S]`` (seeds with replacement) and
+    ``prompt_draws [R, S, P]`` (within each drawn seed, its eval prompts with replacement). Same seed → same draws."""
+    if n_seeds < 1 or n_prompts < 1 or n_resamples < 1:
+        raise ValueError(f"need >= 1 seed, prompt and resample; got {n_seeds}, {n_prompts}, {n_resamples}")
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+    prompt_draws = rng.integers(0, n_prompts, size=(n_resamples, n_seeds, n_prompts))
+    return seed_draws, prompt_draws
+
+
+def paired_seed_prompt_bootstrap(
+    values: np.ndarray,
+    baseline: np.ndarray | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    draws: tuple[np.ndarray, np.ndarray] | None = None,
+) -> BootstrapResult:
+    """Mean of ``values − baseline`` (or of ``values``) over seeds and eval prompts, with a percentile CI from a
+    paired two-level bootstrap: resample the seeds, then within each drawn seed its prompts; the same draw is
+    applied to ``values`` and ``baseline`` (paired: the method and its reference run of the same seed, scored on
+    the same prompts).
+
+    ``values``/``baseline``: ``[S, P]`` per-seed, per-prompt scores (e.g. 0/1 correctness of the final eval).
+    ``draws``: explicit ``(seed_draws [R, S], prompt_draws [R, S, P])`` instead of
+    :func:`paired_bootstrap_draws` (tests use a known set). Each resample's statistic is the mean over its
+    ``S × P`` drawn cells. ``n_tokens`` of the result counts the cells, ``n_clusters`` the seeds.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.size == 0:
+        raise ValueError(f"values must be a non-empty [seeds, prompts] array, got shape {values.shape}")
+    diff = values
+    if baseline is not None:
+        baseline = np.asarray(baseline, dtype=np.float64)
+        if baseline.shape != values.shape:
+            raise ValueError(
+                f"baseline shape {baseline.shape} != values shape {values.shape} (paired by seed, prompt)"
+            )
+        diff = values - baseline
+    if not np.isfinite(diff).all():
+        raise ValueError("values/baseline hold NaN or inf; every seed needs a score for every prompt")
+    n_seeds, n_prompts = diff.shape
+    seed_draws, prompt_draws = (
+        draws if draws is not None else paired_bootstrap_draws(n_seeds, n_prompts, n_resamples, seed)
+    )
+    seed_draws, prompt_draws = np.asarray(seed_draws), np.asarray(prompt_draws)
+    if seed_draws.ndim != 2 or prompt_draws.shape != (*seed_draws.shape, prompt_draws.shape[-1]):
+        raise ValueError(f"draws must be [R, S] and [R, S, P]; got {seed_draws.shape} and {prompt_draws.shape}")
+    stats = diff[seed_draws[:, :, None], prompt_draws].mean(axis=(1, 2))  # [R]
+    lo, hi, se, n_valid = _percentile_ci(stats, confidence)
+    return BootstrapResult(float(diff.mean()), lo, hi, se, int(diff.size), int(n_seeds), n_valid)
 
 
 def gap_groups(c: np.ndarray, region: np.ndarray, n_bins: int = 3) -> tuple[np.ndarray, np.ndarray]:

@@ -67,7 +67,7 @@ class FakeRolloutManager:
                 return
             time.sleep(0.1)
 
-    def eval(self, rollout_id: int) -> dict:
+    def eval(self, rollout_id: int, log_id: int | None = None) -> dict:
         self._event("eval", rollout_id=rollout_id)
         return {"rollout_id": rollout_id, "metrics": {"eval/score": 0.5}, "data": {}}
 

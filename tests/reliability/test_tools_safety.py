@@ -335,11 +335,12 @@ def suite_env(tmp_path, tiny_student_dir, tiny_teacher_dir):
     fake.mkdir()
     (fake / "train.py").write_text(STANDIN_TRAIN)
     train, held_out = write_splits(tmp_path / "data", 8, 4, seed=0)
-    env = {k: v for k, v in os.environ.items() if k not in ("RESUME", "FORCE", "SEED", "IDX", "DRY_RUN")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RESUME", "FORCE", "SEED", "SEEDS", "IDX", "DRY_RUN")}
     env.update(
         SLIME_DIR=str(fake), STUDENT_HF=str(tiny_student_dir), TEACHER_MODEL=str(tiny_teacher_dir),
         PROMPT_DATA=str(train), EVAL_PROMPT_DATA=str(held_out), OUTPUT_ROOT=str(tmp_path / "out"), SUITE_NAME="s",
         PROFILE="embedded", NUM_ROLLOUT="4", EVAL_INTERVAL="2", SUMMARIZE="1", METHOD_LIST="teachability:0.1:1",
+        SEEDS="1", SHARED_SERVERS="0",
     )  # fmt: skip
     return env
 
@@ -349,7 +350,7 @@ def _launch(script: Path, env: dict[str, str], **extra: str) -> subprocess.Compl
 
 
 def _summary(suite: Path) -> dict[str, dict[str, str]]:
-    with open(suite / "summary.csv", newline="") as f:
+    with open(suite / "runs.csv", newline="") as f:  # one row per run (summary.csv: one per method x budget)
         return {Path(r["run_dir"]).name: r for r in csv.DictReader(f)}
 
 
@@ -361,8 +362,8 @@ def test_suite_rerun_is_refused_and_force_moves_the_old_suite_aside(suite_env):
     suite = Path(suite_env["OUTPUT_ROOT"]) / "s"
     first = _launch(SUITE, suite_env)
     assert first.returncode == 0, first.stderr
-    run = suite / "runs" / "1_teachability_r0.1"
-    assert _summary(suite)["1_teachability_r0.1"]["steps"] == "4" and (run / "complete.json").exists()
+    run = suite / "runs" / "1_teachability_r0.1_s1"
+    assert _summary(suite)["1_teachability_r0.1_s1"]["steps"] == "4" and (run / "complete.json").exists()
     before = (run / "metrics.jsonl").read_bytes()
 
     for extra in ({"NUM_ROLLOUT": "1"}, {"NUM_ROLLOUT": "1", "DRY_RUN": "1"}):
@@ -374,9 +375,9 @@ def test_suite_rerun_is_refused_and_force_moves_the_old_suite_aside(suite_env):
     r = _launch(SUITE, suite_env, NUM_ROLLOUT="1", FORCE="1")
     assert r.returncode == 0, r.stderr
     (aside,) = suite.parent.glob("s.replaced-*")
-    assert (aside / "runs" / "1_teachability_r0.1" / "metrics.jsonl").read_bytes() == before  # kept, not deleted
+    assert (aside / "runs" / "1_teachability_r0.1_s1" / "metrics.jsonl").read_bytes() == before  # kept, not deleted
     assert _rollout_ids(run) == [-1, 0]
-    row = _summary(suite)["1_teachability_r0.1"]
+    row = _summary(suite)["1_teachability_r0.1_s1"]
     assert row["steps"] == "1" and float(row["teacher_kl_final"]) == 1.0  # the new run's numbers only
 
     r = _launch(SUITE, suite_env, RESUME="1", FORCE="1")
@@ -385,11 +386,13 @@ def test_suite_rerun_is_refused_and_force_moves_the_old_suite_aside(suite_env):
 
 def test_interrupted_suite_resumes_its_unfinished_entries_only(suite_env):
     env = {**suite_env, "METHOD_LIST": "teachability:0.1:1 tip:0.1:2 random:0.1:3", "SAVE_CHECKPOINT": "1",
-           "SAVE_INTERVAL": "1", "STANDIN_CRASH": "2_tip_r0.1:1"}  # fmt: skip
+           "SAVE_INTERVAL": "1", "STANDIN_CRASH": "2_tip_r0.1_s1:1"}  # fmt: skip
     suite = Path(env["OUTPUT_ROOT"]) / "s"
     r = _launch(SUITE, env)
-    assert r.returncode == 2 and "failed run(s): 2_tip_r0.1" in r.stderr
-    done, crashed, unstarted = (suite / "runs" / n for n in ("1_teachability_r0.1", "2_tip_r0.1", "3_random_r0.1"))
+    assert r.returncode == 2 and "failed run(s): 2_tip_r0.1_s1" in r.stderr
+    done, crashed, unstarted = (
+        suite / "runs" / n for n in ("1_teachability_r0.1_s1", "2_tip_r0.1_s1", "3_random_r0.1_s1")
+    )
     assert _rollout_ids(crashed) == [-1, 0, 1] and not (crashed / "complete.json").exists()
     assert not unstarted.joinpath("metrics.jsonl").exists()
     done_log = (done / "train.log").read_bytes()
@@ -409,12 +412,12 @@ def test_interrupted_suite_resumes_its_unfinished_entries_only(suite_env):
 
 
 def test_resume_without_a_checkpoint_restarts_the_entry_with_its_old_output_aside(suite_env):
-    env = {**suite_env, "STANDIN_CRASH": "1_teachability_r0.1:2"}
+    env = {**suite_env, "STANDIN_CRASH": "1_teachability_r0.1_s1:2"}
     suite = Path(env["OUTPUT_ROOT"]) / "s"
     assert _launch(SUITE, env).returncode == 2
     r = _launch(SUITE, env, RESUME="1", STANDIN_CRASH="")
     assert r.returncode == 0, r.stderr
-    run = suite / "runs" / "1_teachability_r0.1"
+    run = suite / "runs" / "1_teachability_r0.1_s1"
     assert _rollout_ids(run) == [-1, 0, 1, 2, 3]  # a clean run, not the crashed lines plus the new ones
     (old,) = (suite / "replaced").iterdir()
     assert _rollout_ids(old) == [-1, 0, 1, 2]
@@ -426,7 +429,8 @@ def test_resume_without_a_checkpoint_restarts_the_entry_with_its_old_output_asid
         ({"METHOD_LIST": "tip:0.1:99999999999999999999"}, "idx 99999999999999999999 is out of range"),
         ({"METHOD_LIST": "tip:0.1:9223372036854775808"}, "idx 9223372036854775808 is out of range"),
         ({"METHOD_LIST": "tip:0.1:4294967296"}, "idx 4294967296 is out of range"),
-        ({"METHOD_LIST": "tip:0.1:5", "SEED": "4294967295"}, "entry 'tip:0.1:5': seed SEED + idx = 4294967300"),
+        ({"SEEDS": "1 4294967296"}, "SEEDS entry 4294967296: 4294967296 is out of range"),
+        ({"SEEDS": "3 3"}, "SEEDS=3 3: seed 3 is listed twice"),
         ({"SEED": "-1"}, "SEED=-1: expected a non-negative integer"),
         ({"SEED": "1e3"}, "SEED=1e3: expected a non-negative integer"),
         ({"SEED": "18446744073709551617"}, "SEED=18446744073709551617: 18446744073709551617 is out of range"),
@@ -479,7 +483,7 @@ def test_summary_reads_only_the_newest_run_of_a_metrics_file(tmp_path):
     new = [{"rollout_id": 0, "train/teacher_kl_all": 1.0}]
     # a resumed run re-logs step 1 after its checkpoint: one record per step, the newest wins
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*old, *new]))
-    (row,) = summarize([suite], plots=False)["rows"]
+    (row,) = summarize([suite], plots=False)["runs"]
     assert row["steps"] == 1 and row["teacher_kl_final"] == 1.0
     resumed = [
         *old[:3],
@@ -487,7 +491,7 @@ def test_summary_reads_only_the_newest_run_of_a_metrics_file(tmp_path):
         {"rollout_id": 2, "train/teacher_kl_all": 3.0},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in resumed))
-    (row,) = summarize([suite], plots=False)["rows"]
+    (row,) = summarize([suite], plots=False)["runs"]
     assert row["steps"] == 3 and row["teacher_kl_final"] == pytest.approx((9.0 + 2.0 + 3.0) / 3)
 
 

@@ -75,40 +75,60 @@ def test_missing_student_path_fails_before_anything_starts(tmp_path):
 def test_bad_train_flag_is_caught_by_the_stack_parser(explicit_paths):
     r = run_suite({**explicit_paths, "METHOD_LIST": "tip:0.1:1", "EXTRA_ARGS": "--no-such-flag 3", "DRY_RUN": "1"})
     assert r.returncode == 2
-    assert "runs/1_tip_r0.1/train_args.txt" in r.stderr and "nothing was started" in r.stderr
+    assert "runs/1_tip_r0.1_s1234/train_args.txt" in r.stderr and "nothing was started" in r.stderr
 
 
 def test_mapping_csv_and_train_args(explicit_paths):
-    env = {**explicit_paths, "METHOD_LIST": "pure_opd:0.3:10 teachability:0.10:20", "SEED": "100", "DRY_RUN": "1"}
+    env = {**explicit_paths, "METHOD_LIST": "pure_opd:0.3:10 teachability:0.10:20 sft_teacher:0.5:30",
+           "SEEDS": "100 7", "DRY_RUN": "1"}  # fmt: skip
     r = run_suite(env, "--", "--opd-budget-mask-seed", "7")
     assert r.returncode == 0, r.stderr
     suite = Path(env["OUTPUT_ROOT"]) / "s"
     with open(suite / "method_mapping.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert rows == [
-        {"idx": "10", "alias": "pure_opd", "mask": "full", "ratio": "1.0", "seed": "110",
-         "run_dir": "runs/10_pure_opd_r1.0"},
-        {"idx": "20", "alias": "teachability", "mask": "dlearn_high", "ratio": "0.10", "seed": "120",
-         "run_dir": "runs/20_teachability_r0.10"},
-    ]  # fmt: skip
-    args = (suite / "runs" / "20_teachability_r0.10" / "train_args.txt").read_text().splitlines()
+    assert [(r["idx"], r["alias"], r["mask"], r["ratio"], r["seed"], r["run_dir"]) for r in rows] == [
+        ("10", "pure_opd", "full", "1.0", "100", "runs/10_pure_opd_r1.0_s100"),
+        ("20", "teachability", "dlearn_high", "0.10", "100", "runs/20_teachability_r0.10_s100"),
+        ("30", "sft_teacher", "full", "1.0", "100", "runs/30_sft_teacher_r1.0_s100"),
+        ("10", "pure_opd", "full", "1.0", "7", "runs/10_pure_opd_r1.0_s7"),
+        ("20", "teachability", "dlearn_high", "0.10", "7", "runs/20_teachability_r0.10_s7"),
+        ("30", "sft_teacher", "full", "1.0", "7", "runs/30_sft_teacher_r1.0_s7"),
+    ]  # every entry once per seed; idx names the run, the seed is the seed's (paired)
 
-    def value(flag):
-        return args[args.index(flag) + 1]
+    def flags(name):
+        args = (suite / "runs" / name / "train_args.txt").read_text().splitlines()
+        return args, lambda flag: args[args.index(flag) + 1]
 
+    args, value = flags("20_teachability_r0.10_s100")
     assert value("--opd-budget-mask") == "dlearn_high" and value("--opd-budget-ratio") == "0.10"
-    assert value("--seed") == "120" and value("--output-dir") == str(suite / "runs" / "20_teachability_r0.10")
+    assert value("--seed") == "100" and value("--rollout-seed") == "100"
+    assert value("--output-dir") == str(suite / "runs" / "20_teachability_r0.10_s100")
     assert value("--opd-teacher-hf-checkpoint") == explicit_paths["TEACHER_MODEL"]
     assert value("--custom-rm-path") == "slime.rollout.on_policy_distillation.reward_func"
     assert value("--eval-custom-rm-path") == "slime.embedded.task.reward_func"
     assert "--use-opd" in args and args[-2:] == ["--opd-budget-mask-seed", "7"]
-    assert not (suite / "runs" / "20_teachability_r0.10" / "metrics.jsonl").exists()  # dry run: nothing ran
+    assert "--loss-type" not in args
+    assert not (suite / "runs" / "20_teachability_r0.10_s100" / "metrics.jsonl").exists()  # dry run: nothing ran
+    # the methods of one seed differ only in their method flags and names: same seed, prompts, student
+    pure, _ = flags("10_pure_opd_r1.0_s100")
+    differ = {a for a in set(args) ^ set(pure)}
+    assert differ <= {"dlearn_high", "full", "0.10", "1.0", str(suite / "runs" / "20_teachability_r0.10_s100"),
+                      str(suite / "runs" / "10_pure_opd_r1.0_s100")}, differ  # fmt: skip
+    args, value = flags("20_teachability_r0.10_s7")
+    assert value("--seed") == "7" and value("--rollout-seed") == "7"
+    # the SFT baseline row: its loss and generate function from ta_opd.aliases.METHOD_FLAGS, no selection
+    args, value = flags("30_sft_teacher_r1.0_s7")
+    assert value("--loss-type") == "sft_loss" and value("--opd-budget-mask") == "full"
+    assert value("--custom-generate-function-path") == "slime.rollout.sft_baseline.generate_with_teacher"
 
-    # TEACHER_URL replaces the teacher checkpoint with --rm-url
-    env2 = {**env, "SUITE_NAME": "s2", "TEACHER_URL": "http://127.0.0.1:9/generate"}
-    assert run_suite(env2).returncode == 0
-    args = (Path(env["OUTPUT_ROOT"]) / "s2" / "runs" / "10_pure_opd_r1.0" / "train_args.txt").read_text().splitlines()
+    # ROLLOUT_SEED set: one prompt order for every seed; TEACHER_URL replaces the teacher checkpoint with --rm-url
+    env2 = {**env, "SUITE_NAME": "s2", "ROLLOUT_SEED": "42", "TEACHER_URL": "http://127.0.0.1:9/generate"}
+    r = run_suite(env2)
+    assert r.returncode == 0, r.stderr
+    args = (Path(env["OUTPUT_ROOT"]) / "s2" / "runs" / "10_pure_opd_r1.0_s7" / "train_args.txt").read_text()
+    args = args.splitlines()
     assert args[args.index("--rm-url") + 1] == "http://127.0.0.1:9/generate"
+    assert args[args.index("--rollout-seed") + 1] == "42" and args[args.index("--seed") + 1] == "7"
     assert "--opd-teacher-hf-checkpoint" not in args
 
 

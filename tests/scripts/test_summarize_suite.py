@@ -49,17 +49,24 @@ def test_summary_rows_table_and_plots(tmp_path):
         ],
     )
     result = summarize([suite], tail=2)
-    rows = result["rows"]
-    assert [r["alias"] for r in rows] == ["pure_opd", "teachability"]  # Full OPD first
-    ta = rows[1]
+    runs = result["runs"]
+    assert [r["alias"] for r in runs] == ["pure_opd", "teachability"]  # Full OPD first
+    ta = runs[1]
     assert ta["method"] == "TA-OPD" and ta["budget_nominal"] == 0.1 and ta["budget_realised"] == pytest.approx(0.12)
     assert ta["eval_accuracy_initial"] == 0.1 and ta["eval_accuracy_final"] == 0.5
     assert ta["teacher_kl_first"] == 1.0 and ta["teacher_kl_final"] == pytest.approx((0.8 + 0.7) / 2)
     assert ta["steps"] == 4 and ta["wall_seconds"] == 12.5 and ta["status"] == "ok"
-    assert "| TA-OPD | teachability | 10% | 12% | 10.0% | 50.0% |" in result["table"]
+    row = result["rows"][1]  # one row per method x budget; no per-prompt results here: no CI
+    assert row["accuracy_after_mean"] == 0.5 and row["accuracy_after_ci_low"] is None and row["seeds"] == 1
+    assert "| TA-OPD | 10% | 12% | 1 | 10.0% | 50.0% | – |" in result["table"]
+    assert result["verdicts"] == [
+        "Full OPD: no random run to compare with; +50.0 points over the student before training",
+        "TA-OPD 10%: no random run to compare with; 80% of full OPD's gain",
+    ]
     with open(suite / "summary.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert csv_rows[1]["budget_realised"] == "0.12" and csv_rows[0]["method"] == "Full OPD"
+    assert csv_rows[1]["share_of_full_opd_gain"] == "0.8"
     for name in ("curves", "accuracy_vs_budget"):
         assert result["paths"][name].stat().st_size > 10_000
 
@@ -71,10 +78,10 @@ def test_sweep_of_several_suites_with_posthoc_and_missing_run(tmp_path):
         (b / "method_mapping.csv").read_text() + "20,random,random,0.2,20,runs/20_random\n"
     )  # listed but never ran
     result = summarize([a, b], out_dir=tmp_path, plots=False)
-    by = {(r["alias"], r["budget_nominal"]): r for r in result["rows"]}
+    by = {(r["alias"], r["budget_nominal"]): r for r in result["runs"]}
     assert by[("tip", 0.05)]["posthoc_accuracy"] == 0.31 and by[("tip", 0.2)]["posthoc_accuracy"] == 0.42
     assert by[("random", 0.2)]["status"] == "missing" and by[("random", 0.2)]["eval_accuracy_final"] is None
-    assert "final ckpt accuracy" in result["table"]
+    assert {(r["alias"], r["budget_nominal"]): r["status"] for r in result["rows"]}[("random", 0.2)] == "0/1 ok"
     assert (tmp_path / "summary.md").is_file() and not (tmp_path / "plots").exists()
 
 

@@ -69,14 +69,27 @@ def test_alias_table_and_resolve():
         "tip": "tip",
         "divergence": "divergence",
         "random": "random",
+        "sft_teacher": "full",
     }
-    assert FORCED_RATIO == {"pure_opd": 1.0}
+    assert FORCED_RATIO == {"pure_opd": 1.0, "sft_teacher": 1.0}
     for alias, mask in METHOD_ALIASES.items():
         assert mask in SELECTORS and resolve_alias(alias) == mask
     for mask in SELECTORS.names():
         assert resolve_alias(mask) == mask  # mask names pass through
     with pytest.raises(ValueError, match=r"unknown method alias or mask 'teach'.*aliases.*masks"):
         resolve_alias("teach")
+
+
+def test_sft_baseline_alias_flags():
+    from ta_opd.aliases import method_flags
+
+    assert method_flags("sft_teacher") == (
+        "--loss-type", "sft_loss",
+        "--custom-generate-function-path", "slime.rollout.sft_baseline.generate_with_teacher",
+    )  # fmt: skip
+    assert method_flags("teachability") == ()
+    with pytest.raises(ValueError, match="unknown method alias 'nope'"):
+        method_flags("nope")
 
 
 # ---------------------------------------------------------------- TokenBatch validation

@@ -86,6 +86,20 @@ class RayTrainGroup:
         results = ray.get(self.async_init(rollout_manager))
         return results[: len(self._actor_handlers)]
 
+    def reset(self, args: Namespace) -> int:
+        """Start another run on the same ranks (slime.suite): each rank's ``reset(args)`` (weights from the student
+        checkpoint or ``--load``, fresh optimizer); returns the rollout id to start from."""
+        if not hasattr(self._actor_cls, "reset"):
+            raise ValueError(
+                f"{self._actor_cls.__name__} cannot start another run in place (no reset); "
+                "run one process per entry (SHARED_SERVERS=0)"
+            )
+        self.args = args
+        start_ids = ray.get([actor.reset.remote(args) for actor in self._actor_handlers])
+        if len(set(start_ids)) != 1:
+            raise RuntimeError(f"training ranks disagree on the rollout id to resume from: {start_ids}")
+        return start_ids[0]
+
     def async_train(self, rollout_id: int, rollout_data_ref: Any) -> list[ray.ObjectRef]:
         """One rollout of training on every rank; refs resolve to each rank's metrics dict."""
         return [actor.train.remote(rollout_id, rollout_data_ref) for actor in self._actor_handlers]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import os
 import time
@@ -40,6 +41,9 @@ from slime.utils.misc import load_function
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
+
+# Per-prompt evaluation results of a run, one JSON line per eval step and dataset (RolloutManager._log_eval_results).
+EVAL_RESULTS_FILE = "eval_results.jsonl"
 
 # Per-sample keys of the rollout data dict (lists in sample order).
 PER_SAMPLE_KEYS = (
@@ -72,15 +76,29 @@ def _is_number(x: Any) -> bool:
 class RolloutManager:
     """Owns rollout servers, the data source and the rollout/eval plug-ins (see the module doc)."""
 
-    def __init__(self, args: Namespace, pg: Any = None):
+    def __init__(self, args: Namespace, pg: Any = None, weights_roots: list[str] | None = None):
         self.args = args
         self.pg = pg
+        # where the embedded engines may load pushed weights from (default: <output-dir>/weights); a suite sharing
+        # the engines across runs (slime.suite) passes the folder holding every run's output dir
+        self._weights_roots = list(weights_roots) if weights_roots else None
         self._engine_group = None
         self._teacher = None
         self._latest_weights: str | None = None  # the newest dir pushed with update_weights_from_disk
         self.server_restarts = 0  # servers found dead and restarted since start
         self.engine_restarts = 0  # of which student engines (a pushed-weights sender reconnects when it grows)
         self.step_retries = 0  # steps redone after a server restart
+        self._configure_run()
+        try:
+            self._start_servers()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _configure_run(self) -> None:
+        """Everything that follows the run's flags rather than the servers: HTTP limits, input checks, the data
+        source and the rollout/eval/reward plug-ins."""
+        args = self.args
         init_http_client(args)
         self._check_inputs_before_start()
         self.data_source = load_function(args.data_source_path)(args)
@@ -94,12 +112,37 @@ class RolloutManager:
             if getattr(args, "custom_convert_samples_to_train_data_path", None)
             else None
         )
-        try:
-            self._start_servers()
-        except BaseException:
-            self.shutdown()
-            raise
         self.rollout_id = -1
+
+    # Flags the servers were started from: a run on the same servers (reconfigure) must have the same values.
+    SERVER_FLAGS = (
+        "hf_checkpoint", "opd_teacher_hf_checkpoint", "rollout_num_engines", "rollout_backend", "api_key",
+        "weight_update_mode", "use_opd", "opd_type", "colocate", "offload",
+    )  # fmt: skip
+
+    def reconfigure(self, args: Namespace) -> dict[str, Any]:
+        """Serve another run on the running servers (slime.suite): ``args`` replaces the run's flags, and the data
+        source and plug-ins are rebuilt from them (a fresh data position, seeded by its ``--rollout-seed``); the
+        engines, router and teacher stay. ``args`` gets the servers' addresses. Returns :meth:`server_info`.
+
+        Raises ValueError naming the flag when ``args`` differs in a flag the servers were started from
+        (``SERVER_FLAGS``, a router or teacher address of its own)."""
+        differ = [n for n in self.SERVER_FLAGS if getattr(args, n, None) != getattr(self.args, n, None)]
+        for name in ("sglang_router_ip", "sglang_router_port", "rm_url"):
+            value = getattr(args, name, None)
+            if value is None:
+                setattr(args, name, getattr(self.args, name, None))
+            elif value != getattr(self.args, name, None):
+                differ.append(name)
+        if differ:
+            raise ValueError(
+                "this run cannot share the running servers: it differs in "
+                + ", ".join(f"--{n.replace('_', '-')} ({getattr(args, n, None)!r} vs {getattr(self.args, n, None)!r})"
+                            for n in differ)
+            )  # fmt: skip
+        self.args = args
+        self._configure_run()
+        return self.server_info()
 
     # ------------------------------------------------------------------ servers
     def _check_inputs_before_start(self) -> None:
@@ -197,13 +240,14 @@ class RolloutManager:
             n = max(1, int(args.rollout_num_engines or 1))
             logger.info("starting %d embedded engine(s) from %s behind sglang-router", n, args.hf_checkpoint)
             extra: tuple[str, ...] = ()
-            if getattr(args, "output_dir", None):
+            if getattr(args, "output_dir", None) or self._weights_roots:
                 # the trainer pushes weights from <output-dir>/weights: the engines may load from there only
-                weights_root = os.path.join(os.path.abspath(args.output_dir), "weights")
-                os.makedirs(weights_root, exist_ok=True)
+                roots = self._weights_roots or [os.path.join(os.path.abspath(args.output_dir), "weights")]
                 # ... and from the initial checkpoint's folder (a resumed or re-pushed initial model)
-                initial_root = os.path.dirname(os.path.abspath(args.hf_checkpoint))
-                extra = ("--weights-root", weights_root, "--weights-root", initial_root)
+                roots = [os.path.abspath(r) for r in roots] + [os.path.dirname(os.path.abspath(args.hf_checkpoint))]
+                for root in roots[:-1]:
+                    os.makedirs(root, exist_ok=True)
+                extra = tuple(x for root in roots for x in ("--weights-root", root))
             self._engine_group = launch_engine_group(
                 args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir(), extra_args=extra
             )
@@ -408,11 +452,33 @@ class RolloutManager:
             data["samples"] = [s.to_dict() for s in samples]
         return data
 
-    def eval(self, rollout_id: int) -> dict[str, Any]:
-        """Evaluation on ``--eval-prompt-data``: {"rollout_id", "metrics", "data": {name: {rewards, truncated}}}."""
+    def eval(self, rollout_id: int, log_id: int | None = None) -> dict[str, Any]:
+        """Evaluation on ``--eval-prompt-data``: {"rollout_id", "metrics", "data": {name: {rewards, truncated}}}.
+
+        The per-prompt rewards go to ``<output-dir>/eval_results.jsonl`` too (:meth:`_log_eval_results`), under
+        ``log_id`` (the step the caller logs this evaluation at: -1 before training) or ``rollout_id``.
+        """
         out = call_rollout_fn(self.eval_generate_rollout, self.args, rollout_id, self.data_source, evaluation=True)
         data = {name: {k: v for k, v in entry.items() if k != "samples"} for name, entry in (out.data or {}).items()}
+        self._log_eval_results(rollout_id if log_id is None else log_id, data)
         return {"rollout_id": rollout_id, "metrics": dict(out.metrics or {}), "data": data}
+
+    def _log_eval_results(self, step: int, data: dict[str, Any]) -> None:
+        """One JSON line per dataset: ``{"rollout_id", "dataset", "n_samples_per_prompt", "rewards"}`` with the
+        rewards in eval order (prompt i's samples at ``i*n .. i*n+n-1``; a non-numeric reward is null). The suite
+        summary's paired bootstrap over eval prompts reads them (slime.utils.suite_summary)."""
+        out = getattr(self.args, "output_dir", None)
+        if out is None or not data:
+            return
+        n = int(getattr(self.args, "n_samples_per_eval_prompt", 1) or 1)
+        lines = []
+        for name, entry in data.items():
+            rewards = [float(r) if _is_number(r) else None for r in entry.get("rewards") or []]
+            record = {"rollout_id": int(step), "dataset": name, "n_samples_per_prompt": n, "rewards": rewards}
+            lines.append(json.dumps(record) + "\n")
+        with open(os.path.join(out, EVAL_RESULTS_FILE), "a") as f:
+            f.write("".join(lines))
+            f.flush()
 
     def _post_process_rewards(self, samples: list[Sample]) -> tuple[list[Any], list[float]]:
         fn = self.custom_reward_post_process_func
@@ -533,12 +599,14 @@ class RolloutManager:
         return data
 
 
-def create_rollout_manager(args: Namespace, pg: Any = None, **ray_options) -> Any:
+def create_rollout_manager(
+    args: Namespace, pg: Any = None, weights_roots: list[str] | None = None, **ray_options
+) -> Any:
     """Start the RolloutManager as a Ray actor (``ray.remote`` applied here) and wait until it is up."""
     import ray
 
     options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1}
     options.update(ray_options)
-    actor = ray.remote(RolloutManager).options(**options).remote(args, pg)
+    actor = ray.remote(RolloutManager).options(**options).remote(args, pg, weights_roots)
     ray.get(actor.server_info.remote())  # surfaces constructor errors here
     return actor

@@ -1,14 +1,20 @@
-"""Summarise a method suite or budget sweep: one table (CSV + Markdown) and PNG plots.
+"""Summarise a method suite or budget sweep: one table (CSV + Markdown), verdict lines and PNG plots.
 
 Reads ``<suite>/method_mapping.csv`` (written by scripts/train/run_method_suite.sh), then for each
 run ``<suite>/<run_dir>/metrics.jsonl`` (one JSON object per rollout step, written by train.py),
-``launcher.json`` (wall time, exit code) and, when present, ``eval_accuracy.json`` (a post-hoc
-evaluation of the final checkpoint by tools/eval_task_accuracy.py). Several suites (a budget sweep)
-can be combined into one table. Only the newest run of each ``metrics.jsonl`` is read, one record per
+``eval_results.jsonl`` (per-prompt eval rewards, written by the RolloutManager), ``launcher.json``
+(wall time, exit code) and, when present, ``eval_accuracy.json`` (a post-hoc evaluation of the final
+checkpoint by tools/eval_task_accuracy.py). Several suites (a budget sweep) can be combined into one
+table. Only the newest run of each ``metrics.jsonl`` / ``eval_results.jsonl`` is read, one record per
 rollout step (``current_run_records``), so a file that somehow holds two runs is never blended.
 
-Writes ``summary.csv``, ``summary.md`` and ``plots/{curves,accuracy_vs_budget}.png`` under
-``--out-dir`` (default: the first suite directory) and prints the Markdown table.
+``summary.csv`` has one row per method × budget (its seeds pooled; columns ``SUMMARY_COLUMNS``,
+docs/method_suite.md): accuracies as fractions, 95 % CIs from the paired seed × prompt bootstrap
+(``ta_opd.diagnostics.gain.paired_seed_prompt_bootstrap``) of the final eval's per-prompt correctness,
+``gain_vs_random`` against the random selector's run of the same seed on the same prompts.
+``runs.csv`` has one row per run. Also written: ``summary.md`` (the table and one verdict line per
+method) and ``plots/{curves,accuracy_vs_budget}.png``, under ``--out-dir`` (default: the first suite
+directory); the table and the verdicts are printed.
 
 Usage (``tools/summarize_suite.py`` and the ``summarize_suite`` command wrap ``main``)::
 
@@ -41,6 +47,7 @@ PAPER_NAMES = {
     "tip": "TIP-style",
     "divergence": "High divergence",
     "random": "Random",
+    "sft_teacher": "SFT on teacher samples",
 }
 
 # Metric keys written by the stack (docs/training.md); the first present key wins.
@@ -49,8 +56,36 @@ NOMINAL_KEYS = ("opd/nominal_ratio",)
 TEACHER_KL_KEYS = ("train/teacher_kl_all", "rollout/teacher_kl_sampled", "opd/sampled_rev_kl_all")
 ACCURACY_SUFFIX = "/reward_mean"  # eval/<dataset>/reward_mean = accuracy with the task's verifier reward
 
+# summary.csv: one row per method x budget, seeds pooled (docs/method_suite.md defines every column)
+SUMMARY_COLUMNS = [
+    "method",
+    "alias",
+    "mask",
+    "budget_nominal",
+    "budget_realised",
+    "seeds",
+    "accuracy_before",
+    "accuracy_after_mean",
+    "accuracy_after_ci_low",
+    "accuracy_after_ci_high",
+    "gain_vs_random_mean",
+    "gain_vs_random_ci_low",
+    "gain_vs_random_ci_high",
+    "random_budget",
+    "share_of_full_opd_gain",
+    "teacher_kl_before",
+    "teacher_kl_after_mean",
+    "wall_s",
+    "seed_list",
+    "status",
+]
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+# runs.csv: one row per run
 COLUMNS = [
     "idx",
+    "seed",
     "method",
     "alias",
     "mask",
@@ -76,6 +111,7 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list)
     launcher: dict[str, Any] = field(default_factory=dict)
     posthoc: dict[str, Any] = field(default_factory=dict)
+    eval_results: dict[int, list[float]] = field(default_factory=dict)  # rollout id -> per-prompt score
 
     @property
     def dir(self) -> Path:
@@ -160,8 +196,32 @@ def load_suite(suite: Path) -> list[Run]:
         for name, attr in (("launcher.json", "launcher"), ("eval_accuracy.json", "posthoc")):
             if (run.dir / name).is_file():
                 setattr(run, attr, json.loads((run.dir / name).read_text()))
+        if (run.dir / EVAL_RESULTS).is_file():
+            run.eval_results = read_eval_results(run.dir / EVAL_RESULTS, accuracy_dataset(run.records))
         runs.append(run)
     return runs
+
+
+EVAL_RESULTS = "eval_results.jsonl"  # slime.ray.rollout.EVAL_RESULTS_FILE (not imported: that module loads torch)
+
+
+def read_eval_results(path: Path, dataset: str | None) -> dict[int, list[float]]:
+    """Per-prompt scores of one dataset by rollout id (the newest run of the file): each prompt's mean reward over
+    its samples. A step whose rewards are not all numbers is left out (no per-prompt CI for it)."""
+    records = [r for r in read_jsonl(path) if dataset is None or r.get("dataset") == dataset]
+    out: dict[int, list[float]] = {}
+    for r in current_run_records(records)[0]:
+        rewards, n = r.get("rewards"), int(r.get("n_samples_per_prompt") or 1)
+        if not isinstance(rewards, list) or not rewards or len(rewards) % n or not all(map(_finite, rewards)):
+            continue
+        out[int(r["rollout_id"])] = [sum(rewards[i : i + n]) / n for i in range(0, len(rewards), n)]
+    return out
+
+
+def accuracy_dataset(records: Sequence[dict[str, Any]]) -> str | None:
+    """The dataset of :func:`accuracy_key` (``eval/<dataset>/reward_mean``)."""
+    key = accuracy_key(records)
+    return None if key is None else key[len("eval/") : -len(ACCURACY_SUFFIX)]
 
 
 def _first_key(records: Sequence[dict[str, Any]], keys: Sequence[str]) -> str | None:
@@ -209,6 +269,7 @@ def summarize_run(run: Run, tail: int = 3) -> dict[str, Any]:
         wall = sum(float(r.get("perf/step_time", 0.0)) for r in recs)
     return {
         "idx": int(run.row["idx"]),
+        "seed": int(run.row["seed"]) if str(run.row.get("seed", "")).isdigit() else None,
         "method": PAPER_NAMES.get(run.row["alias"], run.row["alias"]),
         "alias": run.row["alias"],
         "mask": run.row["mask"],
@@ -217,6 +278,7 @@ def summarize_run(run: Run, tail: int = 3) -> dict[str, Any]:
         "steps": len(recs),
         "eval_accuracy_initial": acc[0] if acc and acc_steps[0] < 0 else None,
         "eval_accuracy_final": acc[-1] if acc else None,
+        "final_eval_step": acc_steps[-1] if acc else None,
         "posthoc_accuracy": run.posthoc.get("accuracy"),
         "teacher_kl_first": kl[0] if kl else None,
         "teacher_kl_final": _mean(kl[-tail:]),
@@ -230,22 +292,193 @@ def summarize_run(run: Run, tail: int = 3) -> dict[str, Any]:
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "–"
-    if key.startswith("budget"):
+    if key.startswith("budget") or key == "random_budget":
         return _pct(value)
+    if key == "share_of_full_opd_gain":
+        return f"{100 * value:.0f}%"
+    if key.startswith("gain"):
+        return f"{100 * value:+.1f} pts"
     if "accuracy" in key:
         return f"{100 * value:.1f}%"
     if key.startswith("teacher_kl"):
         return f"{value:.4f}"
-    if key == "wall_seconds":
+    if key in ("wall_seconds", "wall_s"):
         return f"{value:.0f} s"
     return str(value)
 
 
+def _ci(row: dict[str, Any], key: str) -> str:
+    lo, hi = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    return "" if lo is None or hi is None else f" [{_fmt(key, lo)}, {_fmt(key, hi)}]"
+
+
+def _mean_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    return _mean([r[key] for r in runs if _finite(r.get(key))])
+
+
+def aggregate(
+    runs: Sequence[Run], run_rows: Sequence[dict[str, Any]], n_resamples: int = BOOTSTRAP_RESAMPLES
+) -> list[dict[str, Any]]:
+    """One row per method × budget (``SUMMARY_COLUMNS``) from the runs of every seed.
+
+    ``accuracy_after``: the final eval's accuracy, mean over seeds and prompts, with the paired seed × prompt
+    bootstrap CI of the per-prompt scores (``eval_results.jsonl``); without per-prompt results, the mean of the
+    runs' final accuracies and no CI. ``gain_vs_random``: the same bootstrap of (method − random) on the seeds both
+    have, random at the same budget (else the suite's only random budget). Rows: Full OPD first, then by budget.
+    """
+    from ta_opd.diagnostics.gain import paired_seed_prompt_bootstrap
+
+    groups: dict[tuple[str, float], list[tuple[Run, dict[str, Any]]]] = {}
+    for run, row in zip(runs, run_rows, strict=True):
+        groups.setdefault((row["alias"], float(run.row["ratio"])), []).append((run, row))
+
+    def final_scores(members) -> dict[int, list[float]]:
+        """seed -> the per-prompt scores of the run's final eval (runs with them only)."""
+        out = {}
+        for run, row in members:
+            step = row["final_eval_step"]
+            if row["seed"] is not None and step is not None and step in run.eval_results:
+                out[row["seed"]] = run.eval_results[step]
+        return out
+
+    def bootstrap(a: dict[int, list[float]], b: dict[int, list[float]] | None):
+        seeds = sorted(set(a) & set(b)) if b is not None else sorted(a)
+        if not seeds or len({len(a[s]) for s in seeds} | ({len(b[s]) for s in seeds} if b else set())) != 1:
+            return None  # nothing paired, or runs evaluated on different prompt sets
+        import numpy as np
+
+        values = np.array([a[s] for s in seeds])
+        base = np.array([b[s] for s in seeds]) if b is not None else None
+        return paired_seed_prompt_bootstrap(values, base, n_resamples=n_resamples, confidence=CONFIDENCE)
+
+    randoms = {ratio: members for (alias, ratio), members in groups.items() if alias == "random"}
+    rows = []
+    for (alias, ratio), members in groups.items():
+        run_rows_g = [row for _, row in members]
+        ok = [row for row in run_rows_g if row["status"] == "ok"]
+        scores = final_scores(members)
+        acc = bootstrap(scores, None)
+        row: dict[str, Any] = {
+            "method": PAPER_NAMES.get(alias, alias),
+            "alias": alias,
+            "mask": members[0][0].row["mask"],
+            "budget_nominal": _mean_of(run_rows_g, "budget_nominal") or ratio,
+            "budget_realised": _mean_of(run_rows_g, "budget_realised"),
+            "seeds": len(ok),
+            "accuracy_before": _mean_of(run_rows_g, "eval_accuracy_initial"),
+            "accuracy_after_mean": acc.estimate if acc else _mean_of(run_rows_g, "eval_accuracy_final"),
+            "accuracy_after_ci_low": acc.ci_low if acc else None,
+            "accuracy_after_ci_high": acc.ci_high if acc else None,
+            "gain_vs_random_mean": None,
+            "gain_vs_random_ci_low": None,
+            "gain_vs_random_ci_high": None,
+            "random_budget": None,
+            "share_of_full_opd_gain": None,
+            "teacher_kl_before": _mean_of(run_rows_g, "teacher_kl_first"),
+            "teacher_kl_after_mean": _mean_of(run_rows_g, "teacher_kl_final"),
+            "wall_s": _mean_of(run_rows_g, "wall_seconds"),
+            "seed_list": " ".join(str(r["seed"]) for r in run_rows_g if r["seed"] is not None),
+            "status": "ok" if len(ok) == len(run_rows_g) else f"{len(ok)}/{len(run_rows_g)} ok",
+        }
+        reference = randoms.get(ratio) or (next(iter(randoms.values())) if len(randoms) == 1 else None)
+        if alias != "random" and reference is not None:
+            row["random_budget"] = float(reference[0][0].row["ratio"])
+            gain = bootstrap(scores, final_scores(reference))
+            if gain is not None:
+                row["gain_vs_random_mean"] = gain.estimate
+                row["gain_vs_random_ci_low"], row["gain_vs_random_ci_high"] = gain.ci_low, gain.ci_high
+        rows.append(row)
+    full = next((r for r in rows if r["alias"] == "pure_opd"), None)
+    full_gain = _gain_over_start(full) if full else None
+    for r in rows:
+        gain = _gain_over_start(r)
+        if full_gain is not None and full_gain > 0 and gain is not None:
+            r["share_of_full_opd_gain"] = gain / full_gain
+    return sorted(rows, key=lambda r: (r["alias"] != "pure_opd", r["budget_nominal"], r["alias"]))
+
+
+def _gain_over_start(row: dict[str, Any] | None) -> float | None:
+    if row is None or row["accuracy_after_mean"] is None or row["accuracy_before"] is None:
+        return None
+    return row["accuracy_after_mean"] - row["accuracy_before"]
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row["alias"] in ("pure_opd", "sft_teacher"):
+        return row["method"]
+    return f"{row['method']} {_pct(row['budget_nominal'])}"
+
+
+def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per method, e.g. "TA-OPD 10%: +4.0 points vs random 10% [+1.0, +7.0]; 55% of full OPD's gain"."""
+    full = next((r for r in rows if r["alias"] == "pure_opd"), None)
+    full_gain = _gain_over_start(full)
+    lines = []
+    for r in rows:
+        if r["alias"] == "random":
+            continue
+        parts = []
+        if r["gain_vs_random_mean"] is not None:
+            lo, hi = r["gain_vs_random_ci_low"], r["gain_vs_random_ci_high"]
+            parts.append(
+                f"{100 * r['gain_vs_random_mean']:+.1f} points vs random {_pct(r['random_budget'])} "
+                f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            )
+        elif r["random_budget"] is not None:
+            parts.append(f"no paired per-prompt results to compare with random {_pct(r['random_budget'])}")
+        else:
+            parts.append("no random run to compare with")
+        gain = _gain_over_start(r)
+        if r["alias"] == "pure_opd":
+            if gain is not None:
+                parts.append(f"{100 * gain:+.1f} points over the student before training")
+        elif full_gain is None:
+            parts.append("no full OPD run to compare with")
+        elif full_gain <= 0:
+            parts.append(f"full OPD gained {100 * full_gain:+.1f} points: no share of its gain to report")
+        elif gain is not None:
+            parts.append(f"{100 * gain / full_gain:.0f}% of full OPD's gain")
+        lines.append(f"{_label(r)}: " + "; ".join(parts))
+    return lines
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
+    """The summary table (one row per method × budget), accuracies with their 95 % CIs."""
+    cols = [
+        ("method", "method"),
+        ("budget_nominal", "budget (nominal)"),
+        ("budget_realised", "budget (realised)"),
+        ("seeds", "seeds"),
+        ("accuracy_before", "accuracy before"),
+        ("accuracy_after", "accuracy after [95% CI]"),
+        ("gain_vs_random", "gain vs random [95% CI]"),
+        ("teacher_kl_before", "teacher KL before"),
+        ("teacher_kl_after_mean", f"teacher KL after (last {tail})"),
+        ("wall_s", "wall time / run"),
+        ("status", "status"),
+    ]
+    out = io.StringIO()
+    out.write("| " + " | ".join(h for _, h in cols) + " |\n")
+    out.write("|" + "|".join("---" for _ in cols) + "|\n")
+    for r in rows:
+        cells = []
+        for key, _ in cols:
+            if key in ("accuracy_after", "gain_vs_random"):
+                mean = r[f"{key}_mean"]
+                cells.append(_fmt(key, mean) + ("" if mean is None else _ci(r, key)))
+            else:
+                cells.append(_fmt(key, r[key]))
+        out.write("| " + " | ".join(cells) + " |\n")
+    return out.getvalue()
+
+
+def runs_markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
+    """One row per run (runs.csv as Markdown)."""
     has_posthoc = any(r["posthoc_accuracy"] is not None for r in rows)
     cols = [
         ("method", "method"),
         ("alias", "alias"),
+        ("seed", "seed"),
         ("budget_nominal", "budget (nominal)"),
         ("budget_realised", "budget (realised)"),
         ("eval_accuracy_initial", "accuracy before"),
@@ -272,100 +505,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=list(columns))
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: "" if r[k] is None else r[k] for k in COLUMNS})
+        writer.writerow({k: "" if r[k] is None else r[k] for k in columns})
     _atomic_write(path, buf.getvalue())
-
-
-def plot_curves(runs: Sequence[Run], path: Path, smooth: int = 3) -> Path:
-    """Teacher KL (sampled tokens) and held-out accuracy over rollout steps, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_kl, ax_acc) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    cmap = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
-        color = cmap(i % 10)
-        style = "-" if run.row["alias"] == "pure_opd" else ("--" if run.row["alias"] == "random" else "-")
-        width = 2.6 if run.row["alias"] in ("pure_opd", "teachability") else 1.6
-        recs = [r for r in run.records if _finite(r.get("rollout_id")) and r["rollout_id"] >= 0]
-        steps, kl = series(recs, _first_key(recs, TEACHER_KL_KEYS))
-        if kl:
-            k = max(1, min(smooth, len(kl)))  # trailing moving average: rollout batches are small and noisy
-            kl_s = [sum(kl[max(0, j - k + 1) : j + 1]) / len(kl[max(0, j - k + 1) : j + 1]) for j in range(len(kl))]
-            ax_kl.plot(steps, kl_s, style, color=color, lw=width, label=run.label)
-        steps, acc = series(run.records, accuracy_key(run.records))
-        if acc:
-            ax_acc.plot(steps, [100 * a for a in acc], style, marker="o", ms=4, color=color, lw=width, label=run.label)
-    ax_kl.set_title(f"Teacher KL on sampled tokens (moving average of {smooth})")
-    ax_kl.set_xlabel("rollout step")
-    ax_kl.set_ylabel("mean log p_student(y) − log p_teacher(y)")
-    ax_acc.set_title("Held-out accuracy (greedy, verifier)")
-    ax_acc.set_xlabel("rollout step (−1 = before training)")
-    ax_acc.set_ylabel("accuracy (%)")
-    from matplotlib.ticker import MaxNLocator
-
-    top = max([v for line in ax_acc.get_lines() for v in line.get_ydata()] + [5.0])
-    ax_acc.set_ylim(0, min(100.0, 1.15 * top))
-    for ax in (ax_kl, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = ax_acc.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_kl.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside right center", fontsize=9, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_accuracy_vs_budget(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Final accuracy against the nominal budget, one line per method; Full OPD as a horizontal reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def acc(r):
-        return r["posthoc_accuracy"] if r["posthoc_accuracy"] is not None else r["eval_accuracy_final"]
-
-    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    cmap = plt.get_cmap("tab10")
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if acc(r) is not None and r["alias"] != "pure_opd":
-            by_method.setdefault(r["method"], []).append((r["budget_nominal"], 100 * acc(r)))
-    for i, (method, pts) in enumerate(sorted(by_method.items())):
-        pts.sort()
-        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], "-o", color=cmap((i + 1) % 10), label=method)
-    full = [100 * acc(r) for r in rows if r["alias"] == "pure_opd" and acc(r) is not None]
-    if full:
-        ax.axhline(sum(full) / len(full), color=cmap(0), ls="--", lw=2, label="Full OPD (100% of tokens)")
-    initial = [r["eval_accuracy_initial"] for r in rows if r["eval_accuracy_initial"] is not None]
-    if initial:
-        ax.axhline(100 * initial[0], color="grey", ls=":", lw=1.5, label="student before OPD")
-    budgets = sorted({r["budget_nominal"] * 100 for r in rows if r["alias"] != "pure_opd"})
-    if len(budgets) > 1 and budgets[0] > 0 and budgets[-1] / budgets[0] >= 8:
-        ax.set_xscale("log")
-    if budgets:
-        ax.set_xticks(budgets, [f"{b:g}%" for b in budgets])
-    ax.set_xlabel("token budget (nominal share of response tokens trained on)")
-    ax.set_ylabel("final held-out accuracy (%)")
-    ax.set_title("Final accuracy vs token budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def summarize(
@@ -373,25 +519,33 @@ def summarize(
     out_dir: str | os.PathLike | None = None,
     plots: bool = True,
     tail: int = 3,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, Any]:
-    """Build the summary of one or more suites; returns the rows and the written paths."""
+    """Build the summary of one or more suites; returns the method rows, the run rows, the table, the verdict
+    lines and the written paths."""
     if not suite_dirs:
         raise ValueError("need at least one suite directory")
     runs = [run for d in suite_dirs for run in load_suite(Path(d))]
     if not runs:
         raise ValueError(f"no runs in {list(map(str, suite_dirs))} (empty method_mapping.csv)")
-    rows = sorted(
-        (summarize_run(r, tail) for r in runs), key=lambda r: (r["alias"] != "pure_opd", r["budget_nominal"], r["idx"])
-    )
+    run_rows = [summarize_run(r, tail) for r in runs]
+    rows = aggregate(runs, run_rows, n_resamples)
+    order = sorted(range(len(runs)), key=lambda i: (run_rows[i]["alias"] != "pure_opd", run_rows[i]["budget_nominal"],
+                                                   run_rows[i]["idx"], run_rows[i]["seed"] or 0))  # fmt: skip
+    runs, run_rows = [runs[i] for i in order], [run_rows[i] for i in order]
     out = Path(out_dir) if out_dir is not None else Path(suite_dirs[0])
     table = markdown_table(rows, tail)
-    write_csv(rows, out / "summary.csv")
-    _atomic_write(out / "summary.md", table)
-    paths = {"csv": out / "summary.csv", "markdown": out / "summary.md"}
+    lines = verdicts(rows)
+    write_csv(rows, out / "summary.csv", SUMMARY_COLUMNS)
+    write_csv(run_rows, out / "runs.csv")
+    _atomic_write(out / "summary.md", table + "\n" + "".join(f"- {line}\n" for line in lines))
+    paths = {"csv": out / "summary.csv", "markdown": out / "summary.md", "runs": out / "runs.csv"}
     if plots:
+        from slime.utils.suite_plots import plot_accuracy_vs_budget, plot_curves
+
         paths["curves"] = plot_curves(runs, out / "plots" / "curves.png")
         paths["accuracy_vs_budget"] = plot_accuracy_vs_budget(rows, out / "plots" / "accuracy_vs_budget.png")
-    return {"rows": rows, "table": table, "paths": paths}
+    return {"rows": rows, "runs": run_rows, "table": table, "verdicts": lines, "paths": paths}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result["table"], end="")
+    for line in result["verdicts"]:
+        print(line)
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
     return 0

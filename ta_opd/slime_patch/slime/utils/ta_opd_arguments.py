@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ta_opd.aliases import METHOD_ALIASES
+from ta_opd.aliases import METHOD_ALIASES, METHOD_FLAGS
 from ta_opd.normalize import NORMALIZERS
 from ta_opd.selectors import SELECTORS
 
@@ -27,7 +27,9 @@ def _names(registry) -> list[str]:
 def add_ta_opd_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register every TA-OPD flag of docs/slime_interfaces.md on ``parser``; return the parser."""
     group = parser.add_argument_group("TA-OPD token selection (METHOD.md §2-5)")
-    masks = sorted(set(_names(SELECTORS)) | set(METHOD_ALIASES))
+    # an alias that also sets other flags (sft_teacher: the loss and the generate function) is a launcher
+    # method, not a mask: as a mask it would silently mean `full`
+    masks = sorted(set(_names(SELECTORS)) | (set(METHOD_ALIASES) - set(METHOD_FLAGS)))
     flags: list[tuple[str, dict]] = [
         ("--opd-topk-metrics-k", dict(type=int, default=16, help="K of the student and teacher top-K lists.")),
         (
