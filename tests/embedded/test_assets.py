@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from slime.embedded.assets import FAST_TEST_RECIPE, ModelRecipe, _encode_examples, ensure_assets
+from slime.embedded.assets import (
+    FAST_TEST_RECIPE,
+    ModelRecipe,
+    Recipe,
+    _encode_examples,
+    _lr_at,
+    ensure_assets,
+    sft_train,
+)
 from slime.embedded.task import generate_splits, read_jsonl
 
 TINY = replace(
@@ -17,7 +26,10 @@ TINY = replace(
     num_eval_prompts=4,
     sft_pool=64,
     teacher=ModelRecipe("nano", steps=3, lr=5e-3, batch_size=4),
-    student=ModelRecipe("nano", steps=2, lr=5e-3, batch_size=4),
+    # a prefix of a longer schedule with a dev-accuracy stop it cannot reach: checked once, after step 2
+    student=ModelRecipe(
+        "nano", steps=3, lr=5e-3, batch_size=4, schedule_steps=10, stop_at_dev_accuracy=1.0, dev_check_every=2
+    ),
 )
 
 
@@ -30,6 +42,78 @@ def test_encode_examples_masks_only_the_response(tiny_tokenizer_dir):
     for i, p in enumerate(pool):
         assert tok.decode(ids[i][mask[i]]) == p.chain + "<|im_end|>"
         assert tok.decode(ids[i][: int(mask[i].nonzero()[0])]).endswith("<|im_start|>assistant\n")
+
+
+def test_lr_schedule_full_and_prefix_by_hand():
+    # full schedule: 20 steps, warm-up int(0.1 * 20) = 2 steps, then cosine from 1.0 to 0.1 over 18 steps
+    full = ModelRecipe("nano", steps=20, lr=1.0, warmup_frac=0.1, final_lr_frac=0.1)
+    assert full.schedule_len == 20 and full.warmup_steps == 2
+    expected = {0: 0.5, 1: 1.0, 2: 1.0, 11: 0.55, 19: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 17 / 18))}
+    for step, lr in expected.items():
+        assert _lr_at(step, full) == pytest.approx(lr)
+    assert _lr_at(19, full) == pytest.approx(0.10684, abs=1e-5)  # 0.1 + 0.45 * (1 - cos(pi / 18))
+
+    # a 10-step prefix of that schedule: same LR at every step it takes, stops after step 9 at LR 0.704
+    prefix = ModelRecipe("nano", steps=10, lr=1.0, warmup_frac=0.1, final_lr_frac=0.1, schedule_steps=20)
+    assert prefix.schedule_len == 20 and prefix.warmup_steps == 2
+    assert [_lr_at(s, prefix) for s in range(10)] == [_lr_at(s, full) for s in range(10)]
+    assert _lr_at(9, prefix) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 18)))  # 0.70391
+    assert prefix.sft_summary()["schedule_steps"] == 20 and prefix.sft_summary()["max_steps"] == 10
+    # ...whereas a full 10-step schedule (warm-up 1 step) has annealed by its last step
+    short = ModelRecipe("nano", steps=10, lr=1.0, warmup_frac=0.1, final_lr_frac=0.1)
+    assert short.warmup_steps == 1 and _lr_at(0, short) == 1.0
+    assert _lr_at(9, short) == pytest.approx(0.12714, abs=1e-5)  # 0.1 + 0.45 * (1 + cos(8 pi / 9))
+
+    # schedule_steps=None and schedule_steps=steps are the same schedule (but distinct recipes/hashes)
+    same = replace(full, schedule_steps=20)
+    assert [_lr_at(s, same) for s in range(20)] == [_lr_at(s, full) for s in range(20)]
+    assert replace(Recipe(), student=same).key() != replace(Recipe(), student=full).key()
+
+
+def test_model_recipe_rejects_bad_schedules():
+    with pytest.raises(ValueError, match="schedule_steps .* must be >= steps"):
+        ModelRecipe("nano", steps=10, lr=1e-3, schedule_steps=9)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        ModelRecipe("nano", steps=0, lr=1e-3)
+    with pytest.raises(ValueError, match="warmup_frac"):
+        ModelRecipe("nano", steps=10, lr=1e-3, warmup_frac=1.0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        ModelRecipe("nano", steps=10, lr=0.0)
+
+
+def test_sft_train_stops_at_steps_of_a_longer_schedule(tiny_tokenizer_dir):
+    from slime.embedded.models import build_tiny_model
+    from slime.embedded.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    pool, _ = generate_splits(16, 1, seed=0)
+    ids, mask = _encode_examples(tok, pool)
+    r = ModelRecipe("nano", steps=3, lr=1e-3, batch_size=4, schedule_steps=100)
+    losses = sft_train(build_tiny_model("nano", seed=0), ids, mask, r, seed=0)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_sft_train_stops_at_the_first_dev_check_that_reaches_the_target(tiny_tokenizer_dir):
+    from slime.embedded.models import build_tiny_model
+    from slime.embedded.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    pool, _ = generate_splits(16, 1, seed=0)
+    ids, mask = _encode_examples(tok, pool)
+    r = ModelRecipe(
+        "nano", steps=50, lr=1e-3, batch_size=4, stop_at_dev_accuracy=0.3, dev_check_every=4, dev_check_from=6
+    )
+    checked: list[int] = []
+
+    def dev_accuracy(model, step):  # 0.1, 0.2, 0.3, ... at the checks after steps 6, 10, 14, ...
+        assert model.training
+        checked.append(step)
+        return 0.1 * len(checked) + 1e-9
+
+    losses = sft_train(build_tiny_model("nano", seed=0), ids, mask, r, seed=0, dev_accuracy=dev_accuracy)
+    assert checked == [6, 10, 14] and len(losses) == 14
+    with pytest.raises(ValueError, match="no dev_accuracy function"):
+        sft_train(build_tiny_model("nano", seed=0), ids, mask, r, seed=0)
 
 
 @pytest.mark.slow
@@ -48,6 +132,17 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
     manifest = json.loads((a.teacher_dir.parent / "manifest.json").read_text())
     assert manifest["recipe_key"] == TINY.key() == a.teacher_dir.parent.name
     assert 0.0 <= manifest["teacher"]["heldout_accuracy_greedy"] <= 1.0
+    for role, r in (("teacher", TINY.teacher), ("student", TINY.student)):
+        entry = manifest[role]
+        assert entry["steps"] == r.steps and entry["lr_at_stop"] == pytest.approx(_lr_at(r.steps - 1, r))
+        assert entry["sft"]["max_steps"] == r.steps and entry["sft"]["schedule_steps"] == r.schedule_len
+        assert entry["sft"]["lr"] == r.lr and entry["sft"]["batch_size"] == r.batch_size
+        assert entry["sft"]["warmup_steps"] == r.warmup_steps and "cosine" in entry["sft"]["decay"]
+        assert math.isfinite(entry["final_sft_loss"]) and math.isfinite(entry["final_sft_loss_mean_last20"])
+        assert entry["build_seconds"] >= 0
+    assert manifest["teacher"]["stop_reason"] == "all steps" and manifest["teacher"]["dev_accuracy_checks"] == []
+    assert manifest["student"]["stop_reason"].startswith("all steps (dev accuracy never reached")
+    assert [step for step, _ in manifest["student"]["dev_accuracy_checks"]] == [2]
     stamp = (a.teacher_dir / "model.safetensors").stat().st_mtime_ns
 
     b = ensure_assets(tmp_path, recipe=TINY)  # cached: no rebuild
