@@ -39,7 +39,7 @@ if [[ "${PROFILE}" == "release" ]]; then
 elif [[ "${PROFILE}" == "embedded" ]]; then
   if [[ -z "${TEACHER_MODEL:-}" || -z "${STUDENT_HF:-}" || -z "${PROMPT_DATA:-}" ]]; then
     ASSET_FLAGS=()
-    [[ "${EMBEDDED_FAST:-0}" == "1" ]] && ASSET_FLAGS+=(--fast-test)
+    [[ "${EMBEDDED_FAST:-0}" == "1" ]] && ASSET_FLAGS+=(--recipe fast-test)
     TEACHER_MODEL="${TEACHER_MODEL:-$("${PYTHON}" -m slime.embedded.assets "${ASSET_FLAGS[@]}" --print teacher_dir)}"
     STUDENT_HF="${STUDENT_HF:-$("${PYTHON}" -m slime.embedded.assets "${ASSET_FLAGS[@]}" --print student_dir)}"
     PROMPT_DATA="${PROMPT_DATA:-$("${PYTHON}" -m slime.embedded.assets "${ASSET_FLAGS[@]}" --print train_jsonl)}"
