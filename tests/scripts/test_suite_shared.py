@@ -178,3 +178,12 @@ def test_shared_server_suite_end_to_end(tmp_path):
         rows = {row["alias"]: row for row in csv.DictReader(f)}
     assert rows["pure_opd"]["seeds"] == "2" and rows["pure_opd"]["accuracy_after_ci_low"] != ""
     assert rows["pure_opd"]["gain_vs_random_ci_high"] != "" and rows["random"]["gain_vs_random_mean"] == ""
+
+
+def test_demo_method_list_pairs_every_method_and_forces_full_ratios():
+    from slime.embedded.demo import DEFAULT_METHODS, DEFAULT_SEEDS, method_list
+
+    assert method_list(DEFAULT_METHODS, 0.1) == (
+        "pure_opd:1.0:10 teachability:0.1:20 random:0.1:30 tip:0.1:40 entropy:0.1:50 sft_teacher:1.0:60"
+    )
+    assert DEFAULT_SEEDS.split() == ["1", "2", "3"]

@@ -2,15 +2,17 @@
 
 1. Builds (once; cached) a teacher and a cold student for the arithmetic task
    (``slime.embedded.assets``), and prints their held-out accuracies.
-2. Runs ``scripts/train/run_method_suite.sh``: Full OPD and every selector at a 10 % token budget,
-   each a real ``train.py`` run (Ray, embedded SGLang-API engines, teacher server, torch trainer).
-3. Prints the summary table (budget nominal/realised, accuracy, teacher KL, wall time) and where
-   the plots are.
+2. Runs ``scripts/train/run_method_suite.sh``: full OPD, TA-OPD (teachability), random, TIP and
+   entropy at a 10 % token budget and the SFT baseline (off-policy SFT on teacher samples), each for
+   3 seeds, paired (all methods of a seed see the same prompts in the same order from the same
+   student weights), in one process sharing Ray, the engines and the teacher (SHARED_SERVERS=1).
+3. Prints the summary table (accuracy with 95 % CIs, gain vs random, teacher KL, wall time), one
+   verdict line per method, the wall time of every run and in all, and where the plots are.
 
 Usage::
 
     python -m slime.embedded.demo
-    python -m slime.embedded.demo --num-rollout 12 --methods "pure_opd teachability random"
+    python -m slime.embedded.demo --num-rollout 12 --methods "pure_opd teachability random" --seeds "1 2"
     python -m slime.embedded.demo --ratio 0.05 --output-root /tmp/demo
 
 Any environment variable of the launcher (docs/method_suite.md) is passed through.
@@ -19,6 +21,7 @@ Any environment variable of the launcher (docs/method_suite.md) is passed throug
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-DEFAULT_METHODS = "pure_opd teachability teachability_entropy entropy tip divergence random"
+DEFAULT_METHODS = "pure_opd teachability random tip entropy sft_teacher"
+DEFAULT_SEEDS = "1 2 3"
 
 
 def repo_root() -> Path:
@@ -41,11 +45,23 @@ def repo_root() -> Path:
 
 
 def method_list(methods: str, ratio: float) -> str:
-    """``alias:ratio:idx`` entries, idx 10, 20, ... in the given order (pure_opd always at 1.0)."""
+    """``alias:ratio:idx`` entries, idx 10, 20, ... in the given order (aliases of FORCED_RATIO at theirs)."""
+    from ta_opd.aliases import FORCED_RATIO
+
     aliases = methods.split()
     if not aliases:
         raise ValueError("--methods is empty")
-    return " ".join(f"{a}:{1.0 if a == 'pure_opd' else ratio}:{10 * (i + 1)}" for i, a in enumerate(aliases))
+    return " ".join(f"{a}:{FORCED_RATIO.get(a, ratio)}:{10 * (i + 1)}" for i, a in enumerate(aliases))
+
+
+def run_times(suite_dir: Path) -> list[tuple[str, float | None, int | None]]:
+    """(run, wall seconds, exit code) of every run of the suite, from its launcher.json (None: did not run)."""
+    out = []
+    for run in sorted((suite_dir / "runs").glob("*")):
+        path = run / "launcher.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        out.append((run.name, info.get("wall_seconds"), info.get("exit_code")))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,9 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=os.environ.get("DEMO_METHODS", DEFAULT_METHODS))
     parser.add_argument("--ratio", type=float, default=0.10, help="token budget of every selector")
     parser.add_argument("--num-rollout", type=int, default=None, help="rollouts per method (default 16)")
+    parser.add_argument("--seeds", default=None, help=f"SEEDS of the launcher (default {DEFAULT_SEEDS!r})")
     parser.add_argument("--output-root", default=None, help="default: <repo>/outputs/demo")
     parser.add_argument("--cache-dir", default=None, help="asset cache (default $SLIME_TA_OPD_CACHE or ~/.cache/...)")
-    parser.add_argument("--seed", type=int, default=None, help="SEED of the launcher (runs use SEED + idx)")
+    parser.add_argument("--seed", type=int, default=None, help="one seed only (SEEDS=SEED)")
     ns = parser.parse_args(argv)
 
     from slime.embedded.assets import ensure_assets
@@ -89,22 +106,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("NUM_ROLLOUT", "16")
     env.setdefault("EVAL_INTERVAL", "4")
     env.setdefault("CONTINUE_ON_ERROR", "1")  # one failed run still leaves the others' table
+    env.setdefault("SEEDS", DEFAULT_SEEDS)  # paired: every method once per seed
+    env.setdefault("SHARED_SERVERS", "1")  # one Ray session, one set of engines and one teacher for every run
     if ns.num_rollout is not None:
         env["NUM_ROLLOUT"] = str(ns.num_rollout)
+    if ns.seeds is not None:
+        env["SEEDS"] = ns.seeds
     if ns.seed is not None:
-        env["SEED"] = str(ns.seed)
+        env["SEEDS"] = str(ns.seed)
     suite_dir = Path(env["OUTPUT_ROOT"]) / env["SUITE_NAME"]
-    n_runs = len(env["METHOD_LIST"].split())
+    n_runs = len(env["METHOD_LIST"].split()) * len(env["SEEDS"].split())
     print(f"== 2/3 method suite: {n_runs} runs -> {suite_dir}", flush=True)
-    print(f"   METHOD_LIST={env['METHOD_LIST']}", flush=True)
+    print(f"   METHOD_LIST={env['METHOD_LIST']} SEEDS={env['SEEDS']}", flush=True)
+    t_suite = time.perf_counter()
     rc = subprocess.call(["bash", str(root / "scripts" / "train" / "run_method_suite.sh")], env=env)
-    print(f"== 3/3 results ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+    t_end = time.perf_counter()
+    print(f"== 3/3 results ({t_end - t0:.0f} s in all: suite {t_end - t_suite:.0f} s)", flush=True)
+    times = run_times(suite_dir) if (suite_dir / "runs").is_dir() else []
+    for name, wall, code in times:
+        state = "not run" if wall is None else f"{wall:.0f} s" + ("" if code == 0 else f" (exit {code})")
+        print(f"   {name}: {state}")
     summary = suite_dir / "summary.md"
-    if summary.is_file():
-        print(summary.read_text(), end="")
-        for name in ("summary.csv", "plots/curves.png", "plots/accuracy_vs_budget.png"):
+    if summary.is_file():  # the table and the verdict lines come last
+        for name in ("summary.csv", "runs.csv", "plots/curves.png", "plots/accuracy_vs_budget.png"):
             if (suite_dir / name).is_file():
                 print(f"   {name}: {suite_dir / name}")
+        print(summary.read_text(), end="")
     if rc != 0:
         print(f"the suite failed (exit {rc}); logs: {suite_dir}/runs/*/train.log", file=sys.stderr)
     return rc

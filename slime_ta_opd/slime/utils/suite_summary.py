@@ -562,11 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result["table"], end="")
-    for line in result["verdicts"]:
-        print(line)
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
+    print(result["table"], end="")  # the table and the verdict lines come last
+    for line in result["verdicts"]:
+        print(line)
     return 0
 
 
