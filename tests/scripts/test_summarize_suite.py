@@ -88,3 +88,50 @@ def test_sweep_of_several_suites_with_posthoc_and_missing_run(tmp_path):
 def test_cli_errors_cleanly(tmp_path, capsys):
     assert main(["--suite-dir", str(tmp_path)]) == 2
     assert "method_mapping.csv does not exist" in capsys.readouterr().err
+
+
+def test_seeds_pool_into_one_row_with_paired_bootstrap_cis(tmp_path):
+    """2 seeds x (full OPD, random 10 %) with per-prompt eval results: the CIs come from eval_results.jsonl."""
+    suite = tmp_path / "s"
+    lines = ["idx,alias,mask,ratio,seed,run_dir"]
+    # final per-prompt correctness [seed][prompt]: full OPD = random + 1 on prompt 0 of every seed
+    finals = {("pure_opd", 1): [1, 1, 0, 0], ("pure_opd", 2): [1, 0, 1, 0],
+              ("random", 1): [0, 1, 0, 0], ("random", 2): [0, 0, 1, 0]}  # fmt: skip
+    for (alias, seed), final in finals.items():
+        name = f"runs/{alias}_s{seed}"
+        ratio = 1.0 if alias == "pure_opd" else 0.1
+        lines.append(f"1,{alias},{'full' if alias == 'pure_opd' else 'random'},{ratio},{seed},{name}")
+        run = suite / name
+        run.mkdir(parents=True)
+        records = [
+            {"rollout_id": -1, "eval/heldout/reward_mean": 0.0},
+            {"rollout_id": 0, "train/teacher_kl_all": 1.0, "opd/nominal_ratio": ratio},
+            {"rollout_id": 1, "train/teacher_kl_all": 0.5, "eval/heldout/reward_mean": sum(final) / 4},
+        ]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        results = [
+            {"rollout_id": -1, "dataset": "heldout", "n_samples_per_prompt": 1, "rewards": [0.0] * 4},
+            {"rollout_id": 1, "dataset": "heldout", "n_samples_per_prompt": 1, "rewards": [float(x) for x in final]},
+        ]
+        (run / "eval_results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        (run / "launcher.json").write_text(json.dumps({"exit_code": 0, "wall_seconds": 10.0 * seed}))
+    (suite / "method_mapping.csv").write_text("\n".join(lines) + "\n")
+    result = summarize([suite], plots=True, n_resamples=500)
+    full, rnd = result["rows"]
+    assert full["alias"] == "pure_opd" and full["seeds"] == 2 and full["seed_list"] == "1 2"
+    assert full["accuracy_before"] == 0.0 and full["accuracy_after_mean"] == 0.5 and full["wall_s"] == 15.0
+    assert 0.0 <= full["accuracy_after_ci_low"] < 0.5 < full["accuracy_after_ci_high"] <= 1.0
+    assert full["gain_vs_random_mean"] == 0.25 and full["random_budget"] == 0.1
+    assert 0.0 <= full["gain_vs_random_ci_low"] <= 0.25 <= full["gain_vs_random_ci_high"] <= 1.0
+    assert rnd["gain_vs_random_mean"] is None and rnd["accuracy_after_mean"] == 0.25
+    assert rnd["share_of_full_opd_gain"] == 0.5 and full["teacher_kl_after_mean"] == 0.75
+    (verdict,) = result["verdicts"]
+    assert verdict.startswith("Full OPD: +25.0 points vs random 10% [") and "+50.0 points over the student" in verdict
+    with open(suite / "summary.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:15] == [
+        "method", "alias", "mask", "budget_nominal", "budget_realised", "seeds", "accuracy_before",
+        "accuracy_after_mean", "accuracy_after_ci_low", "accuracy_after_ci_high", "gain_vs_random_mean",
+        "gain_vs_random_ci_low", "gain_vs_random_ci_high", "random_budget", "share_of_full_opd_gain",
+    ]  # fmt: skip
+    assert result["paths"]["curves"].stat().st_size > 10_000
