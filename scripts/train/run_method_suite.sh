@@ -122,6 +122,13 @@ GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((ROLLOUT_BATCH_SIZE * N_SAMPLES_PER_PRO
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-$GLOBAL_BATCH_SIZE} # tiny models: one micro-batch per step
 OPD_TOPK_METRICS_K=${OPD_TOPK_METRICS_K:-16}
 OPD_KL_COEF=${OPD_KL_COEF:-1.0}
+# Loss and LR schedule (docs/training.md); unset: train.py's defaults (policy_loss, constant LR).
+# e.g. LOSS_TYPE=jsd JSD_BETA=1: the full-vocabulary reverse KL at the sampled positions, on the kept tokens.
+LOSS_TYPE=${LOSS_TYPE:-}
+JSD_BETA=${JSD_BETA:-}
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-}
+LR_DECAY_STYLE=${LR_DECAY_STYLE:-}
+MIN_LR=${MIN_LR:-}
 INPUT_KEY=${INPUT_KEY:-prompt}
 LABEL_KEY=${LABEL_KEY:-label}
 EVAL_RM_PATH=${EVAL_RM_PATH:-slime.embedded.task.reward_func}
@@ -167,6 +174,11 @@ TRAIN_ARGS=(
   --lr "$LR"
   --micro-batch-size "$MICRO_BATCH_SIZE"
 )
+[[ -n "$LOSS_TYPE" ]] && TRAIN_ARGS+=(--loss-type "$LOSS_TYPE") # an alias's own --loss-type (sft_teacher) comes later and wins
+[[ -n "$JSD_BETA" ]] && TRAIN_ARGS+=(--jsd-beta "$JSD_BETA")
+[[ -n "$LR_WARMUP_ITERS" ]] && TRAIN_ARGS+=(--lr-warmup-iters "$LR_WARMUP_ITERS")
+[[ -n "$LR_DECAY_STYLE" ]] && TRAIN_ARGS+=(--lr-decay-style "$LR_DECAY_STYLE")
+[[ -n "$MIN_LR" ]] && TRAIN_ARGS+=(--min-lr "$MIN_LR")
 
 CLUSTER_ARGS=()
 if [[ -n "$NUM_GPUS_PER_NODE" ]]; then
@@ -194,8 +206,8 @@ while read -r idx alias mask ratio flags; do
     --opd-budget-mask "$mask"
     --opd-budget-ratio "$ratio"
     --opd-budget-mask-seed "$seed"
-    "${alias_flags[@]}"
     "${TRAIN_ARGS[@]}" "${CLUSTER_ARGS[@]}"
+    "${alias_flags[@]}" # after TRAIN_ARGS: an alias's own --loss-type wins over LOSS_TYPE
     --seed "$seed"
     --output-dir "$run_dir"
   )

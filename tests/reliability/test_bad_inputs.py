@@ -424,7 +424,8 @@ def test_server_refusals(teacher_server):
     r = requests.post(url + "/generate", json=long_prompt, headers=auth, timeout=30)
     assert (
         r.status_code == 400
-        and "prompt 0 has 5000 tokens, not below the context length" in r.json()["error"]["message"]
+        and r.json()["error"]["message"]
+        == "prompt 0: the input (5000 tokens) is longer than the model's context length (512 tokens)"
     )
 
     empty = {"input_ids": [], "sampling_params": {"max_new_tokens": 1}}

@@ -158,7 +158,7 @@ def test_two_entry_suite_end_to_end(tmp_path):
     r = run_suite(env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     suite = tmp_path / "out" / "e2e"
-    for name, ratio in (("1_pure_opd_r1.0", 1.0), ("2_teachability_r0.2", 0.2)):
+    for name, ratio in (("1_pure_opd_r1.0_s1234", 1.0), ("2_teachability_r0.2_s1234", 0.2)):
         records = [json.loads(line) for line in (suite / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["rollout_id"] for r in records] == [-1, 0, 1]
         assert all(r["opd/nominal_ratio"] == ratio for r in records[1:])
