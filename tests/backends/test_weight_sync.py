@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import os
 import pickle
-import shutil
 
 import pytest
 import requests
 import torch
 
-from slime.backends.embedded_sglang.launch import launch_server
 from slime.backends.weight_sync import (
     DistributedWeightSender,
     TensorWeightSender,
@@ -37,24 +35,6 @@ PROBE = {
     "return_logprob": True,
     "logprob_start_len": 0,
 }
-
-
-@pytest.fixture(scope="module")
-def weights_root(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
-    root = tmp_path_factory.mktemp("sync_root")
-    shutil.copytree(tiny_student_dir, root / "student")
-    shutil.copytree(tiny_teacher_dir, root / "teacher")
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(weights_root, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    handle = launch_server(
-        weights_root / "student", api_key=KEY, extra_args=["--weights-root", str(weights_root)], log_file=str(log)
-    )
-    yield handle
-    handle.stop()
 
 
 def post(server, path, payload, headers=AUTH):

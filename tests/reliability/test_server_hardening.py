@@ -17,29 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from slime.backends.embedded_sglang.launch import find_free_port, launch_server
+from slime.backends.embedded_sglang.launch import find_free_port
 
 KEY = "hardening-key-6b1f"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = [5, 6, 7, 8, 9]
-
-
-@pytest.fixture(scope="module")
-def weights_root(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
-    root = tmp_path_factory.mktemp("hardening_root")
-    shutil.copytree(tiny_student_dir, root / "student")
-    shutil.copytree(tiny_teacher_dir, root / "teacher")
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(weights_root, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    handle = launch_server(
-        weights_root / "student", api_key=KEY, extra_args=["--weights-root", str(weights_root)], log_file=str(log)
-    )
-    yield handle
-    handle.stop()
 
 
 def post(server, payload, path="/generate", timeout=120):
