@@ -4,10 +4,7 @@ warm-up + linear decay; the held-out eval generates with the student."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 
@@ -15,24 +12,7 @@ from slime.embedded.models import build_tiny_checkpoint
 from slime.embedded.task import write_splits
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import read_metrics
-
-TRAIN_PY = Path(__file__).resolve().parents[2] / "slime_ta_opd" / "train.py"
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("slime_train_entry_sft", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
-    yield ray
-    ray.shutdown()
+from tests.e2e.test_opd_end_to_end import load_train_module, ray_local  # noqa: F401 (fixture)
 
 
 def test_sft_baseline_flags_are_checked_at_start(tmp_path):
@@ -45,7 +25,7 @@ def test_sft_baseline_flags_are_checked_at_start(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):
+def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):  # noqa: F811
     student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
     teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
     train_jsonl, eval_jsonl = write_splits(tmp_path / "data", num_train=64, num_eval=4, seed=0)
