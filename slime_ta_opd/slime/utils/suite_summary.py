@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,6 +442,18 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _markdown(
+    cols: Sequence[tuple[str, str]], rows: Sequence[dict[str, Any]], cell: Callable[[dict[str, Any], str], str]
+) -> str:
+    """A Markdown table: ``cols`` are (key, header) pairs, ``cell(row, key)`` formats one cell."""
+    out = io.StringIO()
+    out.write("| " + " | ".join(h for _, h in cols) + " |\n")
+    out.write("|" + "|".join("---" for _ in cols) + "|\n")
+    for r in rows:
+        out.write("| " + " | ".join(cell(r, key) for key, _ in cols) + " |\n")
+    return out.getvalue()
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
     """The summary table (one row per method × budget), accuracies with their 95 % CIs."""
     cols = [
@@ -457,19 +469,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
         ("wall_s", "wall time / run"),
         ("status", "status"),
     ]
-    out = io.StringIO()
-    out.write("| " + " | ".join(h for _, h in cols) + " |\n")
-    out.write("|" + "|".join("---" for _ in cols) + "|\n")
-    for r in rows:
-        cells = []
-        for key, _ in cols:
-            if key in ("accuracy_after", "gain_vs_random"):
-                mean = r[f"{key}_mean"]
-                cells.append(_fmt(key, mean) + ("" if mean is None else _ci(r, key)))
-            else:
-                cells.append(_fmt(key, r[key]))
-        out.write("| " + " | ".join(cells) + " |\n")
-    return out.getvalue()
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        if key in ("accuracy_after", "gain_vs_random"):
+            mean = r[f"{key}_mean"]
+            return _fmt(key, mean) + ("" if mean is None else _ci(r, key))
+        return _fmt(key, r[key])
+
+    return _markdown(cols, rows, cell)
 
 
 def runs_markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
@@ -489,12 +496,7 @@ def runs_markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
         ("wall_seconds", "wall time"),
         ("status", "status"),
     ]
-    out = io.StringIO()
-    out.write("| " + " | ".join(h for _, h in cols) + " |\n")
-    out.write("|" + "|".join("---" for _ in cols) + "|\n")
-    for r in rows:
-        out.write("| " + " | ".join(_fmt(k, r[k]) for k, _ in cols) + " |\n")
-    return out.getvalue()
+    return _markdown(cols, rows, lambda r, key: _fmt(key, r[key]))
 
 
 def _atomic_write(path: Path, text: str) -> None:
