@@ -84,7 +84,7 @@ def run(
     import torch
     from transformers.utils import logging as hf_logging
 
-    import ta_opd.slime_patch.slime.rollout.on_policy_distillation as opd
+    import slime_patch.slime.rollout.on_policy_distillation as opd
     from slime.backends.embedded_sglang.launch import launch_server
     from slime.backends.torch_utils.actor import TorchTrainRayActor
     from slime.embedded.models import build_tiny_checkpoint

@@ -28,7 +28,7 @@ from slime.rollout.teacher_check import check_same_tokenizer, check_teacher_serv
 from slime.utils.arguments import parse_args
 from slime.utils.types import Sample
 from ta_opd.aliases import resolve_alias
-from ta_opd.slime_patch.slime.rollout import on_policy_distillation as opd
+from slime_patch.slime.rollout import on_policy_distillation as opd
 from ta_opd.topk import TokenBatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ def _scored_sample(index: int, teacher_lp: list[float], k: int = 2, student_top_
 
 
 def _opd_args(**kw) -> Namespace:
-    from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
+    from slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
     args = add_ta_opd_arguments(ArgumentParser()).parse_args([])
     for key, value in {

@@ -17,7 +17,7 @@ from slime.utils import http_utils
 from slime.utils.async_utils import run
 from slime.utils.http_utils import HTTPRequestError, post, reset_retry_stats
 from slime.utils.types import Sample
-from ta_opd.slime_patch.slime.rollout import on_policy_distillation as opd
+from slime_patch.slime.rollout import on_policy_distillation as opd
 
 SCORE = {
     "input_ids": [5, 9, 11, 20, 7],

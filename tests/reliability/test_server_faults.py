@@ -47,7 +47,7 @@ def manager(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
         ]
     )  # fmt: skip
     # the OPD module counts teacher HTTP events since the last post-process, process-wide: start from zero
-    from ta_opd.slime_patch.slime.rollout import on_policy_distillation as opd
+    from slime_patch.slime.rollout import on_policy_distillation as opd
 
     opd._http_stats.clear()
     m = RolloutManager(args)

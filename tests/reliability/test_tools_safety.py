@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ta_opd.slime_patch import installer
+from slime_patch import installer
 
 REPO = Path(__file__).resolve().parents[2]
 SUITE = REPO / "scripts" / "train" / "run_method_suite.sh"

@@ -99,7 +99,7 @@ def make_sample(
 
 def opd_args(**overrides) -> argparse.Namespace:
     """The args upstream OPD + the TA-OPD flags (defaults of METHOD.md) would give."""
-    from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
+    from slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
     args = add_ta_opd_arguments(argparse.ArgumentParser()).parse_args([])
     base = dict(

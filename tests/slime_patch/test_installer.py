@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ta_opd.slime_patch import installer
+from slime_patch import installer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def test_install_backs_up_verifies_and_uninstall_restores_byte_identical(fake_sl
         "slime/utils/arguments.py": "edited",
     }
     assert any(line.startswith("verified:") and str(fake_slime) in line for line in lines), lines
-    patch_root = REPO / "ta_opd" / "slime_patch"
+    patch_root = REPO / "slime_patch"
     for rel in installer.PATCH_FILES:
         assert (fake_slime / rel).read_bytes() == (patch_root / rel).read_bytes()
     backup = fake_slime / installer.BACKUP_DIR / "files"

@@ -11,8 +11,8 @@ from patch_helpers import make_batch, make_sample, opd_args
 
 import slime.rollout.on_policy_distillation as project_opd
 import slime.rollout.tip_compat as project_tip
-import ta_opd.slime_patch.slime.rollout.on_policy_distillation as patch_opd
-import ta_opd.slime_patch.slime.rollout.tip_compat as patch_tip
+import slime_patch.slime.rollout.on_policy_distillation as patch_opd
+import slime_patch.slime.rollout.tip_compat as patch_tip
 from ta_opd.api import select_tokens
 from ta_opd.topk import TokenBatch
 
@@ -193,7 +193,7 @@ def test_config_from_partial_args_uses_method_defaults():
 def test_ta_opd_arguments_registers_every_contract_flag():
     import argparse
 
-    from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
+    from slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--opd-topk-metrics-k", type=int, default=8)  # a checkout that already has one flag

@@ -10,7 +10,7 @@ import torch
 from aiohttp import web
 from patch_helpers import VOCAB, make_batch, make_sample, opd_args, teacher_answer
 
-import ta_opd.slime_patch.slime.rollout.on_policy_distillation as patch_opd
+import slime_patch.slime.rollout.on_policy_distillation as patch_opd
 
 
 class StubTeacher:

@@ -1,3 +1,3 @@
 """OPD reward function + reward post-process: the drop-in patch file itself, so the two never drift."""
 
-from ta_opd.slime_patch.slime.rollout.on_policy_distillation import *  # noqa: F401,F403
+from slime_patch.slime.rollout.on_policy_distillation import *  # noqa: F401,F403

@@ -1,3 +1,3 @@
 """TA-OPD flag → ``ta_opd`` config helpers: the drop-in patch file itself, so the two never drift."""
 
-from ta_opd.slime_patch.slime.rollout.tip_compat import *  # noqa: F401,F403
+from slime_patch.slime.rollout.tip_compat import *  # noqa: F401,F403

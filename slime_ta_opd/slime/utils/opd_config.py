@@ -18,8 +18,8 @@ from ta_opd.selectors import SELECTORS
 
 # The one definition of the TA-OPD flags and of the flag → SelectionConfig builder is the
 # drop-in patch's (it has to work on an upstream checkout too); the stack reuses it.
-from ta_opd.slime_patch.slime.rollout.tip_compat import CONFIG_FIELD_TO_ARG, selection_config_from_args
-from ta_opd.slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
+from slime_patch.slime.rollout.tip_compat import CONFIG_FIELD_TO_ARG, selection_config_from_args
+from slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
 logger = logging.getLogger(__name__)
 

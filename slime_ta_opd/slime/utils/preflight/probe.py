@@ -423,7 +423,7 @@ def run_checks(
 
 def _reset_opd_http_stats() -> None:
     """The OPD module counts teacher requests per step; the pre-flight's must not show up in step 0's metrics."""
-    import ta_opd.slime_patch.slime.rollout.on_policy_distillation as opd
+    import slime_patch.slime.rollout.on_policy_distillation as opd
 
     stats = getattr(opd, "_http_stats", None)
     if stats is not None:

@@ -45,13 +45,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-PATCH_ROOT = Path(__file__).resolve().parent  # ta_opd/slime_patch
+PATCH_ROOT = Path(__file__).resolve().parent  # slime_patch
 BACKUP_DIR = ".ta_opd_backup"
 # Copies of files edited after an install, taken before a forced (re)install or uninstall overwrites
 # them; outside BACKUP_DIR because a successful uninstall removes that directory.
 EDITED_DIR = ".ta_opd_edited"
 MANIFEST = "manifest.json"
-# Files copied verbatim (path inside the slime checkout == path under ta_opd/slime_patch).
+# Files copied verbatim (path inside the slime checkout == path under slime_patch).
 PATCH_FILES = (
     "slime/rollout/on_policy_distillation.py",
     "slime/rollout/tip_compat.py",
@@ -274,7 +274,7 @@ def _edited_arguments(original: bytes) -> bytes:
     if len(anchors) != 1:
         raise InstallError(
             f"{ARGUMENTS_FILE}: expected exactly one line 'parser = add_on_policy_distillation_arguments(parser)', "
-            f"found {len(anchors)}; add the lines of ta_opd/slime_patch/ARGUMENTS_PATCH.md by hand"
+            f"found {len(anchors)}; add the lines of slime_patch/ARGUMENTS_PATCH.md by hand"
         )
     indent = anchors[0].group("indent")
     addition = (
