@@ -1,12 +1,23 @@
-"""Token bank: every rollout step's per-token statistics written to disk (METHOD.md §2, §6.1).
+"""Token bank: every rollout step's per-token statistics written to disk (docs/method.md §2, §6.1).
 
-One file per step and rank, ``step{rollout_id:07d}_rank{rank:03d}.{csv,jsonl,parquet}``, each row
+Native layout: one file per step and rank, ``step{rollout_id:07d}_rank{rank:03d}.{csv,jsonl,parquet}``, each row
 one response token: rollout id, sample id, position, sampled id, loss mask, kept flag, the
 sampled-token log-probs, every §2 statistic of ``result.stats``, every selector's score of
 ``result.scores`` (``score_<name>``), the normalised features of ``result.features``
 (``feat_<name>``), optional raw top-K lists, and the pair / teacher / student names. When the
 caller passes the prompts' token ids, a sidecar ``contexts_step..._rank....jsonl`` holds one line
 per sample (the input of ``tools/export_fixed_context_bank.py --from-token-bank``).
+
+Release layout (``layout="release"``, ``--opd-token-bank-layout release``): the original TA-OPD release's
+file names and columns, ``rollout_{rollout_id:06d}.{csv,jsonl}`` (``Hs_topk_norm``, ``KLf_union``, ``Cmass``,
+``H_norm``, ``D_norm``, ``C_norm``, ``Dlearn``, ``tip_score``, ``ca_softor_score``, ``quadrant``,
+``budget_keep``, ... see ``RELEASE_COLUMNS``; our other columns follow under their own names), one
+``summary.csv`` row per step and a ``config.json``. ``read_token_bank_file`` reads both layouts back into the
+native column names.
+
+One bank directory belongs to one run: a writer given ``owner`` (the run's output directory) records it in
+``bank_owner.json`` and refuses a directory that holds bank files of another run, or bank files of an unknown
+run; the same run (a resume) may write on.
 
 Writes are atomic (temp file + fsync + rename): a failed write (disk full, ...) raises an
 ``OSError`` naming the file and leaves no partial file behind. Parquet needs pyarrow, imported
@@ -21,8 +32,9 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +44,106 @@ import torch
 from ta_opd.atomic_io import atomic_open
 
 TOKEN_BANK_FORMATS = ("csv", "jsonl", "parquet")
+TOKEN_BANK_LAYOUTS = ("native", "release")
 RAW_TOPK_COLUMNS = ("student_topk_ids", "student_topk_logp", "teacher_topk_ids", "teacher_topk_logp")
+OWNER_FILE = "bank_owner.json"
+_BANK_FILE = re.compile(r"^(step\d+_rank\d+\.(csv|jsonl|parquet)|rollout_\d+\.(csv|jsonl)|summary\.csv)$")
+_RELEASE_FILE = re.compile(r"^rollout_\d+\.(csv|jsonl)$")
+
+# Release column name → native column name (the columns both layouts have; ``budget_keep`` is ``kept``).
+RELEASE_COLUMNS: dict[str, str] = {
+    "rollout_id": "rollout_id",
+    "sample_index": "sample_id",
+    "sample_ordinal": "sample_index",
+    "tok_pos": "position",
+    "pos_norm": "position_norm",
+    "resp_len": "response_length",
+    "token_id": "sampled_id",
+    "student_logp_sampled": "student_logp",
+    "teacher_logp_sampled": "teacher_logp",
+    "student_top1_id": "student_top1_id",
+    "teacher_top1_id": "teacher_top1_id",
+    "student_top1_prob": "student_top1_prob",
+    "teacher_top1_prob": "teacher_top1_prob",
+    "student_topk_mass": "student_topk_mass",
+    "teacher_topk_mass": "teacher_topk_mass",
+    "Hs_topk_norm": "entropy_norm",
+    "KLf_union": "kl_f_union",
+    "KLr_union": "kl_r_union",
+    "Cmass": "compat_mass",
+    "Cmass_topk": "cmass",
+    "Cmass_true": "cmass_exact",
+    "Cmass_exact": "exact_rows",
+    "Coverlap": "overlap",
+    "CBC": "bc",
+    "reach_t1": "reach_t1",
+    "target_student_rank": "student_rank_sampled",
+    "target_teacher_rank": "teacher_rank_sampled",
+    "loss_mask_original": "loss_mask",
+    "H_norm": "feat_h",
+    "D_norm": "feat_d",
+    "C_norm": "feat_c",
+    "DC_norm": "feat_dc",
+    "Dlearn": "feat_d_learn",
+    "Dincompat": "feat_d_incompat",
+    "tip_score": "score_tip",
+    "ca_softor_score": "score_ca_softor",
+    "split_ca_score": "score_q3",
+    "budget_keep": "kept",
+    "student_top_ids": "student_topk_ids",
+    "student_top_logps": "student_topk_logp",
+    "teacher_top_ids": "teacher_topk_ids",
+    "teacher_top_logps": "teacher_topk_logp",
+    "pair_id": "pair_id",
+    "teacher_name": "teacher_name",
+    "student_name": "student_name",
+}
+# Release columns computed from the others (not stored under a native name).
+RELEASE_DERIVED = (
+    "schema_version", "seed", "sampled_reverse_kl", "sampled_teacher_adv", "target_in_student_topk",
+    "target_in_teacher_topk", "quadrant", "budget_method", "budget_ratio", "budget_score",
+)  # fmt: skip
+RELEASE_TEXT_COLUMNS = ("quadrant", "budget_method")
+Q3_LABEL = "Q3_lowH_highD"
 
 
 def step_file_name(rollout_id: int, rank: int, fmt: str) -> str:
     return f"step{int(rollout_id):07d}_rank{int(rank):03d}.{fmt}"
+
+
+def release_file_name(rollout_id: int, fmt: str) -> str:
+    return f"rollout_{int(rollout_id):06d}.{fmt}"
+
+
+def bank_owner(path: str | os.PathLike[str]) -> str | None:
+    """The run recorded in a bank directory's ``bank_owner.json`` (None when there is none)."""
+    marker = Path(path) / OWNER_FILE
+    if not marker.is_file():
+        return None
+    try:
+        return str(json.loads(marker.read_text())["owner"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise TokenBankError(f"{marker}: unreadable bank owner record ({exc})") from None
+
+
+def claim_bank_dir(path: str | os.PathLike[str], owner: str | None) -> None:
+    """Refuse a bank directory holding another run's files; record ``owner`` in an empty one (see the module doc)."""
+    path = Path(path)
+    files = sorted(f.name for f in path.iterdir() if _BANK_FILE.match(f.name)) if path.is_dir() else []
+    recorded = bank_owner(path)
+    if recorded is not None and recorded != owner:
+        raise TokenBankError(
+            f"token bank directory {str(path)!r} holds the bank of another run ({recorded}); "
+            f"this run ({owner}) would overwrite it: give each run its own bank directory (e.g. <run>/token_bank)"
+        )
+    if recorded is None and files:
+        raise TokenBankError(
+            f"token bank directory {str(path)!r} already holds bank files of an unknown run ({', '.join(files[:3])}"
+            f"{', ...' if len(files) > 3 else ''}); refusing to overwrite them: give each run its own empty bank "
+            "directory (e.g. <run>/token_bank)"
+        )
+    if recorded is None and owner is not None:
+        _atomic_write(path / OWNER_FILE, lambda fh: fh.write((json.dumps({"owner": owner}) + "\n").encode()))
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -54,8 +161,8 @@ def _per_token_fields(obj: Any, n: int, prefix: str) -> dict[str, np.ndarray]:
     """The ``[n]`` tensor fields of a dataclass / dict / namespace (None and other shapes skipped)."""
     if obj is None:
         return {}
-    if isinstance(obj, dict):
-        items = obj.items()
+    if isinstance(obj, Mapping):  # SelectorScores computes each score on access: every one is written
+        items = ((name, obj[name]) for name in list(obj))
     elif dataclasses.is_dataclass(obj):
         items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
     else:
@@ -94,9 +201,19 @@ class TokenBankWriter:
         teacher_name: str | None = None,
         student_name: str | None = None,
         rank: int = 0,
+        layout: str = "native",
+        owner: str | None = None,
+        budget_method: str | None = None,
+        budget_ratio: float | None = None,
+        seed: int | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         if fmt not in TOKEN_BANK_FORMATS:
             raise ValueError(f"token bank format {fmt!r} is not one of {TOKEN_BANK_FORMATS}")
+        if layout not in TOKEN_BANK_LAYOUTS:
+            raise ValueError(f"token bank layout {layout!r} is not one of {TOKEN_BANK_LAYOUTS}")
+        if layout == "release" and fmt == "parquet":
+            raise ValueError("the release token-bank layout writes csv or jsonl (rollout_%06d.csv|jsonl), not parquet")
         if int(rank) < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.out_dir = Path(out_dir)
@@ -106,6 +223,12 @@ class TokenBankWriter:
         self.teacher_name = teacher_name
         self.student_name = student_name
         self.rank = int(rank)
+        self.layout = layout
+        self.owner = owner
+        self.budget_method = budget_method
+        self.budget_ratio = budget_ratio
+        self.seed = seed
+        self.config = dict(config or {})
         if fmt == "parquet":
             try:
                 import pyarrow  # noqa: F401
@@ -117,6 +240,30 @@ class TokenBankWriter:
                 pass
         except OSError as exc:
             raise ValueError(f"token bank directory {str(self.out_dir)!r} is not writable: {exc}") from exc
+        claim_bank_dir(self.out_dir, owner)
+
+    @classmethod
+    def from_args(cls, args: Any, rank: int = 0) -> TokenBankWriter:
+        """The writer a training run's flags describe (``--opd-token-bank-*``; the run's ``--output-dir`` owns it)."""
+        output_dir = getattr(args, "output_dir", None)
+        names = ("opd_topk_metrics_k", "opd_budget_mask", "opd_budget_ratio", "opd_budget_gamma", "opd_compat_proxy",
+                 "opd_metric_normalization", "opd_exact_cmass", "opd_exact_cmass_max_union",
+                 "opd_exact_cmass_overflow")  # fmt: skip
+        return cls(
+            args.opd_token_bank_dir,
+            fmt=getattr(args, "opd_token_bank_format", "csv"),
+            raw_topk=bool(getattr(args, "opd_token_bank_raw_topk", False)),
+            pair_id=getattr(args, "opd_token_bank_pair_id", None),
+            teacher_name=getattr(args, "opd_teacher_name", None),
+            student_name=getattr(args, "opd_student_name", None),
+            rank=rank,
+            layout=getattr(args, "opd_token_bank_layout", "native"),
+            owner=os.path.realpath(output_dir) if output_dir else None,
+            budget_method=getattr(args, "opd_budget_mask", None),
+            budget_ratio=getattr(args, "opd_budget_ratio", None),
+            seed=getattr(args, "seed", None),
+            config={"schema_version": 1, **{n: getattr(args, n, None) for n in names}},
+        )
 
     # -- rows -------------------------------------------------------------------------------
     def step_columns(
@@ -150,7 +297,14 @@ class TokenBankWriter:
         for name, value in _per_token_fields(getattr(result, "stats", None), n, "").items():
             cols.setdefault(name, value)
         cols.update(_per_token_fields(getattr(result, "scores", None), n, "score_"))
-        cols.update(_per_token_fields(getattr(result, "features", None), n, "feat_"))
+        features = getattr(result, "features", None)
+        cols.update(_per_token_fields(features, n, "feat_"))
+        if "feat_h" in cols and "feat_d" in cols and hasattr(features, "h_median"):
+            high_h = np.asarray(cols["feat_h"]) >= float(features.h_median)
+            high_d = np.asarray(cols["feat_d"]) >= float(features.d_median)
+            cols["quadrant"] = np.where(
+                high_h, np.where(high_d, "Q1_highH_highD", "Q2_highH_lowD"), np.where(high_d, Q3_LABEL, "Q4_lowH_lowD")
+            ).tolist()
         if self.raw_topk:
             s_ids, s_logp = _topk_lists(batch.student_topk_ids, batch.student_topk_logp)
             t_ids, t_logp = _topk_lists(batch.teacher_topk_ids, batch.teacher_topk_logp)
@@ -174,11 +328,61 @@ class TokenBankWriter:
     ) -> Path:
         """Write one step's file (and the contexts sidecar when ``prompt_token_ids`` is given); return its path."""
         cols = self.step_columns(rollout_id, batch, result, sample_ids)
-        path = self.out_dir / step_file_name(rollout_id, self.rank, self.fmt)
-        _atomic_write(path, lambda fh: _WRITERS[self.fmt](fh, cols))
+        if self.layout == "release":
+            path = self.out_dir / release_file_name(rollout_id, self.fmt)
+            rel = release_columns(cols, self.budget_method, self.budget_ratio, self.seed)
+            _atomic_write(path, lambda fh: _WRITERS[self.fmt](fh, rel))
+            self._write_release_summary(rollout_id, rel)
+        else:
+            path = self.out_dir / step_file_name(rollout_id, self.rank, self.fmt)
+            _atomic_write(path, lambda fh: _WRITERS[self.fmt](fh, cols))
         if prompt_token_ids is not None:
             self._write_contexts(rollout_id, cols, sample_ids, prompt_token_ids, prompt_ids)
         return path
+
+    def _write_release_summary(self, rollout_id: int, rel: dict[str, Any]) -> None:
+        """A ``summary.csv`` row per step (rewritten atomically; a resumed step replaces its row); ``config.json``."""
+        valid = np.asarray(rel["loss_mask_original"]).astype(bool)
+        kept = valid & np.asarray(rel["budget_keep"]).astype(bool)
+
+        def mean(name: str) -> float:
+            if name not in rel or not valid.any():
+                return math.nan
+            return float(np.nanmean(np.asarray(rel[name], dtype=float)[valid]))
+
+        quadrant = np.asarray(rel.get("quadrant", [""] * len(valid)))
+        row = {
+            "rollout_id": int(rollout_id),
+            "num_tokens": len(valid),
+            "num_valid_tokens": int(valid.sum()),
+            "num_kept_tokens": int(kept.sum()),
+            "keep_ratio": float(kept.sum() / max(int(valid.sum()), 1)),
+            **{f"mean_{c}": mean(c) for c in ("H_norm", "D_norm", "C_norm", "tip_score", "ca_softor_score")},
+            "mean_reach_t1": mean("reach_t1"),
+            "q3_tokens": int((quadrant[valid] == Q3_LABEL).sum()),
+            "budget_method": self.budget_method,
+            "budget_ratio": self.budget_ratio,
+        }
+        summary = self.out_dir / "summary.csv"
+        rows = []
+        if summary.is_file():
+            with summary.open(newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("rollout_id") != str(row["rollout_id"])]
+        rows.append(row)
+
+        def write(fh: Any) -> None:
+            text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+            writer = csv.DictWriter(text, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(rows)
+            text.flush()
+            text.detach()
+
+        _atomic_write(summary, write)
+        config = self.out_dir / "config.json"
+        if not config.exists():
+            body = {"schema_version": 1, **self.config, "layout": "release"}
+            _atomic_write(config, lambda fh: fh.write((json.dumps(body, indent=2, default=str) + "\n").encode()))
 
     def _write_contexts(
         self,
@@ -208,6 +412,56 @@ class TokenBankWriter:
             lines.append(json.dumps(record))
         name = "contexts_" + step_file_name(rollout_id, self.rank, "jsonl")
         _atomic_write(self.out_dir / name, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
+
+
+def release_columns(
+    cols: dict[str, Any], budget_method: str | None, budget_ratio: float | None, seed: int | None
+) -> dict[str, Any]:
+    """Native step columns → the release's columns (``RELEASE_COLUMNS`` order first, then our other columns)."""
+    n = len(cols["sampled_id"])
+    native_to_release = {v: k for k, v in RELEASE_COLUMNS.items()}
+    s_logp = np.asarray(cols["student_logp"], dtype=float)
+    t_logp = np.asarray(cols["teacher_logp"], dtype=float)
+    out: dict[str, Any] = {"schema_version": np.ones(n, dtype=np.int64), "seed": [seed] * n}
+    for release, native in RELEASE_COLUMNS.items():
+        if native in cols:
+            out[release] = cols[native]
+    out["sampled_reverse_kl"] = s_logp - t_logp
+    out["sampled_teacher_adv"] = t_logp - s_logp
+    for side in ("student", "teacher"):
+        if f"{side}_rank_sampled" in cols:
+            out[f"target_in_{side}_topk"] = (np.asarray(cols[f"{side}_rank_sampled"]) >= 0).astype(np.int64)
+    if "quadrant" in cols:
+        out["quadrant"] = cols["quadrant"]
+    out["budget_method"] = [budget_method] * n
+    out["budget_ratio"] = np.full(n, math.nan if budget_ratio is None else float(budget_ratio))
+    score = cols.get(f"score_{budget_method}")
+    out["budget_score"] = np.asarray(score, dtype=float) if score is not None else np.full(n, math.nan)
+    for name, value in cols.items():  # ours, under their own names (score_<selector>, feat_is_q3, rank, ...)
+        if name not in native_to_release and name != "quadrant":
+            out[name] = value
+    return out
+
+
+def _from_release(path: Path, cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A release-layout file's columns under the native names, with the native columns it lacks filled in."""
+    out: dict[str, list[Any]] = {}
+    for name, values in cols.items():
+        out[RELEASE_COLUMNS.get(name, name)] = values
+    n = len(next(iter(cols.values()), []))
+    release_name = {v: k for k, v in RELEASE_COLUMNS.items()}
+    for name in ("sample_id", "position", "sampled_id", "student_logp", "teacher_logp", "response_length"):
+        if name not in out:
+            raise TokenBankError(f"{path}: release-layout bank lacks the column {release_name[name]!r}")
+    out.setdefault("rank", [0] * n)
+    out.setdefault("sample_index", list(out["sample_id"]))
+    out.setdefault("loss_mask", [1] * n)
+    out.setdefault("kept", list(out["loss_mask"]))
+    for name in BANK_TEXT_COLUMNS:
+        out.setdefault(name, [None] * n)
+    if "quadrant" in out and "feat_is_q3" not in out:
+        out["feat_is_q3"] = [str(q).startswith("Q3") for q in out["quadrant"]]
+    return out
 
 
 def _json_value(value: Any) -> Any:
@@ -285,9 +539,11 @@ def _check_columns(path: Path, names: Sequence[str]) -> None:
 
 def _cell(where: str, name: str, value: Any) -> Any:
     """One cell as the writer meant it: an int, a float (NaN allowed), a top-K list, or text (unchanged)."""
-    if name in BANK_TEXT_COLUMNS:
+    if name in BANK_TEXT_COLUMNS or name in RELEASE_TEXT_COLUMNS:
         return value
     if name in RAW_TOPK_COLUMNS:
+        if value == "" or value is None:  # the release writes "" when raw top-K lists are off
+            return []
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -300,6 +556,8 @@ def _cell(where: str, name: str, value: Any) -> Any:
         text = value.strip()
         if text in ("True", "False"):  # a numpy bool column
             value = text == "True"
+        elif text == "" and name not in BANK_INT_COLUMNS:  # the release leaves unknown values empty
+            value = None
         else:
             try:
                 value = int(text) if name in BANK_INT_COLUMNS else float(text)
@@ -329,9 +587,11 @@ def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
     """Read one token-bank file back into columns (typed cells; raw top-K columns decoded to lists).
 
     A damaged file (missing columns, a non-numeric cell, a truncated row or line, bytes that are not
-    UTF-8) raises ``TokenBankError`` naming the file and the line (CSV / JSONL) or the column.
+    UTF-8) raises ``TokenBankError`` naming the file and the line (CSV / JSONL) or the column. A release-layout
+    file (``rollout_%06d.csv|jsonl``) comes back under the native column names (``RELEASE_COLUMNS``).
     """
     path = Path(path)
+    release = bool(_RELEASE_FILE.match(path.name))
     suffix = path.suffix.lstrip(".")
     if suffix not in TOKEN_BANK_FORMATS:
         raise ValueError(f"{path}: unknown token bank file type {suffix!r}; expected one of {TOKEN_BANK_FORMATS}")
@@ -362,9 +622,12 @@ def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
                 raise TokenBankError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
                 raise TokenBankError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if release:
+                record = {RELEASE_COLUMNS.get(k, k): v for k, v in record.items()}
             rows.append((lineno, record))
         names = list(rows[0][1]) if rows else []
-        _check_columns(path, names)
+        if not release:
+            _check_columns(path, names)
         cols: dict[str, list[Any]] = {name: [] for name in names}
         for lineno, record in rows:
             if set(record) != set(names):
@@ -374,11 +637,14 @@ def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
                 )
             for name in names:
                 cols[name].append(_cell(f"{path}:{lineno}", name, record[name]))
-        return cols
+        return _checked_release(path, cols) if release else cols
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, [])
-        _check_columns(path, header)
+        if release:
+            header = [RELEASE_COLUMNS.get(h, h) for h in header]
+        else:
+            _check_columns(path, header)
         cols = {name: [] for name in header}
         for row in reader:
             where = f"{path}:{reader.line_num}"
@@ -392,4 +658,12 @@ def read_token_bank_file(path: str | os.PathLike[str]) -> dict[str, list[Any]]:
                 cols[name].append(_cell(where, name, value))
     except csv.Error as exc:
         raise TokenBankError(f"{path}:{reader.line_num}: damaged CSV ({exc})") from None
+    return _checked_release(path, cols) if release else cols
+
+
+def _checked_release(path: Path, cols: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    if not cols:
+        raise TokenBankError(f"{path}: empty token bank file (no header / no rows)")
+    cols = _from_release(path, cols)
+    _check_columns(path, list(cols))
     return cols

@@ -119,3 +119,110 @@ def test_mismatched_mask_is_an_error(tmp_path):
     result.mask = torch.ones(4, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask has 4 rows"):
         TokenBankWriter(tmp_path).write_step(0, batch, result, [0, 1])
+
+
+def _real_step(seed=3, mask="dlearn_high", ratio=0.3):
+    import reference as ref
+
+    from ta_opd import SelectionConfig, select_tokens
+
+    batch = ref.random_batch(seed, max_samples=4, max_len=12, k=4)
+    return batch, select_tokens(batch, SelectionConfig(mask=mask, ratio=ratio))
+
+
+def test_every_selector_score_is_written():
+    """result.scores is computed lazily (a Mapping, not a dict): every registered selector gets its column."""
+    from ta_opd.selectors import SELECTORS
+
+    batch, result = _real_step()
+    writer = TokenBankWriter.__new__(TokenBankWriter)  # columns only: no directory needed
+    writer.rank, writer.raw_topk, writer.pair_id, writer.teacher_name, writer.student_name = 0, False, None, None, None
+    n_samples = int(batch.sample_index.max()) + 1
+    cols = writer.step_columns(0, batch, result, list(range(n_samples)))
+    for name in SELECTORS.names():
+        assert f"score_{name}" in cols, name
+        assert torch.equal(torch.as_tensor(cols[f"score_{name}"]), result.scores[name].double())
+    assert {"feat_h", "feat_d", "feat_c", "feat_d_learn", "feat_is_q3", "quadrant"} <= set(cols)
+    q3 = [q == token_bank.Q3_LABEL for q in cols["quadrant"]]
+    assert q3 == [bool(v) for v in cols["feat_is_q3"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_release_layout_files_columns_and_round_trip(tmp_path, fmt):
+    batch, result = _real_step()
+    n_samples = int(batch.sample_index.max()) + 1
+    writer = TokenBankWriter(tmp_path, fmt=fmt, layout="release", owner="run-a", budget_method="dlearn_high",
+                             budget_ratio=0.3, seed=7, config={"opd_budget_mask": "dlearn_high"})  # fmt: skip
+    for step in (0, 1):
+        path = writer.write_step(step, batch, result, list(range(n_samples)))
+    assert path.name == f"rollout_000001.{fmt}"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["bank_owner.json", "config.json", f"rollout_000000.{fmt}", f"rollout_000001.{fmt}", "summary.csv"]
+    if fmt == "csv":
+        header = path.read_text().splitlines()[0].split(",")
+    else:
+        header = list(json.loads(path.read_text().splitlines()[0]))
+    release_cols = (
+        "Hs_topk_norm",
+        "KLf_union",
+        "Cmass",
+        "H_norm",
+        "D_norm",
+        "C_norm",
+        "Dlearn",
+        "tip_score",
+        "ca_softor_score",
+        "quadrant",
+        "budget_keep",
+        "tok_pos",
+        "token_id",
+        "loss_mask_original",
+    )
+    for col in release_cols:
+        assert col in header, col
+    assert "score_dlearn_high" in header  # our own columns follow under their names
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("rollout_id,num_tokens,num_valid_tokens,num_kept_tokens,keep_ratio")
+    assert len(summary) == 3
+    valid = batch.loss_mask.bool()
+    kept = result.mask.bool() & valid
+    assert float(summary[1].split(",")[4]) == pytest.approx(int(kept.sum()) / int(valid.sum()))
+    assert json.loads((tmp_path / "config.json").read_text())["opd_budget_mask"] == "dlearn_high"
+    # read back under the native names
+    cols = read_token_bank_file(path)
+    assert [int(v) for v in cols["kept"]] == result.mask.long().tolist()
+    assert [int(v) for v in cols["position"]] == batch.position.tolist()
+    assert cols["kl_f_union"] == pytest.approx(result.stats.kl_f_union.tolist(), nan_ok=True)
+    assert cols["score_tip"] == pytest.approx(result.scores["tip"].tolist())
+    assert cols["budget_score"] == pytest.approx(result.scores["dlearn_high"].tolist())
+    with pytest.raises(ValueError, match="not parquet"):
+        TokenBankWriter(tmp_path / "p", fmt="parquet", layout="release")
+    with pytest.raises(ValueError, match="layout"):
+        TokenBankWriter(tmp_path / "p", layout="upstream")
+
+
+def test_a_bank_directory_of_another_run_is_refused_never_overwritten(tmp_path):
+    batch, result = fake_step()
+    bank = tmp_path / "bank"
+    TokenBankWriter(bank, owner="/runs/a").write_step(0, batch, result, [0, 1])
+    before = (bank / "step0000000_rank000.csv").read_bytes()
+    with pytest.raises(token_bank.TokenBankError, match=r"another run \(/runs/a\).*\(/runs/b\).*own bank"):
+        TokenBankWriter(bank, owner="/runs/b")
+    assert (bank / "step0000000_rank000.csv").read_bytes() == before
+    # the same run (a resume) writes on
+    TokenBankWriter(bank, owner="/runs/a").write_step(1, batch, result, [0, 1])
+    # files of an unknown run (no owner record): refused, whoever asks
+    legacy = tmp_path / "legacy"
+    TokenBankWriter(legacy).write_step(0, batch, result, [0, 1])
+    for owner in (None, "/runs/a"):
+        with pytest.raises(token_bank.TokenBankError, match="unknown run .*step0000000_rank000.csv"):
+            TokenBankWriter(legacy, owner=owner)
+
+
+def test_from_args_gives_the_run_its_bank(tmp_path):
+    args = SimpleNamespace(opd_token_bank_dir=str(tmp_path / "run1" / "token_bank"), opd_token_bank_format="jsonl",
+                           opd_token_bank_layout="release", output_dir=str(tmp_path / "run1"), opd_budget_mask="tip",
+                           opd_budget_ratio=0.1, seed=3)  # fmt: skip
+    writer = TokenBankWriter.from_args(args)
+    assert (writer.fmt, writer.layout, writer.budget_method, writer.seed) == ("jsonl", "release", "tip", 3)
+    assert token_bank.bank_owner(args.opd_token_bank_dir) == str((tmp_path / "run1").resolve())

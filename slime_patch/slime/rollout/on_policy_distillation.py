@@ -551,12 +551,12 @@ def _write_token_bank(args: Any, rollout_index: int, batch: Any, result: Any, sa
         getattr(args, "opd_token_bank_pair_id", None),
         getattr(args, "opd_teacher_name", None),
         getattr(args, "opd_student_name", None),
+        getattr(args, "opd_token_bank_layout", "native"),
+        getattr(args, "output_dir", None),
     )
     writer = _bank_writers.get(key)
     if writer is None:
-        writer = TokenBankWriter(
-            key[0], fmt=key[1], raw_topk=key[2], pair_id=key[3], teacher_name=key[4], student_name=key[5], rank=0
-        )
+        writer = TokenBankWriter.from_args(args, rank=0)  # the run's --output-dir owns the directory
         _bank_writers[key] = writer
     writer.write_step(
         rollout_index,

@@ -158,7 +158,7 @@ class RolloutManager:
         if bank_dir:
             from ta_opd.token_bank import TokenBankWriter
 
-            TokenBankWriter(bank_dir, fmt=getattr(args, "opd_token_bank_format", "csv"))  # mkdir + write probe
+            TokenBankWriter.from_args(args)  # mkdir + write probe; refuses a directory holding another run's bank
         teacher_dir = getattr(args, "opd_teacher_hf_checkpoint", None)
         if args.use_opd and teacher_dir and args.hf_checkpoint:
             from slime.rollout.teacher_check import check_same_tokenizer

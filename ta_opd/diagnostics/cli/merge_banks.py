@@ -3,7 +3,8 @@
 Usage:
     merge_token_banks BANK_DIR_OR_FILE [...] --out merged.parquet [--label NAME ...] [--allow-missing-columns]
 
-Reads every ``step*_rank*.{csv,jsonl,parquet}`` of each input directory (or the given files),
+Reads every ``step*_rank*.{csv,jsonl,parquet}`` (or release-layout ``rollout_*.{csv,jsonl}``, read under
+the native column names) of each input directory (or the given files),
 adds a ``run`` column (``--label`` per input, default the directory name), drops duplicate rows
 of the same (run, pair_id, rollout_id, sample_id, position) — e.g. a step written twice after a
 resume — keeping the last file's copy, and writes ``--out`` (.parquet, .csv or .jsonl).
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="merge_token_banks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("inputs", nargs="+", help="Token bank directories or files.")
-    p.add_argument("--out", required=True, help="Merged table (.parquet, .csv or .jsonl).")
+    p.add_argument("--out", "--output", required=True, help="Merged table (.parquet, .csv or .jsonl).")
+    p.add_argument("--drop-raw-topk", action="store_true", help="Leave the raw top-K list columns out.")
     p.add_argument("--label", action="append", default=None, help="Run label per input (repeat, same order).")
     p.add_argument("--allow-missing-columns", action="store_true")
     return p
@@ -42,8 +44,9 @@ def bank_files(path: Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such token bank directory or file")
     files = sorted(f for ext in ("csv", "jsonl", "parquet") for f in path.glob(f"step*_rank*.{ext}"))
+    files += sorted(f for ext in ("csv", "jsonl") for f in path.glob(f"rollout_*.{ext}"))
     if not files:
-        raise ValueError(f"{path}: no step*_rank*.{{csv,jsonl,parquet}} token bank files")
+        raise ValueError(f"{path}: no step*_rank*.{{csv,jsonl,parquet}} (or rollout_*.{{csv,jsonl}}) token bank files")
     return files
 
 
@@ -110,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_out_path(args.out, args.inputs)
         merged = merge(args.inputs, args.label, args.allow_missing_columns)
+        if args.drop_raw_topk:
+            from ta_opd.token_bank import RAW_TOPK_COLUMNS
+
+            merged = merged.drop(columns=[c for c in RAW_TOPK_COLUMNS if c in merged.columns])
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"merge_token_banks: {exc}") from exc
     if args.out.endswith(".jsonl"):
