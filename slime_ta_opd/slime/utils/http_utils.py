@@ -3,7 +3,8 @@
 ``post(url, payload)`` and ``get(url)`` keep upstream slime's names and first arguments.
 One aiohttp session per event loop is shared by every call (connection reuse); each call
 has a timeout, and transient failures (connection errors, timeouts, HTTP 5xx and 429) are
-retried a bounded number of times with exponential backoff plus jitter. Anything else, or
+retried a bounded number of times with exponential backoff plus jitter (the policy of
+``ta_opd.retry``, shared with the drop-in patch's teacher scoring). Anything else, or
 running out of retries, raises ``HTTPRequestError`` naming the url, the attempts and the
 last error. A call never returns a silent empty answer.
 """
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 from collections import Counter
 from typing import Any
 
 import aiohttp
+
+from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, describe_error, retry_async
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ _sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = 
 # (calls that raised), "requests" (calls made). Read with ``get_retry_stats()``.
 _stats: Counter[str] = Counter()
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# transport failures worth another attempt (besides the RETRYABLE_HTTP_STATUS answers)
+_TRANSIENT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 class HTTPRequestError(RuntimeError):
@@ -50,10 +53,6 @@ class HTTPRequestError(RuntimeError):
         self.url = url
         self.attempts = attempts
         self.status = status
-
-
-class _Retryable(Exception):
-    pass
 
 
 def _failed(message: str, *, url: str, attempts: int, status: int | None = None) -> HTTPRequestError:
@@ -129,66 +128,59 @@ async def _request(
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    attempts_allowed = max_retries + 1
+    policy = RetryPolicy(max_retries=max_retries, backoff_base_s=backoff_base, backoff_max_s=backoff_max)
     client_timeout = aiohttp.ClientTimeout(total=timeout)
     hdrs = _headers(api_key, headers)
     _stats["requests"] += 1
-    last_error: str = "no attempt made"
-    for attempt in range(1, attempts_allowed + 1):
-        try:
-            session = _session()
-            async with session.request(method, url, json=payload, headers=hdrs, timeout=client_timeout) as resp:
-                body = await resp.text()
-                if resp.status in RETRYABLE_STATUS:
-                    raise _Retryable(f"HTTP {resp.status}: {body[:300]}")
-                if resp.status >= 400:
-                    raise _failed(
-                        f"{method} {url} failed with HTTP {resp.status} (not retried): {body[:500]}",
-                        url=url,
-                        attempts=attempt,
-                        status=resp.status,
-                    )
-                if not expect_json:
-                    return body
-                if not body.strip():
-                    raise _failed(
-                        f"{method} {url} returned HTTP {resp.status} with an empty body; expected JSON",
-                        url=url,
-                        attempts=attempt,
-                        status=resp.status,
-                    )
-                try:
-                    return await resp.json(content_type=None)
-                except ValueError as e:
-                    raise _failed(
-                        f"{method} {url} returned a body that is not JSON: {body[:300]!r}",
-                        url=url,
-                        attempts=attempt,
-                        status=resp.status,
-                    ) from e
-        except _Retryable as e:
-            last_error = str(e)
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            last_error = f"{type(e).__name__}: {e}"
-        if attempt < attempts_allowed:
-            _stats["retries"] += 1
-            delay = min(backoff_max, backoff_base * (2 ** (attempt - 1)))
-            delay *= 0.5 + random.random()  # jitter in [0.5, 1.5)
-            logger.warning(
-                "%s %s attempt %d/%d failed (%s); retrying in %.2fs",
-                method,
-                url,
-                attempt,
-                attempts_allowed,
-                last_error,
-                delay,
-            )
-            await asyncio.sleep(delay)
-    raise _failed(
-        f"{method} {url} failed after {attempts_allowed} attempts; last error: {last_error}",
-        url=url,
-        attempts=attempts_allowed,
-    )
+
+    async def attempt_once(attempt: int) -> Any:
+        session = _session()
+        async with session.request(method, url, json=payload, headers=hdrs, timeout=client_timeout) as resp:
+            body = await resp.text()
+            if resp.status in RETRYABLE_HTTP_STATUS:
+                raise Transient(f"HTTP {resp.status}: {body[:300]}")
+            if resp.status >= 400:
+                raise _failed(
+                    f"{method} {url} failed with HTTP {resp.status} (not retried): {body[:500]}",
+                    url=url,
+                    attempts=attempt,
+                    status=resp.status,
+                )
+            if not expect_json:
+                return body
+            if not body.strip():
+                raise _failed(
+                    f"{method} {url} returned HTTP {resp.status} with an empty body; expected JSON",
+                    url=url,
+                    attempts=attempt,
+                    status=resp.status,
+                )
+            try:
+                return await resp.json(content_type=None)
+            except ValueError as e:
+                raise _failed(
+                    f"{method} {url} returned a body that is not JSON: {body[:300]!r}",
+                    url=url,
+                    attempts=attempt,
+                    status=resp.status,
+                ) from e
+
+    def on_retry(attempt: int, error: BaseException, delay: float) -> None:
+        _stats["retries"] += 1
+        logger.warning(
+            "%s %s attempt %d/%d failed (%s); retrying in %.2fs",
+            method,
+            url,
+            attempt,
+            policy.attempts,
+            describe_error(error),
+            delay,
+        )
+
+    try:
+        return await retry_async(attempt_once, policy, transient=_TRANSIENT_ERRORS, on_retry=on_retry)
+    except RetriesExhausted as e:
+        raise _failed(f"{method} {url} {e}", url=url, attempts=e.attempts) from e.last_error
 
 
 async def post(
