@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ta_opd._native import pack_kernel
+
 PAD_ID = -1
 # the smallest magnitude that rounds to ±inf in float32 (log-probs are stored as float32)
 _F32_OVERFLOW = 3.4028235677973366e38
@@ -60,13 +62,30 @@ def pack_topk(entries: Sequence[Sequence[Entry] | None], k: int) -> tuple[Tensor
     n = len(entries)
     ids = torch.full((n, k), PAD_ID, dtype=torch.long)
     logp = torch.full((n, k), float("-inf"), dtype=torch.float32)
-    slow_rows = _pack_clean_rows(entries, k, ids, logp)
+    slow_rows = _pack_native(entries, k, ids, logp) if n and k else None
+    if slow_rows is None:
+        slow_rows = _pack_clean_rows(entries, k, ids, logp)
     for i in slow_rows:
         pairs = _clean_row(entries[i], k)
         if pairs:
             ids[i, : len(pairs)] = torch.tensor([p[1] for p in pairs], dtype=torch.long)
             logp[i, : len(pairs)] = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
     return ids, logp
+
+
+def _pack_native(entries: Sequence[Sequence[Entry] | None], k: int, ids: Tensor, logp: Tensor) -> list[int] | None:
+    """Fast path of ``pack_topk`` in C (ta_opd/_native/pack_kernel.c): one pass over the lists that fills
+    the clean rows (as ``_pack_clean_rows`` defines them) and returns the others' indices; None without
+    the compiled kernel."""
+    lib = pack_kernel()
+    if lib is None:
+        return None
+    rows = entries if type(entries) is list else list(entries)
+    slow = torch.zeros(len(rows), dtype=torch.uint8)
+    count = lib.ta_pack_topk(rows, len(rows), k, ids.data_ptr(), logp.data_ptr(), slow.data_ptr())
+    if count < 0:
+        return None
+    return slow.nonzero().squeeze(1).tolist() if count else []
 
 
 def _pack_clean_rows(entries: Sequence[Sequence[Entry] | None], k: int, ids: Tensor, logp: Tensor) -> list[int]:

@@ -1,5 +1,5 @@
-"""Optional compiled kernel (``stats_kernel.c``), loaded with ctypes: the per-row statistics and exact
-order statistics.
+"""Optional compiled kernels, loaded with ctypes: the per-row statistics and exact order statistics
+(``stats_kernel.c``), and the packing of SGLang's top-K lists into arrays (``pack_kernel.c``).
 
 ``ta_opd.stats`` and ``ta_opd.order_stats`` are numpy; with a C compiler on the machine their hot loops
 run here instead, with bit-identical results (the statistics: the same IEEE operations in the same order,
@@ -10,7 +10,10 @@ Nothing is needed at install time: the first use compiles the kernel with ``$CC`
 compiler and the CPU, written to a temporary file and renamed into place (concurrent processes never load
 a half-written library). No compiler, or a failed build: a warning, and numpy.
 
-``TA_OPD_NATIVE``: ``auto`` (default), ``0``/``off`` (numpy only), ``1``/``require`` (raise if the kernel
+``pack_kernel.c`` reads Python lists through the C API, so it also needs the interpreter's headers
+(``Python.h``; e.g. the ``python3-dev`` package); without them ``pack_topk`` stays in Python.
+
+``TA_OPD_NATIVE``: ``auto`` (default), ``0``/``off`` (numpy only), ``1``/``require`` (raise if a kernel
 cannot be built).
 """
 
@@ -24,14 +27,18 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("stats_kernel.c")
+PACK_SOURCE = Path(__file__).with_name("pack_kernel.c")
 # -ffp-contract=off: no fused multiply-add (numpy rounds a*b before +c); no -ffast-math: sums keep their order
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-fPIC", "-shared")
+PACK_CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared")
 MODES = ("auto", "0", "off", "1", "require")
 
 
@@ -62,14 +69,12 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, out: Path, source: Path = SOURCE, flags: tuple[str, ...] = CFLAGS) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
+        proc = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -119,3 +124,41 @@ def _load() -> ctypes.CDLL | None:
 def stats_kernel() -> ctypes.CDLL | None:
     """The loaded kernel, or None (numpy path). Built on first use; the result is cached per process."""
     return _load()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pack() -> ctypes.PyDLL | None:
+    mode = native_mode()
+    if mode in ("0", "off"):
+        return None
+    try:
+        cc = _compiler()
+        if cc is None:
+            raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH)")
+        include = sysconfig.get_paths()["include"]
+        if not os.path.isfile(os.path.join(include, "Python.h")):
+            raise RuntimeError(f"no Python.h in {include} (install the interpreter's development headers)")
+        flags = (*PACK_CFLAGS, f"-I{include}")
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            "\0".join([PACK_SOURCE.read_text(), cc, version, " ".join(flags), sys.version, _cpu_signature()]).encode()
+        ).hexdigest()[:16]
+        lib_path = _cache_dir() / f"ta_opd_pack_{key}.so"
+        if not lib_path.is_file():
+            logger.info("building the ta_opd top-K packing kernel: %s", lib_path)
+            _build(cc, lib_path, PACK_SOURCE, flags)
+        lib = ctypes.PyDLL(str(lib_path))  # PyDLL: the GIL stays held, the kernel reads Python objects
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.ta_pack_topk.argtypes = [ctypes.py_object, i64, i64, vp, vp, vp]
+        lib.ta_pack_topk.restype = i64
+        return lib
+    except Exception as e:  # any failure: pack_topk does the same work in Python, only slower
+        if mode in ("1", "require"):
+            raise RuntimeError(f"TA_OPD_NATIVE={mode}: the top-K packing kernel is unavailable: {e}") from e
+        logger.warning("ta_opd top-K packing kernel unavailable, packing in Python (slower): %s", e)
+        return None
+
+
+def pack_kernel() -> ctypes.PyDLL | None:
+    """The loaded top-K packing kernel, or None (Python path). Built on first use, cached per process."""
+    return _load_pack()
