@@ -15,6 +15,7 @@ import sys  # noqa: E402
 import ray  # noqa: E402
 
 from slime.loop import RUN_STOPS, run_loop, should_run_periodic_action, stop_exit_code  # noqa: E402,F401
+from slime.ray.cluster import init_ray  # noqa: E402
 from slime.ray.placement_group import (  # noqa: E402
     create_placement_groups,
     create_rollout_manager,
@@ -37,10 +38,10 @@ def train(args, t_start: float | None = None) -> dict:
     # before anything starts: output paths writable, --load meaningful, --save locked for the run's life
     save_lock = prepare_run_dirs(args)
     rollout_manager, actor_model, pgs, metrics_logger = None, None, {}, None
-    started_ray = not ray.is_initialized()
+    started_ray = False
     try:
-        if started_ray:  # RAY_ADDRESS joins an existing cluster; otherwise a local Ray starts here
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        # joins the cluster $RAY_ADDRESS names; otherwise a Ray of this run's own, even if another runs here
+        started_ray = init_ray()
         metrics_logger = MetricsLogger(args)
         pgs = create_placement_groups(args)
         rollout_manager = create_rollout_manager(args, pgs["rollout"])

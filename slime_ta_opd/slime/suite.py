@@ -42,6 +42,7 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 
 from slime.loop import RUN_STOPS, run_loop, stop_exit_code  # noqa: E402
+from slime.ray.cluster import init_ray  # noqa: E402
 from slime.ray.placement_group import create_placement_groups, create_training_models, remove_placement_groups  # noqa: E402
 from slime.ray.rollout import create_rollout_manager  # noqa: E402
 from slime.utils.arguments import parse_args  # noqa: E402
@@ -91,9 +92,7 @@ class SharedServers:
 
     def __init__(self, entries: Sequence[Entry]):
         first = entries[0].args
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        self.started_ray = init_ray()  # joins $RAY_ADDRESS, else a Ray of its own (slime.ray.cluster)
         self.pgs: dict[str, Any] = {}
         self.rollout_manager: Any = None
         self.actor_model: Any = None

@@ -19,8 +19,13 @@ an engine on the same node maps the trainer's copy instead of receiving the byte
 keeps each bucket alive until every engine has answered.
 
 The backend is gloo on CPU (the embedded engines) and NCCL on GPUs (real SGLang). A failed request never
-leaves the trainer blocked in a broadcast: the broadcast is polled while the requests are in flight, and an
-engine's error answer aborts it with that error.
+leaves the trainer blocked in a broadcast or a rendezvous: both are polled while the requests are in flight, and
+an engine's error answer aborts them with that error. The rendezvous address is the trainer's node IP, so engines
+on other nodes of a Ray cluster reach it.
+
+Engines that come and go: the sender re-reads the engines' URLs whenever it makes a group, makes a new group when
+the RolloutManager's engine set changed (an engine restarted, or dropped with its lost node), and when a push fails
+it asks the RolloutManager to drop the engines of lost nodes and, if it did, pushes once more to the others.
 """
 
 from __future__ import annotations
@@ -169,10 +174,13 @@ class DistributedWeightSender:
         timeout_s: float = 600.0,
         device: str | torch.device = "cpu",
         restart_count: Callable[[], int] | None = None,
+        engine_urls_fn: Callable[[], list[str]] | None = None,
+        drop_lost_engines: Callable[[], int] | None = None,
     ):
-        """``restart_count``: how many times the engines were restarted so far (the RolloutManager's count); when
+        """``restart_count``: how many times the engine set changed so far (the RolloutManager's count); when
         it changed since the group was made, the next push first makes a new group (a restarted engine is not a
-        member of the old one)."""
+        member of the old one). ``engine_urls_fn``: the engines' URLs now, read at every new group.
+        ``drop_lost_engines``: called when a push fails; a positive answer (engines dropped) retries the push once."""
         if not engine_urls:
             raise ValueError("distributed weight updates need the engines' URLs (this run owns no engines)")
         if buffer_bytes < 1:
@@ -184,6 +192,8 @@ class DistributedWeightSender:
         self.group: Any = None
         self.base_group_name = group_name
         self.restart_count = restart_count
+        self.engine_urls_fn = engine_urls_fn
+        self.drop_lost_engines = drop_lost_engines
         self._restarts_seen: int | None = None
         self._connects = 0
 
@@ -196,6 +206,11 @@ class DistributedWeightSender:
         gets a suffix from the second group on, so an engine never re-joins a name it holds."""
         if self.restart_count is not None:
             self._restarts_seen = self.restart_count()
+        if self.engine_urls_fn is not None:
+            urls = list(self.engine_urls_fn())
+            if not urls:
+                raise RuntimeError("no rollout engine is left to push weights to")
+            self.engine_urls = urls
         self._connects += 1
         if self._connects > 1:
             self.group_name = f"{self.base_group_name}_{self._connects}"
@@ -212,18 +227,46 @@ class DistributedWeightSender:
             for i in range(len(self.engine_urls))
         ]
         calls = _Calls().start(self.engine_urls, "/init_weights_update_group", payloads, self.api_key, self.timeout_s)
-        try:
-            self.group = new_group(self.backend, self.master_address, port, 0, self.world_size, self.timeout_s)
-        except Exception as e:
+        made: list[Any] = []
+        failure: list[BaseException] = []
+
+        def rendezvous() -> None:
+            try:
+                made.append(new_group(self.backend, self.master_address, port, 0, self.world_size, self.timeout_s))
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+                failure.append(e)
+
+        # in a thread: an engine that answered with an error (it will never join) ends the wait at once
+        worker = threading.Thread(target=rendezvous, daemon=True, name="weight-sync rendezvous")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            if calls.errors and calls.done():
+                calls.join("init_weights_update_group")
+        if failure:
             calls.join("init_weights_update_group")  # an engine's own error explains more than the timeout
-            raise RuntimeError(f"weight-update group rendezvous failed: {e}") from e
+            raise RuntimeError(f"weight-update group rendezvous failed: {failure[0]}") from failure[0]
+        self.group = made[0]
         calls.join("init_weights_update_group")
         logger.info(
             "weight-update group %r: %d engine(s), world %d", self.group_name, len(self.engine_urls), self.world_size
         )
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None) -> int:
-        """Broadcast every tensor to every engine (bucket by bucket); returns the number of tensors sent."""
+        """Broadcast every tensor to every engine (bucket by bucket); returns the number of tensors sent. A failed
+        push after which the RolloutManager dropped engines of lost nodes is redone once with the others."""
+        named = list(named_tensors)
+        try:
+            return self._push_once(named, weight_version)
+        except (RuntimeError, TimeoutError) as e:
+            if self.drop_lost_engines is None or self.drop_lost_engines() <= 0:
+                raise
+            logger.warning("weight push failed (%s) and engines of a lost node were dropped: pushing again", e)
+            if self.group is not None:
+                self._abandon()
+            return self._push_once(named, weight_version)
+
+    def _push_once(self, named_tensors: list[tuple[str, torch.Tensor]], weight_version: str | None) -> int:
         if self.group is not None and self.restart_count is not None and self.restart_count() != self._restarts_seen:
             logger.warning("an engine was restarted since the weight-update group was made: making a new one")
             self._abandon()
@@ -434,6 +477,9 @@ def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSende
     return DistributedWeightSender(
         urls,
         restart_count=lambda: ray.get(rollout_manager.engine_restart_count.remote()),
+        engine_urls_fn=lambda: ray.get(rollout_manager.engine_urls.remote()),
+        drop_lost_engines=lambda: ray.get(rollout_manager.drop_lost_engines.remote()),
+        master_address=ray.util.get_node_ip_address(),  # engines on other nodes reach the trainer's node
         backend="nccl" if on_gpu else "gloo",
         tp_size=tp_size,
         api_key=api_key,

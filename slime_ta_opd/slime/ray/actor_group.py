@@ -104,6 +104,10 @@ class RayTrainGroup:
         """One rollout of training on every rank; refs resolve to each rank's metrics dict."""
         return [actor.train.remote(rollout_id, rollout_data_ref) for actor in self._actor_handlers]
 
+    def where(self) -> list[dict[str, Any]]:
+        """Each rank's ``{node_id, node_ip, pid}``, as the rank reports it."""
+        return ray.get([actor.where.remote() for actor in self._actor_handlers])
+
     def save_model(self, rollout_id: int, force_sync: bool = False) -> list[Any]:
         return ray.get([actor.save_model.remote(rollout_id, force_sync=force_sync) for actor in self._actor_handlers])
 

@@ -5,8 +5,13 @@ actor in each bundle reports them) — the actor's ``actor_num_nodes × actor_nu
 ``--rollout-num-gpus`` for the engines; with ``--colocate`` both share ``max(actor, rollout)`` bundles.
 The embedded torch backend trains on one rank, so it reserves one actor bundle whatever the flags say.
 
-CPU-only machine (no GPU registered with Ray): the training ranks get ``{"CPU": 1}`` bundles and
-the rollout side gets none (embedded engines run as processes of the RolloutManager).
+CPU-only machine (no GPU registered with Ray): the training ranks get ``{"CPU": 1}`` bundles; the rollout side
+gets none (the embedded engines run as processes of the RolloutManager) unless ``--rollout-ray-resource`` is set:
+then one ``{"CPU": 1, NAME: 1}`` bundle per engine, and each embedded engine runs on its bundle's node.
+
+Role resources (``--actor-ray-resource``, ``--rollout-ray-resource``; slime.ray.cluster): each bundle of that role
+also asks for one unit of the named custom resource, so the role lands on the nodes that offer it. Bundles are
+then ordered by node and GPU within each role.
 """
 
 from __future__ import annotations
@@ -41,10 +46,17 @@ def actor_world_size(args: Namespace) -> int:
     return requested
 
 
+def embedded_engines_on_nodes(args: Namespace, use_gpu: bool) -> bool:
+    """CPU cluster with ``--rollout-ray-resource``: each embedded engine gets a bundle and runs on its node."""
+    return not use_gpu and args.rollout_ray_resource is not None
+
+
 def placement_layout(args: Namespace, use_gpu: bool) -> tuple[int, int]:
     """``(bundles, rollout_offset)``: total bundles, and where the rollout engines' bundles start."""
     actor = actor_world_size(args)
     if not use_gpu:
+        if embedded_engines_on_nodes(args, use_gpu):
+            return actor + max(1, int(args.rollout_num_engines or 1)), actor
         return actor, actor
     rollout = args.rollout_num_gpus or 0
     if args.colocate:
@@ -52,22 +64,53 @@ def placement_layout(args: Namespace, use_gpu: bool) -> tuple[int, int]:
     return actor + rollout, actor
 
 
-def _create_placement_group(num_bundles: int, use_gpu: bool) -> PlacementGroupInfo:
-    if num_bundles == 0:
+def bundle_specs(args: Namespace, use_gpu: bool) -> list[dict[str, float]]:
+    """The placement group's bundles in layout order: the base bundle plus each role's resource (both roles' for a
+    bundle they share under ``--colocate``)."""
+    num_bundles, rollout_offset = placement_layout(args, use_gpu)
+    actor_n = actor_world_size(args)
+    specs = []
+    for i in range(num_bundles):
+        spec: dict[str, float] = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        if args.actor_ray_resource and i < actor_n:
+            spec[args.actor_ray_resource] = spec.get(args.actor_ray_resource, 0) + 1
+        if args.rollout_ray_resource and i >= rollout_offset:
+            spec[args.rollout_ray_resource] = spec.get(args.rollout_ray_resource, 0) + 1
+        specs.append(spec)
+    return specs
+
+
+def _create_placement_group(specs: list[dict[str, float]], use_gpu: bool, role_slices: list[slice]):
+    """Reserve ``specs``; returns ``(pg, bundle_indices, gpu_ids)`` with the indices ordered by node and GPU within
+    each of ``role_slices`` (GPU) or in layout order (CPU)."""
+    if not specs:
         return None, [], []
-    bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-    available = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0)
-    if available < num_bundles:
-        kind = "GPUs" if use_gpu else "CPUs"
+    from slime.ray.cluster import check_role_resources
+
+    kind = "GPU" if use_gpu else "CPU"
+    available = ray.cluster_resources().get(kind, 0)
+    if available < len(specs):
         raise ValueError(
-            f"the placement group needs {num_bundles} {kind} (actor + rollout flags) but the Ray cluster has "
+            f"the placement group needs {len(specs)} {kind}s (actor + rollout flags) but the Ray cluster has "
             f"{available:g}; lower --actor-num-gpus-per-node/--rollout-num-gpus or add nodes"
         )
-    pg = placement_group([dict(bundle) for _ in range(num_bundles)], strategy="PACK")
+    needs: dict[str, float] = {}
+    for spec in specs:
+        for name, n in spec.items():
+            if name not in ("CPU", "GPU"):
+                needs[name] = needs.get(name, 0) + n
+    check_role_resources(needs)
+    pg = placement_group([dict(spec) for spec in specs], strategy="PACK")
     ray.get(pg.ready())
     if not use_gpu:
-        return pg, list(range(num_bundles)), [None] * num_bundles
-    indices, gpu_ids = order_bundles(probe_bundles(pg, num_bundles))
+        return pg, list(range(len(specs))), [None] * len(specs)
+    where = probe_bundles(pg, len(specs))
+    indices, gpu_ids = [], []
+    for part in role_slices:  # one slice (all bundles alike) or one per role
+        order = list(range(len(specs)))[part]
+        sub_order, sub_ids = order_bundles([where[i] for i in order])
+        indices += [order[j] for j in sub_order]
+        gpu_ids += sub_ids
     return pg, indices, gpu_ids
 
 
@@ -104,9 +147,12 @@ def create_placement_groups(args: Namespace) -> dict[str, PlacementGroupInfo]:
     """``{"actor": (pg, bundle_indices, gpu_ids), "rollout": (...)}`` sized from the flags."""
     use_gpu = cluster_has_gpus()
     num_bundles, rollout_offset = placement_layout(args, use_gpu)
-    logger.info("placement group: %d %s bundles", num_bundles, "GPU" if use_gpu else "CPU")
-    pg, indices, gpu_ids = _create_placement_group(num_bundles, use_gpu)
     actor_n = actor_world_size(args)
+    specs = bundle_specs(args, use_gpu)
+    roles_differ = bool(args.actor_ray_resource or args.rollout_ray_resource) and not args.colocate
+    slices = [slice(0, rollout_offset), slice(rollout_offset, None)] if roles_differ else [slice(None)]
+    logger.info("placement group: %d %s bundles %s", num_bundles, "GPU" if use_gpu else "CPU", specs)
+    pg, indices, gpu_ids = _create_placement_group(specs, use_gpu, slices)
     return {
         "actor": (pg, indices[:actor_n], gpu_ids[:actor_n]),
         "rollout": (pg, indices[rollout_offset:], gpu_ids[rollout_offset:]),
@@ -134,7 +180,8 @@ def create_rollout_manager(args: Namespace, pg: PlacementGroupInfo):
 
 
 def create_training_models(args: Namespace, pgs: dict[str, Any], rollout_manager) -> tuple[RayTrainGroup, int]:
-    """The actor training group, initialised; returns it and the rollout id to start from."""
+    """The actor training group, initialised; returns it and the rollout id to start from. Where every role runs
+    goes to ``<output-dir>/placement.json`` (:func:`write_placement`)."""
     use_gpu = pgs.get("use_gpu", False)
     group = RayTrainGroup(
         args,
@@ -147,4 +194,35 @@ def create_training_models(args: Namespace, pgs: dict[str, Any], rollout_manager
     start_ids = group.create(rollout_manager=rollout_manager)
     if len(set(start_ids)) != 1:
         raise RuntimeError(f"training ranks disagree on the rollout id to resume from: {start_ids}")
+    write_placement(args, placement_report(group, rollout_manager))
     return group, start_ids[0]
+
+
+def placement_report(group: RayTrainGroup, rollout_manager) -> dict[str, Any]:
+    """Where each role runs, as the actors themselves report it: ``{"driver", "trainer": [per rank], and the
+    RolloutManager's :meth:`~slime.ray.rollout.RolloutManager.placement` keys}``, each ``{node_id, node_ip, pid}``
+    (engines and teacher also ``url``)."""
+    from slime.ray.cluster import where
+
+    report: dict[str, Any] = {"driver": where(), "trainer": group.where()}
+    if rollout_manager is not None and hasattr(rollout_manager, "placement"):  # a stand-in manager may lack it
+        report.update(ray.get(rollout_manager.placement.remote()))
+    return report
+
+
+def write_placement(args: Namespace, report: dict[str, Any]) -> None:
+    """``<output-dir>/placement.json`` (atomic); nothing without ``--output-dir``."""
+    import json
+    import os
+
+    if not args.output_dir:
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "placement.json")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    nodes = {r["node_id"][:8] for r in report.get("trainer", []) + report.get("engines", [])}
+    logger.info("placement: %d trainer rank(s), %d engine(s) on %d node(s): %s", len(report.get("trainer", [])),
+                len(report.get("engines", [])), len(nodes), path)  # fmt: skip

@@ -1,3 +1,4 @@
+# Over 600 lines: the RolloutManager is one Ray actor class (servers, faults, data, conversion), as upstream's.
 """``RolloutManager``: the Ray actor that owns the rollout servers, the data source and the rollout.
 
 It starts (embedded backend) ``--rollout-num-engines`` SGLang-API engines behind a real
@@ -90,6 +91,7 @@ class RolloutManager:
         self.step_retries = 0  # steps redone after a server restart
         self._configure_run()
         try:
+        self.engines_lost: list[str] = []  # URLs of engines dropped because their node left the cluster
             self._start_servers()
         except BaseException:
             self.shutdown()
@@ -191,6 +193,7 @@ class RolloutManager:
         if group is not None:
             for i, engine in enumerate(group.engines):
                 if group.engine_alive(engine):
+            restarted += self._drop_lost_engines()
                     continue
                 logger.warning("engine %d (%s, pid %s) is not healthy: restarting it", i, engine.url, engine.pid)
                 group.restart_engine(engine)
@@ -207,6 +210,24 @@ class RolloutManager:
 
     def _reload_latest_weights(self, url: str) -> None:
         if self._latest_weights is not None:
+    def _drop_lost_engines(self) -> int:
+        """Engines on a node that left the cluster are dropped and the router restarted with the others (the
+        caller redoes the step's requests); returns how many. Raises when no engine is left."""
+        group = self._engine_group
+        lost = group.lost_engines() if hasattr(group, "lost_engines") else []
+        for engine in lost:
+            logger.error("engine %s: its node %s left the Ray cluster; continuing with the other engines",
+                         engine.url, engine.node.get("node_id"))  # fmt: skip
+            group.drop_engine(engine)
+            self.engines_lost.append(engine.url)
+            self.engine_restarts += 1  # the engine set changed: a weight-update group made before is stale
+        if lost and not group.engines:
+            raise RuntimeError(
+                f"every rollout engine was lost with its node ({', '.join(self.engines_lost)}); the run stops. "
+                "Resume from the last checkpoint with --load once the nodes are back"
+            )
+        return len(lost)
+
             answer = run(post(f"{url}/update_weights_from_disk", {"model_path": self._latest_weights}))
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"restarted engine {url} could not load {self._latest_weights!r}: {answer}")
@@ -226,7 +247,7 @@ class RolloutManager:
 
             base_gpu = 0 if args.colocate else args.actor_num_nodes * args.actor_num_gpus_per_node
             # engines on their bundles' nodes when the placement group reserved rollout bundles; else local
-            placement = self.pg if isinstance(self.pg, tuple) and self.pg[0] is not None and self.pg[1] else None
+            placement = self._rollout_bundles()
             self._engine_group = launch_sglang_engine_group(
                 args, base_gpu_id=base_gpu, log_dir=self._log_dir(), placement=placement
             )
@@ -238,7 +259,9 @@ class RolloutManager:
             from slime.backends.embedded_sglang.launch import launch_engine_group
 
             n = max(1, int(args.rollout_num_engines or 1))
-            logger.info("starting %d embedded engine(s) from %s behind sglang-router", n, args.hf_checkpoint)
+            on_nodes = self._rollout_bundles()
+            logger.info("starting %d embedded engine(s) from %s behind sglang-router%s", n, args.hf_checkpoint,
+                        " on their placement-group nodes" if on_nodes else "")  # fmt: skip
             extra: tuple[str, ...] = ()
             if getattr(args, "output_dir", None) or self._weights_roots:
                 # the trainer pushes weights from <output-dir>/weights: the engines may load from there only
@@ -248,9 +271,17 @@ class RolloutManager:
                 for root in roots[:-1]:
                     os.makedirs(root, exist_ok=True)
                 extra = tuple(x for root in roots for x in ("--weights-root", root))
-            self._engine_group = launch_engine_group(
-                args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir(), extra_args=extra
-            )
+            if on_nodes:
+                from slime.backends.sglang_utils.engines import embedded_server_command, launch_sglang_engine_group
+
+                self._engine_group = launch_sglang_engine_group(
+                    args, log_dir=self._log_dir(), placement=on_nodes, command_fn=embedded_server_command,
+                    num_engines=len(on_nodes[1]), extra_args=extra,
+                )  # fmt: skip
+            else:
+                self._engine_group = launch_engine_group(
+                    args.hf_checkpoint, n, api_key=args.api_key, router=True, log_dir=self._log_dir(), extra_args=extra
+                )
             host, _, port = self._engine_group.url.split("://", 1)[-1].rstrip("/").rpartition(":")
             args.sglang_router_ip, args.sglang_router_port = host, int(port)
         if args.use_opd and args.opd_type == "sglang" and args.rm_url is None:
@@ -260,17 +291,48 @@ class RolloutManager:
 
             logger.info("starting the embedded teacher server from %s", args.opd_teacher_hf_checkpoint)
             log_dir = self._log_dir()
-            self._teacher = launch_server(
-                args.opd_teacher_hf_checkpoint,
-                api_key=args.api_key,
-                log_file=None if log_dir is None else os.path.join(log_dir, "teacher.log"),
-            )
+            log_file = None if log_dir is None else os.path.join(log_dir, "teacher.log")
+            if args.teacher_ray_resource:  # on a node offering that resource (slime.ray.cluster)
+                from slime.backends.sglang_utils.engines import RemoteServer
+
+                self._teacher = RemoteServer(
+                    args.opd_teacher_hf_checkpoint, args.teacher_ray_resource, api_key=args.api_key, log_path=log_file
+                ).start()
+            else:
+                self._teacher = launch_server(args.opd_teacher_hf_checkpoint, api_key=args.api_key, log_file=log_file)
             args.rm_url = f"{self._teacher.url.rstrip('/')}/generate"
         elif args.use_opd and args.opd_type == "sglang":
             self._check_external_teacher()
 
     def _log_dir(self) -> str | None:
         out = getattr(self.args, "output_dir", None)
+    def _rollout_bundles(self) -> tuple[Any, list[int], list[Any]] | None:
+        """The rollout part of the placement group when it reserved bundles for the engines, else None."""
+        pg = self.pg
+        return pg if isinstance(pg, tuple) and pg[0] is not None and pg[1] else None
+
+    def placement(self) -> dict[str, Any]:
+        """Where the rollout side runs, as each process reports it: ``rollout_manager`` and ``router`` (this
+        actor's node), ``engines`` (one per serving engine, with its ``url``), ``teacher`` (None when external),
+        ``engines_lost`` (URLs dropped with their node). Entries: ``{node_id, node_ip, pid}`` (+ ``url``)."""
+        from slime.ray.cluster import where
+
+        here = where()
+        group = self._engine_group
+        if group is None:
+            engines = []
+        elif hasattr(group, "placement"):
+            engines = group.placement()
+        else:  # embedded engines: processes of this actor
+            engines = [{**here, "url": e.url, "server_pid": e.pid} for e in group.engines]
+        teacher = None
+        if self._teacher is not None:
+            teacher = (self._teacher.placement() if hasattr(self._teacher, "placement")
+                       else {**here, "url": self._teacher.url, "server_pid": self._teacher.pid})  # fmt: skip
+        router = {**here, "url": f"http://{self.args.sglang_router_ip}:{self.args.sglang_router_port}"}
+        return {"rollout_manager": here, "router": router, "engines": engines, "teacher": teacher,
+                "engines_lost": list(self.engines_lost)}  # fmt: skip
+
         if out is None:
             return None
         path = os.path.join(out, "logs")
@@ -305,17 +367,25 @@ class RolloutManager:
         async def push():
             import asyncio
 
-            return await asyncio.gather(*(post(f"{u}/update_weights_from_disk", {"model_path": path}) for u in urls))
+            return await asyncio.gather(
+                *(post(f"{u}/update_weights_from_disk", {"model_path": path}) for u in urls), return_exceptions=True
+            )
 
         answers = run(push())
         failed = [(u, a) for u, a in zip(urls, answers, strict=True) if not (isinstance(a, dict) and a.get("success"))]
         if failed:
             raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
+        if failed and self._drop_lost_engines():  # an engine's node left the cluster: the others carry on
+            failed = [(u, a) for u, a in failed if u not in self.engines_lost]
         self._latest_weights = path
         return list(answers)
 
     def offload(self) -> None:
         """Colocated runs: the engines free their weights and caches while the trainer runs
+    def drop_lost_engines(self) -> int:
+        """Drop the engines whose node left the cluster (a trainer's failed weight push asks); how many."""
+        return 0 if self._engine_group is None else self._drop_lost_engines()
+
         (``/release_memory_occupation``); no-op without engines of our own."""
         self._memory_call("/release_memory_occupation")
 
@@ -430,6 +500,8 @@ class RolloutManager:
         metrics["rollout/step_retries"] = float(retries)
         metrics["rollout/time_s"] = time.perf_counter() - start
         return data
+        metrics["rollout/engines"] = float(len(self.engine_urls()))
+        metrics["rollout/engines_lost_total"] = float(len(self.engines_lost))
 
     def _generate_once(self, rollout_id: int, return_samples: bool) -> dict[str, Any]:
         self.rollout_id = rollout_id
@@ -602,10 +674,13 @@ class RolloutManager:
 def create_rollout_manager(
     args: Namespace, pg: Any = None, weights_roots: list[str] | None = None, **ray_options
 ) -> Any:
-    """Start the RolloutManager as a Ray actor (``ray.remote`` applied here) and wait until it is up."""
+    """Start the RolloutManager as a Ray actor (``ray.remote`` applied here) on the driver's node (where the router
+    it starts serves the driver's pre-flight) and wait until it is up."""
     import ray
 
-    options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1, "scheduling_strategy": here}
     options.update(ray_options)
     actor = ray.remote(RolloutManager).options(**options).remote(args, pg, weights_roots)
     ray.get(actor.server_info.remote())  # surfaces constructor errors here

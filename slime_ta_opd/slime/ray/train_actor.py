@@ -45,6 +45,12 @@ class TrainRayActor(abc.ABC):
     def get_master_addr_and_port(self) -> tuple[str, int]:
         return self.master_addr, self.master_port
 
+    def where(self) -> dict[str, Any]:
+        """This rank's Ray node id, node IP and pid."""
+        from slime.ray.cluster import where
+
+        return where()
+
     def init(
         self, args: Namespace, role: str = "actor", with_ref: bool = False, with_opd_teacher: bool = False
     ) -> Any:

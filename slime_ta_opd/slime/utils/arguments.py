@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from slime.ray.cluster import add_placement_arguments
 from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
 from slime.utils.lr_schedule import LR_DECAY_STYLES, resolve_lr_schedule_args
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
@@ -620,6 +621,7 @@ def get_parser(extra_args_providers: Iterable[ArgsProvider] = ()) -> argparse.Ar
         _add_self_distillation_arguments,
         _add_megatron_arguments,
         add_ta_opd_arguments,
+        add_placement_arguments,
     ):
         add(parser)
     for provider in extra_args_providers:

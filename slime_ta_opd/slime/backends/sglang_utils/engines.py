@@ -19,7 +19,14 @@ Placement: without a placement group the engines are processes of the caller (on
 part of the Ray placement group (``placement=(pg, bundle_indices, gpu_ids)``), engine i runs on the node of its
 bundles ``i·tp ... i·tp + tp − 1``: a small Ray actor (``EngineHost``) pinned to the first of them starts the
 server there, bound to the node's IP, with ``--base-gpu-id`` the first bundle's GPU (the placement group orders
-bundles by node and GPU, and the tp bundles of one engine must be consecutive GPUs of one node).
+bundles by node and GPU, and the tp bundles of one engine must be consecutive GPUs of one node). A server started
+by a host actor dies with it (``PR_SET_PDEATHSIG``), so a lost worker never leaves an engine serving old weights.
+The same host actors run the embedded engines on a CPU cluster (``num_engines``, ``embedded_server_command``)
+and the teacher server on its node (``RemoteServer``).
+
+A lost node (``lost_engines``: the host actor's node is no longer alive in the cluster, or the actor is gone):
+``drop_engine`` takes the engine out of the group and restarts the router, on its port, with the engines that
+are left; the caller redoes the step (slime.ray.rollout).
 
 The process factory and the HTTP calls are injectable, so command lines and restart logic are unit-tested
 with fakes on a CPU machine; the Ray placement is tested with real actors and embedded servers on CPU; the real
@@ -29,6 +36,7 @@ path needs ``pip install -e '.[sglang]'`` and GPUs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -55,6 +63,17 @@ def _default_http(method: str, url: str, payload: dict[str, Any] | None, timeout
         return resp.json()
     except ValueError:
         return None
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a server started by a host actor: the kernel kills it when the actor's process exits
+    (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True)
@@ -181,7 +200,8 @@ class ManagedEngine:
 
 
 class EngineHost:
-    """Runs one ``ManagedEngine`` on the node where Ray placed it (used as a Ray actor by ``RemoteEngine``)."""
+    """Runs one ``ManagedEngine`` on the node where Ray placed it (used as a Ray actor by ``RemoteEngine`` and
+    ``RemoteServer``); the server dies with this actor's process (``die_with_parent``)."""
 
     def __init__(self, log_path: str | None = None):
         self.log_path = log_path
@@ -196,10 +216,17 @@ class EngineHost:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
 
+    def where(self) -> dict[str, Any]:
+        """This actor's node id, node IP and pid, and its server's pid (None before ``start``)."""
+        from slime.ray.cluster import where
+
+        return {**where(), "server_pid": None if self.engine is None else self.engine.pid}
+
     def start(self, spec: EngineSpec, command_fn: Callable[[EngineSpec], list[str]] = server_command) -> int:
         if self.engine is not None:
             self.engine.stop()
-        self.engine = ManagedEngine(spec, log_path=self.log_path, command_fn=command_fn)
+        popen = functools.partial(subprocess.Popen, preexec_fn=die_with_parent)
+        self.engine = ManagedEngine(spec, popen=popen, log_path=self.log_path, command_fn=command_fn)
         self.engine.start()
         return self.engine.pid
 
@@ -211,6 +238,41 @@ class EngineHost:
             self.engine.stop()
 
 
+# How long a call to a host actor may take before its node counts as unreachable.
+HOST_CALL_TIMEOUT_S = 60.0
+
+
+def host_lost(host_actor: Any, node_id: str | None) -> bool:
+    """Whether a host actor's node left the cluster or the actor itself is gone (its server with it)."""
+    import ray
+
+    from slime.ray.cluster import alive_node_ids
+
+    if node_id is not None and node_id not in alive_node_ids():
+        return True
+    try:
+        ray.get(host_actor.exit_code.remote(), timeout=HOST_CALL_TIMEOUT_S)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return True
+    return False
+
+
+def wait_url_healthy(url: str, http: HttpCall, timeout: float, poll_interval: float, engine: Any = None) -> None:
+    """Poll ``GET url/health`` until it answers; raise when ``engine`` (if given) exits first or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if engine is not None and not engine.is_alive():
+            code = engine.exit_code()
+            raise RuntimeError(f"SGLang engine {url} exited with code {code} before becoming healthy")
+        try:
+            http("GET", f"{url}/health", None, 10.0)
+            return
+        except Exception as e:  # not up yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {timeout:.0f}s: {e}") from e
+        time.sleep(poll_interval)
+
+
 @dataclass
 class RemoteEngine:
     """An engine started by an ``EngineHost`` actor on another node; the same interface as ``ManagedEngine``."""
@@ -220,6 +282,7 @@ class RemoteEngine:
     command_fn: Callable[[EngineSpec], list[str]] = server_command
     restarts: int = 0
     pid: int | None = None
+    node: dict[str, Any] = field(default_factory=dict)  # the host actor's where() at start
 
     @property
     def url(self) -> str:
@@ -229,14 +292,24 @@ class RemoteEngine:
         import ray
 
         self.pid = ray.get(self.host_actor.start.remote(self.spec, self.command_fn))
+        self.node = ray.get(self.host_actor.where.remote())
 
     def exit_code(self) -> int | None:
         import ray
 
-        return ray.get(self.host_actor.exit_code.remote())
+        return ray.get(self.host_actor.exit_code.remote(), timeout=HOST_CALL_TIMEOUT_S)
+
+    def lost(self) -> bool:
+        """The node (or the host actor) is gone: the engine cannot be restarted where it was."""
+        return host_lost(self.host_actor, self.node.get("node_id"))
 
     def is_alive(self) -> bool:
-        return self.pid is not None and self.exit_code() is None
+        if self.pid is None:
+            return False
+        try:
+            return self.exit_code() is None
+        except Exception:  # the host actor or its node is gone
+            return False
 
     def stop(self, timeout: float = 30.0) -> None:
         import ray
@@ -246,23 +319,121 @@ class RemoteEngine:
         except Exception as e:  # the node may be gone: nothing left to stop there
             logger.warning("stopping the engine at %s failed: %s", self.url, e)
 
+    def placement(self) -> dict[str, Any]:
+        return {**self.node, "url": self.url, "server_pid": self.pid}
+
+
+@dataclass
+class RemoteServer:
+    """A server (the teacher) started by an ``EngineHost`` actor on a node offering ``resource``; the interface of
+    the embedded ``ServerHandle`` the RolloutManager uses (``url``, ``pid``, ``is_alive``, ``restart``, ``stop``).
+
+    ``restart`` on a lost node starts a new host actor, which Ray places on another node offering ``resource``;
+    when none does within ``place_timeout_s`` it raises."""
+
+    model_path: str
+    resource: str
+    api_key: str | None = None
+    log_path: str | None = None
+    extra_args: tuple[str, ...] = ()
+    place_timeout_s: float = 300.0
+    http: HttpCall = _default_http
+    ready_timeout: float = 600.0
+    host_actor: Any = None
+    spec: EngineSpec | None = None
+    pid: int | None = None
+    node: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        assert self.spec is not None, "not started"
+        return self.spec.url
+
+    def start(self) -> RemoteServer:
+        import ray
+
+        if self.host_actor is None:
+            host_cls = ray.remote(num_cpus=0, num_gpus=0, resources={self.resource: 1})(EngineHost)
+            self.host_actor = host_cls.remote(self.log_path)
+        try:
+            ip, port = ray.get(self.host_actor.address.remote(), timeout=self.place_timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            ray.kill(self.host_actor, no_restart=True)
+            self.host_actor = None
+            raise RuntimeError(
+                f"no live node offers the Ray resource {self.resource!r} for the teacher server (waited "
+                f"{self.place_timeout_s:.0f}s); add a node with `ray start --resources '{{\"{self.resource}\": 1}}'`"
+            ) from e
+        self.spec = EngineSpec(self.model_path, ip, port, 0, 1, self.api_key, extra_args=self.extra_args)
+        self.pid = ray.get(self.host_actor.start.remote(self.spec, embedded_server_command))
+        self.node = ray.get(self.host_actor.where.remote())
+        process = RemoteEngine(self.spec, self.host_actor, pid=self.pid)  # its exit code: a failed start raises
+        wait_url_healthy(self.url, self.http, self.ready_timeout, 0.5, process)
+        return self
+
+    def is_alive(self) -> bool:
+        """The host actor's node is alive, its server runs and answers ``/health``."""
+        import ray
+
+        if self.host_actor is None or host_lost(self.host_actor, self.node.get("node_id")):
+            return False
+        try:
+            if ray.get(self.host_actor.exit_code.remote(), timeout=HOST_CALL_TIMEOUT_S) is not None:
+                return False
+            self.http("GET", f"{self.url}/health", None, 10.0)
+            return True
+        except Exception:
+            return False
+
+    def restart(self) -> RemoteServer:
+        """Start the server again: on its node, or (node lost) on another node offering the resource."""
+        import ray
+
+        if self.host_actor is not None and host_lost(self.host_actor, self.node.get("node_id")):
+            logger.warning("the teacher's node %s is lost: placing the teacher on another node offering %r",
+                           self.node.get("node_id"), self.resource)  # fmt: skip
+            ray.kill(self.host_actor, no_restart=True)
+            self.host_actor = None
+        else:
+            self.stop()
+        return self.start()
+
+    def stop(self) -> None:
+        import ray
+
+        if self.host_actor is None:
+            return
+        try:
+            ray.get(self.host_actor.stop.remote(), timeout=HOST_CALL_TIMEOUT_S)
+        except Exception as e:  # the node may be gone
+            logger.warning("stopping the server at %s failed: %s", self.spec.url if self.spec else "?", e)
+        ray.kill(self.host_actor, no_restart=True)
+        self.host_actor = None
+
+    def placement(self) -> dict[str, Any]:
+        return {**self.node, "url": self.url, "server_pid": self.pid}
+
 
 def remote_engines(
     args: Namespace,
     placement: tuple[Any, list[int], list[Any]],
     log_dir: str | None = None,
     command_fn: Callable[[EngineSpec], list[str]] = server_command,
+    num_engines: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> list[RemoteEngine]:
-    """One ``RemoteEngine`` per engine of the rollout flags, each on the node of its placement-group bundles.
+    """One ``RemoteEngine`` per engine, each on the node of its placement-group bundles.
 
     ``placement`` is the rollout part of the placement group: ``(pg, bundle_indices, gpu_ids)``, bundles
-    ordered by node and GPU; ``gpu_ids[j]`` is ``(node_ip, gpu)`` or None (CPU bundles: base GPU 0)."""
+    ordered by node and GPU; ``gpu_ids[j]`` is ``(node_ip, gpu)`` or None (CPU bundles: base GPU 0). Engines: the
+    rollout flags' count and TP size, or ``num_engines`` single-bundle engines (the embedded engines of a CPU
+    cluster) with ``extra_args`` on their command line."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pg, indices, gpu_ids = placement
-    tp = args.rollout_num_gpus_per_engine
-    n = (args.rollout_num_gpus or tp) // tp
+    tp = 1 if num_engines else args.rollout_num_gpus_per_engine
+    n = num_engines or (args.rollout_num_gpus or tp) // tp
     if len(indices) < n * tp:
         raise ValueError(f"{n} engines of {tp} GPU(s) need {n * tp} rollout bundles, the placement group has "
                          f"{len(indices)}")  # fmt: skip
@@ -286,7 +457,11 @@ def remote_engines(
             )
         ).remote(None if log_dir is None else os.path.join(log_dir, f"sglang_{i}.log"))
         ip, port = ray.get(actor.address.remote())
-        spec = dataclasses.replace(engine_specs(args, ip, [port] * n)[i], base_gpu_id=base_gpu)
+        if num_engines:
+            spec = EngineSpec(args.hf_checkpoint, ip, port, 0, 1, getattr(args, "api_key", None),
+                              extra_args=tuple(extra_args))  # fmt: skip
+        else:
+            spec = dataclasses.replace(engine_specs(args, ip, [port] * n)[i], base_gpu_id=base_gpu)
         engines.append(RemoteEngine(spec, actor, command_fn))
     return engines
 
@@ -336,18 +511,7 @@ class SGLangEngineGroup:
         return self
 
     def _wait_url(self, url: str, engine: ManagedEngine | None = None) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            if engine is not None and not engine.is_alive():
-                code = engine.exit_code()
-                raise RuntimeError(f"SGLang engine {url} exited with code {code} before becoming healthy")
-            try:
-                self.http("GET", f"{url}/health", None, 10.0)
-                return
-            except Exception as e:  # not up yet
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} not healthy after {self.ready_timeout:.0f}s: {e}") from e
-            time.sleep(self.poll_interval)
+        wait_url_healthy(url, self.http, self.ready_timeout, self.poll_interval, engine)
 
     def wait_healthy(self, engine: ManagedEngine) -> None:
         self._wait_url(engine.url, engine)
@@ -370,6 +534,33 @@ class SGLangEngineGroup:
         engine.restarts += 1
         self.wait_healthy(engine)
         self.events.append(f"restart {engine.url}")
+
+    def lost_engines(self) -> list[Any]:
+        """Engines whose node left the cluster (or whose host actor is gone); local engines are never lost."""
+        return [e for e in self.engines if isinstance(e, RemoteEngine) and e.lost()]
+
+    def drop_engine(self, engine: Any) -> None:
+        """Take a lost engine out of the group and restart the router on its port with the engines left."""
+        import ray
+
+        self.engines = [e for e in self.engines if e is not engine]
+        if isinstance(engine, RemoteEngine):
+            ray.kill(engine.host_actor, no_restart=True)
+        self.events.append(f"drop {engine.url}")
+        if not self.engines:
+            return
+        if self.router_process is not None:
+            self._stop_router()
+            self._start_router()
+            logger.warning("router %s now fronts %d engine(s): %s", self.url, len(self.engines), self.engine_urls)
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Each engine's ``{node_id, node_ip, pid, url, server_pid}`` (local engines: this process's node)."""
+        from slime.ray.cluster import where
+
+        here = where()
+        return [e.placement() if isinstance(e, RemoteEngine) else {**here, "url": e.url, "server_pid": e.pid}
+                for e in self.engines]  # fmt: skip
 
     def restart_router_if_dead(self, log_dir: str | None = None) -> bool:
         """Start the router again on its port if its process exited; whether it did."""
@@ -402,13 +593,17 @@ class SGLangEngineGroup:
             restarted.append(engine.url)
         return restarted
 
-    def stop(self) -> None:
+    def _stop_router(self) -> None:
         if self.router_process is not None and self.router_process.poll() is None:
             self.router_process.terminate()
             try:
                 self.router_process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.router_process.kill()
+                self.router_process.wait(timeout=30)
+
+    def stop(self) -> None:
+        self._stop_router()
         for engine in self.engines:
             engine.stop()
 
@@ -449,11 +644,14 @@ def launch_sglang_engine_group(
     start: bool = True,
     placement: tuple[Any, list[int], list[Any]] | None = None,
     command_fn: Callable[[EngineSpec], list[str]] = server_command,
+    num_engines: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> SGLangEngineGroup:
     """Engines (and the router when more than one) for the rollout flags; started unless ``start=False``.
 
     With ``placement`` (the rollout part of the Ray placement group) each engine runs on its bundles' node
-    (``remote_engines``); without, they are processes of this one."""
+    (``remote_engines``; ``num_engines``/``extra_args``: single-bundle embedded engines); without, they are
+    processes of this one."""
     from slime.backends.select import MissingExtraError, extra_available, install_hint
 
     if start and popen is subprocess.Popen and command_fn is server_command and not extra_available("sglang"):
@@ -464,10 +662,10 @@ def launch_sglang_engine_group(
         from slime.ray.train_actor import _free_port
 
         port_fn = _free_port
-    n = (args.rollout_num_gpus or args.rollout_num_gpus_per_engine) // args.rollout_num_gpus_per_engine
+    n = num_engines or (args.rollout_num_gpus or args.rollout_num_gpus_per_engine) // args.rollout_num_gpus_per_engine
     engines: list[Any]
     if placement is not None and placement[0] is not None:
-        engines = remote_engines(args, placement, log_dir, command_fn)
+        engines = remote_engines(args, placement, log_dir, command_fn, num_engines, extra_args)
     else:
         specs = engine_specs(args, host, [port_fn() for _ in range(n)], base_gpu_id)
         engines = [
