@@ -76,6 +76,10 @@ def run_loop(
         t0 = time.perf_counter()
         rollout_data = ray.get(rollout_manager.generate.remote(rollout_id))
         t_rollout = time.perf_counter() - t0
+        if getattr(args, "debug_rollout_only", False):  # rollouts only: no training step, save or weight push
+            record = metrics_logger.log_step(rollout_id, rollout_data, {}, None, rollout_time=t_rollout, **first)
+            first = {}
+            continue
         if args.offload:  # colocated: the engines give their memory to the trainer
             ray.get(rollout_manager.offload.remote())
         train_metrics = ray.get(actor_model.async_train(rollout_id, ray.put(rollout_data)))[0]

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
-from slime.rollout.base_types import call_rollout_fn
+from slime.rollout.base_types import RolloutFnTrainOutput, call_rollout_fn
 from slime.utils.arguments import DEFAULT_ROLLOUT_FUNCTION
 from slime.utils.async_utils import run
+from slime.utils.compat_flags import load_debug_rollout, save_debug_rollout
 from slime.utils.http_utils import close_session, get, init_http_client, post
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
@@ -505,12 +506,16 @@ class RolloutManager:
 
     def _generate_once(self, rollout_id: int, return_samples: bool) -> dict[str, Any]:
         self.rollout_id = rollout_id
-        out = call_rollout_fn(self.generate_rollout, self.args, rollout_id, self.data_source, evaluation=False)
+        loaded = load_debug_rollout(self.args, rollout_id)  # --load-debug-rollout-data: no generation
+        out = RolloutFnTrainOutput(samples=loaded) if loaded is not None else call_rollout_fn(
+            self.generate_rollout, self.args, rollout_id, self.data_source, evaluation=False
+        )  # fmt: skip
         samples = out.samples
         while samples and isinstance(samples[0], list):
             samples = [s for group in samples for s in group]
         if not samples:
             raise RuntimeError(f"rollout {rollout_id} produced no samples")
+        save_debug_rollout(self.args, rollout_id, samples)  # --save-debug-rollout-data
         data = self._convert_samples_to_train_data(samples)
         if getattr(self.args, "self_distillation", False):  # the trainer's teacher reads the privileged prompt
             from slime.rollout.self_distillation import teacher_prompt_ids

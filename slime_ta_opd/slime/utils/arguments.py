@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from slime.ray.cluster import add_placement_arguments
+from slime.utils.compat_flags import add_compat_arguments
 from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
 from slime.utils.lr_schedule import LR_DECAY_STYLES, resolve_lr_schedule_args
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
@@ -626,6 +627,7 @@ def get_parser(extra_args_providers: Iterable[ArgsProvider] = ()) -> argparse.Ar
         add(parser)
     for provider in extra_args_providers:
         provider(parser)
+    add_compat_arguments(parser)  # release / upstream-slime flags the parser lacks (docs/arguments.md)
     return parser
 
 
