@@ -22,24 +22,32 @@ This file is an adapter: Sample → lists/tensors → ``ta_opd`` → Sample. No 
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
-import random
 from collections import Counter
 from typing import Any
 
 import aiohttp
 import torch
 
+from slime.utils.misc import load_function
 from slime.utils.types import Sample
 from ta_opd.api import select_tokens
+from ta_opd.loss_mask import valid_loss_mask
+from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, describe_error, retry_async
 from ta_opd.topk import TokenBatch
 
 from .tip_compat import FULL_MASK, selection_config_from_args, student_topk_required, topk_k
 
-__all__ = ["STEP_METRICS_KEY", "STUDENT_TOPK_KEY", "TeacherScoringError", "post_process_rewards", "reward_func"]
+__all__ = [
+    "STEP_METRICS_KEY",
+    "STUDENT_TOPK_KEY",
+    "TeacherScoringError",
+    "post_process_rewards",
+    "reset_http_stats",
+    "reward_func",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +58,7 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MAX_RETRIES = 5
 _BACKOFF_BASE_S = 0.5
 _BACKOFF_MAX_S = 10.0
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_ERRORS = (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 class TeacherScoringError(RuntimeError):
@@ -63,8 +71,12 @@ class TeacherScoringError(RuntimeError):
 _http_stats: Counter[str] = Counter()
 
 
-class _Retryable(Exception):
-    pass
+def reset_http_stats() -> dict[str, int]:
+    """Return the scoring-request counts since the last step's report and zero them (a pre-flight's probes
+    must not show up in step 0's metrics)."""
+    out = {name: int(_http_stats[name]) for name in ("requests", "retries", "failures")}
+    _http_stats.clear()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,11 +106,16 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
         sample.metadata[STUDENT_TOPK_KEY] = await _student_topk_by_prefill(args, sample, k)
 
     payload = _prefill_payload(args, sample, top_logprobs_num=k)
-    if getattr(args, "self_distillation", False):
-        # this stack only (upstream has no such flag): the teacher reads the privileged prompt, METHOD.md §7
-        from slime.rollout.self_distillation import privileged_prefill
-
-        privileged_prefill(args, sample, payload)
+    hook_path = getattr(args, "custom_teacher_prefill_function_path", None)
+    if hook_path:
+        # a plug-in rewrites the teacher's request, e.g. this project's --self-distillation scores the response
+        # after a privileged prompt (docs/method.md §7)
+        payload = load_function(hook_path)(args, sample, payload)
+        if not isinstance(payload, dict):
+            raise TypeError(
+                f"--custom-teacher-prefill-function-path {hook_path} must return the request payload (a dict), "
+                f"got {type(payload).__name__}"
+            )
     if getattr(args, "opd_exact_cmass", False) and k > 0:
         ids = _exact_cmass_request_ids(args, sample)
         if ids:
@@ -224,67 +241,60 @@ def _exact_cmass_request_ids(args: Any, sample: Sample) -> list[int]:
 
 
 async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str, sample: Sample) -> dict[str, Any]:
-    """POST with a timeout and bounded retries (connection errors, timeouts, 429/5xx), then raise.
+    """POST with a timeout and bounded retries (connection errors, timeouts, 429/5xx; ``ta_opd.retry``), then raise.
 
     ``--http-timeout`` (seconds per attempt) and ``--http-max-retries`` (retries after the first
     attempt) are read when the checkout defines them; otherwise 600 s and 5 retries.
     """
     timeout = aiohttp.ClientTimeout(total=float(getattr(args, "http_timeout", None) or DEFAULT_TIMEOUT_S))
     retries = getattr(args, "http_max_retries", None)
-    attempts = 1 + max(0, int(DEFAULT_MAX_RETRIES if retries is None else retries))
+    policy = RetryPolicy(
+        max_retries=max(0, int(DEFAULT_MAX_RETRIES if retries is None else retries)),
+        backoff_base_s=_BACKOFF_BASE_S,
+        backoff_max_s=_BACKOFF_MAX_S,
+    )
     api_key = getattr(args, "api_key", None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    last_error: BaseException | None = None
-    _http_stats["requests"] += 1
-    for attempt in range(1, attempts + 1):
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.post(url, json=payload, headers=headers) as resp:
-                    if resp.status in _RETRYABLE_STATUS:
-                        raise _Retryable(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-                    if resp.status >= 400:
-                        _http_stats["failures"] += 1
-                        raise TeacherScoringError(
-                            f"sample {sample.index}: {what} request to {url} failed with HTTP {resp.status}: "
-                            f"{(await resp.text())[:500]}"
-                        )
-                    try:
-                        answer = await resp.json(content_type=None)
-                    except ValueError as e:
-                        _http_stats["failures"] += 1
-                        raise TeacherScoringError(
-                            f"sample {sample.index}: {what} answer from {url} is not JSON: {e}"
-                        ) from e
-            if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
-                _http_stats["failures"] += 1
-                raise TeacherScoringError(
-                    f"sample {sample.index}: {what} answer from {url} has no 'meta_info' dict "
-                    f"(got {type(answer).__name__} {str(answer)[:200]})"
-                )
-            return answer
-        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, _Retryable) as e:
-            last_error = e
-            if attempt == attempts:
-                break
-            _http_stats["retries"] += 1
-            delay = min(_BACKOFF_BASE_S * 2 ** (attempt - 1), _BACKOFF_MAX_S) * (0.5 + random.random())
-            logger.warning(
-                "sample %s: %s to %s failed (%s: %s); retry %d/%d in %.1fs",
-                sample.index,
-                what,
-                url,
-                type(e).__name__,
-                e,
-                attempt,
-                attempts - 1,
-                delay,
+
+    def failed(message: str) -> TeacherScoringError:
+        _http_stats["failures"] += 1
+        return TeacherScoringError(f"sample {sample.index}: {what} {message}")
+
+    async def attempt_once(attempt: int) -> dict[str, Any]:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(url, json=payload, headers=headers) as resp:
+                if resp.status in RETRYABLE_HTTP_STATUS:
+                    raise Transient(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                if resp.status >= 400:
+                    raise failed(f"request to {url} failed with HTTP {resp.status}: {(await resp.text())[:500]}")
+                try:
+                    answer = await resp.json(content_type=None)
+                except ValueError as e:
+                    raise failed(f"answer from {url} is not JSON: {e}") from e
+        if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
+            raise failed(
+                f"answer from {url} has no 'meta_info' dict (got {type(answer).__name__} {str(answer)[:200]})"
             )
-            await asyncio.sleep(delay)
-    _http_stats["failures"] += 1
-    raise TeacherScoringError(
-        f"sample {sample.index}: {what} request to {url} failed after {attempts} attempts: "
-        f"{type(last_error).__name__}: {last_error}"
-    )
+        return answer
+
+    def on_retry(attempt: int, error: BaseException, delay: float) -> None:
+        _http_stats["retries"] += 1
+        logger.warning(
+            "sample %s: %s to %s failed (%s); retry %d/%d in %.1fs",
+            sample.index,
+            what,
+            url,
+            describe_error(error),
+            attempt,
+            policy.max_retries,
+            delay,
+        )
+
+    _http_stats["requests"] += 1
+    try:
+        return await retry_async(attempt_once, policy, transient=_TRANSIENT_ERRORS, on_retry=on_retry)
+    except RetriesExhausted as e:
+        raise failed(f"request to {url} {e}") from e.last_error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +407,12 @@ def post_process_rewards(args: Any, samples: list[Sample], **kwargs: Any) -> tup
         teacher_logp.append([float(e[0]) for e in entries])
         sample.teacher_log_probs = torch.tensor(teacher_logp[-1], dtype=torch.float32)
 
-    valid_masks = [_valid_loss_mask(s, length) for s, length in zip(samples, lengths, strict=True)]
+    # None → all ones, a removed sample → all zeros (slime's rule, ta_opd.loss_mask); selection below narrows it
+    for sample, length in zip(samples, lengths, strict=True):
+        sample.loss_mask = valid_loss_mask(
+            sample.loss_mask, length, removed=bool(sample.remove_sample), sample_index=sample.index
+        )
+    valid_masks = [list(s.loss_mask) for s in samples]
     metrics: dict[str, float] = {}
     tops = _topk_lists(samples, answers, lengths, cfg)  # None only for `full` without top-K lists
     if tops is not None:
@@ -459,19 +474,6 @@ def _rollout_index(args: Any, rollout_id: Any) -> int:
     index = _step_counter.get(key, start)
     _step_counter[key] = index + 1
     return index
-
-
-def _valid_loss_mask(sample: Sample, response_length: int) -> list[int]:
-    """Supervisable response tokens before selection: ``loss_mask`` (all 1 if unset), 0 for removed samples."""
-    if sample.loss_mask is None:
-        sample.loss_mask = [1] * response_length
-    if len(sample.loss_mask) != response_length:
-        raise ValueError(
-            f"sample {sample.index}: loss_mask length {len(sample.loss_mask)} != response_length {response_length}"
-        )
-    if sample.remove_sample:
-        return [0] * response_length
-    return [int(v) for v in sample.loss_mask]
 
 
 def _rollout_log_probs(sample: Sample, response_length: int) -> list[float] | None:

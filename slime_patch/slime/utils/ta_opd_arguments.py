@@ -77,6 +77,15 @@ def add_ta_opd_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         ("--opd-token-bank-pair-id", dict(type=str, default=None, help="Teacher-student pair id in the bank.")),
         ("--opd-teacher-name", dict(type=str, default=None, help="Teacher name recorded in the bank.")),
         ("--opd-student-name", dict(type=str, default=None, help="Student name recorded in the bank.")),
+        (
+            "--custom-teacher-prefill-function-path",
+            dict(
+                type=str,
+                default=None,
+                help="(args, sample, payload) -> payload: rewrites the OPD reward function's teacher prefill "
+                "request (e.g. the slime-ta-opd stack's self-distillation prompt).",
+            ),
+        ),
     ]
     for flag, kwargs in flags:
         try:

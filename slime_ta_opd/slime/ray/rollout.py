@@ -41,6 +41,7 @@ from slime.utils.compat_flags import load_debug_rollout, save_debug_rollout
 from slime.utils.http_utils import close_session, get, init_http_client, post
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
+from ta_opd.loss_mask import valid_loss_mask
 
 logger = logging.getLogger(__name__)
 
@@ -604,15 +605,10 @@ class RolloutManager:
 
         loss_masks, teacher, prompt_lengths = [], [], []
         for s in samples:
-            if s.loss_mask is None:
-                s.loss_mask = [1] * s.response_length
-            if len(s.loss_mask) != s.response_length:
-                raise ValueError(
-                    f"sample {s.index}: loss_mask length {len(s.loss_mask)} != response_length {s.response_length}"
-                )
-            if s.remove_sample:
-                s.loss_mask = [0] * s.response_length
-            loss_masks.append([int(m) for m in s.loss_mask])
+            s.loss_mask = valid_loss_mask(
+                s.loss_mask, s.response_length, removed=bool(s.remove_sample), sample_index=s.index
+            )
+            loss_masks.append(list(s.loss_mask))
             prompt_len = len(s.tokens) - s.response_length
             if prompt_len < 1:
                 raise ValueError(

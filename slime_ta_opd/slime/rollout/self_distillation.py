@@ -11,7 +11,8 @@ response position j of the teacher sequence scores the same token as position j 
 The rollout manager writes the teacher prompt ids into the rollout data
 (``sd_teacher_prompt_tokens``) for the trainer, and the OPD reward function scores the teacher
 server on the same ids when ``--use-opd`` is also on (selection masks), so both teachers see one
-context. Placeholders are replaced literally (labels may hold braces, e.g. LaTeX).
+context: ``privileged_prefill`` is that function's ``--custom-teacher-prefill-function-path`` hook,
+which ``--self-distillation`` sets. Placeholders are replaced literally (labels may hold braces, e.g. LaTeX).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ DEFAULT_ROLLOUT_FUNCTION = "slime.rollout.sglang_rollout.generate_rollout"
 DEFAULT_DATA_SOURCE = "slime.rollout.data_source.RolloutDataSourceWithBuffer"
 OPD_REWARD_FUNC = "slime.rollout.on_policy_distillation.reward_func"
 OPD_POST_PROCESS = "slime.rollout.on_policy_distillation.post_process_rewards"
+# --self-distillation's teacher prefill hook of the OPD reward function (the patch's plug-in point)
+SD_TEACHER_PREFILL = "slime.rollout.self_distillation.privileged_prefill"
 # the off-policy SFT baseline's generate function: the teacher samples, the student trains with sft_loss
 SFT_BASELINE_GENERATE = "slime.rollout.sft_baseline.generate_with_teacher"
 ADVANTAGE_ESTIMATORS = ("grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
@@ -450,6 +452,8 @@ def validate_self_distillation_args(args: argparse.Namespace) -> None:
                 )
         if args.label_key is None:
             raise ValueError("--self-distillation needs --label-key (the reference solution of the teacher prompt)")
+        if args.custom_teacher_prefill_function_path is None:  # the teacher server reads the privileged prompt
+            args.custom_teacher_prefill_function_path = SD_TEACHER_PREFILL
         teacher = args.opd_teacher_hf_checkpoint
         if teacher is not None and os.path.realpath(teacher) != os.path.realpath(args.hf_checkpoint or ""):
             raise ValueError(
@@ -482,6 +486,13 @@ def _add_reward_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         default=None,
         help="(args, samples, **kwargs) -> (raw_rewards, rewards); default: GRPO group normalisation.",
+    )
+    g.add_argument(
+        "--custom-teacher-prefill-function-path",
+        type=str,
+        default=None,
+        help="(args, sample, payload) -> payload: rewrites the OPD reward function's teacher prefill request "
+        "(--self-distillation sets slime.rollout.self_distillation.privileged_prefill).",
     )
     g.add_argument("--custom-convert-samples-to-train-data-path", type=str, default=None)
 

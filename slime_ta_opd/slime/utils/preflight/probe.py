@@ -423,8 +423,6 @@ def run_checks(
 
 def _reset_opd_http_stats() -> None:
     """The OPD module counts teacher requests per step; the pre-flight's must not show up in step 0's metrics."""
-    import slime_patch.slime.rollout.on_policy_distillation as opd
+    from slime.rollout.on_policy_distillation import reset_http_stats
 
-    stats = getattr(opd, "_http_stats", None)
-    if stats is not None:
-        stats.clear()
+    reset_http_stats()
