@@ -1,4 +1,4 @@
-"""Per-token kernels of the self-distillation losses and PW-OPSD position weights (METHOD.md §7–8).
+"""Per-token kernels of the self-distillation losses and PW-OPSD position weights (docs/method.md §7–8).
 
 A kernel maps one chunk of rows, `(student_logits [n, V], teacher_logits [n, V] | None, extras)`,
 to per-token values `[n]` (or `(values, aux)`); `ta_opd.sd_losses` binds hyper-parameters with
@@ -39,6 +39,12 @@ def full_p_log_ratio(logp: Tensor, logq: Tensor) -> Tensor:
     if not logp.requires_grad:
         logp = logp.clamp_min(torch.finfo(logp.dtype).min)
     return logp.exp() * (logp - logq)
+
+
+def kl_divergence(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+    """Full-vocabulary KL(a‖b) = Σ_v a(v)(log a(v) − log b(v)) of each row ``[n, V]`` → ``[n]``: the one
+    implementation (the JSD endpoints, the trainer's teacher-divergence metric, the fixed-context diagnostic)."""
+    return full_p_log_ratio(logp_a, logp_b).sum(-1)
 
 
 def check_temperature(temperature: float) -> None:
@@ -148,13 +154,19 @@ def jsd_token(
         snap = math.sqrt(torch.finfo(s.dtype).eps)
         beta = 0.0 if beta < snap else 1.0 if beta > 1.0 - snap else beta
     if beta == 0.0:
-        return full_p_log_ratio(lt, ls).sum(-1)  # KL(p_T ‖ p_S), the β → 0 limit
+        return kl_divergence(lt, ls)  # KL(p_T ‖ p_S), the β → 0 limit
     if beta == 1.0:
-        return full_p_log_ratio(ls, lt).sum(-1)  # KL(p_S ‖ p_T), the β → 1 limit
+        return kl_divergence(ls, lt)  # KL(p_S ‖ p_T), the β → 1 limit
     # M = β p_T + (1 − β) p_S;  JSD_β = β KL(p_T ‖ M) + (1 − β) KL(p_S ‖ M)
     lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
     value = beta * full_p_log_ratio(lt, lm).sum(-1) + (1.0 - beta) * full_p_log_ratio(ls, lm).sum(-1)
     return value / (beta * (1.0 - beta)) if normalize else value
+
+
+def divergence_token(s: Tensor, t: Tensor | None, ex: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``rkl`` = KL(p_S‖p_T) and ``fkl`` = KL(p_T‖p_S) at τ = 1, in float64 (a metric, never differentiated)."""
+    ls, lt = F.log_softmax(s.detach().double(), -1), F.log_softmax(t.double(), -1)
+    return {"rkl": kl_divergence(ls, lt), "fkl": kl_divergence(lt, ls)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def position_weights(
     tau: float = 0.30,
     s: float = 0.10,
 ) -> Tensor:
-    """w_t = w_min + (1 − w_min)·σ((f_t − τ)/s), f_t = (i_t − 0.5)/L_b (METHOD.md §7); 0 if invalid."""
+    """w_t = w_min + (1 − w_min)·σ((f_t − τ)/s), f_t = (i_t − 0.5)/L_b (docs/method.md §7); 0 if invalid."""
     if not (0.0 <= w_min <= 1.0) or not s > 0:
         raise ValueError(f"need 0 <= w_min <= 1 and s > 0, got w_min={w_min}, s={s}")
     rank, length = valid_rank_in_sample(valid_mask, sample_index, position)

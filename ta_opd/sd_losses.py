@@ -1,4 +1,4 @@
-"""Self-distillation loss family and other OPD loss variants (METHOD.md §7–8).
+"""Self-distillation loss family and other OPD loss variants (docs/method.md §7–8).
 
 Every loss is a pure function of tensors and a loss mask (the mask *after* token selection,
 so selectors combine with every loss) and returns a `LossOutput`. Denominators belong to
@@ -13,14 +13,14 @@ gradients (tests/ta_opd/test_chunked.py). The teacher is never differentiated.
 
 Rows: N response tokens of a batch, flattened; `sample_index [N]` (int64, 0..B-1) names each
 row's sample, `position [N]` its 0-based position in the response (rows of one sample in
-position order when omitted). `LOSSES` maps a loss name to `fn(inputs, cfg) -> LossOutput`.
+position order when omitted). The `--loss-type` registry over these functions is `ta_opd.loss_registry.LOSSES`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -37,10 +37,10 @@ from ta_opd.chunked import (
     num_rows,
     vocab_size,
 )
-from ta_opd.losses import agg_loss
-from ta_opd.registry import Registry
+from ta_opd.losses import LossOutput, Reduction
 from ta_opd.sd_kernels import (
     check_temperature,
+    divergence_token,
     eopd_token,
     gather_logprobs,
     jsd_token,
@@ -55,18 +55,16 @@ from ta_opd.sd_kernels import (
 )
 
 __all__ = [
-    "LOSSES",
     "LossOutput",
-    "SDLossConfig",
-    "SDLossInputs",
     "eopd_loss",
     "gather_logprobs",
     "jsd_loss",
     "opsd_loss",
     "position_weights",
     "pwopsd_loss",
-    "reduction_coefficients",
     "reopold_loss",
+    "student_topk",
+    "teacher_divergence",
     "teacher_topk",
     "topk_fkl_loss",
     "topk_rkl_loss",
@@ -74,54 +72,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class LossOutput:
-    loss: Tensor  # scalar, with graph
-    per_token: Tensor  # [N] detached per-token values ℓ_t (0 on rows outside the loss mask)
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached 0-dim tensors
-
-
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing
 # ---------------------------------------------------------------------------------------------
 
 
-def reduction_coefficients(
+@dataclass(frozen=True)
+class _Reduction:
+    """The loss mask, the public :class:`Reduction` over it, and PW-OPSD's extra constant factor w_t [N]."""
+
+    mask: Tensor  # [N] bool
+    reduce: Reduction
+    weights: Tensor | None = None
+
+
+def _reduction(
     mask: Tensor,
     mode: str,
     sample_index: Tensor | None = None,
     global_token_count: int | Tensor | None = None,
     global_sample_count: int | Tensor | None = None,
-) -> Tensor:
-    """coef [N] float64 with agg_loss(v, mask, mode, ...) == Σ_t coef_t v_t for every v.
-
-    Every agg_loss mode is linear in v, so its gradient with respect to v is this vector;
-    asking agg_loss for it keeps agg_loss the one owner of denominators.
-    """
-    probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
-    with torch.enable_grad():
-        out = agg_loss(
-            probe,
-            mask,
-            mode,
-            sample_index=sample_index,
-            global_token_count=global_token_count,
-            global_sample_count=global_sample_count,
-        )
-        if not out.requires_grad:
-            return torch.zeros_like(probe).detach()
-        (coef,) = torch.autograd.grad(out, probe, allow_unused=True)
-    return torch.zeros_like(probe).detach() if coef is None else coef.detach()
-
-
-@dataclass(frozen=True)
-class _Reduction:
-    mask: Tensor  # [N] bool
-    mode: str
-    sample_index: Tensor | None = None
-    global_token_count: int | Tensor | None = None
-    global_sample_count: int | Tensor | None = None
-    weights: Tensor | None = None  # [N] extra per-token factor (PW-OPSD w_t), constant
+    weights: Tensor | None = None,
+) -> _Reduction:
+    return _Reduction(mask, Reduction(mode, sample_index, global_token_count, global_sample_count), weights)
 
 
 def _naive_path(student: LogitSource, chunk_size: int | None) -> bool:
@@ -141,23 +114,18 @@ def _run(
     mask = red.mask
     if mask.dtype != torch.bool or mask.shape != (num_rows(student),):
         raise ValueError(f"loss_mask must be bool [N] = [{num_rows(student)}], got {mask.dtype} {tuple(mask.shape)}")
-    agg_kwargs = dict(
-        sample_index=red.sample_index,
-        global_token_count=red.global_token_count,
-        global_sample_count=red.global_sample_count,
-    )
     if _naive_path(student, chunk_size):
         s_logits = materialize_logits(student)
         t_logits = None if teacher is None else materialize_logits(teacher).detach()
         result = token_fn(s_logits, t_logits, extras)
         values, aux = (result[0], dict(result[1])) if isinstance(result, tuple) else (result, {})
         weighted = values if red.weights is None else values * red.weights
-        loss = agg_loss(weighted, mask, red.mode, **agg_kwargs)
+        loss = red.reduce(weighted, mask)
         per_token = torch.where(mask, values.detach(), torch.zeros_like(values.detach()))
         aux = {k: torch.where(mask, v.detach(), torch.zeros_like(v.detach())) for k, v in aux.items()}
     else:
         rows = chunk_size or auto_chunk_size(vocab_size(student))
-        coef = reduction_coefficients(mask, red.mode, **agg_kwargs)
+        coef = red.reduce.coefficients(mask)
         if red.weights is not None:
             coef = coef * red.weights.detach().to(coef.dtype)
         loss, per_token, aux = chunked_loss(token_fn, student, teacher, extras, coef, rows)
@@ -188,7 +156,7 @@ def opsd_loss(
     """OPSD (§7): ℓ_t = Σ_v min(p_T(v)(log p_T(v) − log p_S(v)), clip); loss = Σ ℓ_t / N_valid."""
     check_temperature(temperature)
     fn = partial(opsd_token, temperature=temperature, clip=clip)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
     return _run(fn, student, teacher, {}, red, chunk_size)
 
 
@@ -222,7 +190,7 @@ def pwopsd_loss(
         # "mean over samples with a valid token" (§7): agg_loss's default counts every sample id.
         global_sample_count = int(torch.unique(sample_index[loss_mask]).numel())
     fn = partial(opsd_token, temperature=temperature, clip=clip)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count, weights)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count, weights)
     out = _run(fn, student, teacher, {}, red, chunk_size)
     kept = loss_mask.bool()
     out.metrics["position_weight_mean"] = (weights[kept].sum() / kept.sum().clamp_min(1)).detach()
@@ -255,7 +223,7 @@ def eopd_loss(
     if old_logp is not None:
         extras["old_logp"] = old_logp.detach()
     fn = partial(eopd_token, temperature=temperature, eps_clip=eps_clip, gate=entropy_gate, k=topk)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
     return _run(fn, student, teacher, extras, red, chunk_size)
 
 
@@ -304,7 +272,7 @@ def reopold_loss(
     mask = loss_mask & keep
     extras["reward"] = reward_hat.detach()
     fn = partial(reopold_token, temperature=temperature)
-    out = _run(fn, student, teacher, extras, _Reduction(mask, "token-mean", None, global_token_count), chunk_size)
+    out = _run(fn, student, teacher, extras, _reduction(mask, "token-mean", None, global_token_count), chunk_size)
     n_valid = loss_mask.sum().clamp_min(1)
     out.metrics["keep_ratio"] = (mask.sum() / n_valid).detach().double()
     out.metrics["reward_mean"] = (torch.where(loss_mask, reward, 0).sum() / n_valid).detach().double()
@@ -342,7 +310,7 @@ def topk_rkl_loss(
     if student_topk_old_logp is not None:
         extras["student_topk_old_logp"] = student_topk_old_logp.detach()
     fn = partial(topk_rkl_token, temperature=temperature, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
     return _run(fn, student, None, extras, red, chunk_size)
 
 
@@ -371,7 +339,7 @@ def topk_fkl_loss(
     check_temperature(temperature)
     extras = {"teacher_topk_ids": teacher_topk_ids.long(), "teacher_topk_logp": teacher_topk_logp.detach()}
     fn = partial(topk_fkl_token, temperature=temperature, tail_bucket=tail_bucket, renormalize=renormalize_teacher)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
     return _run(fn, student, None, extras, red, chunk_size)
 
 
@@ -401,152 +369,42 @@ def jsd_loss(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     fn = partial(jsd_token, temperature=temperature, beta=float(beta), normalize=normalize)
-    red = _Reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
+    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
     return _run(fn, student, teacher, {}, red, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry: name -> fn(inputs, cfg) -> LossOutput
+# Derived inputs and metrics (no grad, chunked)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SDLossConfig:
-    """Hyper-parameters of every loss here (defaults of METHOD.md §7–8).
-
-    `temperature=None` means each loss's default: 1.1 for the §7 family (opsd, pwopsd, eopd,
-    reopold), 1.0 for the §8 variants (topk_rkl, topk_fkl, jsd).
-    """
-
-    temperature: float | None = None
-    fkl_clip: float = 0.05
-    position_w_min: float = 0.25
-    position_tau: float = 0.30
-    position_s: float = 0.10
-    pwopsd_reduction: str = "seq-mean-token-mean"  # global switch: "token-mean"
-    reduction: str = "token-mean"  # reduction of opsd, eopd and the §8 losses
-    eopd_eps_clip: float = 0.2
-    eopd_entropy_gate: float = 0.8
-    eopd_topk: int = 16
-    reopold_lambda: float = 0.1
-    reopold_warmup_steps: int = 50
-    reopold_entropy_percentile: float = 0.8
-    eps_clip: float = 0.2
-    eps_clip_high: float = 0.28
-    topk_tail_bucket: bool = False
-    topk_renormalize_teacher: bool = False
-    jsd_beta: float = 0.5
-    jsd_normalize: bool = True
-    chunk_size: int | None = None
-
-    def temp(self, default: float) -> float:
-        return default if self.temperature is None else self.temperature
+def _detached(source: LogitSource) -> LogitSource:
+    if isinstance(source, LMHeadInput):
+        bias = None if source.bias is None else source.bias.detach()
+        return LMHeadInput(source.hidden.detach(), source.weight.detach(), bias)
+    return source.detach()
 
 
-@dataclass
-class SDLossInputs:
-    """Per-row tensors of one (micro-)batch; which fields a loss needs is in docs/self_distillation.md."""
-
-    student: LogitSource  # logits [N, V] or LMHeadInput
-    loss_mask: Tensor  # [N] bool, after token selection
-    teacher: LogitSource | None = None  # full teacher distribution (opsd, pwopsd, eopd, reopold, jsd)
-    target_ids: Tensor | None = None  # [N] sampled tokens y_t (eopd, reopold)
-    old_logp: Tensor | None = None  # [N] log p_old(y_t) (eopd)
-    sample_index: Tensor | None = None  # [N] (pwopsd; per-sample reductions)
-    position: Tensor | None = None  # [N] 0-based response position (pwopsd)
-    valid_mask: Tensor | None = None  # [N] bool, pre-selection valid tokens (pwopsd positions)
-    student_topk_ids: Tensor | None = None  # [N, K] (topk_rkl)
-    student_topk_old_logp: Tensor | None = None  # [N, K] (topk_rkl)
-    teacher_logp_on_student_topk: Tensor | None = None  # [N, K] (topk_rkl)
-    teacher_topk_ids: Tensor | None = None  # [N, K] (topk_fkl)
-    teacher_topk_logp: Tensor | None = None  # [N, K] (topk_fkl)
-    step: int = 0  # optimizer step (reopold warm-up)
-    global_token_count: int | Tensor | None = None
-    global_sample_count: int | Tensor | None = None
-
-    def require(self, loss: str, *names: str) -> None:
-        missing = [n for n in names if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"loss {loss!r} needs inputs {missing}")
+def student_topk(
+    student: LogitSource, teacher: LogitSource, k: int, temperature: float = 1.0, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """topk_rkl's inputs from full distributions: the student's top-k ids ``[N, k]``, their log-probs under the
+    current (detached) student as the old policy, and the teacher's log-probs of the same ids."""
+    size = chunk_size or auto_chunk_size(vocab_size(student))
+    ids, old = teacher_topk(_detached(student), k, temperature=temperature, chunk_size=size)
+    return ids, old, gather_logprobs(teacher, ids, temperature=temperature, chunk_size=size)
 
 
-LossFn = Callable[[SDLossInputs, SDLossConfig], LossOutput]
-LOSSES: Registry[LossFn] = Registry("loss")  # name -> fn(inputs, cfg); CLI choices = LOSSES.names()
-
-
-def _counts(x: SDLossInputs) -> dict:
-    return dict(
-        sample_index=x.sample_index,
-        global_token_count=x.global_token_count,
-        global_sample_count=x.global_sample_count,
+def teacher_divergence(
+    student: LogitSource, teacher: LogitSource, loss_mask: Tensor, chunk_size: int | None = None
+) -> dict[str, Tensor]:
+    """Means over the rows of ``loss_mask`` of the full-vocabulary KL(p_S‖p_T) (``teacher_rkl``) and
+    KL(p_T‖p_S) (``teacher_fkl``) at τ = 1, float64, no grad; {} over no row."""
+    rows = loss_mask.nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return {}
+    s = _detached(student)
+    stats = chunked_token_stats(
+        divergence_token, s, teacher, {}, chunk_size or auto_chunk_size(vocab_size(s)), rows=rows
     )
-
-
-@LOSSES.decorator("opsd")
-def _opsd(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("opsd", "teacher")
-    return opsd_loss(
-        x.student, x.teacher, x.loss_mask, temperature=c.temp(1.1), clip=c.fkl_clip, reduction=c.reduction,
-        chunk_size=c.chunk_size, **_counts(x),
-    )  # fmt: skip
-
-
-@LOSSES.decorator("pwopsd")
-def _pwopsd(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("pwopsd", "teacher", "sample_index")
-    return pwopsd_loss(
-        x.student, x.teacher, x.loss_mask, x.sample_index, position=x.position, valid_mask=x.valid_mask,
-        temperature=c.temp(1.1), clip=c.fkl_clip, w_min=c.position_w_min, tau=c.position_tau, s=c.position_s,
-        reduction=c.pwopsd_reduction, global_token_count=x.global_token_count,
-        global_sample_count=x.global_sample_count, chunk_size=c.chunk_size,
-    )  # fmt: skip
-
-
-@LOSSES.decorator("eopd")
-def _eopd(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("eopd", "teacher", "target_ids")
-    return eopd_loss(
-        x.student, x.teacher, x.target_ids, x.loss_mask, old_logp=x.old_logp, temperature=c.temp(1.1),
-        eps_clip=c.eopd_eps_clip, entropy_gate=c.eopd_entropy_gate, topk=c.eopd_topk, reduction=c.reduction,
-        chunk_size=c.chunk_size, **_counts(x),
-    )  # fmt: skip
-
-
-@LOSSES.decorator("reopold")
-def _reopold(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("reopold", "teacher", "target_ids")
-    return reopold_loss(
-        x.student, x.teacher, x.target_ids, x.loss_mask, step=x.step, temperature=c.temp(1.1),
-        lam=c.reopold_lambda, warmup_steps=c.reopold_warmup_steps,
-        entropy_percentile=c.reopold_entropy_percentile, global_token_count=x.global_token_count,
-        chunk_size=c.chunk_size,
-    )  # fmt: skip
-
-
-@LOSSES.decorator("topk_rkl")
-def _topk_rkl(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("topk_rkl", "student_topk_ids", "teacher_logp_on_student_topk")
-    return topk_rkl_loss(
-        x.student, x.student_topk_ids, x.teacher_logp_on_student_topk, x.loss_mask,
-        student_topk_old_logp=x.student_topk_old_logp, temperature=c.temp(1.0), eps_clip=c.eps_clip,
-        eps_clip_high=c.eps_clip_high, reduction=c.reduction, chunk_size=c.chunk_size, **_counts(x),
-    )  # fmt: skip
-
-
-@LOSSES.decorator("topk_fkl")
-def _topk_fkl(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("topk_fkl", "teacher_topk_ids", "teacher_topk_logp")
-    return topk_fkl_loss(
-        x.student, x.teacher_topk_ids, x.teacher_topk_logp, x.loss_mask, tail_bucket=c.topk_tail_bucket,
-        renormalize_teacher=c.topk_renormalize_teacher, temperature=c.temp(1.0), reduction=c.reduction,
-        chunk_size=c.chunk_size, **_counts(x),
-    )  # fmt: skip
-
-
-@LOSSES.decorator("jsd")
-def _jsd(x: SDLossInputs, c: SDLossConfig) -> LossOutput:
-    x.require("jsd", "teacher")
-    return jsd_loss(
-        x.student, x.teacher, x.loss_mask, beta=c.jsd_beta, normalize=c.jsd_normalize, temperature=c.temp(1.0),
-        reduction=c.reduction, chunk_size=c.chunk_size, **_counts(x),
-    )  # fmt: skip
+    return {f"teacher_{k}": v[rows].mean() for k, v in stats.items()}

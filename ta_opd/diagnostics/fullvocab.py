@@ -1,4 +1,4 @@
-"""Full-vocabulary per-token statistics for the fixed-context diagnostic (METHOD.md §6.2).
+"""Full-vocabulary per-token statistics for the fixed-context diagnostic (docs/method.md §6.2).
 
 The one implementation of the statistics that need full logits: student/teacher entropy
 (nats), KLf = KL(p_T‖p_S), KLr = KL(p_S‖p_T), full-vocabulary Bhattacharyya coefficient,
@@ -7,7 +7,8 @@ on the student's top-K), overlap, Jaccard, shared teacher / student top-K mass. 
 union-at-K statistics (D = KLf_union, KLr_union, BC_union, H = normalised top-K entropy, the
 lower-bound C) are *not* re-implemented here: top-K lists are built from the full logits and
 handed to :func:`ta_opd.stats.compute_token_stats`, the same code the training step uses, and
-the KL / entropy terms are :func:`ta_opd.sd_kernels.p_log_ratio`, the self-distillation losses' own.
+the KL and entropy terms are :func:`ta_opd.sd_kernels.kl_divergence` and :func:`ta_opd.sd_kernels.p_log_ratio`,
+the self-distillation losses' own.
 
 Everything works on one chunk of tokens ``[n, V]``; :func:`chunked_fullvocab_token_stats`
 walks a longer token range so that at most ``chunk_tokens × V`` logits exist at a time.
@@ -19,14 +20,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# p·(log p − log q) with 0·log 0 = 0: the one implementation, shared with the SD losses' kernels.
-from ta_opd.sd_kernels import p_log_ratio
+# p·(log p − log q) with 0·log 0 = 0 and the full-vocabulary KL: the SD losses' kernels' own.
+from ta_opd.sd_kernels import kl_divergence, p_log_ratio
 
 # Columns produced per student model (besides the per-K ones below).
 FULLVOCAB_STATS = ("entropy_student", "kl_f", "kl_r", "bc_full", "student_logp_sampled")
 # Columns that depend only on the teacher.
 TEACHER_STATS = ("entropy_teacher", "teacher_logp_sampled")
-# Support definitions of C at each K (suffix ``_k{K}``), METHOD.md §6.5.
+# Support definitions of C at each K (suffix ``_k{K}``), docs/method.md §6.5.
 SUPPORT_STATS = ("cmass_exact", "overlap", "jaccard", "shared_teacher_mass", "shared_student_mass")
 # Union-at-K statistics taken from ``ta_opd.stats.compute_token_stats`` (suffix ``_k{K}``).
 UNION_STATS = ("kl_f_union", "kl_r_union", "bc", "cmass", "entropy_norm")
@@ -39,7 +40,7 @@ def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
 
 def kl_from_logp(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """KL(a‖b) = Σ_v a(v)(log a(v) − log b(v)) per row; terms with a(v) = 0 contribute 0."""
-    return p_log_ratio(logp_a, logp_b).sum(-1).clamp_min(0.0)
+    return kl_divergence(logp_a, logp_b).clamp_min(0.0)
 
 
 def topk_from_logp(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ def support_stats(
     student_ids: torch.Tensor,  # [n, K] student top-K ids
     teacher_ids: torch.Tensor,  # [n, K] teacher top-K ids
 ) -> dict[str, torch.Tensor]:
-    """Support definitions of compatibility C at one K (METHOD.md §2, §6.5), each ``[n]``.
+    """Support definitions of compatibility C at one K (docs/method.md §2, §6.5), each ``[n]``.
 
     ``cmass_exact`` = Σ_{v∈S} p_T(v) (clipped to [0, 1]); ``overlap`` = |S∩T|/K;
     ``jaccard`` = |S∩T|/|S∪T|; ``shared_teacher_mass`` = Σ_{v∈S∩T} p_T(v);
@@ -119,7 +120,7 @@ def fullvocab_token_stats(
     response_length: torch.Tensor | None = None,
     sample_index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All per-token statistics of one chunk of tokens (METHOD.md §6.2), each ``[n]`` (or ``[n, K]``).
+    """All per-token statistics of one chunk of tokens (docs/method.md §6.2), each ``[n]`` (or ``[n, K]``).
 
     Full-vocabulary: ``entropy_student``, ``entropy_teacher`` (nats), ``kl_f`` = KL(p_T‖p_S),
     ``kl_r`` = KL(p_S‖p_T), ``bc_full`` = Σ_v sqrt(p_S p_T), sampled-token log-probs.

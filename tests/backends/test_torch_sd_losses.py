@@ -9,8 +9,9 @@ import torch
 from slime.backends.torch_utils.actor import TorchTrainRayActor
 from slime.backends.torch_utils.distill import merged_lora_state_dict
 from slime.backends.torch_utils.model import build_response_batch, last_hidden_states
+from slime.backends.train_step import micro_batches
 from slime.utils.arguments import SD_LOSS_TYPES, parse_args
-from ta_opd.sd_losses import LOSSES
+from ta_opd.loss_registry import loss_types_needing
 
 
 def make_args(student_dir, tmp_path, *extra: str):
@@ -59,7 +60,7 @@ def make_trainer(args) -> TorchTrainRayActor:
 
 
 def test_loss_type_choices_come_from_the_registry():
-    assert set(LOSSES.names()) == set(SD_LOSS_TYPES) and "pwopsd" in SD_LOSS_TYPES
+    assert SD_LOSS_TYPES == loss_types_needing("teacher") and "pwopsd" in SD_LOSS_TYPES
 
 
 def test_sd_loss_needs_a_teacher(tiny_student_dir, tmp_path):
@@ -67,7 +68,7 @@ def test_sd_loss_needs_a_teacher(tiny_student_dir, tmp_path):
         make_args(tiny_student_dir, tmp_path, "--loss-type", "opsd")
 
 
-@pytest.mark.parametrize("loss_type", sorted(LOSSES.names()))
+@pytest.mark.parametrize("loss_type", sorted(SD_LOSS_TYPES))
 def test_each_loss_type_one_step(loss_type, tiny_student_dir, tiny_teacher_dir, tmp_path):
     """One trainer step: finite loss; d loss / d hidden is non-zero at kept response rows only."""
     args = make_args(
@@ -97,7 +98,7 @@ def test_each_loss_type_one_step(loss_type, tiny_student_dir, tiny_teacher_dir, 
         distill.last_hidden_states = real
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert metrics["train/sd_teacher_rkl"] > 0
-    mbs = trainer._micro_batches(list(range(4)), 2)
+    mbs = micro_batches(list(range(4)), 2)
     for h, mb in zip(captured["h"], mbs, strict=True):
         batch = build_response_batch(
             [data["tokens"][i] for i in mb], [data["prompt_lengths"][i] for i in mb],

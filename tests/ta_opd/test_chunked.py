@@ -13,14 +13,13 @@ from ta_opd.chunked import (
     chunked_token_values,
     materialize_logits,
 )
-from ta_opd.losses import agg_loss
+from ta_opd.losses import agg_loss, reduction_coefficients
 from ta_opd.sd_losses import (
     eopd_loss,
     gather_logprobs,
     jsd_loss,
     opsd_loss,
     pwopsd_loss,
-    reduction_coefficients,
     reopold_loss,
     teacher_topk,
     topk_fkl_loss,

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ta_opd.losses import REDUCTIONS, agg_loss, opd_advantages, ppo_clip_policy_loss
+from ta_opd.losses import (
+    REDUCTIONS,
+    Reduction,
+    agg_loss,
+    opd_advantages,
+    policy_loss,
+    ppo_clip_policy_loss,
+    sampled_reverse_kl,
+    sft_loss,
+)
 
 # Two samples: sample 0 values [1, 2, 3] mask [1, 1, 0]; sample 1 values [4, 6] mask [1, 1]
 V = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
@@ -129,3 +138,36 @@ def test_opd_advantages_by_hand_and_detached():
     assert out.tolist() == pytest.approx([2.0, 0.75]) and not out.requires_grad
     with pytest.raises(ValueError, match="shape"):
         opd_advantages(t, s[:1])
+
+
+def test_reduction_is_agg_loss_with_the_step_counts():
+    red = Reduction("seq-mean-token-mean", S, global_sample_count=4)
+    assert red(V, M).item() == pytest.approx(1.625)  # (1.5 + 5) / 4, as agg_loss by hand above
+    assert torch.allclose((red.coefficients(M) * V.double()).sum(), red(V, M).double())
+    with pytest.raises(ValueError, match="unknown loss reduction 'mean'"):
+        Reduction("mean")
+
+
+def test_policy_and_sft_losses_by_hand():
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    mask = torch.tensor([True, False, True])
+    red = Reduction("token-mean", global_token_count=4)
+    # on-policy (ratio 1): loss = -Σ A·1 over kept / 4; nothing clipped
+    out = policy_loss(logp, logp.detach(), torch.tensor([1.0, 5.0, -2.0]), mask, red)
+    assert out.loss.item() == pytest.approx(-(1.0 - 2.0) / 4)
+    assert int(out.clipped_tokens) == 0 and out.per_token.tolist() == [-1.0, 0.0, 2.0]
+    # ratio e^1 > 1 + 0.28 with A > 0: the clipped branch on row 0; row 1 is masked
+    out = policy_loss(logp, logp.detach() - 1.0, torch.tensor([1.0, 1.0, 0.0]), mask, red)
+    assert int(out.clipped_tokens) == 1
+    sft = sft_loss(logp, mask, red)
+    assert sft.loss.item() == pytest.approx((1.0 + 0.5) / 4)
+    assert sft.metrics["sft_nll"].item() == pytest.approx(0.75)
+    (grad,) = torch.autograd.grad(sft.loss, logp)
+    assert grad.tolist() == [-0.25, 0.0, -0.25]
+
+
+def test_sampled_reverse_kl():
+    s, t = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.5, -1.0, -3.0])
+    assert sampled_reverse_kl(s, t) == pytest.approx((0.5 - 1.0 + 0.0) / 3)
+    assert sampled_reverse_kl(s, t, torch.tensor([True, False, False])) == pytest.approx(0.5)
+    assert sampled_reverse_kl(s, t, torch.zeros(3, dtype=torch.bool)) == 0.0

@@ -14,10 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ta_opd.chunked import LMHeadInput
+from ta_opd.loss_registry import LOSSES, LossConfig, LossInputs, LossSpec, loss_types_needing, register_loss
 from ta_opd.sd_losses import (
-    LOSSES,
-    SDLossConfig,
-    SDLossInputs,
     eopd_loss,
     gather_logprobs,
     jsd_loss,
@@ -344,25 +342,33 @@ def test_position_rank_counts_valid_tokens(rows):
     assert ((w[mask] >= 0.25) & (w[mask] <= 1.0)).all() and (w[~mask] == 0).all()
 
 
+SD_NAMES = ["eopd", "jsd", "opsd", "pwopsd", "reopold", "topk_fkl", "topk_rkl"]
+
+
 def test_registry_names_and_dispatch():
-    assert sorted(LOSSES) == ["eopd", "jsd", "opsd", "pwopsd", "reopold", "topk_fkl", "topk_rkl"]
+    assert sorted(LOSSES) == sorted(["policy_loss", "sft_loss", "custom_loss", *SD_NAMES])
+    assert sorted(loss_types_needing("teacher")) == SD_NAMES
+    assert LOSSES.get("policy_loss").needs == {"logp", "old_logp", "advantages"}
+    assert LOSSES.get("sft_loss").needs == {"logp"} and LOSSES.get("pwopsd").rows == "response"
     with pytest.raises(ValueError, match="expected one of"):
         LOSSES.get("nope")
     with pytest.raises(ValueError, match="already registered"):
-        LOSSES.register("opsd", lambda x, c: None)
+        register_loss("opsd", needs={"student"})(lambda x, c: None)
+    with pytest.raises(ValueError, match="unknown inputs"):
+        LossSpec("x", lambda x, c: None, frozenset({"logits"}))
     s, t = logits_of(UNIFORM, UNIFORM), logits_of([0.5, 0.25, 0.25], UNIFORM)
-    inputs = SDLossInputs(student=s, teacher=t, loss_mask=torch.tensor([True, True]))
-    out = LOSSES.get("opsd")(inputs, SDLossConfig(temperature=1.0))
+    inputs = LossInputs(student=s, teacher=t, loss_mask=torch.tensor([True, True]))
+    out = LOSSES.get("opsd").fn(inputs, LossConfig(temperature=1.0))
     assert out.loss.item() == pytest.approx(-0.0469205181, abs=1e-9)
     with pytest.raises(ValueError, match="needs inputs"):
-        LOSSES.get("pwopsd")(inputs, SDLossConfig())
+        LOSSES.get("pwopsd").fn(inputs, LossConfig())
 
 
-def test_registry_runs_every_loss_on_one_batch():
+def test_registry_runs_every_full_vocabulary_loss_on_one_batch():
     hidden, weight, teacher, y, mask, sid, g = _inputs(5)
     s_ids, s_old = teacher_topk(hidden.detach() @ weight.detach().t(), 3)
     t_ids, t_logp = teacher_topk(teacher, 3)
-    inputs = SDLossInputs(
+    inputs = LossInputs(
         student=LMHeadInput(hidden, weight),
         teacher=teacher,
         loss_mask=mask,
@@ -374,12 +380,38 @@ def test_registry_runs_every_loss_on_one_batch():
         teacher_topk_ids=t_ids,
         teacher_topk_logp=t_logp,
     )
-    for name in LOSSES:
-        out = LOSSES.get(name)(inputs, SDLossConfig(chunk_size=2))
+    for name in SD_NAMES:
+        out = LOSSES.get(name).fn(inputs, LossConfig(chunk_size=2))
         assert torch.isfinite(out.loss), name
         hg, wg = torch.autograd.grad(out.loss, (hidden, weight))
         assert torch.isfinite(hg).all() and torch.isfinite(wg).all(), name
         assert (hg[~mask] == 0).all(), name  # unselected rows get no gradient
+
+
+def test_topk_entries_derive_their_lists_from_the_full_distributions():
+    """Without top-K lists the entries take them from the student (topk_rkl, old = current) and the teacher
+    (topk_fkl): the same loss as with the lists given."""
+    hidden, weight, teacher, y, mask, sid, g = _inputs(5)
+    student = LMHeadInput(hidden, weight)
+    cfg = LossConfig(chunk_size=2, topk=3)
+    s_ids, s_old = teacher_topk(hidden.detach() @ weight.detach().t(), 3)
+    t_ids, t_logp = teacher_topk(teacher, 3)
+    given = LossInputs(
+        loss_mask=mask, student=student, teacher=teacher, student_topk_ids=s_ids, student_topk_old_logp=s_old,
+        teacher_logp_on_student_topk=gather_logprobs(teacher, s_ids), teacher_topk_ids=t_ids, teacher_topk_logp=t_logp,
+    )  # fmt: skip
+    derived = LossInputs(loss_mask=mask, student=student, teacher=teacher)
+    for name in ("topk_rkl", "topk_fkl"):
+        a, b = LOSSES.get(name).fn(given, cfg), LOSSES.get(name).fn(derived, cfg)
+        assert a.loss.item() == pytest.approx(b.loss.item(), abs=1e-12), name
+
+
+def test_reopold_entry_weights_a_call_by_its_share_of_the_step():
+    hidden, weight, teacher, y, mask, sid, g = _inputs(5)
+    x = LossInputs(loss_mask=mask, student=LMHeadInput(hidden, weight), teacher=teacher, target_ids=y)
+    alone = LOSSES.get("reopold").fn(x, LossConfig()).loss.item()
+    x.global_token_count = 4 * int(mask.sum())
+    assert LOSSES.get("reopold").fn(x, LossConfig()).loss.item() == pytest.approx(alone / 4, rel=1e-12)
 
 
 def test_input_validation():

@@ -1,14 +1,15 @@
 """The Megatron-core trainer: one rank of a TP × DP group training a GPTModel with the OPD loss.
 
-Same method names and the same loss wiring as the torch backend (:mod:`slime.backends.torch_utils.loss`,
-which calls :mod:`ta_opd.losses`): per rollout (METHOD.md §1)
+Same method names and the same training step as the torch backend: the backend-neutral
+:class:`slime.backends.train_step.TrainStep` (old log-probs, advantages, one optimizer step per global batch,
+the ``--loss-type`` registry entry per micro-batch); this backend supplies (docs/method.md §1)
 
-1. old log-probs of every response token, no grad (or the rollout's with ``--use-rollout-logprobs``);
-   with ``--opd-type megatron`` the in-trainer teacher scores the same tokens here;
-2. advantages = base estimator + λ·(teacher_logp − old_logp), detached;
-3. one optimizer step per global batch: the global batch is split over data-parallel ranks, each rank
-   accumulates its micro-batches with the *global* sample/token counts, and gradients are **summed**
-   over DP — so the step equals the torch backend's step on the whole batch;
+1. the log-probs; with ``--opd-type megatron`` the in-trainer teacher scores the same tokens;
+2. the sampled-token log-probs a loss reads (``logp``: policy_loss, sft_loss; the full-vocabulary losses
+   run on the torch backend);
+3. the data-parallel split: the global batch is split over data-parallel ranks, each rank accumulates its
+   micro-batches with the *global* sample/token counts, and gradients are **summed** over DP — so the step
+   equals the torch backend's step on the whole batch;
 4. Adam after gradient clipping: Megatron's (distributed) optimizer on GPU; ``torch.optim.AdamW`` on
    CPU (Megatron's optimizer is CUDA-only), with a gradient norm over the TP and PP shards. Every rank takes the
    same decision before the step: a NaN/inf loss or gradient anywhere stops the run or skips the step
@@ -33,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -41,18 +41,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slime.backends.torch_utils.actor import (
-    WEIGHTS_SUBDIR,
-    _as_rollout_data,
-    _global_batches,
-    _mean_metrics,
-    _per_sample,
-    _scalar_rewards,
-)
-from slime.backends.torch_utils.loss import compute_advantages, policy_loss
 from slime.backends.torch_utils.model import build_response_batch
+from slime.backends.train_step import WEIGHTS_SUBDIR, StepContext, TrainStep, micro_batches
 from slime.ray.train_actor import TrainRayActor
-from slime.utils.lr_schedule import LRSchedule, lr_at
+from slime.utils.lr_schedule import LRSchedule
 from slime.utils.nonfinite import NonFiniteError, check_finite_weights, first_nonfinite, step_is_finite
 
 logger = logging.getLogger(__name__)
@@ -61,12 +53,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 def _resolve_dtype(args: Namespace) -> torch.dtype:
-    name = getattr(args, "train_dtype", None) or ("bfloat16" if getattr(args, "bf16", False) else "float32")
+    name = args.train_dtype or ("bfloat16" if args.bf16 else "float32")
     return DTYPES[name]
 
 
 def _use_te(args: Namespace) -> bool:
-    impl = getattr(args, "transformer_impl", None)
+    impl = args.transformer_impl
     if impl == "local" or not torch.cuda.is_available():
         return False
     try:
@@ -78,7 +70,7 @@ def _use_te(args: Namespace) -> bool:
     return True
 
 
-class MegatronTrainRayActor(TrainRayActor):
+class MegatronTrainRayActor(TrainStep, TrainRayActor):
     """Trainer actor of the Megatron-core backend (one rank of the training group)."""
 
     def init(self, args: Namespace, role: str = "actor", with_ref: bool = False, with_opd_teacher: bool = False):
@@ -101,11 +93,8 @@ class MegatronTrainRayActor(TrainRayActor):
             )
         if with_ref:
             raise ValueError("the Megatron backend keeps no reference model (no --kl-coef / --use-kl-loss support)")
-        if args.loss_type != "policy_loss":
-            raise ValueError(
-                f"--loss-type {args.loss_type}: the Megatron trainer implements policy_loss only (the OPD PPO-clip "
-                "loss); sft_loss, custom_loss and the full-vocabulary losses run on --train-backend torch"
-            )
+        # the losses that read sampled-token log-probs only; the full-vocabulary ones run on --train-backend torch
+        self.setup_loss(args, {"logp"}, "Megatron")
         if args.hf_checkpoint is None:
             raise ValueError("the Megatron trainer needs --hf-checkpoint (model config, tokenizer, engine weights)")
         initialize_parallel(tp, pp, cp, seed=args.seed)
@@ -121,7 +110,7 @@ class MegatronTrainRayActor(TrainRayActor):
         check_shape_flags(args, self.shape)
         self.model.train()
         self.teacher = None
-        if getattr(args, "use_opd", False) and args.opd_type == "megatron":
+        if args.use_opd and args.opd_type == "megatron":
             self.teacher = self._build_teacher(args)
         self._build_optimizer(args)
         # the same LR schedule as the torch trainer, set on every param group before each step: Megatron's
@@ -146,8 +135,8 @@ class MegatronTrainRayActor(TrainRayActor):
         from slime.backends.megatron_utils.config import shape_from_hf_config
         from slime.backends.megatron_utils.model import build_gpt_model, load_gpt_from_hf, read_hf_config
 
-        kwargs: dict[str, Any] = {"sequence_parallel": bool(getattr(args, "sequence_parallel", False))}
-        if getattr(args, "recompute_granularity", None):
+        kwargs: dict[str, Any] = {"sequence_parallel": bool(args.sequence_parallel)}
+        if args.recompute_granularity:
             kwargs["recompute"] = True
         resume = self.load_path is not None
         if resume or args.ref_load is not None:
@@ -229,11 +218,7 @@ class MegatronTrainRayActor(TrainRayActor):
             batch.input_ids = batch.input_ids.cuda()
         return batch
 
-    @staticmethod
-    def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
-        return [indices[s : s + size] for s in range(0, len(indices), size)]
-
-    def _forward_backward(self, model, data: dict[str, Any], micro_batches: list[list[int]], loss_fn, forward_only):
+    def _schedule(self, model, data: dict[str, Any], micro_batches: list[list[int]], loss_fn, forward_only):
         """Run ``micro_batches`` through Megatron's schedule; returns the last stage's ``loss_fn`` outputs.
 
         ``loss_fn(mb, batch, logits)`` runs on the last PP stage and returns ``(loss, kept token count, outputs)``;
@@ -295,8 +280,8 @@ class MegatronTrainRayActor(TrainRayActor):
             logp = response_log_probs(logits, batch, temperature=temp)  # [N] this micro-batch's response tokens
             return logp.new_zeros(()), torch.zeros((), dtype=torch.int), {"logp": logp.double().cpu()}
 
-        micro_batches = self._micro_batches(list(range(len(resp_lens))), self.args.micro_batch_size)
-        outputs = self._forward_backward(model, data, micro_batches, keep_log_probs, forward_only=True)
+        mbs = micro_batches(list(range(len(resp_lens))), self.args.micro_batch_size)
+        outputs = self._schedule(model, data, mbs, keep_log_probs, forward_only=True)
         flat = None
         if ps.is_pipeline_last_stage():
             flat = torch.cat([o["logp"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.float64)
@@ -304,74 +289,29 @@ class MegatronTrainRayActor(TrainRayActor):
         model.train(was_training)
         return list(flat.split(resp_lens))
 
-    # ------------------------------------------------------------------ training
-    def train(self, rollout_id: int, rollout_data_ref: Any, external_data: Any = None) -> dict[str, float]:
-        t0 = time.perf_counter()
-        args = self.args
-        data = _as_rollout_data(rollout_data_ref)
-        n = len(data["tokens"])
-        resp_lens = [int(r) for r in data["response_lengths"]]
-        loss_masks = [m.bool() for m in _per_sample(data, "loss_masks", "loss_mask", resp_lens)]
-        if args.use_rollout_logprobs:
-            old = _per_sample(data, "rollout_log_probs", "rollout_log_probs", resp_lens)
-        else:
-            old = self.compute_log_probs(data)
-        teacher = None
-        if self.teacher is not None:
-            teacher = self.compute_log_probs(data, self.teacher, temperature=args.opd_teacher_temperature)
-        elif data.get("teacher_log_probs") is not None:
-            teacher = _per_sample(data, "teacher_log_probs", "teacher_log_probs", resp_lens)
-        advantages = compute_advantages(args, old, teacher, _scalar_rewards(data), resp_lens)
-        t_logp = time.perf_counter()
+    # ------------------------------------------------------------------ the training step's backend hooks
+    def _teacher_log_probs(self, data: dict[str, Any]) -> list[torch.Tensor] | None:
+        if self.teacher is None:
+            return None
+        return self.compute_log_probs(data, self.teacher, temperature=self.args.opd_teacher_temperature)
 
-        batches = _global_batches(n, args.global_batch_size)
-        step_metrics = [
-            self._train_step(data, idx, old, advantages, loss_masks, where=f"rollout {rollout_id} step {s}")
-            for s, idx in enumerate(batches)
-        ]
-        metrics = _mean_metrics(step_metrics)
-        metrics.update(self._rollout_metrics(old, teacher, loss_masks, resp_lens))
-        metrics["train/step"] = float(self.global_step)
-        metrics["perf/log_probs_time"] = t_logp - t0
-        metrics["perf/train_time"] = time.perf_counter() - t0
-        self.last_rollout_id = rollout_id
-        return metrics
-
-    def _train_step(self, data, idx, old, advantages, loss_masks, where: str = "step") -> dict[str, float]:
-        """One optimizer step on the global batch ``idx``; this DP rank takes every dp_size-th sample."""
+    def _forward_backward(self, ctx: StepContext) -> tuple[float, float]:
+        """This DP rank's share of the step (every dp_size-th sample) through the schedule; (loss, clipped) summed
+        over DP and PP before the optimizer step, so that every rank knows whether the step's loss is finite."""
         from megatron.core import parallel_state as ps
 
-        from slime.backends.megatron_utils.model import response_log_probs
-
-        args = self.args
-        kept_total = int(sum(int(loss_masks[i].sum()) for i in idx))
-        global_tokens, global_samples = max(kept_total, 1), len(idx)
-        mine = idx[self.dp_rank :: self.dp_size]
+        temperature = self.args.rollout_temperature
 
         def step_loss(mb, batch, logits):
-            logp = response_log_probs(logits, batch, temperature=args.rollout_temperature)  # [N]
-            dev = logp.device
-            mask = torch.cat([loss_masks[i] for i in mb])  # [N] bool
-            loss, n_clipped = policy_loss(
-                args,
-                logp,
-                torch.cat([old[i] for i in mb]).to(dev, logp.dtype),
-                torch.cat([advantages[i] for i in mb]).to(dev, logp.dtype),
-                mask.to(dev),
-                batch.sample_index.to(dev),
-                global_token_count=global_tokens,
-                global_sample_count=global_samples,
-            )
+            loss, clipped = self.micro_batch_loss(ctx, mb, _LogitsSource(logits, batch, temperature))
             # a micro-batch with no kept token still runs backward: TP ranks must take part in every collective
-            stats = {"loss": float(loss.detach()), "clipped": float(n_clipped)}
-            return loss, torch.tensor(int(mask.sum()), dtype=torch.int), stats
+            kept = sum(int(ctx.rollout.loss_masks[i].sum()) for i in mb)
+            return loss, torch.tensor(kept, dtype=torch.int), {"loss": float(loss.detach()), "clipped": clipped}
 
-        self._zero_grad()
-        outputs = self._forward_backward(
-            self.model, data, self._micro_batches(mine, args.micro_batch_size), step_loss, forward_only=False
-        )
-        # the loss lives on the last PP stage of each DP rank: sum over DP and PP (other stages add zeros); summed
-        # before the optimizer step, so that every rank knows whether the step's loss is finite
+        mine = ctx.idx[self.dp_rank :: self.dp_size]
+        mbs = micro_batches(mine, self.args.micro_batch_size)
+        outputs = self._schedule(self.model, ctx.rollout.data, mbs, step_loss, forward_only=False)
+        # the loss lives on the last PP stage of each DP rank: sum over DP and PP (other stages add zeros)
         totals = torch.tensor(
             [sum(o["loss"] for o in outputs), sum(o["clipped"] for o in outputs)], dtype=torch.float64
         )
@@ -382,31 +322,29 @@ class MegatronTrainRayActor(TrainRayActor):
             if self.pp_size > 1:
                 dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
             totals = totals.cpu()
-        lr = self._lr()  # the LR this step applies (before global_step moves on)
-        applied, grad_norm = self._optimizer_step(float(totals[0]), f"{where} (optimizer step {self.global_step})")
-        if applied:
-            self.global_step += 1
-        else:
-            self._zero_grad()
-            self.skipped_steps += 1
-        return {
-            "train/loss": float(totals[0]),
-            "train/grad_norm": float(grad_norm),
-            "train/skipped_steps": 0.0 if applied else 1.0,
-            "train/clipfrac": float(totals[1]) / global_tokens,
-            "train/lr": lr,
-            "train/kept_tokens": float(kept_total),
-            "train/samples": float(global_samples),
-        }
+        return float(totals[0]), float(totals[1])
+
+    def _reduce_loss_metrics(self, sums: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The loss metrics' [Σ value·weight, Σ weight] summed over DP and PP (collective; keys may differ)."""
+        from megatron.core import parallel_state as ps
+
+        groups = [ps.get_data_parallel_group()] if self.dp_size > 1 else []
+        groups += [ps.get_pipeline_model_parallel_group()] if self.pp_size > 1 else []
+        for group in groups:
+            gathered: list[dict[str, list[float]] | None] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, sums, group=group)
+            sums = {}
+            for part in gathered:
+                for key, (vw, w) in part.items():
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += vw
+                    acc[1] += w
+        return sums
 
     def _zero_grad(self) -> None:
         if self.on_gpu:
             self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-
-    def _lr(self) -> float:
-        """LR of the next optimizer step (slime.utils.lr_schedule): a function of the applied steps alone."""
-        return lr_at(self.global_step, self.lr_schedule)
 
     def _nonfinite_anywhere(self, local_bad: bool) -> bool:
         """Collective over every rank: whether any rank saw a non-finite value (all take the same decision)."""
@@ -416,10 +354,9 @@ class MegatronTrainRayActor(TrainRayActor):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
-    def _optimizer_step(self, loss: float, where: str) -> tuple[bool, float]:
-        """Reduce, check and apply the step's gradients; returns (applied, gradient norm). A NaN/inf loss or
-        gradient on any rank is never applied (``--nonfinite-policy``: raise on every rank, or skip)."""
-        lr = self._lr()
+    def _optimizer_step(self, loss: float, where: str, lr: float) -> tuple[bool, float]:
+        """Reduce, check and apply the step's gradients at ``lr``; returns (applied, gradient norm). A NaN/inf loss
+        or gradient on any rank is never applied (``--nonfinite-policy``: raise on every rank, or skip)."""
         policy = self.args.nonfinite_policy
         if self.on_gpu:
             from megatron.core.distributed import finalize_model_grads
@@ -489,12 +426,6 @@ class MegatronTrainRayActor(TrainRayActor):
         self.optimizer.step()
         return True, grad_norm
 
-    @staticmethod
-    def _rollout_metrics(old, teacher, loss_masks, resp_lens) -> dict[str, float]:
-        from slime.backends.torch_utils.actor import TorchTrainRayActor
-
-        return TorchTrainRayActor._rollout_metrics(old, teacher, loss_masks, resp_lens)
-
     # ------------------------------------------------------------------ weights and checkpoints
     def _unwrapped(self):
         return getattr(self.model, "module", self.model)
@@ -550,7 +481,7 @@ class MegatronTrainRayActor(TrainRayActor):
             )
         state = {"rollout_id": rollout_id, "global_step": self.global_step, "weight_version": self.weight_version}
         out = ckpt.save_torch_dist(self._unwrapped(), self.args.save, rollout_id, trainer_state=state)
-        if not getattr(self.args, "no_save_optim", False):
+        if not self.args.no_save_optim:
             self._save_optimizer(out)
         keep = self.args.keep_last_n_checkpoints
         if keep and dist.get_rank() == 0:
@@ -588,3 +519,24 @@ class MegatronTrainRayActor(TrainRayActor):
 
     def wake_up(self, tags=None) -> None:
         return None
+
+
+class _LogitsSource:
+    """The loss inputs of one micro-batch from the last stage's ``[B, T, V/TP]`` logits: sampled-token log-probs
+    of every response row (the loss mask selects; every TP rank joins the vocabulary-parallel collectives)."""
+
+    select_rows = False
+    full_logits = False
+
+    def __init__(self, logits: torch.Tensor, batch, temperature: float):
+        self.logits, self.batch, self.temperature, self.device = logits, batch, temperature, logits.device
+
+    def log_probs(self, rows: torch.Tensor | None) -> torch.Tensor:
+        from slime.backends.megatron_utils.model import response_log_probs
+
+        return response_log_probs(self.logits, self.batch, select=rows, temperature=self.temperature)  # [N]
+
+    def student(self, rows):
+        raise NotImplementedError("the Megatron trainer computes sampled-token log-probs only")
+
+    teacher = student

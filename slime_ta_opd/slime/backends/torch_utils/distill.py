@@ -1,25 +1,20 @@
-"""Trainer-side losses of the torch backend other than ``policy_loss``: wiring only (formulas: ``ta_opd``).
+"""LoRA, the trainer-side teacher and the loss inputs of the torch backend (formulas: ``ta_opd``).
 
-``--loss-type`` picks the loss (docs/self_distillation.md):
-
-- ``policy_loss`` (default): sampled-token OPD PPO-clip, METHOD.md §1 (``loss.py``; not handled here);
-- a name of ``ta_opd.sd_losses.LOSSES`` (opsd, pwopsd, eopd, reopold, topk_rkl, topk_fkl, jsd;
-  METHOD.md §7-8): full-vocabulary losses that need the teacher's distribution, so the teacher
-  model lives in the trainer (``TrainerTeacher``);
-- ``sft_loss``: −log p_S(y_t) over kept tokens;
-- ``custom_loss``: ``--custom-loss-function-path pkg.mod.fn``, called as ``fn(args, inputs)`` with the
-  ``SDLossInputs`` below; returns a ``LossOutput`` or a scalar tensor.
+Every ``--loss-type`` is an entry of :data:`ta_opd.loss_registry.LOSSES` run by the shared training step
+(:mod:`slime.backends.train_step`); :class:`TorchLossSource` computes the inputs an entry declares
+(docs/self_distillation.md): sampled-token log-probs through the sparse LM head
+(:func:`slime.backends.torch_utils.model.sampled_token_log_probs`), and the full-vocabulary student and teacher.
 
 Rows: the response tokens of a micro-batch. Both models run their backbone over the whole
 sequence (attention needs the context) and their final hidden states are gathered at the
-response rows (``[N, H]``, cheap); the LM head runs inside ``ta_opd.chunked`` through
-``LMHeadInput`` only on rows whose loss coefficient is non-zero, i.e. the kept tokens (the loss
-mask after token selection), ``[chunk, V]`` at a time. ``--no-sparse-lm-head`` switches to the
-naive reference (``[N, V]`` logits of the response rows). PW-OPSD gets every response row so
-that its position weights follow the response position (METHOD.md §7: f_t = (i_t − 0.5)/L_b with
-i_t counted over the valid tokens before selection); the other losses get the kept rows only.
+requested rows (``[n, H]``, cheap); the LM head runs inside ``ta_opd.chunked`` through
+``LMHeadInput`` only on those rows — the kept tokens (the loss mask after token selection),
+``[chunk, V]`` at a time. ``--no-sparse-lm-head`` switches to the naive reference (``[n, V]``
+logits). PW-OPSD gets every response row so that its position weights follow the response
+position (docs/method.md §7: f_t = (i_t − 0.5)/L_b with i_t counted over the valid tokens before
+selection); the other losses get the kept rows only.
 
-Teachers (``TrainerTeacher.mode``):
+Teachers (``TrainerTeacher.mode``), built when the loss reads ``teacher``:
 - ``hf``: ``--opd-teacher-hf-checkpoint`` loaded frozen next to the student (same vocabulary);
 - ``self-lora``: ``--self-distillation --lora-rank R``: the student with its adapter disabled
   (``with peft_model.disable_adapter():``) — the base weights, no second copy;
@@ -39,50 +34,19 @@ from typing import Any
 
 import torch
 
-from slime.backends.torch_utils.loss import reduction_mode
 from slime.backends.torch_utils.model import (
     ResponseBatch,
-    _backbone_and_head,
     build_response_batch,
     last_hidden_states,
     load_hf_model,
     sampled_token_log_probs,
 )
-from ta_opd.chunked import LMHeadInput, auto_chunk_size, chunked_token_stats, vocab_size
-from ta_opd.losses import agg_loss
-from ta_opd.sd_kernels import gather_logprobs, teacher_topk
-from ta_opd.sd_losses import LOSSES, LossOutput, SDLossConfig, SDLossInputs
+from ta_opd.chunked import LMHeadInput
+from ta_opd.loss_registry import LossSpec
 
 logger = logging.getLogger(__name__)
 
 TEACHER_PROMPTS_KEY = "sd_teacher_prompt_tokens"  # rollout data key (slime.ray.rollout)
-PER_SAMPLE_POSITION_LOSSES = ("pwopsd",)  # losses that see every response row (position weights)
-
-
-def sd_loss_config(args: Namespace) -> SDLossConfig:
-    """The frozen ``ta_opd`` config from the flags (``_add_self_distillation_arguments``)."""
-    return SDLossConfig(
-        temperature=args.sd_temperature,
-        fkl_clip=args.opsd_clip,
-        position_w_min=args.pwopsd_w_min,
-        position_tau=args.pwopsd_tau,
-        position_s=args.pwopsd_s,
-        pwopsd_reduction="seq-mean-token-mean" if args.pwopsd_reduction == "per-sample" else "token-mean",
-        reduction=args.sd_reduction,
-        eopd_eps_clip=args.eopd_eps_clip,
-        eopd_entropy_gate=args.eopd_entropy_gate,
-        eopd_topk=args.eopd_topk,
-        reopold_lambda=args.reopold_lambda,
-        reopold_warmup_steps=args.reopold_warmup_steps,
-        reopold_entropy_percentile=args.reopold_entropy_percentile,
-        eps_clip=args.eps_clip,
-        eps_clip_high=args.eps_clip_high,
-        topk_tail_bucket=args.topk_fkl_tail_bucket,
-        topk_renormalize_teacher=args.topk_fkl_renormalize_teacher,
-        jsd_beta=args.jsd_beta,
-        jsd_normalize=args.jsd_normalize,
-        chunk_size=args.sd_chunk_size,
-    )
 
 
 # ------------------------------------------------------------------------------------------ LoRA
@@ -176,7 +140,7 @@ class TrainerTeacher:
             self.model.train(was_training)
 
     def head(self):
-        return _backbone_and_head(self.model)[1]
+        return self.model.get_output_embeddings()
 
 
 def _freeze(model):
@@ -193,7 +157,7 @@ def build_teacher(args: Namespace, student_hf, peft_model, dtype: str, device) -
             return TrainerTeacher("self-lora", student_hf, peft_model)
         logger.info("self-distillation without LoRA: keeping a frozen copy of %s as the teacher", args.hf_checkpoint)
         return TrainerTeacher("self-frozen", _freeze(load_hf_model(args.hf_checkpoint, dtype=dtype, device=device)))
-    if args.opd_teacher_hf_checkpoint is not None and args.loss_type != "policy_loss":
+    if args.opd_teacher_hf_checkpoint is not None:
         teacher = _freeze(load_hf_model(args.opd_teacher_hf_checkpoint, dtype=dtype, device=device))
         v_s, v_t = student_hf.config.vocab_size, teacher.config.vocab_size
         if v_s != v_t:
@@ -223,16 +187,16 @@ def teacher_response_batch(
     return batch
 
 
-# ------------------------------------------------------------------------------------------ loss
+# ------------------------------------------------------------------------------------------ loss inputs
 
 
 class Distiller:
-    """LoRA, the trainer-side teacher and the non-``policy_loss`` losses of one trainer."""
+    """LoRA and the trainer-side teacher of one torch trainer (the teacher only when the loss reads one)."""
 
-    def __init__(self, args: Namespace, model, dtype: str, device):
+    def __init__(self, args: Namespace, model, spec: LossSpec, dtype: str, device):
         self.args = args
         self.peft_model = None
-        if getattr(args, "lora_rank", 0):
+        if args.lora_rank:
             if args.load is not None and os.path.isdir(args.load):
                 from slime.backends.torch_utils.checkpoint import latest_checkpoint
 
@@ -246,169 +210,61 @@ class Distiller:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             logger.info("LoRA r=%d: %d trainable parameters", args.lora_rank, trainable)
         self.model = model
-        self.loss_type = getattr(args, "loss_type", "policy_loss")
-        self.active = self.loss_type != "policy_loss"
-        # sft_loss reads no teacher distribution: no teacher weights in the trainer for it
-        wants_teacher = self.loss_type in LOSSES.names() or self.loss_type == "custom_loss"
-        self.teacher = build_teacher(args, model, self.peft_model, dtype, device) if wants_teacher else None
-        if self.loss_type in LOSSES.names() and self.teacher is None:
-            raise ValueError(f"--loss-type {self.loss_type} needs --opd-teacher-hf-checkpoint or --self-distillation")
-        self.cfg = sd_loss_config(args) if self.loss_type in LOSSES.names() else None
-        self.custom_fn = None
-        if self.loss_type == "custom_loss":
-            from slime.utils.misc import load_function
+        self.teacher = build_teacher(args, model, self.peft_model, dtype, device) if "teacher" in spec.wants else None
+        if "teacher" in spec.needs and self.teacher is None:
+            raise ValueError(f"--loss-type {spec.name} needs --opd-teacher-hf-checkpoint or --self-distillation")
 
-            self.custom_fn = load_function(args.custom_loss_function_path)
-        self._metrics: dict[str, list[tuple[float, float]]] = {}
+    def provides(self) -> set[str]:
+        """The loss inputs :class:`TorchLossSource` computes for this trainer."""
+        return {"logp", "student"} | ({"teacher"} if self.teacher is not None else set())
 
     def export_model(self):
         """What gets saved / pushed to the engines: the merged model for LoRA, else the model itself."""
         return LoraExport(self.peft_model) if self.peft_model is not None else self.model
 
-    # ---------------------------------------------------------------- one micro-batch
-    def micro_batch_loss(
-        self,
-        data: dict[str, Any],
-        idx: list[int],
-        batch: ResponseBatch,
-        mask: torch.Tensor,
-        *,
-        step: int,
-        global_tokens: int,
-        global_samples: int,
-        samples_with_kept: int,
-        sparse: bool,
-    ) -> torch.Tensor:
-        """This micro-batch's share of the step's loss (call ``.backward()``); metrics go to ``step_metrics``."""
-        args = self.args
-        if self.loss_type == "sft_loss":
-            sel = mask.nonzero().squeeze(-1)
-            logp = sampled_token_log_probs(
-                self.model, batch, select=sel, temperature=args.rollout_temperature, sparse=sparse
-            )
-            ones = torch.ones(sel.numel(), dtype=torch.bool, device=logp.device)
-            loss = agg_loss(
-                -logp, ones, reduction_mode(args), sample_index=batch.sample_index[sel].to(logp.device),
-                global_token_count=global_tokens, global_sample_count=global_samples,
-            )  # fmt: skip
-            self._record({"sft_nll": float(-logp.detach().double().mean())}, sel.numel())
-            return loss
-
-        hidden = last_hidden_states(self.model, batch.input_ids)  # [B, T, H]
-        dev = hidden.device
-        h_student = hidden[batch.row.to(dev), batch.pred_pos.to(dev)]  # [N, H]
-        head = _backbone_and_head(self.model)[1]
-        h_teacher = t_head = None
-        if self.teacher is not None:
-            pad_id = int(self.model.config.pad_token_id or 0)
-            t_batch = teacher_response_batch(data, idx, batch, pad_id, dev)
-            t_hidden = self.teacher.hidden(t_batch.input_ids)
-            h_teacher = t_hidden[t_batch.row.to(dev), t_batch.pred_pos.to(dev)].detach()  # [N, H]
-            t_head = self.teacher.head()
-
-        mask = mask.to(dev)
-        rows = None if self.loss_type in PER_SAMPLE_POSITION_LOSSES else mask.nonzero().squeeze(-1)
-
-        def take(x: torch.Tensor | None) -> torch.Tensor | None:
-            return x if x is None or rows is None else x[rows]
-
-        student = LMHeadInput(take(h_student), head.weight, head.bias)
-        teacher = None
-        if h_teacher is not None:
-            teacher = LMHeadInput(take(h_teacher), t_head.weight.detach(), _detach(t_head.bias))
-        loss_mask = mask if rows is None else torch.ones(rows.numel(), dtype=torch.bool, device=dev)
-        sample_index = take(batch.sample_index.to(dev))
-        position = take(batch.position.to(dev))
-        inputs = SDLossInputs(
-            student=student,
-            loss_mask=loss_mask,
-            teacher=teacher,
-            target_ids=take(batch.target.to(dev)),
-            sample_index=sample_index,
-            position=position,
-            # positions before selection: every response token (no tool tokens in this stack's rollouts)
-            valid_mask=torch.ones_like(loss_mask),
-            step=step,
-            global_token_count=global_tokens,
-            global_sample_count=samples_with_kept if self.loss_type in PER_SAMPLE_POSITION_LOSSES else global_samples,
-        )
-        cfg = self.cfg if self.cfg is not None else sd_loss_config(args)
-        if not sparse:
-            from dataclasses import replace
-
-            cfg = replace(cfg, chunk_size=0)  # the naive reference: [N, V] logits of the response rows
-        n_kept = int(mask.sum())
-        scale = 1.0
-        if self.loss_type in ("topk_rkl", "topk_fkl"):
-            self._add_topk_inputs(inputs, cfg)
-        if self.loss_type == "reopold":
-            # REOPOLD's mask M and its percentile are per call: normalise by Σ M of this micro-batch, then
-            # weight the micro-batch by its share of the step's kept tokens (exact with one micro-batch)
-            inputs.global_token_count = None
-            scale = n_kept / max(global_tokens, 1)
-        if self.loss_type == "custom_loss":
-            out = self.custom_fn(args, inputs)
-            out = out if isinstance(out, LossOutput) else LossOutput(out, torch.zeros(0), {})
-        else:
-            out = LOSSES.get(self.loss_type)(inputs, cfg)
-        metrics = {k: float(v) for k, v in out.metrics.items()}
-        if teacher is not None:
-            metrics.update(_teacher_divergence(student, teacher, loss_mask, cfg))
-        self._record(metrics, n_kept)
-        return out.loss * scale
-
-    def _add_topk_inputs(self, inputs: SDLossInputs, cfg: SDLossConfig) -> None:
-        """Top-K tensors of topk_rkl (student's top-K, old = current detached) and topk_fkl (teacher's top-K)."""
-        k, temp = int(self.args.sd_topk), cfg.temp(1.0)
-        size = cfg.chunk_size or auto_chunk_size(vocab_size(inputs.student))
-        if self.loss_type == "topk_rkl":
-            s = inputs.student
-            detached = LMHeadInput(s.hidden.detach(), s.weight.detach(), _detach(s.bias))
-            ids, old = teacher_topk(detached, k, temperature=temp, chunk_size=size)
-            inputs.student_topk_ids = ids
-            inputs.student_topk_old_logp = old
-            inputs.teacher_logp_on_student_topk = gather_logprobs(
-                inputs.teacher, ids, temperature=temp, chunk_size=size
-            )
-        else:
-            ids, logp = teacher_topk(inputs.teacher, k, temperature=temp, chunk_size=size)
-            inputs.teacher_topk_ids, inputs.teacher_topk_logp = ids, logp
-
-    # ---------------------------------------------------------------- metrics
-    def _record(self, metrics: dict[str, float], weight: int) -> None:
-        for key, value in metrics.items():
-            self._metrics.setdefault(key, []).append((value, float(weight)))
-
-    def step_metrics(self) -> dict[str, float]:
-        """Kept-token-weighted means of the micro-batch metrics since the last call, as ``train/sd_*``."""
-        out = {}
-        for key, pairs in self._metrics.items():
-            total = sum(w for _, w in pairs)
-            out[f"train/sd_{key}"] = sum(v * w for v, w in pairs) / total if total > 0 else 0.0
-        self._metrics = {}
-        return out
+    def source(self, data: dict[str, Any], idx: list[int], batch: ResponseBatch, sparse: bool) -> TorchLossSource:
+        return TorchLossSource(self, data, idx, batch, sparse)
 
 
 def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _teacher_divergence(
-    student: LMHeadInput, teacher: LMHeadInput, loss_mask: torch.Tensor, cfg: SDLossConfig
-) -> dict[str, float]:
-    """Full-vocabulary KL(p_S‖p_T) and KL(p_T‖p_S) at τ = 1 over the kept rows (pre-step weights; no grad)."""
-    rows = loss_mask.nonzero().squeeze(-1)
-    if rows.numel() == 0:
-        return {}
+class TorchLossSource:
+    """The loss inputs of one micro-batch (``rows``: response-token indices, None = all; see the module doc)."""
 
-    def fn(s: torch.Tensor, t: torch.Tensor | None, ex) -> dict[str, torch.Tensor]:
-        ls, lt = torch.log_softmax(s.double(), -1), torch.log_softmax(t.double(), -1)
-        return {
-            "rkl": (ls.exp() * (ls - lt)).sum(-1),
-            "fkl": (lt.exp() * (lt - ls)).sum(-1),
-        }
+    select_rows = True  # the LM head runs only on the rows a loss reads
 
-    s = LMHeadInput(student.hidden.detach(), student.weight.detach(), _detach(student.bias))
-    size = cfg.chunk_size or auto_chunk_size(vocab_size(s))
-    stats = chunked_token_stats(fn, s, teacher, {}, size, rows=rows)
-    return {f"teacher_{k}": float(v[rows].mean()) for k, v in stats.items()}
+    def __init__(self, owner: Distiller, data: dict[str, Any], idx: list[int], batch: ResponseBatch, sparse: bool):
+        self.owner, self.data, self.idx, self.batch = owner, data, idx, batch
+        self.model, self.sparse, self.full_logits = owner.model, sparse, not sparse
+        self.device = next(self.model.parameters()).device
+
+    def _rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        return torch.arange(self.batch.num_tokens, device=self.device) if rows is None else rows
+
+    def log_probs(self, rows: torch.Tensor | None) -> torch.Tensor:
+        args = self.owner.args
+        return sampled_token_log_probs(
+            self.model, self.batch, select=self._rows(rows).cpu(), temperature=args.rollout_temperature,
+            sparse=self.sparse, chunk_size=args.lm_head_chunk_size,
+        )  # fmt: skip
+
+    def student(self, rows: torch.Tensor | None) -> LMHeadInput:
+        b, r = self.batch, self._rows(rows)
+        hidden = last_hidden_states(self.model, b.input_ids)  # [B, T, H]
+        h = hidden[b.row.to(self.device)[r], b.pred_pos.to(self.device)[r]]  # [n, H]
+        head = self.model.get_output_embeddings()
+        return LMHeadInput(h, head.weight, head.bias)
+
+    def teacher(self, rows: torch.Tensor | None) -> LMHeadInput | None:
+        teacher = self.owner.teacher
+        if teacher is None:
+            return None
+        pad_id = int(self.model.config.pad_token_id or 0)
+        t_batch = teacher_response_batch(self.data, self.idx, self.batch, pad_id, self.device)
+        r = self._rows(rows)
+        hidden = teacher.hidden(t_batch.input_ids)
+        h = hidden[t_batch.row.to(self.device)[r], t_batch.pred_pos.to(self.device)[r]].detach()  # [n, H]
+        head = teacher.head()
+        return LMHeadInput(h, head.weight.detach(), _detach(head.bias))
