@@ -517,6 +517,9 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         # Requests run to completion; accepted for API parity with SGLang (the router may call it).
         return Response(status_code=200)
 
+    from slime.backends.embedded_sglang.openai_api import add_openai_routes  # /v1/completions, /v1/chat/...
+
+    add_openai_routes(app, engine, args, run_requests)
     return app
 
 
