@@ -25,11 +25,11 @@ def analysis_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stats", required=True, help="token_stats.{parquet,csv} from eval_fixed_context_bank.")
-    p.add_argument("--out-dir", required=True, help="Where tables, plots and the report go.")
+    p.add_argument("--stats", "--input", required=True, help="token_stats.{parquet,csv} from eval_fixed_context_bank.")
+    p.add_argument("--out-dir", "--output-dir", required=True, help="Where tables, plots and the report go.")
     p.add_argument("--reference", default=None, help="θ0 column prefix (default: the first student in the table).")
     p.add_argument("--runs", default=None, help="Comma list of θτ prefixes to analyse (default: all others).")
-    p.add_argument("--gain", default="relative", choices=list(G.GAIN_MODES), help="METHOD.md §6.3 (relative).")
+    p.add_argument("--gain", default="relative", choices=list(G.GAIN_MODES), help="docs/method.md §6.3 (relative).")
     p.add_argument("--k", type=int, default=16, help="Top-K of the selector features (must be in the table).")
     p.add_argument("--no-exact-c", action="store_true", help="Use the lower-bound C (teacher top-K) for C̃.")
     p.add_argument("--winsor", default="0.01,0.99", help="Winsorising quantiles for ranking/means.")

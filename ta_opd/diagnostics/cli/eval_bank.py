@@ -5,6 +5,8 @@ Usage:
         --student theta0=STUDENT_HF --student teachability=RUN/hf_final [--student NAME=PATH ...] \
         --out-dir OUT [--k 16] [--support-ks 8,16,32] [--contexts-per-chunk 8] [--chunk-tokens 1024] \
         [--format parquet|csv] [--device cpu] [--max-chunks N]
+    eval_fixed_context_bank --contexts contexts.jsonl --teacher TEACHER_HF \
+        --baseline-metrics THETA0/token_stats.parquet --student teachability=RUN/hf_final --out-dir OUT
 
 Per response token: ``entropy_teacher`` and, for every student NAME, ``NAME.entropy_student``,
 ``NAME.kl_f`` = KL(p_T‖p_S), ``NAME.kl_r``, ``NAME.bc_full``, and per K the support statistics
@@ -19,6 +21,15 @@ Resumable: contexts are processed in chunks of ``--contexts-per-chunk``; each ch
 atomically to ``OUT/chunks/`` and recorded in ``OUT/manifest.json``; a re-run with the same
 arguments skips finished chunks. When all chunks exist they are merged into
 ``OUT/token_stats.{parquet,csv}``.
+
+``--baseline-metrics`` names the ``token_stats`` of an earlier run on the same contexts whose first student is θ0
+(e.g. one with ``--student theta0=STUDENT_HF`` only): θ0's columns, its top-K lists and the teacher's columns are
+taken from it (every context, position and token id must match, else it is refused), and only the ``--student``
+models given here are scored. ``--student-device`` / ``--teacher-device`` put the two sides on different devices
+(default ``--device``). The original release's flag names are accepted: ``--context-bank`` (``--contexts``),
+``--output-dir`` (``--out-dir``), ``--topk`` (``--k``). ``--allow-tokenizer-mismatch`` accepts a teacher whose
+tokenizer differs from the student's only in added/special tokens (every shared id must decode to the same
+string): the scored vocabulary is then the ids both share.
 
 The manifest is keyed by the arguments *and* by a sha256 of every model's weight files
 (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth`` and ``config.json`` of each local checkpoint
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval_fixed_context_bank", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--contexts", required=True, help="Context bank JSONL from export_fixed_context_bank.")
+    p.add_argument("--contexts", "--context-bank", required=True, help="Context bank JSONL (export_bank).")
     p.add_argument("--teacher", required=True, help="Teacher HF checkpoint.")
     p.add_argument(
         "--student",
@@ -63,13 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="A student checkpoint (repeat: θ0 first, then each θτ). NAME labels its columns.",
     )
     p.add_argument("--reference", default=None, help="Student NAME that is θ0 (default: the first --student).")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--k", type=int, default=16, help="Primary top-K (METHOD.md §2; default 16).")
+    p.add_argument("--baseline-metrics", default=None, help="token_stats of θ0 on the same contexts (not re-scored).")
+    p.add_argument("--out-dir", "--output-dir", required=True)
+    p.add_argument("--k", "--topk", type=int, default=16, help="Primary top-K (docs/method.md §2; default 16).")
     p.add_argument("--support-ks", default="8,16,32", help="K values for support statistics (comma list).")
     p.add_argument("--contexts-per-chunk", type=int, default=8, help="Contexts per resumable chunk / forward batch.")
     p.add_argument("--chunk-tokens", type=int, default=1024, help="Rows of logits materialised at a time.")
     p.add_argument("--format", default="parquet", choices=["parquet", "csv"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--student-device", default=None, help="Device of the students (default --device).")
+    p.add_argument("--teacher-device", default=None, help="Device of the teacher (default --device).")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="Accept tokenizers that differ only in added/special tokens (shared ids scored).")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--vocab-mode",
@@ -156,9 +172,12 @@ def _vocab_width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def resolve_vocab(paths: list[str], widths: list[int], mode: str) -> int:
-    """The shared logit width: all equal → that width; else identical tokenizers → tokenizer length."""
-    if mode == "auto" and len(set(widths)) == 1:
+def resolve_vocab(paths: list[str], widths: list[int], mode: str, allow_mismatch: bool = False) -> int:
+    """The shared logit width: all equal → that width; else identical tokenizers → tokenizer length.
+
+    ``allow_mismatch``: tokenizers that differ only in added/special tokens (every id both have decodes to the same
+    string) → the ids ``0 .. n-1`` that every tokenizer has with the same string (n = that common prefix)."""
+    if mode == "auto" and len(set(widths)) == 1 and not allow_mismatch:
         return widths[0]
     from transformers import AutoTokenizer
 
@@ -168,9 +187,20 @@ def resolve_vocab(paths: list[str], widths: list[int], mode: str) -> int:
         raise ValueError(f"logit widths differ ({dict(zip(paths, widths, strict=True))}) and a tokenizer failed to "
                          f"load ({exc}); cannot check that the vocabularies are the same") from exc  # fmt: skip
     vocabs = [t.get_vocab() for t in toks]
+    if allow_mismatch and any(v != vocabs[0] for v in vocabs[1:]):
+        from ta_opd.diagnostics.vocab import added_tokens, shared_vocabulary
+
+        added = set().union(*(added_tokens(t) for t in toks))
+        pairs = zip(vocabs[1:], paths[1:], strict=True)
+        shared = min(shared_vocabulary(vocabs[0], v, added, (paths[0], path)) for v, path in pairs)
+        if shared > min(widths):
+            raise ValueError(f"the shared vocabulary has {shared} ids but a model has only {min(widths)} logits")
+        logger.warning("tokenizers differ in added/special tokens: scoring the %d ids they share", shared)
+        return shared
     if any(v != vocabs[0] for v in vocabs[1:]):
         raise ValueError(
             f"teacher and student tokenizers differ (logit widths {widths}); full-vocabulary KL needs one vocabulary"
+            " (--allow-tokenizer-mismatch accepts tokenizers that differ only in added/special tokens)"
         )
     shared = len(toks[0])
     if shared > min(widths):
@@ -207,8 +237,11 @@ def eval_chunk(
     k: int,
     chunk_tokens: int,
     device: str,
+    teacher_device: str | None = None,
 ) -> dict[str, Any]:
-    """All per-token columns of one chunk of contexts (numpy arrays / lists)."""
+    """All per-token columns of one chunk of contexts (numpy arrays / lists); students on ``device``, the teacher
+    on ``teacher_device`` (default the same; its logits are moved to ``device`` chunk by chunk)."""
+    teacher_device = teacher_device or device
     import torch
 
     from ta_opd.diagnostics.fullvocab import TEACHER_STATS, chunked_fullvocab_token_stats
@@ -229,7 +262,7 @@ def eval_chunk(
         "response_length": resp_len.cpu().numpy(),
         "token_id": sampled.cpu().numpy(),
     }
-    t_hidden = _response_hidden(teacher, contexts, device)
+    t_hidden = _response_hidden(teacher, contexts, teacher_device)
     t_head = teacher.get_output_embeddings()
     keep = max([k, *ks])
     union_ks = sorted({k, *ks})
@@ -239,7 +272,7 @@ def eval_chunk(
         with torch.no_grad():
             stats = chunked_fullvocab_token_stats(
                 lambda a, b, h=s_hidden, head=s_head: head(h[a:b])[:, :vocab],
-                lambda a, b: t_head(t_hidden[a:b])[:, :vocab],
+                lambda a, b: t_head(t_hidden[a:b])[:, :vocab].to(device),
                 sampled,
                 chunk_tokens,
                 ks=ks,
@@ -289,6 +322,52 @@ def _mismatch_message(manifest_path: Path, old: dict[str, Any], new: dict[str, A
     return f"{manifest_path} was written with other arguments ({', '.join(diff)} differ); {how}"
 
 
+def read_baseline(path: str, students: dict[str, str], reference: str | None) -> tuple[Any, str]:
+    """The ``--baseline-metrics`` table and its θ0 name (its first student); a name clash is refused."""
+    from ta_opd.diagnostics.cli.common import student_prefixes
+    from ta_opd.diagnostics.io import read_table
+
+    if not Path(path).is_file():
+        raise SystemExit(f"--baseline-metrics {path}: no such file")
+    base = read_table(path)
+    names = student_prefixes(list(base.columns))
+    if not names:
+        raise SystemExit(f"--baseline-metrics {path}: no student columns (NAME.kl_f); expected a token_stats table")
+    ref = reference or names[0]
+    if ref not in names:
+        raise SystemExit(f"--reference {ref!r} is not a student of --baseline-metrics {path} ({names})")
+    if ref in students:
+        raise SystemExit(f"--student {ref}=... repeats θ0 of --baseline-metrics {path}; give only the θτ students")
+    missing = [c for c in ("context_id", "position", "token_id") if c not in base.columns]
+    if missing:
+        raise SystemExit(f"--baseline-metrics {path}: lacks column(s) {missing}")
+    return base, ref
+
+
+def attach_baseline(frame: Any, base: Any, reference: str, path: str) -> Any:
+    """``frame`` (the θτ columns) with θ0's columns and top-K lists from ``base``; θ0's columns first.
+
+    Refused when the tokens differ (another context bank) or the teacher's columns differ (another teacher)."""
+    import numpy as np
+
+    key = ["context_id", "position"]
+    a = frame.sort_values(key, kind="stable").reset_index(drop=True)
+    b = base.sort_values(key, kind="stable").reset_index(drop=True)
+    same = len(a) == len(b) and all(np.array_equal(np.asarray(a[c]), np.asarray(b[c])) for c in [*key, "token_id"])
+    if not same:
+        raise SystemExit(
+            f"--baseline-metrics {path} was computed on other contexts ({len(b)} tokens vs {len(a)} here, or other "
+            "token ids): use the baseline of this context bank"
+        )
+    for col in ("entropy_teacher", "teacher_logp_sampled"):
+        if col in a.columns and col in b.columns and not np.allclose(a[col], b[col], rtol=1e-3, atol=1e-4):
+            raise SystemExit(f"--baseline-metrics {path}: its teacher column {col!r} differs from this teacher's")
+    mine = [c for c in b.columns if c.startswith(f"{reference}.") or c.startswith("topk.")]
+    shared = [c for c in a.columns if "." not in c]
+    rest = [c for c in a.columns if "." in c]
+    return a[shared].join(b[mine])[shared + mine].join(a[rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from tqdm import tqdm
@@ -298,9 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     students = parse_students(args.student)
-    reference = args.reference or next(iter(students))
-    if reference not in students:
-        raise SystemExit(f"--reference {reference!r} is not one of the --student names {list(students)}")
+    student_device = args.student_device or args.device
+    teacher_device = args.teacher_device or args.device
+    baseline = None
+    if args.baseline_metrics:
+        baseline, reference = read_baseline(args.baseline_metrics, students, args.reference)
+    else:
+        reference = args.reference or next(iter(students))
+        if reference not in students:
+            raise SystemExit(f"--reference {reference!r} is not one of the --student names {list(students)}")
     ks = sorted({int(x) for x in str(args.support_ks).split(",") if x.strip()} | {args.k})
     if min(ks) < 1 or args.contexts_per_chunk < 1 or args.chunk_tokens < 1:
         raise SystemExit("--k/--support-ks, --contexts-per-chunk and --chunk-tokens must be >= 1")
@@ -323,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         "format": args.format,
         "vocab_mode": args.vocab_mode,
     }
+    if baseline is not None:
+        config["baseline_metrics"] = {"path": str(Path(args.baseline_metrics).resolve()),
+                                      "sha256": _file_digest(args.baseline_metrics)}  # fmt: skip
+    if args.allow_tokenizer_mismatch:
+        config["allow_tokenizer_mismatch"] = True
     manifest_path = out / "manifest.json"
     manifest: dict[str, Any] = {}
     if manifest_path.exists():
@@ -363,18 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     save_manifest(False)
     todo = [i for i in range(n_chunks) if i not in set(done)]
     if todo:
-        teacher = _load_model(args.teacher, args.device, args.dtype)
-        order = [reference, *(n for n in students if n != reference)]  # θ0's columns come first
-        models = {name: _load_model(students[name], args.device, args.dtype) for name in order}
+        teacher = _load_model(args.teacher, teacher_device, args.dtype)
+        order = [reference, *(n for n in students if n != reference)] if baseline is None else list(students)
+        models = {name: _load_model(students[name], student_device, args.dtype) for name in order}  # θ0 first
         paths = [args.teacher, *students.values()]
         widths = [_vocab_width(teacher), *(_vocab_width(m) for m in models.values())]
-        vocab = resolve_vocab(paths, widths, args.vocab_mode)
+        vocab = resolve_vocab(paths, widths, args.vocab_mode, args.allow_tokenizer_mismatch)
         if min(ks) > vocab or max(ks) > vocab:
             raise SystemExit(f"K values {ks} exceed the vocabulary size {vocab}")
         budget = len(todo) if args.max_chunks is None else min(len(todo), max(0, args.max_chunks))
         for i in tqdm(todo[:budget], desc="fixed-context chunks", unit="chunk"):
             part = contexts[i * args.contexts_per_chunk : (i + 1) * args.contexts_per_chunk]
-            cols = eval_chunk(part, teacher, models, reference, vocab, ks, args.k, args.chunk_tokens, args.device)
+            cols = eval_chunk(part, teacher, models, reference, vocab, ks, args.k, args.chunk_tokens, student_device,
+                              teacher_device)  # fmt: skip
             write_table(chunk_dir / f"chunk_{i:05d}.{args.format}", pd.DataFrame(cols))
             done.append(i)
             save_manifest(False)
@@ -382,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%d/%d chunks done; re-run the same command to resume", len(done), n_chunks)
         return 0
     frame = pd.concat([read_table(chunk_dir / f"chunk_{i:05d}.{args.format}") for i in range(n_chunks)])
+    if baseline is not None:
+        frame = attach_baseline(frame.reset_index(drop=True), baseline, reference, args.baseline_metrics)
     final = out / f"token_stats.{args.format}"
     write_table(final, frame.reset_index(drop=True))
     save_manifest(True)

@@ -1,15 +1,19 @@
-"""Support-definition robustness of the Q3 high-C minus low-C gap (METHOD.md §6.5).
+"""Support-definition robustness of the Q3 high-C minus low-C gap (docs/method.md §6.5).
 
 Usage:
     support_definition_robustness --stats OUT/token_stats.parquet --out-dir REPORT \
         [--ks 8,16,32] [--bins 3] [--bootstrap 1000] [--seed 0]
+    support_definition_robustness --dataset 8b=A/token_stats.parquet --dataset 14b=B/token_stats.parquet \
+        [--out-dir support_robustness] [--n-boot 1000]        # several tables in one report (release form)
 
 For each K and each definition of C — teacher mass on the student's top-K (exact), overlap
 |S∩T|/K, Jaccard, shared teacher top-K mass, shared student top-K mass, Bhattacharyya BC on the
 union — C is percentile-rank normalised, the Q3 region (low H̃, high D̃, from ``ta_opd`` features
 at that K) is split into C bins, and the top-minus-bottom gain gap is reported with a
 prompt-cluster bootstrap CI. Writes ``support_robustness.csv``, ``support_robustness.png``,
-``support_robustness.md``.
+``support_robustness.md``. With ``--dataset NAME=PATH`` (repeatable; instead of ``--stats``) every table is
+analysed and its rows carry ``dataset`` = NAME (runs shown as ``NAME/run``); ``--out-dir`` then defaults to
+``support_robustness``. ``--n-boot`` is the release's name of ``--bootstrap``.
 """
 
 from __future__ import annotations
@@ -37,30 +41,65 @@ DEFINITIONS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = analysis_parser("support_definition_robustness", __doc__)
+    for action in p._actions:  # --stats / --out-dir become optional: --dataset replaces them
+        if action.dest in ("stats", "out_dir"):
+            action.required = False
+        if action.dest == "bootstrap":
+            action.option_strings.append("--n-boot")
+            p._option_string_actions["--n-boot"] = action
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME=PATH",
+                   help="A stats table to analyse, named (repeat; replaces --stats).")  # fmt: skip
     p.add_argument("--ks", default="8,16,32", help="K values (each must be in the stats table).")
     p.add_argument("--bins", type=int, default=3, help="C bins inside Q3 (3 = terciles).")
     return p
+
+
+def parse_datasets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str | None, str]]:
+    """``[(name, stats path)]``: the ``--dataset`` entries, or ``[(None, --stats)]``."""
+    if args.dataset and args.stats:
+        parser.error("give --stats or --dataset NAME=PATH, not both")
+    if not args.dataset:
+        if not args.stats:
+            parser.error("one of --stats or --dataset NAME=PATH is required")
+        if not args.out_dir:
+            parser.error("--out-dir is required with --stats")
+        return [(None, args.stats)]
+    out: list[tuple[str | None, str]] = []
+    for spec in args.dataset:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--dataset expects NAME=PATH, got {spec!r}")
+        if name in {n for n, _ in out}:
+            parser.error(f"--dataset name {name!r} is given twice")
+        out.append((name, path))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    out = out_dir(args.out_dir)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    datasets = parse_datasets(parser, args)
+    out = out_dir(args.out_dir or "support_robustness")
     rows = []
-    for k in [int(x) for x in args.ks.split(",") if x.strip()]:
-        bank = load_bank(args, k=k)
-        for label, stem in DEFINITIONS.items():
-            column = f"{bank.reference}.{stem}_k{k}"
-            if column not in bank.frame.columns:
-                raise SystemExit(f"{args.stats} has no column {column!r}; evaluate with --support-ks including {k}")
-            c = G.percentile_rank(np.asarray(bank.frame[column], float))
-            top, bottom = G.gap_groups(c, bank.features["q3"], args.bins)
-            for run in bank.runs:
-                res = G.bootstrap_mean_diff(bank.gains[run], top, bottom, bank.clusters, args.bootstrap, args.seed)
-                rows.append({"run": run, "k": k, "definition": label, "n_q3": int(bank.features["q3"].sum()),
-                             **res.as_dict()})  # fmt: skip
+    for name, stats in datasets:
+        args.stats = stats
+        for k in [int(x) for x in args.ks.split(",") if x.strip()]:
+            bank = load_bank(args, k=k)
+            for label, stem in DEFINITIONS.items():
+                column = f"{bank.reference}.{stem}_k{k}"
+                if column not in bank.frame.columns:
+                    raise SystemExit(f"{stats} has no column {column!r}; evaluate with --support-ks including {k}")
+                c = G.percentile_rank(np.asarray(bank.frame[column], float))
+                top, bottom = G.gap_groups(c, bank.features["q3"], args.bins)
+                for run in bank.runs:
+                    res = G.bootstrap_mean_diff(bank.gains[run], top, bottom, bank.clusters, args.bootstrap, args.seed)
+                    shown = run if name is None else f"{name}/{run}"
+                    row = {} if name is None else {"dataset": name}
+                    row.update(run=shown, k=k, definition=label, n_q3=int(bank.features["q3"].sum()))
+                    rows.append({**row, **res.as_dict()})
     table = pd.DataFrame(rows)
     write_table(out / "support_robustness.csv", table)
     plt = pyplot()
@@ -84,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     fig.tight_layout()
     save_figure(fig, out / "support_robustness.png")
     plt.close(fig)
+    sources = ", ".join(f"`{path}`" for _, path in datasets)
     body = ["# Support-definition robustness (Q3 high-C minus low-C gap)", "",
-            f"Stats `{args.stats}`; bins = {args.bins}; percentile-rank C; {args.bootstrap} resamples.", "",
+            f"Stats {sources}; bins = {args.bins}; percentile-rank C; {args.bootstrap} resamples.", "",
             markdown_table(table[["run", "k", "definition", "n_q3", "estimate", "ci_low", "ci_high"]]), "",
             "![support robustness](support_robustness.png)", ""]  # fmt: skip
     atomic_write_text(out / "support_robustness.md", "\n".join(body))
