@@ -124,3 +124,19 @@ def make_batch(k: int = 8, lengths=(7, 5, 9, 6), seed: int = 0, **kwargs) -> lis
     for s in samples:
         s.metadata.pop("_teacher_logits")
     return samples
+
+
+PRIVILEGED_PROMPT = [11, 12, 13, 14]  # token ids of a stand-in privileged teacher prompt
+
+
+def privileged_prompt_hook(args, sample, payload: dict) -> dict:
+    """A ``--custom-teacher-prefill-function-path`` hook: the teacher scores the response after another prompt."""
+    response = list(sample.tokens[len(sample.tokens) - sample.response_length :])
+    payload["input_ids"] = PRIVILEGED_PROMPT + response
+    payload["logprob_start_len"] = len(PRIVILEGED_PROMPT) - 1
+    return payload
+
+
+def broken_prefill_hook(args, sample, payload: dict) -> None:
+    """A hook that forgets to return the payload."""
+    payload["input_ids"] = []

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from aiohttp import web
-from patch_helpers import VOCAB, make_batch, make_sample, opd_args, teacher_answer
+from patch_helpers import PRIVILEGED_PROMPT, VOCAB, make_batch, make_sample, opd_args, teacher_answer
 
 import slime_patch.slime.rollout.on_policy_distillation as patch_opd
 
@@ -205,6 +205,57 @@ def test_teacher_temperature_is_sent_only_when_not_one():
     asyncio.run(_with_stub(stub, run))
     assert "logprob_temperature" not in stub.requests[0]
     assert stub.requests[1]["logprob_temperature"] == 2.0
+
+
+def test_teacher_prefill_hook_rewrites_the_request_and_is_optional():
+    stub = StubTeacher()
+    sample = _strip([make_sample(5, prompt_len=3, response_len=3, k=2, seed=0)])[0]
+    response = sample.tokens[-3:]
+
+    async def run(url, port):
+        plain = await patch_opd.reward_func(opd_args(rm_url=url), copy.deepcopy(sample))
+        hook = "patch_helpers.privileged_prompt_hook"
+        hooked = await patch_opd.reward_func(
+            opd_args(rm_url=url, custom_teacher_prefill_function_path=hook), copy.deepcopy(sample)
+        )
+        return plain, hooked
+
+    plain, hooked = asyncio.run(_with_stub(stub, run))
+    assert stub.requests[0]["input_ids"] == sample.tokens and stub.requests[0]["logprob_start_len"] == 2
+    assert stub.requests[1]["input_ids"] == PRIVILEGED_PROMPT + response
+    assert stub.requests[1]["logprob_start_len"] == len(PRIVILEGED_PROMPT) - 1
+    # both answers score the same response ids, each in its own context
+    for answer in (plain, hooked):
+        assert [e[1] for e in answer["meta_info"]["input_token_logprobs"][-3:]] == response
+    assert plain["meta_info"]["input_token_logprobs"] != hooked["meta_info"]["input_token_logprobs"]
+
+    async def broken(url, port):
+        args = opd_args(rm_url=url, custom_teacher_prefill_function_path="patch_helpers.broken_prefill_hook")
+        return await patch_opd.reward_func(args, copy.deepcopy(sample))
+
+    with pytest.raises(TypeError, match="--custom-teacher-prefill-function-path patch_helpers.broken_prefill_hook"):
+        asyncio.run(_with_stub(StubTeacher(), broken))
+
+
+def test_self_distillation_sets_the_privileged_prefill_hook():
+    from slime.utils.arguments import SD_TEACHER_PREFILL, get_parser, validate_self_distillation_args
+
+    def args(*flags):
+        return get_parser().parse_args(["--label-key", "label", "--hf-checkpoint", "student", *flags])
+
+    on = args("--self-distillation")
+    validate_self_distillation_args(on)
+    assert (
+        on.custom_teacher_prefill_function_path
+        == SD_TEACHER_PREFILL
+        == ("slime.rollout.self_distillation.privileged_prefill")
+    )
+    own = args("--self-distillation", "--custom-teacher-prefill-function-path", "my.hook")
+    validate_self_distillation_args(own)
+    assert own.custom_teacher_prefill_function_path == "my.hook"
+    off = args()
+    validate_self_distillation_args(off)
+    assert off.custom_teacher_prefill_function_path is None
 
 
 @pytest.mark.slow
