@@ -1,4 +1,4 @@
-"""The one-call entry point: a step's tokens + config → new loss masks + metrics (METHOD.md §2–5, §9)."""
+"""The one-call entry point: a step's tokens + config → new loss masks + metrics (docs/method.md §2–5, §9)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def select_tokens(batch: TokenBatch, cfg: SelectionConfig, rollout_index: int = 
     else:
         assert features is not None  # batch.validate(cfg) guarantees top-K lists when selecting
         spec = SELECTORS.get(cfg.mask)
-        fallback = scores["ca_softor"]  # min-keep's order (METHOD.md §5)
+        fallback = scores["ca_softor"]  # min-keep's order (docs/method.md §5)
         if cfg.mask == "split_budget_ca":
             budget = apply_split_budget(
                 features.h,

@@ -1,4 +1,4 @@
-"""Generate docs/selectors.md from the registries (selectors, normalisers, proxies, aliases).
+"""Generate docs/selectors.md from the registries (selectors, normalisers, proxies, aliases, options).
 
 Usage::
 
@@ -6,8 +6,9 @@ Usage::
     python -m ta_opd.docs --check    # exit 1 if docs/selectors.md is out of date
     python -m ta_opd.docs --stdout   # print instead of writing
 
-Option lists are generated, never typed (docs/STYLE.md): adding a selector to
-``ta_opd.selectors.SELECTORS`` and re-running this updates the table.
+Option lists are generated, never typed: adding a selector (``ta_opd.config.MASKS`` and
+``ta_opd.selectors``), an alias (``ta_opd.aliases``) or an option (a ``SelectionConfig`` field) and
+re-running this updates the tables.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ta_opd.aliases import FORCED_RATIO, METHOD_ALIASES, METHOD_FLAGS
-from ta_opd.config import COMPAT_PROXIES, NONFINITE_POLICIES, SelectionConfig
+from ta_opd.aliases import FORCED_RATIO, METHOD_FLAGS, RELEASE_SYNONYMS, SUITE_ALIASES
+from ta_opd.config import COMPAT_PROXIES, NONFINITE_POLICIES, SelectionConfig, options
 from ta_opd.normalize import NORMALIZERS
 from ta_opd.selectors import SELECTORS
 
@@ -34,7 +35,7 @@ NORMALIZER_TEXT = {
 }
 PROXY_TEXT = {
     "mass": "C_t = teacher mass on the student's top-K (lower bound from the teacher's top-K; exact with exact_cmass)",
-    "set": "|ids(S) ∩ ids(T)| / K",
+    "set": "\\|ids(S) ∩ ids(T)\\| / K",  # escaped: a Markdown table cell
     "bc": "Bhattacharyya coefficient Σ_U sqrt(ŝ t̂)",
     "prefix_ema": (
         "EMA of C over the positions of one sample: e_0 = C_0, e_t = α e_{t−1} + (1 − α) C_t, α = prefix_ema_alpha"
@@ -44,9 +45,14 @@ PROXY_TEXT = {
 
 def render() -> str:
     d = SelectionConfig()
-    aliases_by_mask: dict[str, list[str]] = {}
-    for alias, mask in METHOD_ALIASES.items():
-        aliases_by_mask.setdefault(mask, []).append(alias)
+
+    def by_mask(table: dict[str, str]) -> dict[str, str]:
+        names: dict[str, list[str]] = {}
+        for name, mask in table.items():
+            names.setdefault(mask, []).append(f"`{name}`")
+        return {mask: ", ".join(v) for mask, v in names.items()}
+
+    suite, release = by_mask(SUITE_ALIASES), by_mask(RELEASE_SYNONYMS)
     lines = [
         "# Selectors, normalisers and compatibility proxies",
         "",
@@ -60,22 +66,33 @@ def render() -> str:
         "",
         "## Selectors (`--opd-budget-mask`)",
         "",
-        "| mask | script alias | score | order | candidates |",
-        "|---|---|---|---|---|",
+        "Every name of a row selects that mask: in `--opd-budget-mask`, in `METHOD_LIST` and `RUN_LIST`",
+        "entries, and in the tools (`ta_opd.aliases`, one table). Suite aliases are the method suite's names",
+        "([method_suite.md](method_suite.md)); release synonyms are the other names of the original TA-OPD",
+        "release (its launchers and its `--opd-budget-mask` choices).",
+        "",
+        "| mask | suite alias | release synonyms | score | order | candidates |",
+        "|---|---|---|---|---|---|",
     ]
     for name, spec in SELECTORS.items():
-        alias = ", ".join(f"`{a}`" for a in aliases_by_mask.get(name, [])) or "–"
         order = "ascending" if spec.ascending else "descending"
         cand = "Q3 only" if spec.uses_q3 else "all valid"
-        lines.append(f"| `{name}` | {alias} | {spec.description} | {order} | {cand} |")
-    forced = ", ".join(f"`{a}` → ρ = {r}" for a, r in FORCED_RATIO.items())
+        lines.append(
+            f"| `{name}` | {suite.get(name, '–')} | {release.get(name, '–')} | {spec.description} | {order} | {cand} |"
+        )
+    forced = ", ".join(f"`{a}`" for a in FORCED_RATIO)
     lines += [
         "",
-        f"Forced ratios: {forced}. Mask `full` (or ρ ≥ 1) keeps every valid token; ρ ≤ 0 with a mask is an error.",
+        f"Ratio forced to 1.0 in a `METHOD_LIST` / `RUN_LIST` entry: {forced} (every name of mask `full`).",
+        "Mask `full` (or ρ ≥ 1) keeps every valid token; ρ ≤ 0 with another mask is an error.",
         "",
-        "Aliases that add train.py flags (the launchers append them): "
+        "Aliases that add train.py flags (the launchers append them; not accepted by `--opd-budget-mask`): "
         + "; ".join(f"`{a}`: `{' '.join(flags)}`" for a, flags in METHOD_FLAGS.items())
         + ".",
+        "",
+        "`METHOD_LIST` (the method suite) and `RUN_LIST` (the budget sweep) hold `name:ratio:idx` entries",
+        "separated by commas, spaces or newlines; `python -m ta_opd.aliases parse-method-list LIST` checks one",
+        "as the launchers do (every error at once) and prints `idx name mask ratio [flag ...]` per entry.",
         "",
         "## Normalisations (`--opd-metric-normalization`)",
         "",
@@ -101,10 +118,34 @@ def render() -> str:
         "",
         f"Default: `{d.compat_proxy}`, α = {d.prefix_ema_alpha}.",
         "",
+        "## Options (`SelectionConfig`)",
+        "",
+        "One definition per option (`ta_opd.config`): the flags of train.py and of the slime patch are",
+        "generated from these fields, and `SelectionConfig.validate` is the one check of their values.",
+        "",
+        "| field | flag | default | valid values | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f, opt in options():
+        flag = f"`{opt.flag}`" if opt.flag else "–"
+        if opt.choices is not None:
+            valid = "a mask or alias above" if f.name == "mask" else ", ".join(f"`{c}`" for c in opt.choices)
+        elif isinstance(f.default, bool):
+            valid = "true, false"
+        else:
+            rng = opt.range
+            words = ["an integer" if isinstance(f.default, int) else "finite"]
+            words += [rng.describe()] if rng and rng.describe() else []
+            valid = ", ".join(words) + (f" ({rng.note})" if rng and rng.note else "")
+        lines.append(f"| `{f.name}` | {flag} | `{f.default}` | {valid} | {opt.help} |")
+    lines += [
+        "",
+        "Between fields: ρ > 0 with a mask other than `full`; q_low < q_high; K ≥ 1 with a mask other than `full`.",
+        "",
         "## Non-finite values (the NaN rule)",
         "",
         "- Inside a top-K list, an entry whose log-prob is NaN/±inf (or that is None/empty) is dropped",
-        "  from the list before any statistic is computed (METHOD.md §2); that is normal input.",
+        "  from the list before any statistic is computed (method.md §2); that is normal input.",
         "- A non-finite *sampled-token* log-prob (log p_T(y_t), or log p_S(y_t) where it was recorded) of",
         f"  a valid token is a server fault, handled by `nonfinite_policy` ({', '.join(NONFINITE_POLICIES)};",
         f"  default `{d.nonfinite_policy}`): `error` raises ValueError naming the sample and position before",

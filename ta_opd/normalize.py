@@ -1,11 +1,12 @@
-"""Batch normalisation of raw scores to [0, 1] over all tokens of one rollout step (METHOD.md §3).
+"""Batch normalisation of raw scores to [0, 1] over all tokens of one rollout step (docs/method.md §3).
 
 Norm(z) = clip((z − lo)/(hi − lo), 0, 1) with (lo, hi) from the registered method; non-finite
 values map to 0; |hi − lo| < 1e-12 maps everything to 0. Because Norm is monotone, order
 statistics of Norm(z) are Norm of order statistics of z: the Q3 medians need no second pass.
 The built-in methods only read a few order statistics (two quantiles, the min/max), so they
-are found in linear time (``ta_opd.order_stats``) instead of a full sort; a normaliser
-registered from outside receives the fully sorted array, as before.
+are found in linear time (``ta_opd.order_stats``) instead of a full sort; any other registered
+normaliser receives the fully sorted array. The names are the option's choices,
+``ta_opd.config.NORMALIZATIONS``; the registry implements exactly those.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ta_opd.config import NORMALIZATIONS
 from ta_opd.order_stats import kth_values
 from ta_opd.registry import Registry
 
@@ -47,6 +49,10 @@ def _batch_minmax(xs: Tensor, q_low: float, q_high: float) -> tuple[Tensor, Tens
 @NORMALIZERS.decorator("none")
 def _none(xs: Tensor, q_low: float, q_high: float) -> tuple[Tensor, Tensor]:
     return torch.zeros((), dtype=xs.dtype, device=xs.device), torch.clamp_min(xs[-1], DEGENERATE_RANGE)
+
+
+if NORMALIZERS.names() != list(NORMALIZATIONS):
+    raise ImportError(f"ta_opd.normalize registers {NORMALIZERS.names()}, ta_opd.config declares {NORMALIZATIONS}")
 
 
 def median(x: Tensor) -> Tensor:
@@ -104,7 +110,7 @@ def normalize_with_ranks(
     q_high: float = 0.95,
     ranks: Sequence[float] = (),
 ) -> tuple[Tensor, list[Tensor]]:
-    """(Norm(x) [N] float64, the linear-interpolation quantiles of Norm(x) at ``ranks``) (METHOD.md §3).
+    """(Norm(x) [N] float64, the linear-interpolation quantiles of Norm(x) at ``ranks``) (docs/method.md §3).
 
     The quantiles are exactly ``quantile_sorted(sort(Norm(x)), q)``: non-finite values become 0,
     the minimum, so they sit first in the sorted normalised array, and Norm maps the sorted finite
@@ -155,13 +161,13 @@ def normalize_with_ranks(
 def normalize_with_sorted(
     x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95
 ) -> tuple[Tensor, Tensor]:
-    """(Norm(x) [N] float64, the same values sorted ascending [N]) (METHOD.md §3)."""
+    """(Norm(x) [N] float64, the same values sorted ascending [N]) (docs/method.md §3)."""
     out, _ = normalize_with_ranks(x, method, q_low, q_high)
     return out, torch.sort(out).values
 
 
 def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95) -> Tensor:
-    """Norm(z) = clip((z − lo)/(hi − lo), 0, 1) over the finite values of ``x [N]`` (METHOD.md §3).
+    """Norm(z) = clip((z − lo)/(hi − lo), 0, 1) over the finite values of ``x [N]`` (docs/method.md §3).
 
     Non-finite values map to 0; if |hi − lo| < 1e-12 every value maps to 0. Returns float64.
     """

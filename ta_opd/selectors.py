@@ -1,9 +1,10 @@
-"""Selectors (``--opd-budget-mask``) and their scores; higher = kept first (METHOD.md §3–4).
+"""Selectors (``--opd-budget-mask``) and their scores; higher = kept first (docs/method.md §3–4).
 
 Features are the batch-normalised statistics of one rollout step: H̃ = Norm(H), D̃ = Norm(D),
 C̃ = Norm(C_proxy), DC̃ = Norm(D · C_proxy), D^L = D̃·C̃ (learnable disagreement),
 D^I = D̃·(1 − C̃) (incompatible disagreement), and the Q3 quadrant
-{H̃ < median(H̃) and D̃ ≥ median(D̃)}. Adding a selector is one function plus one ``register``.
+{H̃ < median(H̃) and D̃ ≥ median(D̃)}. Adding a selector: its name in ``ta_opd.config.MASKS`` (the
+option's choices), its score function and one ``_register`` here; names outside MASKS are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ta_opd.config import SelectionConfig
+from ta_opd.config import MASKS, SelectionConfig
 from ta_opd.normalize import normalize, normalize_with_ranks
 from ta_opd.registry import Registry
 from ta_opd.stats import TokenStats
@@ -56,7 +57,7 @@ def soft_or(a: Tensor, b: Tensor) -> Tensor:
 
 
 def compute_features(stats: TokenStats, cfg: SelectionConfig) -> Features:
-    """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag over all tokens of the step (METHOD.md §3–4)."""
+    """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag over all tokens of the step (docs/method.md §3–4)."""
 
     def norm(x: Tensor) -> Tensor:
         return normalize(x, cfg.normalization, cfg.q_low, cfg.q_high)
@@ -97,6 +98,8 @@ SELECTORS: Registry[SelectorSpec] = Registry("mask")
 
 
 def _register(name: str, fn: ScoreFn, description: str, ascending: bool = False, uses_q3: bool = False) -> None:
+    if name not in MASKS:
+        raise ValueError(f"selector {name!r} is not declared in ta_opd.config.MASKS (the --opd-budget-mask choices)")
     SELECTORS.register(name, SelectorSpec(fn, ascending, uses_q3, description))
 
 
@@ -138,6 +141,8 @@ _register("q3_lowc", lambda f, cfg, r: f.c, "Q3 tokens, lowest C̃ first", ascen
 _register("q3_dlearn_high", lambda f, cfg, r: f.d_learn, "Q3 tokens, highest D^L first", uses_q3=True)
 _register("q3_dlearn_low", lambda f, cfg, r: f.d_learn, "Q3 tokens, lowest D^L first", ascending=True, uses_q3=True)
 _register("q3_dincompat_high", lambda f, cfg, r: f.d_incompat, "Q3 tokens, highest D^I first", uses_q3=True)
+if SELECTORS.names() != list(MASKS):
+    raise ImportError(f"ta_opd.selectors registers {SELECTORS.names()}, ta_opd.config.MASKS declares {list(MASKS)}")
 
 
 class SelectorScores(Mapping[str, Tensor]):

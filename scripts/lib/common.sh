@@ -122,75 +122,23 @@ ta_python() {
   fi
 }
 
-# ta_alias_table: "alias mask [flag ...]" lines from ta_opd.aliases (METHOD_ALIASES and the extra train.py flags of
-# METHOD_FLAGS: the one table; never retyped here).
-ta_alias_table() {
-  # The module is loaded from its file: it needs nothing else, and importing the package would load torch
-  # (seconds) just to read a dict.
-  "$(ta_python)" -c '
-import importlib.util, os
-spec = importlib.util.find_spec("ta_opd")
-path = os.path.join(list(spec.submodule_search_locations)[0], "aliases.py")
-mod_spec = importlib.util.spec_from_file_location("_ta_opd_aliases", path)
-mod = importlib.util.module_from_spec(mod_spec)
-mod_spec.loader.exec_module(mod)
-print("\n".join(" ".join([k, v, *mod.METHOD_FLAGS.get(k, ())]) for k, v in mod.METHOD_ALIASES.items()))' \
-    || ta_die "cannot read ta_opd.aliases.METHOD_ALIASES (is the project installed? pip install -e .)"
+# ta_entry_list WHAT LIST: check every "name:ratio:idx" entry of LIST (separated by commas, spaces or newlines) with
+# python -m ta_opd.aliases (the one alias table and SelectionConfig's own checks: nothing is re-checked here), then
+# print one line per entry: "idx name mask ratio [flag ...]" (the ratio of a name meaning mask `full` is forced to
+# 1.0; the flags are the name's extra train.py flags, ta_opd.aliases.METHOD_FLAGS). idx names the run
+# (runs/<idx>_<name>_r<ratio>_s<seed>); it does not change the seed: every method of one seed trains with that seed
+# (paired runs). Errors (all found, then exit 2): malformed entry, unknown name, ratio refused by
+# SelectionConfig.validate (<= 0 with a mask), idx outside [0, 2^32 - 1], duplicate idx.
+ta_entry_list() {
+  PYTHONPATH="$TA_OPD_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(ta_python)" -m ta_opd.aliases "$1" -- "$2" || exit 2
 }
 
-# ta_parse_method_list "LIST": validate every "alias:ratio:idx" entry, then print one line per entry:
-#   "idx alias mask ratio [flag ...]"   (the ratio of a mask-`full` alias is forced to 1.0; the flags are the
-#   alias's extra train.py flags, ta_opd.aliases.METHOD_FLAGS)
-# idx names the run (runs/<idx>_<alias>_r<ratio>_s<seed>); it does not change the seed: every method of one seed
-# trains with that seed (paired runs). Errors (all found, then exit 2): malformed entry, unknown alias, ratio
-# outside (0, 1], idx outside [0, 2^32), duplicate idx.
-ta_parse_method_list() {
-  local list=$1 table entry alias ratio idx mask flags errors=() out=() seen=" " entries=()
-  [[ -n "${list//[[:space:]]/}" ]] || ta_die "METHOD_LIST is empty; expected entries like 'pure_opd:1.0:10 teachability:0.10:20'"
-  table=$(ta_alias_table) || exit 2
-  declare -A masks=() alias_flags=()
-  while read -r alias mask flags; do
-    [[ -n "$alias" ]] && masks[$alias]=$mask && alias_flags[$alias]=$flags
-  done <<< "$table"
-  read -r -a entries <<< "$list" # word split without glob expansion
-  for entry in "${entries[@]}"; do
-    if [[ ! "$entry" =~ ^([A-Za-z0-9_]+):([0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?):([0-9]+)$ ]]; then
-      errors+=("malformed entry '$entry' (expected alias:ratio:idx, e.g. teachability:0.10:20)")
-      continue
-    fi
-    alias=${BASH_REMATCH[1]}
-    ratio=${BASH_REMATCH[2]}
-    idx=${BASH_REMATCH[4]}
-    idx=${idx#"${idx%%[!0]*}"} # leading zeros off, as text: a 20-digit idx must not wrap in bash arithmetic
-    idx=${idx:-0}
-    if ((${#idx} > ${#TA_SEED_MAX})) || { ((${#idx} == ${#TA_SEED_MAX})) && [[ "$idx" > "$TA_SEED_MAX" ]]; }; then
-      errors+=("entry '$entry': idx ${BASH_REMATCH[4]} is out of range (expected an integer in [0, $TA_SEED_MAX])")
-      continue
-    fi
-    if [[ -z "${masks[$alias]+x}" ]]; then
-      errors+=("entry '$entry': unknown alias '$alias' (known: $(printf '%s ' "${!masks[@]}" | tr ' ' '\n' | sort | xargs))")
-      continue
-    fi
-    mask=${masks[$alias]}
-    if [[ "$mask" == "full" ]]; then
-      ratio=1.0 # full OPD keeps every token whatever ratio the entry names
-    elif ! awk -v r="$ratio" 'BEGIN { exit !(r > 0 && r <= 1) }'; then
-      errors+=("entry '$entry': ratio $ratio is outside (0, 1]")
-      continue
-    fi
-    if [[ "$seen" == *" $idx "* ]]; then
-      errors+=("entry '$entry': duplicate idx $idx (each entry needs its own idx: it names the run)")
-      continue
-    fi
-    seen+="$idx "
-    out+=("$idx $alias $mask $ratio${alias_flags[$alias]:+ ${alias_flags[$alias]}}")
-  done
-  if ((${#errors[@]})); then
-    printf 'error: METHOD_LIST: %s\n' "${errors[@]}" >&2
-    exit 2
-  fi
-  printf '%s\n' "${out[@]}"
-}
+# ta_parse_method_list "LIST": a method suite's METHOD_LIST (aliases, synonyms or mask names), see ta_entry_list.
+ta_parse_method_list() { ta_entry_list parse-method-list "$1"; }
+
+# ta_parse_run_list "LIST": the budget sweep's RUN_LIST, the release's "mask:ratio:idx" entries (any name of the
+# alias table), see ta_entry_list.
+ta_parse_run_list() { ta_entry_list parse-run-list "$1"; }
 
 # ta_embedded_asset KEY: a path of the cached embedded assets (built on first use; progress on stderr).
 ta_embedded_asset() {

@@ -9,10 +9,11 @@
 #     bash scripts/train/run_method_suite.sh -- --extra-slime-flag value
 #   bash scripts/train/run_method_suite.sh --help
 #
-# METHOD_LIST: space-separated "alias:ratio:idx" entries. alias is a script alias of
-# ta_opd.aliases.METHOD_ALIASES (pure_opd, teachability, teachability_entropy, entropy, tip,
-# divergence, random, sft_teacher); ratio is the global token budget in (0, 1] (pure_opd and
-# sft_teacher always use 1.0); idx names the run. SEEDS (default: SEED, 1234) lists the seeds: every
+# METHOD_LIST: "alias:ratio:idx" entries separated by commas, spaces or newlines. alias is a name of the
+# alias table ta_opd.aliases (pure_opd, teachability, teachability_entropy, entropy, tip, divergence,
+# random, sft_teacher, the original release's synonyms and every mask name; docs/selectors.md); ratio
+# is the global token budget, > 0 (>= 1 keeps every token; names of mask full always use 1.0); idx
+# names the run. SEEDS (default: SEED, 1234) lists the seeds: every
 # entry runs once per seed, and all entries of one seed use that seed (--seed, and --rollout-seed
 # unless ROLLOUT_SEED is set): the same prompts in the same order from the same student weights, so
 # methods are compared pairwise. SHARED_SERVERS=1 (the default of the embedded profile) runs every

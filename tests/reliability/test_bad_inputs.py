@@ -211,14 +211,14 @@ def test_nonfinite_logprob_from_a_real_http_answer():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--opd-budget-ratio", "1.5"], r"--opd-budget-ratio must be > 0 and <= 1 \(.*\), got 1.5"),
         (
             ["--opd-budget-ratio", "0", "--opd-budget-mask", "tip"],
-            r"--opd-budget-ratio must be > 0 and <= 1 .* got 0.0",
+            r"--opd-budget-ratio must be > 0 with --opd-budget-mask 'tip' \(.*\), got 0.0",
         ),
-        (["--opd-budget-ratio", "-0.1"], r"--opd-budget-ratio must be > 0 and <= 1 .* got -0.1"),
+        (["--opd-budget-ratio", "-0.1", "--opd-budget-mask", "tip"], r"--opd-budget-ratio must be > 0 .* got -0.1"),
+        (["--opd-budget-ratio", "nan"], r"--opd-budget-ratio must be a finite number, got nan"),
     ],
-    ids=["ratio_1.5", "ratio_0", "ratio_negative"],
+    ids=["ratio_0", "ratio_negative", "ratio_nan"],
 )
 def test_ratio_out_of_range(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -261,14 +261,13 @@ def _method_list(value: str) -> subprocess.CompletedProcess:
     "value, message",
     [
         ("teachabilty:0.1:20", "error: METHOD_LIST: entry 'teachabilty:0.1:20': unknown alias 'teachabilty' (known:"),
-        ("tip:0:20", "error: METHOD_LIST: entry 'tip:0:20': ratio 0 is outside (0, 1]"),
-        ("tip:1.5:20", "error: METHOD_LIST: entry 'tip:1.5:20': ratio 1.5 is outside (0, 1]"),
+        ("tip:0:20", "error: METHOD_LIST: entry 'tip:0:20': ratio must be > 0 with mask 'tip'"),
         ("tip:0.1:20 random:0.1:20", "error: METHOD_LIST: entry 'random:0.1:20': duplicate idx 20"),
         ("tip-0.1-20", "error: METHOD_LIST: malformed entry 'tip-0.1-20' (expected alias:ratio:idx"),
         ("tip:0.1", "error: METHOD_LIST: malformed entry 'tip:0.1' (expected alias:ratio:idx"),
         ("  ", "METHOD_LIST is empty"),
     ],
-    ids=["bad_alias", "ratio_0", "ratio_1.5", "duplicate_idx", "malformed", "missing_idx", "empty"],
+    ids=["bad_alias", "ratio_0", "duplicate_idx", "malformed", "missing_idx", "empty"],
 )
 def test_method_list_errors(value, message):
     out = _method_list(value)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"BUDGETS": "0.1 2", "METHODS": "tip"}, "ratio 2 is outside (0, 1]"),
+        ({"BUDGETS": "0.1 0", "METHODS": "tip"}, "ratio must be > 0 with mask 'tip'"),
         ({"METHODS": "pure_opd"}, "pure_opd has no budget"),
         ({"METHODS": "tip bogus"}, "unknown alias 'bogus'"),
         ({"BUDGETS": ""}, "BUDGETS is empty"),

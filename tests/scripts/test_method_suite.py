@@ -42,8 +42,7 @@ def explicit_paths(tmp_path, tiny_student_dir, tiny_teacher_dir):
     ("method_list", "message"),
     [
         ("bogus:0.1:1", "unknown alias 'bogus'"),
-        ("teachability:0:1", "ratio 0 is outside (0, 1]"),
-        ("teachability:1.5:1", "ratio 1.5 is outside (0, 1]"),
+        ("teachability:0:1", "ratio must be > 0 with mask 'dlearn_high'"),
         ("tip:0.1:3 entropy:0.2:3", "duplicate idx 3"),
         ("tip-0.1-1", "malformed entry 'tip-0.1-1'"),
         ("tip:0.1", "malformed entry 'tip:0.1'"),
@@ -60,9 +59,9 @@ def test_bad_method_list_fails_before_anything_starts(tmp_path, method_list, mes
 
 
 def test_every_bad_entry_is_reported_at_once(tmp_path):
-    r = run_suite({"METHOD_LIST": "bogus:0.1:1 tip:2:2", "OUTPUT_ROOT": str(tmp_path / "out")})
+    r = run_suite({"METHOD_LIST": "bogus:0.1:1 tip:0:2", "OUTPUT_ROOT": str(tmp_path / "out")})
     assert r.returncode == 2
-    assert "unknown alias 'bogus'" in r.stderr and "ratio 2 is outside" in r.stderr
+    assert "unknown alias 'bogus'" in r.stderr and "'tip:0:2': ratio must be > 0" in r.stderr
 
 
 def test_missing_student_path_fails_before_anything_starts(tmp_path):

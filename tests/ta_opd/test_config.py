@@ -1,4 +1,4 @@
-"""SelectionConfig / TokenBatch validation and the method-alias table (clear errors, METHOD.md §4–5)."""
+"""SelectionConfig / TokenBatch validation (clear errors, docs/method.md §4–5); aliases: test_aliases.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from reference import batch_from_rows
 
-from ta_opd import FORCED_RATIO, METHOD_ALIASES, SELECTORS, SelectionConfig, resolve_alias, select_tokens
+from ta_opd import SelectionConfig, select_tokens
+from ta_opd.config import MASKS, NORMALIZATIONS, options
 
 
 def test_defaults_are_method_md():
@@ -23,15 +24,22 @@ def test_defaults_are_method_md():
     ("fields", "match"),
     [
         ({"mask": "nope"}, r"unknown mask 'nope'.*dlearn_high"),
-        ({"mask": "teachability"}, r"alias 'teachability' means mask 'dlearn_high'"),
-        ({"mask": "pure_opd"}, r"alias 'pure_opd' means mask 'full'"),
-        ({"mask": "ca_softor", "ratio": 0.0}, r"ratio must be > 0 with mask 'ca_softor', got 0.0"),
+        ({"mask": "teachability"}, r"unknown mask 'teachability'.*a method alias .* ta_opd.aliases.resolve_alias"),
+        ({"mask": "ca_softor", "ratio": 0.0}, r"ratio must be > 0 with mask 'ca_softor' \(.*\), got 0.0"),
         ({"mask": "ca_softor", "ratio": -1.0}, r"ratio must be > 0"),
+        ({"mask": "ca_softor", "ratio": float("nan")}, r"ratio must be a finite number, got nan"),
+        ({"ratio": float("inf")}, r"ratio must be a finite number, got inf"),
+        ({"ratio": "0.1"}, r"ratio must be a number, got '0.1'"),
         ({"normalization": "zscore"}, r"unknown normalization 'zscore'.*batch_quantile"),
-        ({"compat_proxy": "jaccard"}, r"unknown compat proxy 'jaccard'.*prefix_ema"),
-        ({"ca_softor_variant": "blog"}, r"unknown ca_softor variant 'blog'"),
-        ({"exact_cmass_overflow": "drop"}, r"unknown exact-cmass overflow rule 'drop'"),
-        ({"nonfinite_policy": "ignore"}, r"unknown nonfinite policy 'ignore'"),
+        ({"compat_proxy": "jaccard"}, r"unknown compat_proxy 'jaccard'.*prefix_ema"),
+        ({"ca_softor_variant": "blog"}, r"unknown ca_softor_variant 'blog'"),
+        ({"exact_cmass_overflow": "drop"}, r"unknown exact_cmass_overflow 'drop'"),
+        ({"nonfinite_policy": "ignore"}, r"unknown nonfinite_policy 'ignore'"),
+        ({"exact_cmass": 1}, r"exact_cmass must be true or false, got 1"),
+        ({"seed": -1}, r"seed must be in \[0, 2\^32\) \(a 32-bit seed\), got -1"),
+        ({"seed": 2**32}, r"seed must be in \[0, 2\^32\)"),
+        ({"topk_k": 2.0}, r"topk_k must be an integer, got 2.0"),
+        ({"min_keep_per_sample": True}, r"min_keep_per_sample must be an integer, got True"),
         ({"q_low": 0.9, "q_high": 0.1}, r"q_low < q_high.*q_low=0.9"),
         ({"q_low": 0.5, "q_high": 0.5}, r"q_low < q_high"),
         ({"q_low": -0.1}, r"q_low"),
@@ -47,6 +55,65 @@ def test_invalid_config_values(fields, match):
         SelectionConfig(**fields).validate()
 
 
+def test_messages_name_the_callers_names():
+    # the stack passes its flags: the same check, in the user's terms
+    names = {"ratio": "--opd-budget-ratio", "mask": "--opd-budget-mask", "q_low": "--opd-metric-q-low"}
+    with pytest.raises(ValueError, match=r"^--opd-budget-ratio must be > 0 with --opd-budget-mask 'tip'"):
+        SelectionConfig(mask="tip", ratio=0.0).validate(names)
+    with pytest.raises(ValueError, match=r"^--opd-metric-q-low must be in \[0, 1\], got 1.5"):
+        SelectionConfig(q_low=1.5).validate(names)
+
+
+@pytest.mark.parametrize("ratio", [1e-9, 0.5, 1.0, 1.5, 7])
+def test_any_positive_ratio_is_valid_with_a_mask(ratio):
+    # docs/method.md §5: ρ > 0 with a mask; ρ ≥ 1 keeps every valid token (no masking)
+    cfg = SelectionConfig(mask="tip", ratio=ratio).validate()
+    assert cfg.selecting == (ratio < 1)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -3.0])
+def test_full_ignores_the_ratio(ratio):
+    assert not SelectionConfig(mask="full", ratio=ratio).validate().selecting
+
+
+def test_every_field_declares_its_option():
+    # one definition per option: default, flag, help, and choices or a range for every non-bool field
+    flags = set()
+    for f, opt in options():
+        assert opt.help.strip(), f.name
+        if opt.flag is not None:
+            assert opt.flag.startswith("--opd-") and opt.flag not in flags, f.name
+            flags.add(opt.flag)
+        if isinstance(f.default, str):
+            assert opt.choices and f.default in opt.choices, f.name
+        elif isinstance(f.default, int | float) and not isinstance(f.default, bool) and opt.range is not None:
+            assert opt.range.contains(f.default), f.name
+    assert SelectionConfig().validate() == SelectionConfig()
+
+
+def test_registries_implement_exactly_the_declared_names():
+    from ta_opd.normalize import NORMALIZERS
+    from ta_opd.selectors import SELECTORS, _register
+
+    assert SELECTORS.names() == list(MASKS)
+    assert NORMALIZERS.names() == list(NORMALIZATIONS)
+    with pytest.raises(ValueError, match=r"selector 'mine' is not declared in ta_opd.config.MASKS"):
+        _register("mine", lambda f, cfg, r: f.h, "mine")
+
+
+def test_config_imports_nothing_of_the_package():
+    # the registries and the alias table sit above the config: it is a leaf (tests/test_import_graph.py)
+    import ast
+    from pathlib import Path
+
+    import ta_opd.config
+
+    tree = ast.parse(Path(ta_opd.config.__file__).read_text(encoding="utf-8"))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("ta_opd")]
+
+
 def test_select_tokens_validates_the_config():
     batch = batch_from_rows([{"s": [(1, 0.5)], "t": [(1, 0.5)]}], 1)
     with pytest.raises(ValueError, match="unknown mask"):
@@ -58,38 +125,6 @@ def test_from_mapping():
     assert cfg.mask == "q3" and cfg.ratio == 0.1
     with pytest.raises(ValueError, match=r"unknown SelectionConfig fields \['opd_ratio'\]"):
         SelectionConfig.from_mapping({"opd_ratio": 0.1})
-
-
-def test_alias_table_and_resolve():
-    assert METHOD_ALIASES == {
-        "pure_opd": "full",
-        "teachability": "dlearn_high",
-        "teachability_entropy": "ca_softor",
-        "entropy": "entropy",
-        "tip": "tip",
-        "divergence": "divergence",
-        "random": "random",
-        "sft_teacher": "full",
-    }
-    assert FORCED_RATIO == {"pure_opd": 1.0, "sft_teacher": 1.0}
-    for alias, mask in METHOD_ALIASES.items():
-        assert mask in SELECTORS and resolve_alias(alias) == mask
-    for mask in SELECTORS.names():
-        assert resolve_alias(mask) == mask  # mask names pass through
-    with pytest.raises(ValueError, match=r"unknown method alias or mask 'teach'.*aliases.*masks"):
-        resolve_alias("teach")
-
-
-def test_sft_baseline_alias_flags():
-    from ta_opd.aliases import method_flags
-
-    assert method_flags("sft_teacher") == (
-        "--loss-type", "sft_loss",
-        "--custom-generate-function-path", "slime.rollout.sft_baseline.generate_with_teacher",
-    )  # fmt: skip
-    assert method_flags("teachability") == ()
-    with pytest.raises(ValueError, match="unknown method alias 'nope'"):
-        method_flags("nope")
 
 
 # ---------------------------------------------------------------- TokenBatch validation
@@ -144,6 +179,6 @@ def test_validation_through_select_tokens():
 
 
 def test_ratio_above_one_is_valid_and_means_no_masking():
-    # METHOD.md §5: ρ ≥ 1 → no masking (not an error)
+    # docs/method.md §5: ρ ≥ 1 → no masking (not an error)
     cfg = SelectionConfig(mask="ca_softor", ratio=1.5).validate()
     assert not cfg.selecting

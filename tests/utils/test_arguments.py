@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slime.utils.arguments import dump_markdown, get_parser, parse_args
-from slime.utils.opd_config import mask_names
+from ta_opd.config import MASKS, SelectionConfig, options
 
 BASE = ["--rollout-batch-size", "2", "--rollout-max-response-len", "16"]
 
@@ -19,7 +19,7 @@ def test_defaults_match_upstream_and_method():
     assert (args.eps_clip, args.eps_clip_high, args.opd_kl_coef, args.lr) == (0.2, 0.28, 1.0, 1e-6)
     assert args.input_key == "input" and args.label_key is None and args.metadata_key == "metadata"
     assert args.advantage_estimator == "grpo" and args.loss_type == "policy_loss"
-    # METHOD.md defaults of the TA-OPD flags
+    # docs/method.md defaults of the TA-OPD flags
     assert args.opd_topk_metrics_k == 16
     assert args.opd_budget_mask == "full" and args.opd_budget_ratio == 1.0
     assert (args.opd_budget_mask_seed, args.opd_budget_min_keep_per_sample, args.opd_budget_gamma) == (42, 1, 0.5)
@@ -66,7 +66,50 @@ def test_method_alias_resolves_to_mask(tmp_path):
         + ["--use-opd", "--opd-type", "sglang", "--rm-url", "http://x/generate", "--opd-budget-mask", "teachability"]
     )
     assert args.opd_budget_mask == "dlearn_high"
-    assert "dlearn_high" in mask_names() and "q3_dlearn_low" in mask_names()
+    choices = next(a.choices for a in get_parser()._actions if a.dest == "opd_budget_mask")
+    assert set(MASKS) <= set(choices) and {"teachability", "none", "q3_teachability_low"} <= set(choices)
+    assert "sft_teacher" not in choices  # a launcher method (it sets the loss), not a mask
+
+
+def test_every_ta_opd_flag_default_is_the_selection_config_field():
+    # one definition: the flag of each SelectionConfig field takes its default, choices and help from the field
+    actions = {a.option_strings[0]: a for a in get_parser()._actions if a.option_strings}
+    defaults = parse_args(BASE)
+    flagged = [(f, opt) for f, opt in options() if opt.flag]
+    assert len(flagged) == 14
+    for f, opt in flagged:
+        action = actions[opt.flag]
+        assert action.default == f.default and type(action.default) is type(f.default), opt.flag
+        assert getattr(defaults, action.dest) == getattr(SelectionConfig(), f.name), opt.flag
+        assert action.help == opt.help, opt.flag
+        if opt.choices is not None and f.name != "mask":
+            assert list(action.choices) == list(opt.choices), opt.flag
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--opd-budget-mask", "tip", "--opd-budget-ratio", "-0.5"], r"^--opd-budget-ratio must be > 0 with"),
+        (["--opd-budget-mask-seed", "-1"], r"^--opd-budget-mask-seed must be in \[0, 2\^32\)"),
+        (["--opd-budget-gamma", "1.5"], r"^--opd-budget-gamma must be in \[0, 1\], got 1.5"),
+        (["--opd-exact-cmass-max-union", "0"], r"^--opd-exact-cmass-max-union must be >= 1, got 0"),
+        (
+            ["--opd-budget-mask", "tip", "--opd-budget-ratio", "0.1", "--opd-topk-metrics-k", "0"],
+            r"^--opd-topk-metrics-k must be >= 1 with --opd-budget-mask 'tip', got 0",
+        ),
+    ],
+)
+def test_ta_opd_flag_values_are_checked_by_the_config(argv, message):
+    opd = ["--use-opd", "--opd-type", "sglang", "--rm-url", "http://x/generate"]
+    with pytest.raises(ValueError, match=message):
+        parse_args(BASE + opd + argv)
+
+
+def test_ratio_above_one_with_a_mask_keeps_every_token():
+    # docs/method.md §5: ρ ≥ 1 means no masking, as in the release (not an error)
+    opd = ["--use-opd", "--opd-type", "sglang", "--rm-url", "http://x/generate"]
+    args = parse_args(BASE + opd + ["--opd-budget-mask", "tip", "--opd-budget-ratio", "1.5"])
+    assert args.opd_budget_ratio == 1.5
 
 
 def test_unknown_flag_is_an_error(capsys):
@@ -159,3 +202,37 @@ def test_markdown_dump_lists_every_flag():
         for opt in action.option_strings:
             if opt.startswith("--") and action.dest != "help":
                 assert f"`{opt}`" in md
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], 0.7),  # unset: follows the rollout temperature
+        (["--sd-temperature", "0.7"], 0.7),
+        (
+            ["--sd-temperature", "1.0"],
+            "--sd-temperature 1.0 != --rollout-temperature 0.7 with --use-opd --loss-type jsd",
+        ),
+        (["--loss-type", "opsd"], None),  # the self-distillation losses keep their own τ_d (default 1.1 in the loss)
+        (["--loss-type", "opsd", "--sd-temperature", "1.1"], 1.1),
+    ],
+)
+def test_opd_jsd_compares_distributions_at_the_rollout_temperature(tmp_path, extra, expected):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    argv = BASE + ["--rollout-temperature", "0.7", "--use-opd", "--opd-type", "sglang",
+                   "--opd-teacher-hf-checkpoint", str(teacher), "--loss-type", "jsd", *extra]  # fmt: skip
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected.replace(".", r"\.").replace("-", r"\-")):
+            parse_args(argv)
+    else:
+        args = parse_args(argv)
+        assert args.sd_temperature == expected and args.opd_teacher_temperature == 0.7
+
+
+def test_jsd_without_opd_keeps_its_own_temperature(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    args = parse_args(BASE + ["--rollout-temperature", "0.7", "--opd-teacher-hf-checkpoint", str(teacher),
+                              "--loss-type", "jsd", "--sd-temperature", "1.0"])  # fmt: skip
+    assert args.sd_temperature == 1.0

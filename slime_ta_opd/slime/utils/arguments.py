@@ -1,10 +1,11 @@
+# Over 600 lines: upstream slime's one flat parser, every flag group with its checks in one namespace, as upstream.
 """The one flat argument namespace shared by every component of the stack.
 
 Flag names and defaults follow upstream slime (``slime/utils/arguments.py``) for everything
-this stack supports, so launch scripts carry over; TA-OPD flags live in
-``slime.utils.opd_config``. Defaults live here only: a ``--config FILE.yaml`` overrides
-defaults (keys in flag form ``rollout-batch-size`` or dest form ``rollout_batch_size``), and
-flags on the command line override the YAML. ``validate_args`` rejects contradictory
+this stack supports, so launch scripts carry over; TA-OPD flags are generated from
+``ta_opd.config.SelectionConfig`` (``slime.utils.opd_config``). Defaults live here only: a
+``--config FILE.yaml`` overrides defaults (keys in flag form ``rollout-batch-size`` or dest form
+``rollout_batch_size``), and flags on the command line override the YAML. ``validate_args`` rejects contradictory
 settings before any actor or server starts.
 
 Usage::
@@ -358,7 +359,8 @@ def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="τ_d of the full-vocabulary losses (logits / τ_d); default 1.1 for opsd/pwopsd/eopd/reopold "
-        "(METHOD.md §7), 1.0 for topk_rkl/topk_fkl/jsd (§8).",
+        "(docs/method.md §7), 1.0 for topk_rkl/topk_fkl/jsd (§8). With --use-opd --loss-type jsd: "
+        "--rollout-temperature, the only value accepted (docs/training.md).",
     )
     g.add_argument("--opsd-clip", type=float, default=0.05, help="OPSD/PW-OPSD per-vocabulary-term clip.")
     g.add_argument("--pwopsd-w-min", type=float, default=0.25, help="PW-OPSD position weight floor w_min.")
@@ -440,8 +442,30 @@ def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _resolve_opd_jsd_temperature(args: argparse.Namespace) -> None:
+    """With ``--use-opd --loss-type jsd``, ``--sd-temperature`` defaults to ``--rollout-temperature``; no other value.
+
+    The rollout samples at the rollout temperature T and the TA-OPD selection compares the teacher's and the
+    student's log-probs at T (``_resolve_teacher_temperature``); the full-vocabulary loss of the same run must
+    compare the same two distributions, so it scores both models at T too.
+    """
+    if not (args.use_opd and args.loss_type == "jsd"):
+        return
+    if args.sd_temperature is None:
+        args.sd_temperature = args.rollout_temperature
+    elif args.sd_temperature != args.rollout_temperature:
+        raise ValueError(
+            f"--sd-temperature {args.sd_temperature} != --rollout-temperature {args.rollout_temperature} with "
+            "--use-opd --loss-type jsd: the rollout samples and the teacher scores (the token selection) at the "
+            "rollout temperature, so the loss must compare the student's and the teacher's distributions at that "
+            "temperature too; scoring them at another one trains towards a different target than the one the tokens "
+            "were selected for. Leave --sd-temperature unset (it follows --rollout-temperature) or set it equal"
+        )
+
+
 def validate_self_distillation_args(args: argparse.Namespace) -> None:
     """Checks of the self-distillation group (called by ``validate_args``)."""
+    _resolve_opd_jsd_temperature(args)
     sd_loss = args.loss_type in SD_LOSS_TYPES
     # value ranges of this group are checked with every numeric flag (slime.utils.flag_ranges)
     if args.self_distillation:
@@ -461,7 +485,7 @@ def validate_self_distillation_args(args: argparse.Namespace) -> None:
                 f"{teacher!r} differs from --hf-checkpoint {args.hf_checkpoint!r}"
             )
     if sd_loss:
-        if getattr(args, "train_backend", "torch") == "megatron":
+        if args.train_backend == "megatron":
             raise ValueError(f"--loss-type {args.loss_type} is implemented by the torch trainer only")
         # every SD loss reads the teacher's distribution (full, or its top-K) from a teacher model in the trainer
         if not args.self_distillation and args.opd_teacher_hf_checkpoint is None:

@@ -5,8 +5,8 @@ option whose ``type`` is ``float`` must hold a finite number (NaN and ±inf are 
 ``Range`` says ``finite=False``), every ``int`` option must fit a signed 64-bit integer, and a flag
 listed in ``FLAG_RANGES`` must also lie in its range. A new float flag (ours, a TA-OPD flag, or one
 added by an ``extra_args_providers`` plug-in) is therefore covered without being listed here.
-Ranges of the TA-OPD selection flags are ``ta_opd.config.SelectionConfig.validate``'s (one
-definition); ``validate_ta_opd_args`` applies them.
+The ranges of the TA-OPD selection flags are the ``SelectionConfig`` fields' (``ta_opd.config``, one
+definition), copied into ``FLAG_RANGES`` so that they are checked and documented with the others.
 """
 
 from __future__ import annotations
@@ -14,43 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from ta_opd.config import SEED, UNIT, Range, options
 
 __all__ = ["FLAG_RANGES", "INT64", "SEED", "Range", "check_numeric_flags", "describe_flag_range"]
-
-
-@dataclass(frozen=True)
-class Range:
-    """``low <(=) value <(=) high``; ``None`` leaves a side open. ``text`` overrides the generated wording."""
-
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = True
-    high_inclusive: bool = True
-    finite: bool = True  # refuse NaN / ±inf
-    text: str | None = None
-    note: str | None = None  # why, appended to the message in parentheses
-
-    def contains(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
-        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
-            return False
-        return not (self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)))
-
-    def describe(self) -> str:
-        if self.text is not None:
-            return self.text
-        lo = None if self.low is None else f"{'>=' if self.low_inclusive else '>'} {_num(self.low)}"
-        hi = None if self.high is None else f"{'<=' if self.high_inclusive else '<'} {_num(self.high)}"
-        if lo and hi:
-            left, right = "[" if self.low_inclusive else "(", "]" if self.high_inclusive else ")"
-            return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"  # type: ignore[arg-type]
-        return lo or hi or ""
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 def _at_least(low: float) -> Range:
@@ -63,10 +30,7 @@ def _above(low: float) -> Range:
 
 POSITIVE = _above(0)
 NON_NEGATIVE = _at_least(0)
-UNIT = Range(0, 1)  # [0, 1]
 UNIT_OPEN_LOW = Range(0, 1, low_inclusive=False)  # (0, 1]
-# Seeds reach numpy / CUDA generators that take 32-bit seeds.
-SEED = Range(0, 2**32, high_inclusive=False, text="in [0, 2^32)", note="a 32-bit seed")
 # Any int flag not listed: it must fit the int64 the tensors and the engines hold.
 INT64 = Range(-(2**63), 2**63, high_inclusive=False, text="in [-2^63, 2^63)", note="a 64-bit integer")
 
@@ -170,11 +134,8 @@ FLAG_RANGES: dict[str, Range] = {
     "vocab_size": POSITIVE,
     "rotary_base": POSITIVE,
     "norm_epsilon": POSITIVE,
-    # TA-OPD: counts and the seed (the float ranges are SelectionConfig.validate's)
-    "opd_topk_metrics_k": NON_NEGATIVE,
-    "opd_budget_mask_seed": SEED,
-    "opd_budget_min_keep_per_sample": NON_NEGATIVE,
-    "opd_exact_cmass_max_union": POSITIVE,
+    # TA-OPD selection: the SelectionConfig fields' ranges
+    **{opt.flag.lstrip("-").replace("-", "_"): opt.range for _, opt in options() if opt.flag and opt.range},
 }
 
 
