@@ -33,7 +33,7 @@ SWEEP_DIR="$OUTPUT_ROOT/$SWEEP_NAME"
 read -r -a METHOD_ARRAY <<< "$METHODS"
 read -r -a BUDGET_ARRAY <<< "$BUDGETS"
 ((${#METHOD_ARRAY[@]})) || ta_die "METHODS is empty; expected aliases like 'teachability tip random'"
-((${#BUDGET_ARRAY[@]})) || ta_die "BUDGETS is empty; expected ratios in (0, 1] like '0.05 0.1'"
+((${#BUDGET_ARRAY[@]})) || ta_die "BUDGETS is empty; expected ratios > 0 like '0.05 0.1'"
 
 # One METHOD_LIST per budget, all validated before anything runs.
 declare -A LISTS=()
