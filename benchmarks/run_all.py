@@ -8,9 +8,13 @@ Each module runs in a fresh Python process (so peak-memory numbers are not pollu
 previous benchmark); the child calls ``run(**kwargs)`` and reports the returned dict plus its
 ``ru_maxrss``. ``--quick`` passes the module's ``QUICK_KWARGS`` (or the small sizes listed in
 ``QUICK_DEFAULTS`` here for modules without one). The summary prints every number whose key
-mentions a ratio or a speed-up; all results go to ``--out`` as JSON, written atomically.
-A failing benchmark is reported (with its stderr tail) and makes the exit status 1; the others
-still run.
+mentions a ratio or a speed-up, then one table of the headline ratios: each module's ``run()``
+may return a ``"ratios"`` dict of stable names (``STABLE_RATIOS`` below, e.g.
+``sparse_head_time_vs_dense``). All results go to ``--out`` as JSON, written atomically, with the
+headline ratios under a top-level ``"ratios"`` object. With ``--only``, the other modules' results
+already in ``--out`` (from a run of the same ``--quick`` setting) are kept and their ratios stay in
+the table. A failing benchmark is reported (with its stderr tail) and makes the exit status 1; the
+others still run.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RATIO_WORDS = ("ratio", "speedup", "share")  # share: a fraction of a step (bench_train_step)
+
+# The headline ratios (the issue's names), in the order of the summary table; a module's run() returns
+# those it measures in result["ratios"]. Any other name found there is listed after these.
+STABLE_RATIOS = (
+    "opd_step_tokens_per_s_vs_trl",
+    "teacher_scoring_time_prefix_reuse_vs_off",
+    "sparse_head_time_vs_dense",
+    "sparse_head_memory_vs_dense",
+    "post_process_vs_per_token_reference",
+)
 
 # Small sizes for modules that do not define QUICK_KWARGS themselves.
 QUICK_DEFAULTS: dict[str, dict] = {
@@ -85,10 +99,34 @@ def ratios(result: object, prefix: str = "") -> dict[str, float]:
     return found
 
 
+def headline_ratios(results: dict[str, dict]) -> dict[str, dict]:
+    """``{name: {"value", "benchmark"}}`` from each successful result's ``"ratios"`` dict, stable names first."""
+    found: dict[str, dict] = {}
+    for bench, r in results.items():
+        values = r.get("result", {}).get("ratios") if r.get("ok") and isinstance(r.get("result"), dict) else None
+        for key, value in (values or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[str(key)] = {"value": float(value), "benchmark": bench}
+    order = [k for k in STABLE_RATIOS if k in found] + sorted(k for k in found if k not in STABLE_RATIOS)
+    return {k: found[k] for k in order}
+
+
+def ratio_table(table: dict[str, dict]) -> str:
+    width = max([len(k) for k in (*STABLE_RATIOS, *table)])
+    lines = [f"{'ratio':<{width}}  {'value':>9}  benchmark"]
+    for key in (*STABLE_RATIOS, *(k for k in table if k not in STABLE_RATIOS)):
+        row = table.get(key)
+        value, bench = (f"{row['value']:9.3f}", row["benchmark"]) if row else (f"{'-':>9}", "(not run)")
+        lines.append(f"{key:<{width}}  {value}  {bench}")
+    return "\n".join(lines)
+
+
 def run_one(name: str, quick: bool, tmp_dir: Path) -> dict:
     out = tmp_dir / f"{name}.json"
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # the two source roots (ta_opd/ and slime_ta_opd/slime), whatever the install state of the package
+    paths = [str(ROOT), str(ROOT / "slime_ta_opd"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-out", str(out)]
     if quick:
         cmd.append("--quick")
@@ -100,6 +138,17 @@ def run_one(name: str, quick: bool, tmp_dir: Path) -> dict:
     payload = json.loads(out.read_text())
     payload.update(ok=True, process_wall_s=wall)
     return payload
+
+
+def _previous(path: Path, quick: bool) -> dict[str, dict]:
+    """The per-module results of an earlier run written to ``path`` with the same ``--quick`` setting."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("quick") != quick or not isinstance(old.get("benchmarks"), dict):
+        return {}
+    return old["benchmarks"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for path, value in ratios(r["result"]).items():
             print(f"  {name}: {path} = {value:.3g}")
+    if a.only:
+        results = {**_previous(Path(a.out), a.quick), **results}
+    headline = headline_ratios(results)
+    print("\nheadline ratios:")
+    print(ratio_table(headline))
     summary = {
         "quick": a.quick,
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ratios": {k: v["value"] for k, v in headline.items()},
+        "ratio_sources": {k: v["benchmark"] for k, v in headline.items()},
         "benchmarks": results,
     }
     from ta_opd.atomic_io import atomic_write_text  # here: the parent process needs no torch before

@@ -76,6 +76,21 @@ def test_chunked_sparse_head_equals_dense_values_and_gradients(chunk_size, tempe
         torch.testing.assert_close(sparse[name], dense[name], atol=1e-10, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize(("width", "vocab", "chunk_size"), [(16, 20, 1), (8, 40, 2), (3, 64, 5)])
+def test_backward_tiles_of_rows_and_vocabulary_equal_dense(width, vocab, chunk_size):
+    """Backward tiles the rows (when their [rows, H] gradient exceeds the chunk budget) and the vocabulary;
+    ∂W is written by the first row block and added to by the next ones: still the dense gradients."""
+    model = HeadOnlyLM(length=32, width=width, vocab=vocab, bias=True, seed=5)
+    batch = _batch(32, vocab, seed=5)
+    select = torch.ones(batch.num_tokens, dtype=torch.bool)
+    weights = torch.randn(batch.num_tokens, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    sparse_logp, sparse = _grads(model, batch, select, weights, temperature=0.9, chunk_size=chunk_size)
+    dense_logp, dense = _grads(model, batch, select, weights, temperature=0.9, sparse=False)
+    torch.testing.assert_close(sparse_logp, dense_logp, atol=1e-12, rtol=0)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], atol=1e-10, rtol=0, msg=name)
+
+
 def test_no_grad_log_probs_chunked_equal_dense():
     model = HeadOnlyLM(length=20, width=5, vocab=41, bias=False)
     batch = _batch(20, 41, seed=2)

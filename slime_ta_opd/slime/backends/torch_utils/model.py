@@ -137,9 +137,10 @@ def _head_logits(hidden_rows, weight, bias, temperature: float) -> torch.Tensor:
 class _SampledTokenLogProb(torch.autograd.Function):
     """``log softmax((h Wᵀ + b) / τ)[y]`` per row, computed chunk by chunk; backward recomputes each chunk.
 
-    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward per chunk:
-    ``∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ``, then ``∂h = g·W`` and ``∂W += gᵀ·h``
-    (accumulated in float32 for half-precision weights).
+    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward recomputes the logits in tiles
+    of [rows, vocab slice] (as many logits as a forward chunk): ``∂ log p(y) / ∂ logits =
+    (onehot(y) − softmax) / τ``, then ``∂h += g·W[slice]`` and ``∂W[slice] = gᵀ·h`` (in float32 for
+    half-precision weights).
     """
 
     @staticmethod
@@ -165,24 +166,57 @@ class _SampledTokenLogProb(torch.autograd.Function):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
         acc = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b and bias is not None else None
-        for s in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[s : s + chunk_rows]  # [c, H]
-            g = grad_logp[s : s + chunk_rows].to(lse.dtype).unsqueeze(-1)  # [c, 1]
-            probs = _head_logits(h, weight, bias, temperature).sub_(lse[s : s + chunk_rows].unsqueeze(-1)).exp_()
-            grad_logits = probs.mul_(-g).scatter_add_(-1, target[s : s + chunk_rows].unsqueeze(-1), g)  # [c, V]
-            if temperature != 1.0:
-                grad_logits.div_(temperature)
-            if grad_h is not None:
-                grad_h[s : s + chunk_rows] = grad_logits.to(weight.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.to(acc).t(), h.to(acc))
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0).to(acc)
-            del probs, grad_logits
+        n, vocab = hidden.shape[0], weight.shape[0]
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.empty(vocab, dtype=acc, device=weight.device) if need_b else None
+        # Tiles of [rows, vocab slice] with as many logits as a forward chunk: all rows at once while their
+        # [rows, H] gradient stays within that budget, so each slice of ∂W is written once (no pass of
+        # read-add-write over the whole [V, H] gradient per row chunk) and the matmuls are wide.
+        budget = max(chunk_rows * vocab, 1)
+        block = min(n, max(chunk_rows, budget // max(hidden.shape[1], 1)))
+        tile = max(1, budget // max(block, 1))
+        for r in range(0, n, block):
+            h = hidden[r : r + block]  # [R, H]
+            y = target[r : r + block]
+            g = grad_logp[r : r + block].to(acc).unsqueeze(-1)  # [R, 1]
+            row_lse = lse[r : r + block].unsqueeze(-1)
+            for v in range(0, vocab, tile):
+                w = weight[v : v + tile]  # [Vb, H]
+                b = None if bias is None else bias[v : v + tile]
+                # ∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ, scaled by the incoming gradient g
+                grad_logits = _head_logits(h, w, b, temperature).sub_(row_lse).exp_().mul_(-g)  # [R, Vb]
+                hit = (y >= v) & (y < v + w.shape[0])
+                if bool(hit.any()):
+                    rows = hit.nonzero().squeeze(-1)
+                    grad_logits.index_put_((rows, y[rows] - v), g[rows, 0], accumulate=True)
+                if temperature != 1.0:
+                    grad_logits.div_(temperature)
+                if grad_h is not None:
+                    if weight.dtype == acc:
+                        grad_h[r : r + block].addmm_(grad_logits, w)
+                    else:
+                        grad_h[r : r + block] += (grad_logits.to(weight.dtype) @ w).to(acc)
+                if grad_w is not None:  # [Vb, H], written in place (out=): no [Vb, H] temporary
+                    if r == 0:
+                        torch.mm(grad_logits.t(), h.to(acc), out=grad_w[v : v + tile])
+                    else:
+                        grad_w[v : v + tile].addmm_(grad_logits.t(), h.to(acc))
+                if grad_b is not None:
+                    gb = grad_logits.sum(0).to(acc)
+                    if r == 0:
+                        grad_b[v : v + tile] = gb
+                    else:
+                        grad_b[v : v + tile] += gb
+                del grad_logits
+        if n == 0:
+            for t in (grad_w, grad_b):
+                if t is not None:
+                    t.zero_()
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
