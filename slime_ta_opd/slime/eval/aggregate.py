@@ -407,14 +407,28 @@ def _delta(x: float, digits: int) -> str:
 
 
 def table_markdown(
-    columns: Sequence[str], rows: Sequence[Row], labels: tuple[str, str], digits: int, title: str, full_opd: bool
+    columns: Sequence[str],
+    rows: Sequence[Row],
+    labels: tuple[str, str],
+    digits: int,
+    title: str,
+    full_opd: bool,
+    base: str = "base",
 ) -> str:
-    """The table for reading: ``mean ± std`` (seeds' sample std), then the Avg deltas."""
+    """The table for reading: ``mean ± std`` (seeds' sample std) and, in brackets, the difference to the base
+    student's mean; then Avg and its deltas."""
     extra = ["Δ base"] + (["Δ full OPD"] if full_opd else [])
     header = [labels[0], labels[1], "seeds", *columns, "Avg", *extra]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for r in rows:
-        cells = [_fmt(r.cells[b].mean, r.cells[b].std, digits) if b in r.cells else "n/a" for b in columns]
+        is_base = (r.key1 if full_opd else r.key2) == base
+        cells = []
+        for b in columns:
+            c = r.cells.get(b)
+            text = _fmt(c.mean, c.std, digits) if c else "n/a"
+            if c and not is_base and not math.isnan(c.delta_vs_base):
+                text += f" ({c.delta_vs_base:+.{digits}f})"
+            cells.append(text)
         deltas = [_delta(r.avg_delta_vs_base, digits)]
         if full_opd:
             deltas.append(_delta(r.avg_delta_vs_full_opd, digits))
@@ -425,7 +439,8 @@ def table_markdown(
     lines += [
         "",
         f"Percent; mean ± sample std (ddof = 1) over seeds, rounded to {digits} digits (full precision in the CSV). "
-        "Avg: the mean of the benchmark means; Δ: the Avg's difference to the reference row's.",
+        "In brackets: the difference to the base student's mean. Avg: the mean of the benchmark means; "
+        "Δ: the Avg's difference to the reference row's.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -483,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "scores.csv", scores_csv(scores, labels))
     atomic_write_text(out / "summary.csv", summary_csv(cells, labels))
     atomic_write_text(out / f"{name}.csv", table_csv(columns, rows, labels, full))
-    md = table_markdown(columns, rows, labels, args.digits, title, full)
+    md = table_markdown(columns, rows, labels, args.digits, title, full, args.base)
     atomic_write_text(out / f"{name}.md", md)
     print(md, end="")
     print(f"wrote {out}/{{scores,summary,{name}}}.csv and {name}.md", file=sys.stderr)
