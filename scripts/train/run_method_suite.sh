@@ -23,6 +23,13 @@
 # runs/<idx>_<alias>_r<ratio>_s<seed>/, summary.csv, summary.md, runs.csv, plots/}.
 # Environment variables and defaults: docs/method_suite.md.
 #
+# Every entry writes its own token bank (<run>/token_bank; OPD_TOKEN_BANK=0: none). SKIP_EVAL=0 (the default of the
+# cluster profile and of the release's script names) then scores every trained student on shared frozen contexts
+# (COMMON_CONTEXT reuses a context bank, BASELINE_METRICS θ0's scores) and writes the per-selector × budget table
+# (fixed_context/budget_table.{csv,md}; ta_opd.diagnostics.cli.suite_eval). RUN_LIST ("mask:ratio:idx" entries, the
+# release's budget-sweep list) replaces METHOD_LIST; so does OPD_BUDGET_MASK / OPD_BUDGET_RATIO (one run). The
+# original release's variables (TAG, SEED_LABEL, LOG_DIR, PY, OPD_*, GPU and port variables): docs/release_compat.md.
+#
 # Rerunning an existing suite is refused (it would mix old and new results) unless RESUME=1 (entries
 # that finished are skipped, the others resume from their last checkpoint under SAVE_CHECKPOINT=1 /
 # SAVE_INTERVAL, or restart with their earlier output moved to replaced/) or FORCE=1 (the old suite
@@ -38,17 +45,29 @@ ta_exit_on_help "${BASH_SOURCE[0]}" "$@"
 [[ "${1:-}" == "--" ]] && shift
 CLI_EXTRA_ARGS=("$@") # anything after "--" goes to train.py, like EXTRA_ARGS
 
+[[ -z "${PYTHON:-}" && -n "${PY:-}" ]] && PYTHON=$PY # PY: the release's name of the interpreter
 PYTHON=$(ta_python)
+[[ -n "${TAG:-}" && -z "${SUITE_NAME:-}" ]] && SUITE_NAME=$TAG # TAG: the release's name of the suite
+SEED_LABEL=${SEED_LABEL:-} # the release's seed label: recorded in method_mapping.csv
 
 # ---------------------------------------------------------------- what to run
-# (unset → the default list; set but empty → an error)
-METHOD_LIST=${METHOD_LIST-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
-PARSED_METHODS=$(ta_parse_method_list "$METHOD_LIST") # validates every entry first (exit 2 on any error)
+# (unset → the default list; set but empty → an error). RUN_LIST (mask:ratio:idx) or OPD_BUDGET_MASK replace it.
+if [[ -n "${RUN_LIST+x}" ]]; then
+  [[ -z "${METHOD_LIST+x}" ]] || ta_die "METHOD_LIST and RUN_LIST are both set; give one (RUN_LIST: mask:ratio:idx entries)"
+  PARSED_METHODS=$(ta_parse_run_list "$RUN_LIST")
+elif [[ -z "${METHOD_LIST+x}" && -n "${OPD_BUDGET_MASK:-}" ]]; then # the release's single-run variables
+  PARSED_METHODS=$(ta_parse_run_list "$OPD_BUDGET_MASK:${OPD_BUDGET_RATIO:-1.0}:${IDX:-0}")
+else
+  METHOD_LIST=${METHOD_LIST-"pure_opd:1.0:10 teachability:0.10:20 teachability_entropy:0.10:30 entropy:0.10:40 tip:0.10:50 divergence:0.10:60 random:0.10:70"}
+  PARSED_METHODS=$(ta_parse_method_list "$METHOD_LIST") # validates every entry first (exit 2 on any error)
+fi
 
 # Numbers the launcher computes with are checked as text first (bash arithmetic wraps silently at 2^63 and
 # evaluates what a variable holds); the values that only go to train.py are checked by its parser below.
 SUMMARIZE=${SUMMARIZE:-1}                                                  # 0: no summary.csv/plots at the end
 ta_require_flag SAVE_CHECKPOINT CONTINUE_ON_ERROR SUMMARIZE DRY_RUN RESUME FORCE # DRY_RUN=1: validate, start nothing
+OPD_TOKEN_BANK=${OPD_TOKEN_BANK:-1} # every entry writes <run>/token_bank
+ta_require_flag OPD_TOKEN_BANK OPD_TOKEN_BANK_RAW_TOPK OPD_EXACT_CMASS SAVE_DEBUG_ROLLOUT_DATA DEBUG_ROLLOUT_ONLY COLOCATE
 SEED=${SEED:-1234}
 ta_require_uint SEED "$SEED" "$TA_SEED_MAX"
 SEEDS=${SEEDS:-$SEED} # every METHOD_LIST entry runs once per seed; all entries of one seed share it (paired)
@@ -112,6 +131,23 @@ else
   : "${LR:=1e-6}" "${MICRO_BATCH_SIZE:=1}" "${EVAL_INTERVAL:=20}" "${EVAL_MAX_RESPONSE_LEN:=$ROLLOUT_MAX_RESPONSE_LEN}"
   : "${ROLLOUT_TEMPERATURE:=1.0}" "${EVAL_TEMPERATURE:=0.0}"
 fi
+SKIP_EVAL=${SKIP_EVAL:-$([[ "$PROFILE" == embedded ]] && echo 1 || echo 0)} # 0: fixed-context evaluation after the runs
+ta_require_flag SKIP_EVAL
+if ((!SKIP_EVAL)); then
+  [[ -n "$TEACHER_MODEL" ]] || ta_die "SKIP_EVAL=0 scores the students against TEACHER_MODEL (a checkpoint); TEACHER_URL alone" \
+    "cannot be scored on fixed contexts: set TEACHER_MODEL or SKIP_EVAL=1"
+  SAVE_CHECKPOINT=1 # the evaluation reads each run's final weights
+  [[ -z "${COMMON_CONTEXT:-}" ]] || ta_require_path COMMON_CONTEXT "$COMMON_CONTEXT" file
+  [[ -z "${BASELINE_METRICS:-}" ]] || ta_require_path BASELINE_METRICS "$BASELINE_METRICS" file
+  if [[ "$PROFILE" == embedded ]]; then
+    : "${FC_NUM_CONTEXTS:=32}" "${FC_RESPONSE_TOKENS:=24}"
+  else
+    : "${FC_NUM_CONTEXTS:=300}" "${FC_RESPONSE_TOKENS:=192}"
+  fi
+  ta_require_uint FC_NUM_CONTEXTS "$FC_NUM_CONTEXTS" 1000000000
+  ta_require_uint FC_RESPONSE_TOKENS "$FC_RESPONSE_TOKENS" 1000000000
+  ta_require_uint BOOTSTRAP "${BOOTSTRAP:-1000}" 1000000000
+fi
 FIXED_ROLLOUT_SEED=${ROLLOUT_SEED:-} # unset: each seed's prompt order is drawn with that seed (the same for all
 # methods of the seed); set: one prompt order for every seed
 SHARED_SERVERS=${SHARED_SERVERS:-$([[ "$PROFILE" == embedded ]] && echo 1 || echo 0)}
@@ -164,6 +200,31 @@ OPD_ARGS=(
   --custom-reward-post-process-path slime.rollout.on_policy_distillation.post_process_rewards
   --opd-topk-metrics-k "$OPD_TOPK_METRICS_K"
 )
+# the release's OPD_* variables, for every entry (unset: train.py's defaults)
+[[ -n "${OPD_BUDGET_GAMMA:-}" ]] && OPD_ARGS+=(--opd-budget-gamma "$OPD_BUDGET_GAMMA")
+[[ -n "${OPD_COMPAT_PROXY:-}" ]] && OPD_ARGS+=(--opd-compat-proxy "$OPD_COMPAT_PROXY")
+[[ -n "${OPD_METRIC_NORMALIZATION:-}" ]] && OPD_ARGS+=(--opd-metric-normalization "$OPD_METRIC_NORMALIZATION")
+if ((OPD_EXACT_CMASS)); then
+  OPD_ARGS+=(--opd-exact-cmass)
+  [[ -n "${OPD_EXACT_CMASS_MAX_UNION:-}" ]] && OPD_ARGS+=(--opd-exact-cmass-max-union "$OPD_EXACT_CMASS_MAX_UNION")
+  [[ -n "${OPD_EXACT_CMASS_OVERFLOW:-}" ]] && OPD_ARGS+=(--opd-exact-cmass-overflow "$OPD_EXACT_CMASS_OVERFLOW")
+fi
+BANK_ARGS=()
+if ((OPD_TOKEN_BANK)); then
+  BANK_ARGS=(--opd-token-bank-format "${OPD_TOKEN_BANK_FORMAT:-csv}" --opd-token-bank-layout "${OPD_TOKEN_BANK_LAYOUT:-native}")
+  ((OPD_TOKEN_BANK_RAW_TOPK)) && BANK_ARGS+=(--opd-token-bank-raw-topk)
+  [[ -n "${OPD_TOKEN_BANK_PAIR_ID:-}" ]] && BANK_ARGS+=(--opd-token-bank-pair-id "$OPD_TOKEN_BANK_PAIR_ID")
+fi
+((DEBUG_ROLLOUT_ONLY)) && OPD_ARGS+=(--debug-rollout-only)
+if [[ -n "${OPD_TOKEN_BANK_DIR:-}" ]] && (($(wc -l <<< "$PARSED_METHODS") * ${#SEED_ARRAY[@]} > 1)); then
+  ta_die "OPD_TOKEN_BANK_DIR=$OPD_TOKEN_BANK_DIR names one bank for several runs (each would overwrite the last);" \
+    "unset it: every entry writes <run>/token_bank"
+fi
+# a bank directory shared by every entry would be overwritten run after run: each entry has its own <run>/token_bank
+for arg in "${EXTRA_ARGS_ARRAY[@]}" "${CLI_EXTRA_ARGS[@]}"; do
+  [[ "$arg" == --opd-token-bank-dir* ]] && ta_die "--opd-token-bank-dir in the train.py flags would give every entry one" \
+    "bank directory (each run would overwrite the last); the suite writes <run>/token_bank per entry (OPD_TOKEN_BANK=1)"
+done
 if [[ -n "$TEACHER_URL" ]]; then
   OPD_ARGS+=(--rm-url "$TEACHER_URL")
 else
@@ -186,14 +247,25 @@ if [[ -n "$NUM_GPUS_PER_NODE" ]]; then
   CLUSTER_ARGS+=(--actor-num-nodes 1 --actor-num-gpus-per-node "$NUM_GPUS_PER_NODE" --num-gpus-per-node "$NUM_GPUS_PER_NODE")
 fi
 [[ -n "$ROLLOUT_NUM_GPUS" ]] && CLUSTER_ARGS+=(--rollout-num-gpus "$ROLLOUT_NUM_GPUS")
+# the release's GPU variables: ACTOR_NUM_GPUS_PER_NODE, COLOCATE, RAY_GPUS (the training's visible GPUs), EVAL_GPUS
+[[ -n "${ACTOR_NUM_GPUS_PER_NODE:-}" ]] && CLUSTER_ARGS+=(--actor-num-gpus-per-node "$ACTOR_NUM_GPUS_PER_NODE")
+((COLOCATE)) && CLUSTER_ARGS+=(--colocate)
+for name in TEACHER_GPU TEACHER_PORT TEACHER_NCCL_PORT RAY_PORT RAY_DASHBOARD_PORT ALLOW_GLOBAL_RAY_STOP; do
+  [[ -z "${!name:-}" ]] || ta_log "$name=${!name}: not needed here (the run starts its teacher, engines and Ray on free" \
+    "ports and stops only what it started); TEACHER_URL names a running teacher"
+done
 
 # ---------------------------------------------------------------- per-entry argument files, checked together
 SUITE_DIR="$OUTPUT_ROOT/$SUITE_NAME"
 ta_prepare_output_dir "suite directory (SUITE_NAME=$SUITE_NAME)" "$SUITE_DIR" # refuse / RESUME / FORCE
 mkdir -p "$SUITE_DIR/runs"
+if [[ -n "${LOG_DIR:-}" ]] && ((!DRY_RUN)); then # the release's log directory: <LOG_DIR>/<suite>.log + driver logs
+  mkdir -p "$LOG_DIR"
+  exec > >(tee -a "$LOG_DIR/$SUITE_NAME.log") 2>&1
+fi
 RUN_NAMES=()
 ARG_FILES=()
-MAPPING=("idx,alias,mask,ratio,seed,run_dir")
+MAPPING=("method,mask,ratio,idx,notes,alias,seed,seed_label,run_dir") # the release's columns first, then ours
 declare -A PLAN=() # name -> skip | resume | restart | fresh
 for seed in "${SEED_ARRAY[@]}"; do
 ROLLOUT_SEED=${FIXED_ROLLOUT_SEED:-$seed}
@@ -206,13 +278,15 @@ while read -r idx alias mask ratio flags; do
     "${CKPT_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${OPD_ARGS[@]}"
     --opd-budget-mask "$mask"
     --opd-budget-ratio "$ratio"
-    --opd-budget-mask-seed "$seed"
+    --opd-budget-mask-seed "${OPD_BUDGET_MASK_SEED:-$seed}"
     "${TRAIN_ARGS[@]}" "${CLUSTER_ARGS[@]}"
     "${alias_flags[@]}" # after TRAIN_ARGS: an alias's own --loss-type wins over LOSS_TYPE
     --seed "$seed"
     --output-dir "$run_dir"
   )
   ((SAVE_CHECKPOINT)) && args+=(--save "$run_dir/checkpoints" --save-interval "$SAVE_INTERVAL" --no-save-optim)
+  ((OPD_TOKEN_BANK)) && args+=(--opd-token-bank-dir "${OPD_TOKEN_BANK_DIR:-$run_dir/token_bank}" "${BANK_ARGS[@]}")
+  ((SAVE_DEBUG_ROLLOUT_DATA)) && args+=(--save-debug-rollout-data "$run_dir/debug_rollout_data/{rollout_id}.pt")
   args+=("${EXTRA_ARGS_ARRAY[@]}" "${CLI_EXTRA_ARGS[@]}")
   PLAN[$name]=fresh
   if ((TA_RESUMING)) && ta_dir_started "$run_dir"; then
@@ -234,7 +308,13 @@ while read -r idx alias mask ratio flags; do
   printf '%s\n' "${args[@]}" > "$run_dir/train_args.txt" # one argument per line: the exact command, reusable
   RUN_NAMES+=("$name")
   ARG_FILES+=("$run_dir/train_args.txt")
-  MAPPING+=("$idx,$alias,$mask,$ratio,$seed,runs/$name")
+  case $mask in # the release's notes column
+    full) notes="full OPD; no budget loss mask; top-k metrics may still be logged" ;;
+    ca_softor) notes="soft-OR of normalized entropy and Dlearn" ;;
+    split_budget_ca) notes="budget split by OPD_BUDGET_GAMMA between entropy and teachability" ;;
+    *) notes="" ;;
+  esac
+  MAPPING+=("$alias,$mask,$ratio,$idx,$notes,$alias,$seed,$SEED_LABEL,runs/$name")
 done <<< "$PARSED_METHODS"
 done
 
@@ -255,10 +335,25 @@ if ((TA_RESUMING)); then
     esac
   done
 fi
+FC_ARGS=() # the fixed-context evaluation after the runs (SKIP_EVAL=0)
+if ((!SKIP_EVAL)); then
+  FC_ARGS=(--suite-dir "$SUITE_DIR" --teacher "$TEACHER_MODEL" --student "$STUDENT_HF" --prompts "$PROMPT_DATA"
+    --num-contexts "$FC_NUM_CONTEXTS" --response-tokens "$FC_RESPONSE_TOKENS" --k "$OPD_TOPK_METRICS_K"
+    --bootstrap "${BOOTSTRAP:-1000}" --seed "${SEED_ARRAY[0]}" --device "${FC_DEVICE:-cpu}")
+  [[ -n "${COMMON_CONTEXT:-}" ]] && FC_ARGS+=(--contexts "$COMMON_CONTEXT")
+  [[ -n "${BASELINE_METRICS:-}" ]] && FC_ARGS+=(--baseline-metrics "$BASELINE_METRICS")
+  if [[ -n "${EVAL_GPUS:-}" ]]; then # the release's two eval GPUs: the student on the first, the teacher on the last
+    n_eval_gpus=$(tr ',' '\n' <<< "$EVAL_GPUS" | grep -c .)
+    FC_ARGS+=(--student-device cuda:0 --teacher-device "cuda:$((n_eval_gpus - 1))")
+  fi
+  printf '%s\n' "${FC_ARGS[@]}" > "$SUITE_DIR/fixed_context_args.txt"
+  ta_log "fixed-context evaluation after the runs (SKIP_EVAL=0): $SUITE_DIR/fixed_context/ (args in fixed_context_args.txt)"
+fi
 if ((DRY_RUN)); then
   ta_log "DRY_RUN=1: every entry validated; commands in $SUITE_DIR/runs/*/train_args.txt; nothing started"
   exit 0
 fi
+[[ -n "${RAY_GPUS:-}" ]] && export CUDA_VISIBLE_DEVICES=$RAY_GPUS # the release's training GPUs
 
 # ---------------------------------------------------------------- run every entry
 # Before any entry runs: an entry restarted without a checkpoint keeps its earlier attempt aside, and a post-hoc
@@ -307,6 +402,7 @@ else
     ta_log "[$n/${#RUN_NAMES[@]}] $name (${PLAN[$name]})"
     start=$(date +%s.%N)
     rc=0
+    [[ -n "${LOG_DIR:-}" ]] && ln -sf "$run_dir/train.log" "$LOG_DIR/${name}_driver.log"
     ta_run_tracked "$run_dir/train.log" "$PYTHON" "$SLIME_DIR/train.py" "${args[@]}" || rc=$?
     end=$(date +%s.%N)
     printf '{"name": "%s", "exit_code": %d, "start": %s, "end": %s, "wall_seconds": %s}\n' \
@@ -327,6 +423,14 @@ fi
 
 if ((SUMMARIZE)); then
   "$PYTHON" "$REPO_ROOT/tools/summarize_suite.py" --suite-dir "$SUITE_DIR" || ta_log "summary failed"
+fi
+if ((!SKIP_EVAL)); then
+  ta_log "fixed-context evaluation: shared contexts, θ0 once, then every finished entry"
+  rc=0
+  [[ -n "${EVAL_GPUS:-}" ]] && export CUDA_VISIBLE_DEVICES=$EVAL_GPUS # the release's eval GPUs
+  ta_run_tracked "$SUITE_DIR/fixed_context.log" "$PYTHON" -m ta_opd.diagnostics.cli.suite_eval run "${FC_ARGS[@]}" || rc=$?
+  ((rc == 130)) && exit 130
+  ((rc == 0)) && ta_log "budget table: $SUITE_DIR/fixed_context/budget_table.md" || FAILED+=("fixed-context evaluation (exit $rc)")
 fi
 if ((${#FAILED[@]})); then
   ta_die "failed run(s): ${FAILED[*]}"

@@ -111,8 +111,11 @@ def test_mapping_csv_and_train_args(explicit_paths):
     # the methods of one seed differ only in their method flags and names: same seed, prompts, student
     pure, _ = flags("10_pure_opd_r1.0_s100")
     differ = {a for a in set(args) ^ set(pure)}
-    assert differ <= {"dlearn_high", "full", "0.10", "1.0", str(suite / "runs" / "20_teachability_r0.10_s100"),
-                      str(suite / "runs" / "10_pure_opd_r1.0_s100")}, differ  # fmt: skip
+    runs = suite / "runs"
+    assert differ <= {"dlearn_high", "full", "0.10", "1.0", str(runs / "20_teachability_r0.10_s100"),
+                      str(runs / "10_pure_opd_r1.0_s100"), str(runs / "20_teachability_r0.10_s100" / "token_bank"),
+                      str(runs / "10_pure_opd_r1.0_s100" / "token_bank")}, differ  # fmt: skip
+    assert value("--opd-token-bank-dir") == str(runs / "20_teachability_r0.10_s100" / "token_bank")  # its own bank
     args, value = flags("20_teachability_r0.10_s7")
     assert value("--seed") == "7" and value("--rollout-seed") == "7"
     # the SFT baseline row: its loss and generate function from ta_opd.aliases.METHOD_FLAGS, no selection
