@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,44 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests never join a cluster the shell names: each starts a Ray of its own (ray_local) or names its cluster itself
+os.environ.pop("RAY_ADDRESS", None)
+
+TESTS = Path(__file__).resolve().parent
+# modules the tests' Ray actors import by name: the stand-in RolloutManager (e2e), the rollout stub plug-ins
+RAY_TEST_PATHS = (TESTS / "e2e", TESTS / "rollout")
+RAY_OBJECT_STORE_BYTES = 80 * 1024**2
+
+
+def start_local_ray(num_cpus: int = 2):
+    """A Ray of this process's own on this machine: ``address="local"`` never attaches to a cluster that runs here
+    (``ray start``), whatever ``ray.init()`` would discover. 2 logical CPUs, an 80 MB object store; the workers
+    import :data:`RAY_TEST_PATHS`."""
+    import ray
+
+    path = os.pathsep.join([*map(str, RAY_TEST_PATHS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=RAY_OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """The test module's own local Ray (:func:`start_local_ray`), shut down after the module."""
+    ray = start_local_ray()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: starts a multi-node Ray cluster on this machine (tests/cluster)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -184,7 +184,7 @@ def test_engines_on_their_placement_group_bundles_start_route_and_restart(tiny_s
     import requests
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
     try:
         pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
         ray.get(pg.ready())

@@ -17,12 +17,12 @@ from slime.embedded.models import build_tiny_checkpoint
 from slime.embedded.task import write_splits
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import read_metrics
-from tests.e2e.test_opd_end_to_end import load_train_module, ray_local  # noqa: F401 (fixture)
+from tests.e2e.test_opd_end_to_end import load_train_module
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["distributed", "tensor"])
-def test_pushed_updates_with_offload(tmp_path, ray_local, mode):  # noqa: F811
+def test_pushed_updates_with_offload(tmp_path, ray_local, mode):
     student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
     teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
     train_jsonl, _ = write_splits(tmp_path / "data", num_train=32, num_eval=4, seed=0)

@@ -11,7 +11,6 @@ logged, checkpoints are written, and a second run with ``--load`` continues from
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ def load_train_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from slime.embedded.models import build_tiny_checkpoint
 from slime.embedded.task import write_splits
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import read_metrics
-from tests.e2e.test_opd_end_to_end import load_train_module, ray_local  # noqa: F401 (fixture)
+from tests.e2e.test_opd_end_to_end import load_train_module
 
 
 def test_sft_baseline_flags_are_checked_at_start(tmp_path):
@@ -25,7 +25,7 @@ def test_sft_baseline_flags_are_checked_at_start(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):  # noqa: F811
+def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):
     student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
     teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
     train_jsonl, eval_jsonl = write_splits(tmp_path / "data", num_train=64, num_eval=4, seed=0)

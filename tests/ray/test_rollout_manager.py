@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from slime.utils.arguments import parse_args
-
-ROLLOUT_TESTS = str(Path(__file__).resolve().parents[1] / "rollout")  # opd_stub_plugins lives there
-
-
-@pytest.fixture
-def ray_local():
-    import ray
-
-    path = os.pathsep.join(p for p in (ROLLOUT_TESTS, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def ray_cluster():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(E2E), old) if p)
     try:
-        info = ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+        info = ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")

@@ -512,16 +512,6 @@ def test_checkpoint_args_json_holds_no_secret(tiny_student_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the real loop
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    path = os.pathsep.join(p for p in (str(E2E), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def train_module(monkeypatch):
     monkeypatch.syspath_prepend(str(E2E))

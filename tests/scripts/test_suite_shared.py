@@ -119,7 +119,7 @@ def test_a_shared_server_entry_starts_from_the_student_checkpoints_exact_weights
     finally:
         fresh.stop()
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     servers = None
     try:
         servers = SharedServers(entries)

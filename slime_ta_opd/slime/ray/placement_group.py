@@ -146,6 +146,14 @@ def order_bundles(where: list[tuple[str, int]]) -> tuple[list[int], list[tuple[s
 def create_placement_groups(args: Namespace) -> dict[str, PlacementGroupInfo]:
     """``{"actor": (pg, bundle_indices, gpu_ids), "rollout": (...)}`` sized from the flags."""
     use_gpu = cluster_has_gpus()
+    remote = [f"--{n}-ray-resource" for n in ("teacher",) if args.teacher_ray_resource]
+    if embedded_engines_on_nodes(args, use_gpu):
+        remote.insert(0, "--rollout-ray-resource")
+    if remote and not args.api_key:
+        raise ValueError(
+            f"{' and '.join(remote)} start(s) servers on other nodes, bound to the node's IP where anyone on the "
+            "network could reach them: pass --api-key KEY (the engines, the router and the teacher then check it)"
+        )
     num_bundles, rollout_offset = placement_layout(args, use_gpu)
     actor_n = actor_world_size(args)
     specs = bundle_specs(args, use_gpu)
