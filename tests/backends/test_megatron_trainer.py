@@ -137,3 +137,16 @@ def test_one_opd_step_tp2_matches_tp1(tiny_student_dir, tmp_path):
         data, tmp_path, world_size=2,
     )  # fmt: skip
     assert_same_step(t_metrics, t_state, mg_out, mg_state)
+
+
+def test_sft_loss_step_dp2_matches_the_torch_backend(tiny_student_dir, tmp_path):
+    """--loss-type sft_loss (sampled-token log-probs only) through the shared step on two data-parallel ranks: the
+    torch backend's step, and the loss's metric (train/sd_sft_nll) gathered over both ranks."""
+    data = rollout_data()
+    sft = ("--loss-type", "sft_loss")
+    t_metrics, t_state = torch_step(argv_for(tiny_student_dir, tmp_path / "t", *sft), data)
+    mg_out, mg_state = megatron_step(
+        argv_for(tiny_student_dir, tmp_path, *sft, "--actor-num-gpus-per-node", "2"), data, tmp_path, world_size=2
+    )
+    assert_same_step(t_metrics, t_state, mg_out, mg_state)
+    assert mg_out["metrics"]["train/sd_sft_nll"] == pytest.approx(t_metrics["train/sd_sft_nll"], abs=1e-5)
