@@ -286,3 +286,14 @@ def test_newline_separated_method_list_plans_every_entry(suite_env):
         ("high_c", "compatibility", "0.2"),
         ("tip_softor", "tip", "0.1"),
     ]
+
+
+def test_release_default_run_list_passes_a_dry_run(suite_env):
+    rows = _dry_run({**suite_env, "RUN_LIST": RELEASE_RUN_LIST})
+    assert [(r["idx"], r["mask"], r["ratio"]) for r in rows] == [
+        ("10", "dlearn_high", "0.01"),
+        ("20", "dlearn_high", "0.05"),
+        ("30", "dlearn_high", "0.10"),
+        ("40", "q3_highc", "0.01"),
+        ("50", "q3_highc", "0.05"),
+    ]
