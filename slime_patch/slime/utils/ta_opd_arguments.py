@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 
 from ta_opd.aliases import METHOD_ALIASES, METHOD_FLAGS
+from ta_opd.config import COMPAT_PROXIES, EXACT_CMASS_OVERFLOW
 from ta_opd.normalize import NORMALIZERS
 from ta_opd.selectors import SELECTORS
 
-COMPAT_PROXIES = ("mass", "set", "bc", "prefix_ema")
-EXACT_CMASS_OVERFLOW = ("fallback", "truncate", "error")
 TOKEN_BANK_FORMATS = ("csv", "jsonl", "parquet")
 
 
