@@ -473,7 +473,7 @@ def test_budget_sweep_rerun_is_refused_and_force_moves_it_aside(suite_env):
 
 
 def test_summary_reads_only_the_newest_run_of_a_metrics_file(tmp_path):
-    from slime.utils.suite_summary import summarize
+    from slime.suite_report.summary import summarize
 
     suite = tmp_path / "suite"
     run = suite / "runs" / "1_tip_r0.1"

@@ -1,4 +1,4 @@
-"""tools/summarize_suite.py (slime.utils.suite_summary) on synthetic suites."""
+"""tools/summarize_suite.py (slime.suite_report.summary) on synthetic suites."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slime.utils.suite_summary import main, summarize
+from slime.suite_report.summary import main, summarize
 
 
 def make_suite(root: Path, entries, steps: int = 4) -> Path:
@@ -135,3 +135,30 @@ def test_seeds_pool_into_one_row_with_paired_bootstrap_cis(tmp_path):
         "gain_vs_random_ci_low", "gain_vs_random_ci_high", "random_budget", "share_of_full_opd_gain",
     ]  # fmt: skip
     assert result["paths"]["curves"].stat().st_size > 10_000
+
+
+def test_sft_baseline_row_leaves_teacher_kl_blank(tmp_path):
+    """The SFT baseline trains on the teacher's samples: its "teacher KL" is not the student's, so the CSV leaves
+    both KL columns empty (not 0.0) while its accuracy columns are filled."""
+    suite = tmp_path / "s"
+    lines = ["idx,alias,mask,ratio,seed,run_dir"]
+    for alias in ("pure_opd", "sft_teacher"):
+        name = f"runs/{alias}_s1"
+        lines.append(f"1,{alias},full,1.0,1,{name}")
+        run = suite / name
+        run.mkdir(parents=True)
+        records = [
+            {"rollout_id": -1, "eval/heldout/reward_mean": 0.25},
+            {"rollout_id": 0, "train/teacher_kl_all": 0.0 if alias == "sft_teacher" else 0.8},
+            {"rollout_id": 1, "train/teacher_kl_all": 0.0 if alias == "sft_teacher" else 0.6,
+             "eval/heldout/reward_mean": 0.5},
+        ]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (run / "launcher.json").write_text(json.dumps({"exit_code": 0, "wall_seconds": 1.0}))
+    (suite / "method_mapping.csv").write_text("\n".join(lines) + "\n")
+    summarize([suite], plots=False, n_resamples=50)
+    with open(suite / "summary.csv", newline="") as f:
+        rows = {r["alias"]: r for r in csv.DictReader(f)}
+    assert rows["pure_opd"]["teacher_kl_before"] == "0.8" and rows["pure_opd"]["teacher_kl_after_mean"] == "0.7"
+    assert rows["sft_teacher"]["teacher_kl_before"] == "" and rows["sft_teacher"]["teacher_kl_after_mean"] == ""
+    assert rows["sft_teacher"]["accuracy_after_mean"] == "0.5"

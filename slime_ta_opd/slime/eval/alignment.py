@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from slime.utils.suite_summary import Run, load_suite, series
+from slime.suite_report.summary import Run, load_suite, series
 from ta_opd.atomic_io import atomic_write_text
 
 ALIGNMENT_KEY = "opd/overlap_ratio"

@@ -54,6 +54,9 @@ PAPER_NAMES = {
 REALISED_KEYS = ("opd/realised_ratio", "rollout/kept_token_ratio")
 NOMINAL_KEYS = ("opd/nominal_ratio",)
 TEACHER_KL_KEYS = ("train/teacher_kl_all", "rollout/teacher_kl_sampled", "opd/sampled_rev_kl_all")
+# Runs that train on the teacher's samples: their "teacher KL" is measured on tokens the student did not
+# sample, so it is not the student's divergence from the teacher; the KL columns stay blank for them.
+OFF_POLICY_ALIASES = ("sft_teacher",)
 ACCURACY_SUFFIX = "/reward_mean"  # eval/<dataset>/reward_mean = accuracy with the task's verifier reward
 
 # summary.csv: one row per method x budget, seeds pooled (docs/method_suite.md defines every column)
@@ -255,7 +258,7 @@ def summarize_run(run: Run, tail: int = 3) -> dict[str, Any]:
     recs = [r for r in run.records if _finite(r.get("rollout_id")) and r["rollout_id"] >= 0]
     _, realised = series(recs, _first_key(recs, REALISED_KEYS))
     _, nominal = series(recs, _first_key(recs, NOMINAL_KEYS))
-    _, kl = series(recs, _first_key(recs, TEACHER_KL_KEYS))
+    _, kl = series(recs, _first_key(recs, TEACHER_KL_KEYS)) if run.row["alias"] not in OFF_POLICY_ALIASES else ([], [])
     acc_steps, acc = series(run.records, accuracy_key(run.records))
     exit_code = run.launcher.get("exit_code")
     if not run.records:
@@ -543,7 +546,7 @@ def summarize(
     _atomic_write(out / "summary.md", table + "\n" + "".join(f"- {line}\n" for line in lines))
     paths = {"csv": out / "summary.csv", "markdown": out / "summary.md", "runs": out / "runs.csv"}
     if plots:
-        from slime.utils.suite_plots import plot_accuracy_vs_budget, plot_curves
+        from slime.suite_report.plots import plot_accuracy_vs_budget, plot_curves
 
         paths["curves"] = plot_curves(runs, out / "plots" / "curves.png")
         paths["accuracy_vs_budget"] = plot_accuracy_vs_budget(rows, out / "plots" / "accuracy_vs_budget.png")

@@ -1,4 +1,4 @@
-"""The plots of a suite summary (slime.utils.suite_summary): curves with seed bands, accuracy vs budget."""
+"""The plots of a suite summary (slime.suite_report.summary): curves with seed bands, accuracy vs budget."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slime.utils.suite_summary import (
+from slime.suite_report.summary import (
+    OFF_POLICY_ALIASES,
     PAPER_NAMES,
     TEACHER_KL_KEYS,
     Run,
@@ -63,7 +64,7 @@ def plot_curves(runs: Sequence[Run], path: Path, smooth: int = 3) -> Path:
         for run in members:
             recs = [r for r in run.records if _finite(r.get("rollout_id")) and r["rollout_id"] >= 0]
             steps, kl = series(recs, _first_key(recs, TEACHER_KL_KEYS))
-            if kl:
+            if kl and alias not in OFF_POLICY_ALIASES:  # on the teacher's samples: not the student's KL
                 kl_curves.append((steps, _smooth(kl, smooth)))
             steps, acc = series(run.records, accuracy_key(run.records))
             if acc:
@@ -75,10 +76,11 @@ def plot_curves(runs: Sequence[Run], path: Path, smooth: int = 3) -> Path:
             ax.plot(steps, mean, style, marker=marker, ms=4, color=color, lw=width, label=label)
             if len(curves) > 1:
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
-    ax_kl.set_title(f"Teacher KL on sampled tokens (moving average of {smooth}; band: seeds' range)")
+    ax_kl.set_title(f"Teacher KL on sampled tokens (moving avg. of {smooth})", fontsize=10)
     ax_kl.set_xlabel("rollout step")
     ax_kl.set_ylabel("mean log p_student(y) − log p_teacher(y)")
-    ax_acc.set_title("Held-out accuracy (greedy, verifier; band: seeds' range)")
+    ax_acc.set_title("Held-out accuracy (greedy, verifier)", fontsize=10)
+    fig.suptitle("Mean over seeds; band: the seeds' range", fontsize=9)
     ax_acc.set_xlabel("rollout step (−1 = before training)")
     ax_acc.set_ylabel("accuracy (%)")
     top = max([v for line in ax_acc.get_lines() for v in line.get_ydata()] + [5.0])
