@@ -132,6 +132,11 @@ def _pack_clean_rows(entries: Sequence[Sequence[Entry] | None], k: int, ids: Ten
     return [i for i, (ok, m) in enumerate(zip(fast.tolist(), lengths, strict=True)) if not ok and m > 0]
 
 
+def _all_floats(values: list[Any]) -> bool:
+    """Every value is a Python float (what ``float(v)`` would return unchanged)."""
+    return not values or set(map(type, values)) == {float}
+
+
 def lookup_logprobs(entries: Sequence[Sequence[Entry] | None], query_ids: Tensor) -> Tensor:
     """Log-probs of ``query_ids [N, K]`` looked up in per-position lists (``-inf`` where absent).
 
@@ -318,8 +323,12 @@ class TokenBatch:
             else:
                 if len(slp) != length:
                     raise ValueError(f"sample {i}: student log-probs have {len(slp)} entries, expected {length}")
-                student_lp.extend(float("nan") if v is None else float(v) for v in slp)
-                student_known.extend(v is not None for v in slp)
+                if type(slp) is list and _all_floats(slp):
+                    student_lp.extend(slp)  # the common case: plain floats, no per-value conversion
+                    student_known.extend([True] * length)
+                else:
+                    student_lp.extend(float("nan") if v is None else float(v) for v in slp)
+                    student_known.extend(v is not None for v in slp)
             exact = None if teacher_ids_logprobs_per_sample is None else teacher_ids_logprobs_per_sample[i]
             if exact is None or len(exact) < length:
                 exact_rows.extend([None] * length)

@@ -148,3 +148,21 @@ def test_long_rows_are_truncated_on_the_per_entry_path():
     row = [[-0.1 * j, j, None] for j in range(8)]
     ids, _ = pack_topk([row, row[:2]], 3)
     assert ids.tolist() == [[0, 1, 2], [0, 1, PAD_ID]]
+
+
+def test_from_sample_lists_student_logprobs_plain_floats_or_not():
+    """Plain float lists skip the per-value conversion; ints, numpy scalars and None give the same tensors."""
+    from ta_opd.topk import TokenBatch
+
+    top = [[[[-0.1, 1, None], [-2.0, 2, None]]] * 3]
+
+    def build(student_logp):
+        return TokenBatch.from_sample_lists(top, top, [[1, 2, 1]], [student_logp], [[-0.5] * 3], [[1, 1, 1]], 2)
+
+    plain = build([-0.25, -1.0, -3.0])
+    mixed = build([np.float64(-0.25), -1, -3.0])
+    assert torch.equal(plain.student_logp, mixed.student_logp)
+    assert plain.student_logp.dtype == torch.float32 and plain.student_logp_known.all()
+    missing = build([-0.25, None, -3.0])
+    assert missing.student_logp_known.tolist() == [True, False, True]
+    assert math.isnan(missing.student_logp[1].item()) and missing.student_logp[2].item() == -3.0
