@@ -6,9 +6,9 @@
 - ``convert.py``: HF ↔ Megatron state dicts with TP sharding and PP stage selection (our own documented converter);
 - ``model.py``: parallel state, GPTModel from a HF config, sampled-token log-probs (vocab-parallel);
 - ``checkpoint.py``: ``torch_dist`` save/load (Megatron-LM directory layout) and HF export;
-- ``actor.py``: ``MegatronTrainRayActor``, the training rank, with the same loss wiring as the torch backend
-  (:mod:`slime.backends.torch_utils.loss` → :mod:`ta_opd.losses`) and the in-trainer teacher of
-  ``--opd-type megatron``.
+- ``actor.py``: ``MegatronTrainRayActor``, the training rank, running the training step shared with the torch
+  backend (:mod:`slime.backends.train_step`, losses from :mod:`ta_opd.loss_registry`) and the in-trainer teacher
+  of ``--opd-type megatron``.
 
 Nothing here imports megatron at package import time: :func:`require_megatron` raises the install hint.
 """

@@ -539,4 +539,5 @@ class _LogitsSource:
     def student(self, rows):
         raise NotImplementedError("the Megatron trainer computes sampled-token log-probs only")
 
-    teacher = student
+    def teacher(self, rows):
+        raise NotImplementedError("the Megatron trainer computes sampled-token log-probs only")
