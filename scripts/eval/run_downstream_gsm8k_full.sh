@@ -22,5 +22,5 @@ TASK=${TASK:-gsm8k_cot}
 ta_eval_setup gsm8k_cot_full
 rc=0
 ta_eval_queue "$TASK" || rc=$?
-ta_eval_summary --benchmarks GSM8K
+ta_eval_summary
 exit "$rc"
