@@ -64,10 +64,14 @@ ARGS_MARKER = "# TA-OPD token selection flags (slime-ta-opd patch)"
 _ARGS_ANCHOR = re.compile(r"^(?P<indent>[ \t]*)parser = add_on_policy_distillation_arguments\(parser\)[ \t]*\n", re.M)
 VERIFY_CODE = """
 import argparse
+import os
 import slime.rollout.on_policy_distillation as opd
 import slime.rollout.tip_compat as tip
 import slime.utils.ta_opd_arguments as ta_args
+import ta_opd
 assert callable(opd.reward_func) and callable(opd.post_process_rewards), "patched OPD functions missing"
+checkout = os.path.realpath(os.getcwd())
+assert os.path.realpath(opd.__file__).startswith(checkout + os.sep), f"slime is {opd.__file__}, not {checkout}'s"
 parser = ta_args.add_ta_opd_arguments(argparse.ArgumentParser())
 args = parser.parse_args(["--opd-budget-mask", "teachability", "--opd-budget-ratio", "0.1"])
 cfg = tip.selection_config_from_args(args)
@@ -394,8 +398,9 @@ def verify_install(slime_dir: Path, *, python: str = "python3", log=print) -> No
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise InstallError(
-            f"installed, but importing the patched modules with {python} failed (is `pip install slime-ta-opd` "
-            f"done in slime's environment?): {' | '.join(tail)}; `--uninstall` restores the checkout"
+            f"installed, but importing the patched modules with {python} failed (is the ta-opd library installed in "
+            f"slime's environment: `pip install --no-deps ./packaging/ta-opd` from a slime-ta-opd checkout?): "
+            f"{' | '.join(tail)}; `--uninstall` restores the checkout"
         )
     log(proc.stdout.strip())
 

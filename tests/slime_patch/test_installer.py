@@ -62,6 +62,18 @@ class Sample:
 """
 
 
+# upstream's plug-in loader (slime/utils/misc.py), the patch's only other upstream import besides Sample
+UPSTREAM_MISC = b"""import importlib
+from functools import cache
+
+
+@cache
+def load_function(path):
+    module_path, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module_path), attr)
+"""
+
+
 def _git(cwd: Path, *args: str) -> str:
     cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main", *args]
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
@@ -77,6 +89,7 @@ def fake_slime(tmp_path: Path) -> Path:
         "slime/rollout/on_policy_distillation.py": UPSTREAM_OPD,
         "slime/utils/__init__.py": b"",
         "slime/utils/types.py": UPSTREAM_TYPES,
+        "slime/utils/misc.py": UPSTREAM_MISC,
         "slime/utils/arguments.py": UPSTREAM_ARGUMENTS,
     }
     for rel, data in files.items():

@@ -11,9 +11,9 @@ module this project's own ``slime.rollout.on_policy_distillation`` re-exports. W
 native ``/generate`` API) and returns the whole JSON answer, which slime stores in
 ``sample.reward``. ``post_process_rewards`` runs once per rollout step over all samples: it
 stores the teacher's log-probs of the sampled tokens in ``sample.teacher_log_probs`` (the OPD
-advantage, METHOD.md §1, is computed from them later by slime), builds one ``ta_opd.TokenBatch``
+advantage, docs/method.md §1, is computed from them later by slime), builds one ``ta_opd.TokenBatch``
 from both top-K lists, lets ``ta_opd.select_tokens`` choose the supervised tokens under the
-global budget (METHOD.md §2-5) and writes the result into each ``sample.loss_mask``. Selection
+global budget (docs/method.md §2-5) and writes the result into each ``sample.loss_mask``. Selection
 belongs here because slime collects loss masks and per-rollout mask sums after this hook, so
 the loss numerator and denominator see the same mask.
 
@@ -90,7 +90,7 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
     The request is prefill-only (``max_new_tokens: 0``) and asks for input log-probs from the last
     prompt token on, so the answer covers every response position. With K = ``--opd-topk-metrics-k``
     > 0 it also asks for the teacher's top-K per position; with ``--opd-exact-cmass`` for the
-    log-probs of the union of the sample's student top-K ids (METHOD.md §2, exact C). A failed or
+    log-probs of the union of the sample's student top-K ids (docs/method.md §2, exact C). A failed or
     malformed answer raises ``TeacherScoringError`` naming the sample: never a silent zero.
     """
     if getattr(sample, "multimodal_inputs", None) and sample.multimodal_inputs.get("images"):
@@ -139,7 +139,7 @@ async def reward_func(args: Any, sample: Sample, **kwargs: Any) -> dict[str, Any
 def teacher_scoring_temperature(args: Any) -> float:
     """The temperature of the teacher's prefill log-probs: ``--opd-teacher-temperature`` if the checkout defines
     and sets it, else ``--rollout-temperature`` (the student's log-probs in the advantage are tempered by it;
-    METHOD.md §1 compares the two), else 1."""
+    docs/method.md §1 compares the two), else 1."""
     value = getattr(args, "opd_teacher_temperature", None)
     if value is None:
         value = getattr(args, "rollout_temperature", None)
@@ -201,7 +201,7 @@ async def _student_topk_by_prefill(args: Any, sample: Sample, k: int) -> list[li
 
 
 def _exact_cmass_request_ids(args: Any, sample: Sample) -> list[int]:
-    """Union of the sample's student top-K ids for ``token_ids_logprob`` (METHOD.md §2, exact C).
+    """Union of the sample's student top-K ids for ``token_ids_logprob`` (docs/method.md §2, exact C).
 
     Above ``--opd-exact-cmass-max-union``: ``fallback`` sends none (C stays the lower bound from the
     teacher's top-K), ``truncate`` keeps the ids with the highest student probability at any position,
@@ -385,9 +385,9 @@ def post_process_rewards(args: Any, samples: list[Sample], **kwargs: Any) -> tup
     """Per rollout step: set ``teacher_log_probs``, select tokens into ``loss_mask``; return OPD rewards.
 
     Returns ``(raw_rewards, rewards)``, both 0.0 per sample as upstream's OPD post-process: the
-    learning signal is the OPD advantage from ``teacher_log_probs`` (METHOD.md §1). Samples keep
+    learning signal is the OPD advantage from ``teacher_log_probs`` (docs/method.md §1). Samples keep
     their order and every field except ``teacher_log_probs``, ``loss_mask`` and, on the first
-    sample, ``metadata["opd_step_metrics"]`` (a dict of floats, METHOD.md §9). ``rollout_id`` may be
+    sample, ``metadata["opd_step_metrics"]`` (a dict of floats, docs/method.md §9). ``rollout_id`` may be
     passed as a keyword (the random selector's seed adds it); otherwise steps are counted from
     ``args.start_rollout_id``.
     """
@@ -493,7 +493,7 @@ def _topk_lists(
 ) -> tuple[list[Any], list[Any], list[Any] | None] | None:
     """Student and teacher top-K per sample (and exact-C id log-probs), or None when ``full`` has none.
 
-    A selector needs both lists at every response position of every sample (METHOD.md §2): a
+    A selector needs both lists at every response position of every sample (docs/method.md §2): a
     missing or short list is an error naming the sample.
     """
     selecting = cfg.mask != FULL_MASK
@@ -565,7 +565,7 @@ def _write_token_bank(args: Any, rollout_index: int, batch: Any, result: Any, sa
         batch,
         result,
         [s.index for s in samples],
-        # the contexts sidecar (prompt ids per sample) feeds the fixed-context diagnostic, METHOD.md §6
+        # the contexts sidecar (prompt ids per sample) feeds the fixed-context diagnostic, docs/method.md §6
         prompt_token_ids=[list(s.tokens[: len(s.tokens) - int(s.response_length)]) for s in samples],
         prompt_ids=[s.group_index for s in samples],
     )

@@ -1,4 +1,4 @@
-"""Flag → ``ta_opd`` adapters shared by the TA-OPD patch files (METHOD.md §2-5).
+"""Flag → ``ta_opd`` adapters shared by the TA-OPD patch files (docs/method.md §2-5).
 
 The original release kept its TIP-style compatibility helpers in this module: the
 mapping from the method-suite script aliases (``pure_opd``, ``teachability``, ``tip``, ...)
@@ -7,7 +7,7 @@ the one place where the patch turns slime's flat argparse namespace into
 ``ta_opd.config.SelectionConfig``; every formula (scores, budget, metrics) stays in ``ta_opd``.
 
 Every value is read with ``getattr`` and a missing flag falls back to ``SelectionConfig``'s
-own default (METHOD.md's defaults), so the patch also runs on an upstream checkout whose
+own default (docs/method.md's defaults), so the patch also runs on an upstream checkout whose
 ``arguments.py`` registers only some of the TA-OPD flags.
 """
 
