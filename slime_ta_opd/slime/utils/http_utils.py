@@ -63,10 +63,10 @@ def _failed(message: str, *, url: str, attempts: int, status: int | None = None)
 
 def init_http_client(args) -> None:
     """Take timeout, retry budget and API key for our own servers from the parsed flags."""
-    _config["timeout"] = float(getattr(args, "http_timeout", DEFAULT_TIMEOUT_S))
-    _config["max_retries"] = int(getattr(args, "http_max_retries", DEFAULT_MAX_RETRIES))
-    _config["api_key"] = getattr(args, "api_key", None)
-    concurrency = getattr(args, "sglang_server_concurrency", None)
+    _config["timeout"] = float(args.http_timeout)
+    _config["max_retries"] = int(args.http_max_retries)
+    _config["api_key"] = args.api_key
+    concurrency = args.sglang_server_concurrency
     if concurrency:
         _config["connection_limit"] = max(DEFAULT_CONNECTION_LIMIT, int(concurrency))
 
