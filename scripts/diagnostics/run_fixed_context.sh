@@ -9,7 +9,8 @@
 #   PROFILE=release TEACHER_MODEL=/path/teacher-hf STUDENT_HF=/path/student-hf PROMPT_DATA=/path/train.jsonl \
 #     DEVICE=cuda bash scripts/diagnostics/run_fixed_context.sh    # release sizes (300 contexts × 192 tokens)
 #
-# Every path and size is an environment variable (defaults below; PROFILE=embedded|release picks the sizes).
+# Every path and size is an environment variable (defaults below; PROFILE=embedded|release picks the sizes);
+# DRY_RUN=1 prints the settings and exits. EMBEDDED_FAST=1: the smallest embedded assets (--recipe fast-test).
 # An OUTPUT_DIR that already holds output is refused (its results would mix with the new ones) unless
 # RESUME=1 — the same settings (OUTPUT_DIR/settings.txt) continue: steps whose outputs exist are skipped and
 # the eval step resumes chunk by chunk; other settings are refused — or FORCE=1, which moves the old
@@ -19,7 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # shellcheck source=../lib/common.sh
 source "${ROOT}/scripts/lib/common.sh"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-${PY:-python}}" # PY: the release's name of the interpreter
 PROFILE="${PROFILE:-embedded}"
 
 if [[ "${PROFILE}" == "release" ]]; then
@@ -77,7 +78,11 @@ SETTINGS="$(printf '%s\n' "PROFILE=${PROFILE}" "TEACHER_MODEL=${TEACHER_MODEL}" 
   "NUM_ROLLOUT=${NUM_ROLLOUT}" "ROLLOUT_BATCH_SIZE=${ROLLOUT_BATCH_SIZE}" "N_SAMPLES_PER_PROMPT=${N_SAMPLES_PER_PROMPT}" \
   "MAX_RESPONSE_LEN=${MAX_RESPONSE_LEN}" "LR=${LR}" "SEED=${SEED}" "TOPK=${TOPK}" "EXACT_CMASS=${EXACT_CMASS}" \
   "METHOD_LIST=${METHOD_LIST}" "TRAIN_EXTRA_ARGS=${TRAIN_EXTRA_ARGS[*]}")"
-ta_require_flag RESUME FORCE
+ta_require_flag RESUME FORCE DRY_RUN
+if ((DRY_RUN)); then # DRY_RUN=1: the settings this run would use, then exit (nothing built, trained or written)
+  printf '%s\n' "${SETTINGS}" "OUTPUT_DIR=${OUTPUT_DIR}"
+  exit 0
+fi
 ((RESUME && FORCE)) && ta_die "RESUME=1 and FORCE=1 together: RESUME continues ${OUTPUT_DIR}, FORCE starts afresh; pick one"
 [[ ! -e "${OUTPUT_DIR}" || -d "${OUTPUT_DIR}" ]] || ta_die "OUTPUT_DIR=${OUTPUT_DIR} exists and is not a directory"
 if [[ -d "${OUTPUT_DIR}" && -n "$(ls -A "${OUTPUT_DIR}")" ]]; then

@@ -13,6 +13,10 @@
 # validated before anything starts. Outputs: $OUTPUT_ROOT/$SWEEP_NAME/{summary.csv, summary.md, plots/}.
 # An existing sweep is refused unless RESUME=1 (every suite resumes: finished entries skipped, finished
 # evaluations kept) or FORCE=1 (the old sweep directory is moved aside to <sweep>.replaced-<date>_<time>).
+# SKIP_EVAL=0 (the default with real models) also scores every trained student on one set of shared frozen contexts
+# (built by the first suite, or COMMON_CONTEXT; θ0 scored once, or BASELINE_METRICS) and writes the per-selector ×
+# budget table and the gain-vs-ratio curve: $OUTPUT_ROOT/$SWEEP_NAME/fixed_context/{budget_table.csv,budget_table.md,
+# gain_vs_ratio.csv,gain_vs_ratio.png}. The release's sweep (RUN_LIST): scripts/train/run_opd_budget_ratio_sweep.sh.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -51,11 +55,17 @@ done
 
 ta_prepare_output_dir "sweep directory (SWEEP_NAME=$SWEEP_NAME)" "$SWEEP_DIR" # refuse / RESUME / FORCE
 
+SKIP_EVAL=${SKIP_EVAL:-$([[ -z "${STUDENT_HF:-}" && -z "${PROMPT_DATA:-}" ]] && echo 1 || echo 0)}
+ta_require_flag SKIP_EVAL
 SUITES=()
 run_suite() { # run_suite NAME METHOD_LIST (a fresh sweep has fresh suites; RESUME=1 resumes each)
   SUITES+=("$SWEEP_DIR/$1")
   OUTPUT_ROOT=$SWEEP_DIR SUITE_NAME=$1 METHOD_LIST=$2 SAVE_CHECKPOINT=1 SUMMARIZE=0 RESUME=$TA_RESUMING FORCE=0 \
-    bash "$SCRIPT_DIR/run_method_suite.sh"
+    SKIP_EVAL=$SKIP_EVAL bash "$SCRIPT_DIR/run_method_suite.sh"
+  if ((!SKIP_EVAL)); then # every later suite reuses the first suite's contexts and θ0 scores
+    export COMMON_CONTEXT=${COMMON_CONTEXT:-$SWEEP_DIR/$1/fixed_context/contexts.jsonl}
+    export BASELINE_METRICS=${BASELINE_METRICS:-$SWEEP_DIR/$1/fixed_context/theta0/token_stats.parquet}
+  fi
 }
 
 if ((INCLUDE_FULL_OPD)); then
@@ -70,7 +80,8 @@ EVAL_DATA=${EVAL_PROMPT_DATA:-}
 [[ -n "$EVAL_DATA" ]] || EVAL_DATA=$(ta_embedded_asset eval_jsonl)
 for suite in "${SUITES[@]}"; do
   # the suite's own entries (method_mapping.csv), not whatever else lies under runs/
-  mapfile -t run_dirs < <(tail -n +2 "$suite/method_mapping.csv" | cut -d, -f6)
+  mapfile -t run_dirs < <(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "run_dir") c = i; next } { print $c }' \
+    "$suite/method_mapping.csv")
   for rel in "${run_dirs[@]}"; do
     run_dir="$suite/$rel"
     if [[ -f "$run_dir/eval_accuracy.json" && -f "$run_dir/$TA_COMPLETE_MARKER" \
@@ -88,4 +99,8 @@ done
 suite_args=()
 for suite in "${SUITES[@]}"; do suite_args+=(--suite-dir "$suite"); done
 "$(ta_python)" "$REPO_ROOT/tools/summarize_suite.py" "${suite_args[@]}" --out-dir "$SWEEP_DIR"
+if ((!SKIP_EVAL)); then # one table and the curve over every suite of the sweep
+  PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(ta_python)" -m ta_opd.diagnostics.cli.suite_eval table \
+    "${suite_args[@]}" --out-dir "$SWEEP_DIR/fixed_context" --curve --bootstrap "${BOOTSTRAP:-1000}"
+fi
 ta_log "sweep done: $SWEEP_DIR"

@@ -259,7 +259,7 @@ done
 SUITE_DIR="$OUTPUT_ROOT/$SUITE_NAME"
 ta_prepare_output_dir "suite directory (SUITE_NAME=$SUITE_NAME)" "$SUITE_DIR" # refuse / RESUME / FORCE
 mkdir -p "$SUITE_DIR/runs"
-if [[ -n "${LOG_DIR:-}" ]] && ((!DRY_RUN)); then # the release's log directory: <LOG_DIR>/<suite>.log + driver logs
+if [[ -n "${LOG_DIR:-}" ]]; then # the release's log directory: <LOG_DIR>/<suite>.log + driver logs
   mkdir -p "$LOG_DIR"
   exec > >(tee -a "$LOG_DIR/$SUITE_NAME.log") 2>&1
 fi

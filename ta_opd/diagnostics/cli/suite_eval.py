@@ -16,7 +16,7 @@ Usage:
    (``RUN/fixed_context/token_bank_merged.parquet``), its final student scored on the same contexts with θ0's
    columns reused (``RUN/fixed_context/eval/token_stats.parquet``), and the gain analysis
    (``RUN/fixed_context/gain/``); an entry whose outputs exist is not evaluated again;
-4. ``table`` for the suite.
+4. ``table`` for the suite (with the curve when its runs span more than one budget).
 
 ``table`` writes, per run (selector × budget × seed), ``budget_table.csv``: ``keep`` (the kept share of the valid
 tokens over the run's token bank), ``G`` (mean fixed-context gain of the trained student over all tokens,
@@ -177,7 +177,7 @@ def run_suite(args: argparse.Namespace) -> int:
         if not (out / "gain" / "gain_summary.csv").is_file():
             analyze_gain.main(["--stats", str(stats), "--out-dir", str(out / "gain"), "--k", str(args.k),
                                "--bootstrap", str(args.bootstrap), "--seed", str(args.seed)])  # fmt: skip
-    return write_tables([suite], fc, curve=False, k=args.k, n_boot=args.bootstrap, seed=args.seed)
+    return write_tables([suite], fc, curve=None, k=args.k, n_boot=args.bootstrap, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -269,7 +269,8 @@ def plot_curve(curve: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def write_tables(suites: list[Path], out: Path, curve: bool, k: int, n_boot: int, seed: int) -> int:
+def write_tables(suites: list[Path], out: Path, curve: bool | None, k: int, n_boot: int, seed: int) -> int:
+    """Write the table (and the curve: ``curve`` None → when the runs span more than one budget) under ``out``."""
     import pandas as pd
 
     from ta_opd.diagnostics.io import atomic_write_text, write_table
@@ -291,8 +292,10 @@ def write_tables(suites: list[Path], out: Path, curve: bool, k: int, n_boot: int
         table2_markdown(table),
         "",
     ]
+    points = table[table["mask"] != "full"]
+    if curve is None:
+        curve = points["ratio"].nunique() > 1
     if curve:
-        points = table[table["mask"] != "full"]
         write_table(out / "gain_vs_ratio.csv", points[["method", "mask", "ratio", "seed", "keep", "G", "G_ci_low",
                                                         "G_ci_high", "G_per_keep"]])  # fmt: skip
         plot_curve(points, out / "gain_vs_ratio.png")
