@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,7 +222,7 @@ def _check_field(name: str, f: dataclasses.Field, opt: Option, value: Any) -> No
             )
             raise ValueError(f"unknown {name} {value!r}; expected one of {list(opt.choices or ())}{hint}")
         return
-    numeric = (int,) if kind is int else (int, float)
+    numeric = numbers.Integral if kind is int else numbers.Real  # numpy scalars included
     if isinstance(value, bool) or not isinstance(value, numeric):
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     rng = opt.range or Range()

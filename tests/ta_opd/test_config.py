@@ -55,6 +55,12 @@ def test_invalid_config_values(fields, match):
         SelectionConfig(**fields).validate()
 
 
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+    cfg = SelectionConfig(mask="tip", ratio=np.float32(0.5), seed=np.int64(3), topk_k=np.int32(4)).validate()
+    assert cfg.selecting
+
+
 def test_messages_name_the_callers_names():
     # the stack passes its flags: the same check, in the user's terms
     names = {"ratio": "--opd-budget-ratio", "mask": "--opd-budget-mask", "q_low": "--opd-metric-q-low"}
