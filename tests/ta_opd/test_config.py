@@ -57,6 +57,7 @@ def test_invalid_config_values(fields, match):
 
 def test_numpy_scalars_are_numbers():
     import numpy as np
+
     cfg = SelectionConfig(mask="tip", ratio=np.float32(0.5), seed=np.int64(3), topk_k=np.int32(4)).validate()
     assert cfg.selecting
 
