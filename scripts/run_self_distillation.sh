@@ -7,6 +7,7 @@
 #   METHOD=reopold STUDENT_HF=/path/to/student-hf PROMPT_DATA=/path/to/train.jsonl \
 #     bash scripts/run_self_distillation.sh -- --extra-slime-flag value
 #   METHOD=pwopsd OPD_BUDGET_MASK=teachability OPD_BUDGET_RATIO=0.3 bash scripts/run_self_distillation.sh
+#   MODEL=/models/Qwen3-1.7B PWOPSD_TRAIN_DATASET=/data/train.jsonl SEED=0 bash scripts/run_self_distillation.sh
 #   bash scripts/run_self_distillation.sh --help
 #
 # METHOD: opsd | pwopsd | eopd | reopold (the --loss-type; hyper-parameters: the parser's defaults,
@@ -21,8 +22,17 @@
 # teacher, the same privileged prompt) and the loss runs on the selected tokens only.
 # Same conventions as scripts/train/run_method_suite.sh: OUTPUT_ROOT, STUDENT_HF, TEACHER_MODEL,
 # PROMPT_DATA, EVAL_PROMPT_DATA, NUM_ROLLOUT, SEED, EXTRA_ARGS, PROFILE (embedded | cluster),
-# EMBEDDED_RECIPE, ASSETS_CACHE_DIR. Output: $OUTPUT_ROOT/$RUN_NAME/{train_args.txt, train.log,
-# metrics.jsonl, launcher.json}. Every input is checked before anything starts (exit 2 on a bad one).
+# EMBEDDED_RECIPE, ASSETS_CACHE_DIR; the PW-OPSD release's names work too: MODEL (= STUDENT_HF) and
+# PWOPSD_TRAIN_DATASET (= PROMPT_DATA). Runs are named {model_tag}_{method} as in the release (MODEL_TAG: the
+# student directory's name, lower-cased; "_s<SEED>" is added when SEED is set), or RUN_NAME. A directory that
+# already holds a run is refused unless FORCE=1 (moved aside, never deleted).
+# Evaluation flow of the release: checkpoints every SAVE_INTERVAL steps (25) under $RUN_DIR/checkpoints, then
+# the checkpoint EVAL_CHECKPOINT (100 on a cluster, the last one on the embedded defaults; "latest" or a step)
+# is written as the plain HF model $RUN_DIR_merged with a .ready_for_eval sentinel (prepare_eval_checkpoint:
+# the LoRA adapter is already merged into the saved weights); PREPARE_EVAL=0 skips it. Evaluate it with
+# scripts/eval/run_downstream_*.sh or tools/eval_math.py (docs/evaluation.md).
+# Output: $OUTPUT_ROOT/$RUN_NAME/{train_args.txt, train.log, metrics.jsonl, launcher.json, checkpoints/} and
+# $OUTPUT_ROOT/${RUN_NAME}_merged/. Every input is checked before anything starts (exit 2 on a bad one).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,10 +56,9 @@ OPD_BUDGET_RATIO=${OPD_BUDGET_RATIO:-1.0}
 # ---------------------------------------------------------------- where things are
 SLIME_DIR=${SLIME_DIR:-$REPO_ROOT/slime_ta_opd}
 OUTPUT_ROOT=${OUTPUT_ROOT:-$REPO_ROOT/outputs/self_distillation}
-RUN_NAME=${RUN_NAME:-${METHOD}_$(date +%Y%m%d_%H%M%S)}
 TEACHER_MODEL=${TEACHER_MODEL:-}
-STUDENT_HF=${STUDENT_HF:-}
-PROMPT_DATA=${PROMPT_DATA:-}
+STUDENT_HF=${STUDENT_HF:-${MODEL:-}}                  # MODEL: the release's name
+PROMPT_DATA=${PROMPT_DATA:-${PWOPSD_TRAIN_DATASET:-}} # PWOPSD_TRAIN_DATASET: the release's name
 EVAL_PROMPT_DATA=${EVAL_PROMPT_DATA:-}
 MODEL_SHAPE=${MODEL_SHAPE:-embedded}
 
@@ -60,10 +69,11 @@ ta_require_path "SLIME_DIR/train.py" "$SLIME_DIR/train.py" file
 [[ -n "$STUDENT_HF" ]] && ta_require_path STUDENT_HF "$STUDENT_HF" dir
 [[ -n "$PROMPT_DATA" ]] && ta_require_path PROMPT_DATA "$PROMPT_DATA" file
 [[ -n "$EVAL_PROMPT_DATA" ]] && ta_require_path EVAL_PROMPT_DATA "$EVAL_PROMPT_DATA" file
-for name in NUM_ROLLOUT SEED LORA_RANK; do
+for name in NUM_ROLLOUT SEED LORA_RANK SAVE_INTERVAL; do
   value=${!name:-}
   [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] || ta_die "$name=$value: expected a non-negative integer"
 done
+ta_require_flag PREPARE_EVAL FORCE
 
 export PYTHONPATH="$SLIME_DIR:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -72,6 +82,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_O
 ta_use_embedded_defaults
 ta_require_path STUDENT_HF "$STUDENT_HF" dir
 ta_require_path PROMPT_DATA "$PROMPT_DATA" file
+MODEL_TAG=${MODEL_TAG:-$(basename "$STUDENT_HF" | tr '[:upper:]' '[:lower:]')}
+[[ "$MODEL_TAG" =~ ^[a-z0-9._-]+$ ]] || ta_die "MODEL_TAG=$MODEL_TAG: expected letters, digits, '.', '_', '-' (set MODEL_TAG)"
+RUN_NAME=${RUN_NAME:-${MODEL_TAG}_${METHOD}${SEED:+_s$SEED}} # the release's {model_tag}_{method}
 
 # ---------------------------------------------------------------- knobs (embedded defaults | real-model defaults)
 if [[ "$PROFILE" == embedded ]]; then
@@ -85,6 +98,12 @@ else
 fi
 LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_RANK))}
 SEED=${SEED:-1234}
+SAVE_INTERVAL=${SAVE_INTERVAL:-25} # the release's periodic saves
+((SAVE_INTERVAL > 0)) || ta_die "SAVE_INTERVAL=0: expected a positive number of steps between checkpoints"
+PREPARE_EVAL=${PREPARE_EVAL:-1}
+if [[ "$PROFILE" == embedded ]]; then EVAL_CHECKPOINT=${EVAL_CHECKPOINT:-latest}; else EVAL_CHECKPOINT=${EVAL_CHECKPOINT:-100}; fi
+[[ "$EVAL_CHECKPOINT" == latest || "$EVAL_CHECKPOINT" =~ ^[1-9][0-9]*$ ]] \
+  || ta_die "EVAL_CHECKPOINT=$EVAL_CHECKPOINT: expected a step number (e.g. 100) or 'latest'"
 ROLLOUT_SEED=${ROLLOUT_SEED:-42}
 ROLLOUT_TEMPERATURE=${ROLLOUT_TEMPERATURE:-1.0}
 EVAL_TEMPERATURE=${EVAL_TEMPERATURE:-0.0}
@@ -139,6 +158,13 @@ fi
 TRAIN_ARGS=(--train-backend torch --lr "$LR" --micro-batch-size "$MICRO_BATCH_SIZE" --seed "$SEED")
 
 RUN_DIR="$OUTPUT_ROOT/$RUN_NAME"
+MERGED_DIR="${RUN_DIR}_merged"
+RESUME=0 ta_prepare_output_dir "run directory (RUN_NAME=$RUN_NAME)" "$RUN_DIR"
+if [[ -e "$MERGED_DIR" ]]; then
+  ((FORCE)) || ta_die "$MERGED_DIR exists (an earlier run's evaluation model); FORCE=1 moves it aside"
+  ta_log "FORCE=1: moved the earlier $MERGED_DIR to $(ta_move_aside "$MERGED_DIR")"
+fi
+CKPT_ARGS+=(--save "$RUN_DIR/checkpoints" --save-interval "$SAVE_INTERVAL")
 mkdir -p "$RUN_DIR"
 ARGS=(
   "${CKPT_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${EVAL_ARGS[@]}" "${SD_ARGS[@]}" "${SELECT_ARGS[@]}"
@@ -158,3 +184,8 @@ printf '{"method": "%s", "exit_code": %d, "wall_seconds": %s}\n' \
   "$METHOD" "$rc" "$(ta_seconds_between "$start" "$end")" > "$RUN_DIR/launcher.json"
 ((rc == 0)) || ta_die "$METHOD failed (exit $rc); log: $RUN_DIR/train.log"
 ta_log "done: $RUN_DIR/metrics.jsonl"
+if ((PREPARE_EVAL)); then
+  "$PYTHON" -m slime.eval.checkpoints "$RUN_DIR" --checkpoint "$EVAL_CHECKPOINT" --out "$MERGED_DIR" \
+    || ta_die "could not prepare $MERGED_DIR for evaluation (checkpoints: $RUN_DIR/checkpoints)"
+  ta_log "ready for evaluation: $MERGED_DIR (checkpoint $EVAL_CHECKPOINT)"
+fi

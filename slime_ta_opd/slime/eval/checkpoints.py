@@ -10,8 +10,9 @@ Usage::
 The PW-OPSD release trains with periodic saves (every 25 steps) and evaluates checkpoint 100. A run directory
 holds checkpoints in one of two layouts:
 
-* the stack's trainer (``--save RUN/checkpoints``): ``RUN/checkpoints/iter_<step, 7 digits>/model`` is already a
-  full HF checkpoint (a LoRA student is saved with its adapter merged), copied as it is;
+* the stack's trainer (``--save RUN/checkpoints``): ``RUN/checkpoints/iter_<rollout id, 7 digits>/model`` is
+  already a full HF checkpoint (a LoRA student is saved with its adapter merged), copied as it is; rollout ids
+  count from 0, so checkpoint 100 (after 100 steps) is ``iter_0000099``;
 * a peft/TRL run: ``RUN/checkpoint-<step>/`` with ``adapter_config.json``: the adapter is merged into its base
   model (``base_model_name_or_path`` of the adapter config, or ``--base-model``) with peft's ``merge_and_unload``.
 
@@ -51,7 +52,8 @@ def available_checkpoints(run_dir: Path) -> dict[int, Path]:
         m = pattern.match(path.name)
         if not m or not path.is_dir():
             continue
-        step = int(m.group(1))
+        # iter_<r> is saved after rollout r (counted from 0): r + 1 steps done; checkpoint-<n> is after n steps
+        step = int(m.group(1)) + 1 if pattern is _ITER else int(m.group(1))
         source = path / "model" if pattern is _ITER else path
         if step in found:
             raise ValueError(f"{run_dir}: step {step} is saved twice ({found[step]} and {source})")

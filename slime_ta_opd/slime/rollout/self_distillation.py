@@ -22,16 +22,32 @@ from typing import Any
 
 from slime.utils.types import Sample
 
-__all__ = ["METADATA_KEY", "privileged_prefill", "teacher_prompt_ids", "teacher_prompt_text"]
+__all__ = ["METADATA_KEY", "privileged_prefill", "reference_solution", "teacher_prompt_ids", "teacher_prompt_text"]
 
 METADATA_KEY = "sd_teacher_prompt_ids"  # sample.metadata cache: one tokenisation per sample
 
 
+THINK_END = "</think>"
+
+
+def reference_solution(label: str) -> str:
+    """The part of a reference solution after its last ``</think>`` (all of it when there is none).
+
+    DeepSeek-R1-distilled and Olmo chat templates render an assistant turn without its reasoning (only what
+    follows ``</think>``), and their generation prompt opens a ``<think>`` block; a reference that carries its
+    reasoning would put a closed think block inside the teacher's prompt, a context these models never saw.
+    """
+    head, sep, tail = label.rpartition(THINK_END)
+    return tail.lstrip("\n") if sep else label
+
+
 def teacher_prompt_text(template: str, prompt: str, label: str) -> str:
-    """The teacher's prompt: ``template`` with ``{prompt}`` and ``{label}`` replaced literally."""
+    """The teacher's prompt: ``template`` with ``{prompt}`` and ``{label}`` (its :func:`reference_solution`)
+    replaced literally."""
     for key in ("{prompt}", "{label}"):
         if key not in template:
             raise ValueError(f"--sd-teacher-prompt-template must contain {key}, got {template!r}")
+    label = reference_solution(label)
     # {label} first: a label that contains the text "{prompt}" must stay as written
     return template.replace("{label}", "\0LABEL\0").replace("{prompt}", prompt).replace("\0LABEL\0", label)
 
