@@ -83,15 +83,6 @@ def test_a_saved_rollout_holding_code_is_refused(tmp_path):
         compat_flags.load_debug_rollout(ns, 0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(os.environ)})
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_rollout_only_run_then_training_from_the_saved_rollouts(tmp_path, ray_local):
     from slime.embedded.models import build_tiny_checkpoint

@@ -97,7 +97,7 @@ def merge(inputs: list[str], labels: list[str] | None, allow_missing: bool) -> A
         if col in merged.columns:
             merged[col] = pd.to_numeric(merged[col])
     key = [k for k in KEY if k in merged.columns]
-    merged["_key"] = merged[key].astype(str).agg("|".join, axis=1)
+    merged["_key"] = merged[key].astype(object).map(str).agg("|".join, axis=1)  # missing values (None) as text too
     before = len(merged)
     merged = merged.drop_duplicates("_key", keep="last").drop(columns="_key").reset_index(drop=True)
     if before != len(merged):
