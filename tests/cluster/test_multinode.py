@@ -60,11 +60,6 @@ def _pushed_weights_served(rows: list[dict]) -> None:
     assert all(math.isfinite(d) and d < 1e-4 for d in diffs), diffs
 
 
-def _replace(argv: list[str], flag: str, value: str) -> list[str]:
-    i = argv.index(flag)
-    return [*argv[: i + 1], value, *argv[i + 2 :]]
-
-
 def _without_role_flags(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -113,19 +108,16 @@ def test_suite_joins_the_cluster_places_roles_per_node_and_matches_a_one_node_ru
     # which a bare ray.init() would follow, is in this process's RAY_TMPDIR)
     argv = (run_dir / "train_args.txt").read_text().splitlines()
     one = tmp_path / "one_node"
-    argv = _without_role_flags(argv)
-    for flag in ("--output-dir", "--save", "--load"):
-        if flag in argv:
-            argv = _replace(argv, flag, str(one / flag.strip("-")))
+    argv = [a.replace(str(run_dir), str(one)) for a in _without_role_flags(argv)]  # its own output paths
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "slime_ta_opd"), str(REPO), env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(TRAIN_PY), *argv], env=env, capture_output=True, text=True, timeout=1500)
     one_s = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-5000:]
-    one_rows = _steps(one / "output-dir")
+    one_rows = _steps(one)
     assert [sorted(r) for r in one_rows] == [sorted(r) for r in rows]
-    one_where = json.loads((one / "output-dir" / "placement.json").read_text())
+    one_where = json.loads((one / "placement.json").read_text())
     assert one_where["driver"]["node_id"] not in ids.values()  # a Ray of its own, not the running cluster
     assert {e["node_id"] for e in one_where["engines"]} == {one_where["rollout_manager"]["node_id"]}
     print(f"3-step suite entry on the cluster: {cluster_s:.1f}s; the same on one node: {one_s:.1f}s")
@@ -174,8 +166,11 @@ def test_lost_rollout_node_mid_step_the_run_carries_on_with_the_other_engine(loc
     assert lost[0]["server_pid"] in killed  # the engine went down with its node
     rows = _steps(out)
     assert [r["rollout_id"] for r in rows] == list(range(STEPS))
-    assert [r["rollout/engines"] for r in rows] == [2, 1, 1]
-    assert [r["rollout/engines_lost_total"] for r in rows] == [0, 1, 1]
+    # the engine is dropped in step 1: when its redone rollout or, if the router's retries saved the rollout, when
+    # the weight push after it fails on the lost engine (then step 1's rollout still counted 2)
+    engines = [r["rollout/engines"] for r in rows]
+    assert engines[0] == 2 and engines[2] == 1, engines
+    assert rows[2]["rollout/engines_lost_total"] == 1 and rows[0]["rollout/engines_lost_total"] == 0
     _pushed_weights_served(rows)  # rollout 2 ran on the weights broadcast to the surviving engine
     assert "left the Ray cluster; continuing with the other engines" in text
     for step in range(STEPS):  # nothing saved is lost; the last checkpoint resumes

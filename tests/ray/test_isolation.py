@@ -71,7 +71,10 @@ def test_a_running_cluster_does_not_capture_the_test_fixture_or_a_run():
     head = [
         "ray", "start", "--head", "--port", str(port), "--num-cpus", "1", "--resources", '{"elsewhere": 1}',
         "--object-store-memory", str(80 * 1024**2), "--include-dashboard", "false", "--disable-usage-stats",
-        "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+        "--ray-client-server-port", str(_free_port()),
+        # the agents' ports given up front (free ones: no clash with another Ray here; the raylet need not wait)
+        "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
     ]  # fmt: skip
     try:
         started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=600)
