@@ -228,8 +228,6 @@ def _trl_trainer(tmp: str, assets, prompt_ids: list[list[int]], size: dict, temp
     student = AutoModelForCausalLM.from_pretrained(assets.student_dir, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(assets.teacher_dir, dtype=torch.float32)
     # ignore EOS, as this stack's rollout here: every response has exactly new_tokens tokens
-    for model in (student, teacher):
-        model.generation_config.eos_token_id = None
     pad = tokenizer.pad_token_id
     rows = [ids for ids in prompt_ids for _ in range(size["samples"])]
     width = max(len(r) for r in rows)
@@ -267,7 +265,7 @@ def _trl_trainer(tmp: str, assets, prompt_ids: list[list[int]], size: dict, temp
         gradient_checkpointing=False,
         seed=0,
     )
-    return GKDTrainer(
+    trainer = GKDTrainer(
         model=student,
         teacher_model=teacher,
         args=config,
@@ -275,6 +273,7 @@ def _trl_trainer(tmp: str, assets, prompt_ids: list[list[int]], size: dict, temp
         processing_class=tokenizer,
         data_collator=collate,
     )
+    return trainer
 
 
 def _summary(values: list[float]) -> dict:
@@ -331,6 +330,8 @@ def run(
             inner_generate = trainer.generate_on_policy_outputs
 
             def generate_and_count(model, inputs, generation_config):
+                # Trainer.train() aligns the model's EOS with the tokenizer's again: ignore EOS, as this stack
+                model.generation_config.eos_token_id = generation_config.eos_token_id = None
                 out = inner_generate(model, inputs, generation_config)
                 lengths.append(int((out[2] != -100).sum()))  # response tokens the loss reads
                 return out
