@@ -413,3 +413,72 @@ def test_teacher_temperature_applied_by_the_embedded_server_and_ignored_by_a_stu
     ignored = report.get("teacher_temperature")
     assert ignored.status == pf.FAIL and "ignored" in ignored.detail
     assert "--opd-teacher-temperature 1" in ignored.detail
+
+
+# ------------------------------------------------------------------------------------------------
+# --allow-tokenizer-mismatch: only added/special tokens may differ
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def added_pair(tmp_path_factory):
+    """The student's tokenizer, and a teacher's: the same tokens plus two added special tokens (new ids)."""
+    from slime.embedded.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("added_pair")
+    student = _tokenizer(root / "student")
+    teacher = _tokenizer(root / "teacher")
+    teacher.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    teacher.save_pretrained(root / "teacher")
+    return SimpleNamespace(student=student, teacher=load_tokenizer(root / "teacher"), root=root)
+
+
+def test_added_special_tokens_are_accepted_with_the_flag_and_reported(added_pair):
+    s, t = added_pair.student, added_pair.teacher
+    n = len(s.get_vocab())
+    refused = pf.check_tokenizer(s, t)
+    assert refused.status == pf.FAIL and "--allow-tokenizer-mismatch accepts such a pair" in refused.detail
+    accepted = pf.check_tokenizer(s, t, allow_mismatch=True)
+    assert accepted.status == pf.WARN, accepted.line()
+    assert f"ids 0..{n - 1} decode to the same strings" in accepted.detail
+    assert f"id {n}: student None / teacher '<think>'" in accepted.detail and "2 id(s) differ" in accepted.detail
+    assert accepted.values["shared_ids"] == n
+    # the teacher's extra ids are never sampled by the student: the padded-vocabulary check looks at the student's
+    rows = len(s)
+    assert pf.check_padded_vocab(s, t, rows, rows).status == pf.FAIL
+    assert pf.check_padded_vocab(s, t, rows, rows, allow_mismatch=True).status == pf.PASS
+
+
+def test_tokenizers_differing_in_regular_tokens_or_disjoint_are_refused_with_the_reason():
+    class Tok:
+        def __init__(self, vocab, added=()):
+            self.vocab, self.all_special_tokens = vocab, list(added)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def convert_tokens_to_ids(self, token):
+            return self.vocab.get(token)
+
+    moved = pf.check_tokenizer(Tok({"a": 0, "b": 1, "<s>": 2}, ["<s>"]), Tok({"a": 0, "c": 1, "<s>": 2}, ["<s>"]),
+                               allow_mismatch=True)  # fmt: skip
+    assert moved.status == pf.FAIL
+    why = "cannot accept this pair: 1 regular (not added/special) token(s) differ: id 1: student 'b' / teacher 'c'"
+    assert why in moved.detail
+    disjoint = pf.check_tokenizer(Tok({"a": 0, "b": 1}), Tok({"x": 0, "y": 1}), allow_mismatch=True)
+    assert disjoint.status == pf.FAIL and "share no id with the same string (disjoint tokenizers)" in disjoint.detail
+
+
+def test_teacher_check_and_fixed_context_vocab_follow_the_flag(added_pair):
+    from slime.rollout.teacher_check import check_same_tokenizer
+    from ta_opd.diagnostics.cli.eval_bank import resolve_vocab
+
+    s_dir, t_dir = added_pair.root / "student", added_pair.root / "teacher"
+    with pytest.raises(ValueError, match="does not match"):
+        check_same_tokenizer(s_dir, t_dir)
+    check_same_tokenizer(s_dir, t_dir, allow_mismatch=True)  # accepted, with a warning naming the ids
+    n = len(added_pair.student.get_vocab())
+    widths = [n + 2, n]
+    with pytest.raises(ValueError, match="tokenizers differ.*--allow-tokenizer-mismatch"):
+        resolve_vocab([str(t_dir), str(s_dir)], widths, "auto")
+    assert resolve_vocab([str(t_dir), str(s_dir)], widths, "auto", allow_mismatch=True) == n

@@ -167,7 +167,7 @@ class RolloutManager:
         if args.use_opd and teacher_dir and args.hf_checkpoint:
             from slime.rollout.teacher_check import check_same_tokenizer
 
-            check_same_tokenizer(args.hf_checkpoint, teacher_dir)
+            check_same_tokenizer(args.hf_checkpoint, teacher_dir, getattr(args, "allow_tokenizer_mismatch", False))
 
     def _check_external_teacher(self) -> None:
         if not (self.args.use_opd and self.args.opd_type == "sglang" and self.args.rm_url and self.args.hf_checkpoint):

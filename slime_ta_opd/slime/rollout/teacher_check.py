@@ -8,8 +8,11 @@ differ; the tokenizers may not.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def _tokenizer(path: str | os.PathLike) -> Any:
@@ -18,11 +21,27 @@ def _tokenizer(path: str | os.PathLike) -> Any:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def check_same_tokenizer(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike) -> None:
-    """Raise ValueError naming both paths and the first difference when the two tokenizers differ."""
+def check_same_tokenizer(
+    student_dir: str | os.PathLike, teacher_dir: str | os.PathLike, allow_mismatch: bool = False
+) -> None:
+    """Raise ValueError naming both paths and the first difference when the two tokenizers differ.
+
+    ``allow_mismatch`` (``--allow-tokenizer-mismatch``): a pair that differs only in added/special tokens is accepted
+    with a warning naming the differing ids (ta_opd.diagnostics.vocab); any other difference is still refused."""
     student, teacher = _tokenizer(student_dir), _tokenizer(teacher_dir)
     s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
     if s_vocab == t_vocab:
+        return
+    if allow_mismatch:
+        from ta_opd.diagnostics.vocab import added_tokens, compare_vocabularies
+
+        cmp = compare_vocabularies(s_vocab, t_vocab, added_tokens(student), added_tokens(teacher))
+        if not cmp.compatible:
+            raise ValueError(
+                f"teacher tokenizer {str(teacher_dir)!r} and student tokenizer {str(student_dir)!r} differ beyond "
+                f"added/special tokens, so --allow-tokenizer-mismatch cannot accept them: {cmp.reason()}"
+            )
+        logger.warning("--allow-tokenizer-mismatch: %s", cmp.describe())
         return
     if len(s_vocab) != len(t_vocab):
         detail = f"vocabulary sizes differ: student {len(s_vocab)}, teacher {len(t_vocab)}"

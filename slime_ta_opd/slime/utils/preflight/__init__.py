@@ -96,7 +96,7 @@ def run_preflight(args: Any, rollout_manager: Any) -> PreflightReport:
     """
     import ray
 
-    from slime.utils.preflight.probe import PreflightTarget, run_checks
+    from slime.utils.preflight.probe import PreflightOptions, PreflightTarget, run_checks
 
     if not preflight_applies(args):
         logger.info("pre-flight: skipped (needs --use-opd --opd-type sglang: a teacher server to check)")
@@ -118,7 +118,8 @@ def run_preflight(args: Any, rollout_manager: Any) -> PreflightReport:
         teacher_path=getattr(args, "opd_teacher_hf_checkpoint", None),
         api_key=getattr(args, "api_key", None),
     )
-    report = run_checks(run_args, target, warn=getattr(args, "preflight_warn", None) or ())
+    options = PreflightOptions(allow_tokenizer_mismatch=bool(getattr(args, "allow_tokenizer_mismatch", False)))
+    report = run_checks(run_args, target, warn=getattr(args, "preflight_warn", None) or (), options=options)
     for line in report.format().splitlines():
         (logger.info if report.ok else logger.error)("%s", line)
     if not report.ok:

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--determinism-abs-tol", type=float, default=pf.DETERMINISM_ABS_TOL, help="Spread floor (nats).")
     p.add_argument("--json", default=None, help="Write the report as JSON to this file.")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="Accept tokenizers differing only in added/special tokens (a WARN).")  # fmt: skip
     return p
 
 
@@ -122,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kl_tol=ns.kl_tol,
         determinism_rel_tol=ns.determinism_rel_tol,
         determinism_abs_tol=ns.determinism_abs_tol,
+        allow_tokenizer_mismatch=ns.allow_tokenizer_mismatch,
     )
     with ExitStack() as stack:
         student_url = ns.student_url

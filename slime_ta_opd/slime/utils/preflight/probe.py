@@ -55,6 +55,7 @@ class PreflightOptions:
     temperature_rel_tol: float = pf.TEMPERATURE_REL_TOL
     timeout_s: float = 120.0
     only: Sequence[str] | None = None  # run just these checks (default: all of pf.CHECK_NAMES)
+    allow_tokenizer_mismatch: bool = False  # only added/special tokens may differ (check_tokenizer)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -280,9 +281,9 @@ def _tokenizer_checks(pair: _Pair, s_path: str | None, t_path: str | None, opts:
     s_gen = _json_file(s_path, "generation_config.json") or {}
     t_gen = _json_file(t_path, "generation_config.json") or {}
     return [
-        pf.check_tokenizer(pair.s_tok, pair.t_tok),
+        pf.check_tokenizer(pair.s_tok, pair.t_tok, opts.allow_tokenizer_mismatch),
         pf.check_eos_pad(pair.s_tok, pair.t_tok, _ids(s_gen.get("eos_token_id")), _ids(t_gen.get("eos_token_id"))),
-        pf.check_padded_vocab(pair.s_tok, pair.t_tok, pair.s_rows, pair.t_rows),
+        pf.check_padded_vocab(pair.s_tok, pair.t_tok, pair.s_rows, pair.t_rows, opts.allow_tokenizer_mismatch),
         pf.check_chat_template(pair.s_tok, pair.t_tok, opts.conversations),
     ]
 

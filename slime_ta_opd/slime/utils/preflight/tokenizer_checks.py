@@ -38,8 +38,14 @@ def _special_tokens(tok: Any) -> dict[int, str]:
     return out
 
 
-def check_tokenizer(student_tok: Any, teacher_tok: Any) -> CheckResult:
-    """Same vocabulary (token → id) and the same special/added tokens: OPD compares token *ids*."""
+def check_tokenizer(student_tok: Any, teacher_tok: Any, allow_mismatch: bool = False) -> CheckResult:
+    """Same vocabulary (token → id) and the same special/added tokens: OPD compares token *ids*.
+
+    ``allow_mismatch`` (``--allow-tokenizer-mismatch``): tokenizers that differ only in added/special tokens — every
+    id both have below the first difference decodes to the same string, and every differing id is an added/special
+    token on each side that has it — pass with a WARN naming the differing ids; anything else still fails, with the
+    reason (a regular token that differs, or vocabularies that share no id).
+    """
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     only_s = sorted(set(s_vocab) - set(t_vocab), key=s_vocab.get)
     only_t = sorted(set(t_vocab) - set(s_vocab), key=t_vocab.get)
@@ -54,6 +60,17 @@ def check_tokenizer(student_tok: Any, teacher_tok: Any) -> CheckResult:
     values = {"student_vocab": len(s_vocab), "teacher_vocab": len(t_vocab), "differing": n_diff}
     if n_diff == 0 and not special_diff:
         return CheckResult("tokenizer", PASS, measured, values=values)
+    from ta_opd.diagnostics.vocab import added_tokens, compare_vocabularies
+
+    cmp = compare_vocabularies(s_vocab, t_vocab, added_tokens(student_tok), added_tokens(teacher_tok))
+    values["shared_ids"] = cmp.shared_ids
+    if allow_mismatch and cmp.compatible:
+        detail = (
+            f"accepted by --allow-tokenizer-mismatch: ids 0..{cmp.shared_ids - 1} decode to the same strings on "
+            f"both sides and only added/special tokens differ ({cmp.describe()}). Tokens at those ids mean different "
+            "text to the two models: check eos_pad, and keep them out of the responses."
+        )
+        return CheckResult("tokenizer", WARN, measured, detail, values)
     lines = []
     if moved:
         lines.append(
@@ -75,6 +92,12 @@ def check_tokenizer(student_tok: Any, teacher_tok: Any) -> CheckResult:
         "OPD scores the student's token ids with the teacher: with another tokenizer the teacher's log-prob "
         "at each position is that of a different token. Use a teacher from the same tokenizer family."
     )
+    if allow_mismatch:
+        lines.append(f"--allow-tokenizer-mismatch cannot accept this pair: {cmp.reason()}")
+    elif cmp.compatible:
+        lines.append(
+            f"Only added/special tokens differ ({cmp.describe()}): --allow-tokenizer-mismatch accepts such a pair."
+        )
     return CheckResult("tokenizer", FAIL, measured, "\n".join(lines), values)
 
 
@@ -142,7 +165,11 @@ def check_eos_pad(
 
 
 def check_padded_vocab(
-    student_tok: Any, teacher_tok: Any, student_rows: int | None, teacher_rows: int | None
+    student_tok: Any,
+    teacher_tok: Any,
+    student_rows: int | None,
+    teacher_rows: int | None,
+    allow_mismatch: bool = False,
 ) -> CheckResult:
     """Model embedding rows vs tokenizer size: padding (151,936 vs 152,064 rows for one Qwen tokenizer) is harmless.
 
@@ -152,7 +179,8 @@ def check_padded_vocab(
     """
     s_ids = list(student_tok.get_vocab().values()) + list(_special_tokens(student_tok))
     t_ids = list(teacher_tok.get_vocab().values()) + list(_special_tokens(teacher_tok))
-    max_id = max(s_ids + t_ids)
+    # with --allow-tokenizer-mismatch the ids that reach both models are the student's (it samples them)
+    max_id = max(s_ids) if allow_mismatch else max(s_ids + t_ids)
     same_tokenizer = student_tok.get_vocab() == teacher_tok.get_vocab()
     measured = (
         f"model rows student {student_rows if student_rows is not None else '?'} / teacher "
