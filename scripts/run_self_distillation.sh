@@ -73,6 +73,7 @@ for name in NUM_ROLLOUT SEED LORA_RANK SAVE_INTERVAL; do
   value=${!name:-}
   [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] || ta_die "$name=$value: expected a non-negative integer"
 done
+PREPARE_EVAL=${PREPARE_EVAL:-1}
 ta_require_flag PREPARE_EVAL FORCE
 
 export PYTHONPATH="$SLIME_DIR:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -100,7 +101,6 @@ LORA_ALPHA=${LORA_ALPHA:-$((2 * LORA_RANK))}
 SEED=${SEED:-1234}
 SAVE_INTERVAL=${SAVE_INTERVAL:-25} # the release's periodic saves
 ((SAVE_INTERVAL > 0)) || ta_die "SAVE_INTERVAL=0: expected a positive number of steps between checkpoints"
-PREPARE_EVAL=${PREPARE_EVAL:-1}
 if [[ "$PROFILE" == embedded ]]; then EVAL_CHECKPOINT=${EVAL_CHECKPOINT:-latest}; else EVAL_CHECKPOINT=${EVAL_CHECKPOINT:-100}; fi
 [[ "$EVAL_CHECKPOINT" == latest || "$EVAL_CHECKPOINT" =~ ^[1-9][0-9]*$ ]] \
   || ta_die "EVAL_CHECKPOINT=$EVAL_CHECKPOINT: expected a step number (e.g. 100) or 'latest'"

@@ -59,6 +59,8 @@ def test_launcher_two_pwopsd_steps(tmp_path):
     run_dir = tmp_path / "out" / "pw"
     args = (run_dir / "train_args.txt").read_text().splitlines()
     assert "--self-distillation" in args and args[args.index("--loss-type") + 1] == "pwopsd"
+    ready = json.loads((tmp_path / "out" / "pw_merged" / ".ready_for_eval").read_text())  # the release's eval flow
+    assert ready["step"] == 2 and (tmp_path / "out" / "pw_merged" / "model.safetensors").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]
     assert len(train) == 2

@@ -14,7 +14,7 @@ Input layout (what ``scripts/eval/run_downstream_*.sh`` and ``tools/eval_math.py
 With ``--layout pwopsd`` the two levels are ``<model_tag>/<method>`` instead of ``<method>/<budget>``. A
 missing budget level reads as budget ``-`` (the base student, full OPD). Several lm-eval result files under
 one seed directory are merged (the newest file wins a task). lm-eval metrics are fractions and are reported
-in percent; a task is mapped to its benchmark and metric by ``BENCHMARKS`` (``--metric BENCH=KEY`` overrides;
+in percent; a task is mapped to its benchmark and metric by ``BENCHMARKS`` (``--metric-for BENCH=KEY`` overrides;
 a task not listed keeps its own name and its first accuracy-like metric). ``per_problem.jsonl`` gives
 ``avg@k``, ``pass@k`` and ``maj@k`` per dataset (k from the ``results.csv`` beside it), recomputed at full
 precision from the per-problem values.
