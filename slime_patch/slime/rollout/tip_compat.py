@@ -18,6 +18,7 @@ from typing import Any
 
 from ta_opd.aliases import resolve_alias
 from ta_opd.config import SelectionConfig
+from ta_opd.flags import FIELD_TO_DEST, config_from_args
 
 __all__ = [
     "CONFIG_FIELD_TO_ARG",
@@ -29,24 +30,9 @@ __all__ = [
     "topk_k",
 ]
 
-# SelectionConfig field ← slime flag (argparse attribute). Fields not listed (nonfinite_policy) keep
-# the config default; so does any flag the running checkout did not register.
-CONFIG_FIELD_TO_ARG: dict[str, str] = {
-    "mask": "opd_budget_mask",
-    "ratio": "opd_budget_ratio",
-    "seed": "opd_budget_mask_seed",
-    "min_keep_per_sample": "opd_budget_min_keep_per_sample",
-    "gamma": "opd_budget_gamma",
-    "compat_proxy": "opd_compat_proxy",
-    "prefix_ema_alpha": "opd_compat_prefix_ema_alpha",
-    "normalization": "opd_metric_normalization",
-    "q_low": "opd_metric_q_low",
-    "q_high": "opd_metric_q_high",
-    "topk_k": "opd_topk_metrics_k",
-    "exact_cmass": "opd_exact_cmass",
-    "exact_cmass_max_union": "opd_exact_cmass_max_union",
-    "exact_cmass_overflow": "opd_exact_cmass_overflow",
-}
+# SelectionConfig field ← slime flag (argparse attribute), from ta_opd.flags. Fields without a flag keep the
+# config default; so does any flag the running checkout did not register.
+CONFIG_FIELD_TO_ARG: dict[str, str] = dict(FIELD_TO_DEST)
 
 FULL_MASK = "full"
 
@@ -64,19 +50,9 @@ def normalize_mask_name(name: str) -> str:
 
 
 def selection_config_from_args(args: Any) -> SelectionConfig:
-    """``SelectionConfig`` from the ``--opd-*`` flags present on ``args`` (aliases resolved, validated)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
-    kwargs: dict[str, Any] = {}
-    for field_name, arg_name in CONFIG_FIELD_TO_ARG.items():
-        if field_name not in defaults:
-            continue
-        value = getattr(args, arg_name, None)
-        if value is not None:
-            kwargs[field_name] = value
-    kwargs["mask"] = normalize_mask_name(kwargs.get("mask", defaults.get("mask", FULL_MASK)))
-    cfg = SelectionConfig(**kwargs)
-    cfg.validate()
-    return cfg
+    """``SelectionConfig`` from the ``--opd-*`` flags present on ``args`` (aliases resolved, validated by the one
+    validator, ``SelectionConfig.validate``, with errors in flag terms): ``ta_opd.flags.config_from_args``."""
+    return config_from_args(args)
 
 
 def topk_k(args: Any) -> int:
