@@ -27,20 +27,18 @@ import time
 from argparse import Namespace
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from slime.backends.torch_utils.model import ResponseBatch, build_response_batch
 from slime.utils.arguments import SFT_BASELINE_GENERATE
 from slime.utils.lr_schedule import lr_at
 from ta_opd.chunked import LogitSource
 from ta_opd.loss_registry import INPUTS, LOSSES, LossConfig, LossInputs, LossSpec
 from ta_opd.losses import opd_advantages, sampled_reverse_kl
 from ta_opd.sd_losses import teacher_divergence
-
-if TYPE_CHECKING:
-    from slime.backends.torch_utils.model import ResponseBatch
 
 WEIGHTS_SUBDIR = "weights"  # pushed weights live under --output-dir/weights/weight_v*
 ROLLOUT_INPUTS = frozenset({"old_logp", "advantages"})  # loss inputs every trainer takes from the rollout
@@ -95,9 +93,37 @@ def micro_batches(indices: list[int], size: int) -> list[list[int]]:
     return [indices[s : s + size] for s in range(0, len(indices), size)]
 
 
+def response_batch(data: dict[str, Any], idx: list[int], pad_id: int, device: torch.device | str) -> ResponseBatch:
+    """The samples ``idx`` of the rollout data as one right-padded :class:`ResponseBatch`, ids on ``device``."""
+    batch = build_response_batch(
+        [list(data["tokens"][i]) for i in idx],
+        [int(data["prompt_lengths"][i]) for i in idx],
+        [int(data["response_lengths"][i]) for i in idx],
+        pad_id=pad_id,
+    )
+    batch.input_ids = batch.input_ids.to(device)
+    return batch
+
+
 def mean_metrics(step_metrics: list[dict[str, float]]) -> dict[str, float]:
     """Per-key mean over the optimizer steps of one rollout."""
     return {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
+
+
+def adamw(model: torch.nn.Module, args: Namespace) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over the trainable parameters, ``--weight-decay`` on matrices only (not on biases and
+    norms), ``--lr``, ``--adam-beta1/2``, ``--adam-eps``: the torch trainer's optimizer and the Megatron trainer's
+    on CPU."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_eps,
+    )
 
 
 # ------------------------------------------------------------------------------------------ advantages
@@ -240,6 +266,8 @@ class LossMetrics:
 
 
 def rollout_metrics(old, teacher, loss_masks, resp_lens, from_teacher: bool = False) -> dict[str, float]:
+    """Response lengths and the sampled-token teacher KL of the rollout (the one place ``train/teacher_*kl*``
+    is computed), from the per-sample old and teacher log-probs."""
     out = {
         "train/response_length_mean": float(np.mean(resp_lens)) if resp_lens else 0.0,
         "train/response_tokens": float(sum(resp_lens)),

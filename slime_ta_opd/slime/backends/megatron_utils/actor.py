@@ -41,8 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slime.backends.torch_utils.model import build_response_batch
-from slime.backends.train_step import WEIGHTS_SUBDIR, StepContext, TrainStep, micro_batches
+from slime.backends.train_step import WEIGHTS_SUBDIR, StepContext, TrainStep, adamw, micro_batches, response_batch
 from slime.ray.train_actor import TrainRayActor
 from slime.utils.lr_schedule import LRSchedule
 from slime.utils.nonfinite import NonFiniteError, check_finite_weights, first_nonfinite, step_is_finite
@@ -195,28 +194,11 @@ class MegatronTrainRayActor(TrainStep, TrainRayActor):
             )
             self.optimizer = get_megatron_optimizer(opt_config, [self.model])
             return
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps,
-        )
+        self.optimizer = adamw(self.model, args)
 
     # ------------------------------------------------------------------ log-probs
     def _batch(self, data: dict[str, Any], idx: list[int]):
-        batch = build_response_batch(
-            [list(data["tokens"][i]) for i in idx],
-            [int(data["prompt_lengths"][i]) for i in idx],
-            [int(data["response_lengths"][i]) for i in idx],
-            pad_id=0,
-        )
-        if self.on_gpu:
-            batch.input_ids = batch.input_ids.cuda()
-        return batch
+        return response_batch(data, idx, pad_id=0, device="cuda" if self.on_gpu else "cpu")
 
     def _schedule(self, model, data: dict[str, Any], micro_batches: list[list[int]], loss_fn, forward_only):
         """Run ``micro_batches`` through Megatron's schedule; returns the last stage's ``loss_fn`` outputs.

@@ -27,12 +27,11 @@ import torch
 from slime.backends.torch_utils import checkpoint as ckpt
 from slime.backends.torch_utils.distill import Distiller
 from slime.backends.torch_utils.model import (
-    build_response_batch,
     load_hf_model,
     sampled_token_log_probs,
     sparse_head_matches_dense,
 )
-from slime.backends.train_step import WEIGHTS_SUBDIR, StepContext, TrainStep, micro_batches
+from slime.backends.train_step import WEIGHTS_SUBDIR, StepContext, TrainStep, adamw, micro_batches, response_batch
 from slime.backends.weight_sync import load_from_disk, pushes_tensors, unique_named_tensors, weight_sender_for
 from slime.ray.train_actor import TrainRayActor
 from slime.utils.lr_schedule import LRSchedule
@@ -74,16 +73,7 @@ class TorchTrainRayActor(TrainStep, TrainRayActor):
         if self.sparse and not sparse_head_matches_dense(self.model, self.model.config.vocab_size):
             logger.warning("logits != lm_head(last_hidden_state) for this model: using the dense LM-head path")
             self.sparse = False
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps,
-        )
+        self.optimizer = adamw(self.model, args)
         self.lr_schedule = LRSchedule.from_args(args)  # --lr-decay-style & co. (slime.utils.lr_schedule)
         self.global_step = 0
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss / grad norm (--nonfinite-policy skip)
@@ -110,14 +100,7 @@ class TorchTrainRayActor(TrainStep, TrainRayActor):
 
     # ------------------------------------------------------------------ log-probs
     def _batch(self, data: dict[str, Any], idx: list[int]):
-        batch = build_response_batch(
-            [list(data["tokens"][i]) for i in idx],
-            [int(data["prompt_lengths"][i]) for i in idx],
-            [int(data["response_lengths"][i]) for i in idx],
-            pad_id=int(self.model.config.pad_token_id or 0),
-        )
-        batch.input_ids = batch.input_ids.to(self.device)
-        return batch
+        return response_batch(data, idx, pad_id=int(self.model.config.pad_token_id or 0), device=self.device)
 
     @torch.no_grad()
     def compute_log_probs(self, data: dict[str, Any]) -> list[torch.Tensor]:
