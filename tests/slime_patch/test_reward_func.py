@@ -258,6 +258,20 @@ def test_self_distillation_sets_the_privileged_prefill_hook():
     assert off.custom_teacher_prefill_function_path is None
 
 
+def test_stack_and_patch_register_the_prefill_flag_alike():
+    import argparse
+
+    from slime.utils.arguments import get_parser
+    from slime_patch.slime.utils.ta_opd_arguments import TEACHER_PREFILL_FLAG, add_ta_opd_arguments
+
+    def action(parser):
+        return next(a for a in parser._actions if TEACHER_PREFILL_FLAG in a.option_strings)
+
+    stack, patch = action(get_parser()), action(add_ta_opd_arguments(argparse.ArgumentParser()))
+    expected = ("custom_teacher_prefill_function_path", str, None)
+    assert (stack.dest, stack.type, stack.default) == (patch.dest, patch.type, patch.default) == expected
+
+
 @pytest.mark.slow
 def test_against_the_embedded_sglang_server(tiny_teacher_dir):
     from slime.backends.embedded_sglang.launch import launch_server
