@@ -258,6 +258,38 @@ def test_self_distillation_sets_the_privileged_prefill_hook():
     assert off.custom_teacher_prefill_function_path is None
 
 
+def test_self_distillation_prompt_reaches_the_teacher_through_the_stack(tiny_tokenizer_dir):
+    from slime.rollout.on_policy_distillation import reward_func  # the stack's module: the patch file itself
+    from slime.rollout.self_distillation import teacher_prompt_ids
+    from slime.utils.arguments import get_parser, validate_self_distillation_args
+
+    class Stub(StubTeacher):  # the tokenizer's ids exceed the stub's vocabulary: score them modulo VOCAB
+        async def generate(self, request):
+            body = await request.json()
+            self.requests.append(body)
+            ids = [t % VOCAB for t in body["input_ids"]]
+            answer = teacher_answer(ids, body["logprob_start_len"], self.logits(ids), body.get("top_logprobs_num", 0))
+            return web.json_response(answer)
+
+    stub = Stub()
+    sample = _strip([make_sample(6, prompt_len=3, response_len=3, k=2, seed=0)])[0]
+    response = sample.tokens[-3:]
+
+    async def run(url, port):
+        argv = ["--self-distillation", "--label-key", "label", "--hf-checkpoint", str(tiny_tokenizer_dir),
+                "--rm-url", url, "--opd-topk-metrics-k", "2"]  # fmt: skip
+        args = get_parser().parse_args(argv)
+        validate_self_distillation_args(args)
+        return args, await reward_func(args, sample)
+
+    args, answer = asyncio.run(_with_stub(stub, run))
+    privileged = teacher_prompt_ids(args, sample)
+    assert len(privileged) > 3 and privileged != sample.tokens[:3]
+    assert stub.requests[0]["input_ids"] == privileged + response
+    assert stub.requests[0]["logprob_start_len"] == len(privileged) - 1
+    assert [e[1] for e in answer["meta_info"]["input_token_logprobs"][-3:]] == response
+
+
 def test_stack_and_patch_register_the_prefill_flag_alike():
     import argparse
 
