@@ -24,7 +24,7 @@ from slime.ray.placement_group import (  # noqa: E402
 )
 from slime.utils.arguments import parse_args  # noqa: E402
 from slime.utils.logging_utils import MetricsLogger, configure_logger  # noqa: E402
-from slime.utils.preflight import run_preflight  # noqa: E402
+from slime.preflight import run_preflight  # noqa: E402
 from slime.utils.run_dirs import prepare_run_dirs  # noqa: E402
 
 logger = logging.getLogger("slime.train")

@@ -1,6 +1,6 @@
 """CLI wrapper: ``python tools/opd_preflight.py --help`` (installed as ``opd-preflight``).
 
-Implementation and usage: ``slime.utils.preflight.cli``; the checks: ``slime.utils.preflight``; see docs/preflight.md.
+Implementation and usage: ``slime.preflight.cli``; the checks: ``slime.preflight``; see docs/preflight.md.
 
 Usage:
     python tools/opd_preflight.py --student /ckpt/student --teacher /ckpt/teacher
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 try:
-    from slime.utils.preflight.cli import main
+    from slime.preflight.cli import main
 except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
     root = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(root), str(root / "slime_ta_opd")]
-    from slime.utils.preflight.cli import main
+    from slime.preflight.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

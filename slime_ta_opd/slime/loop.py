@@ -15,7 +15,7 @@ import ray
 from tqdm import tqdm
 
 from slime.utils.nonfinite import NonFiniteError
-from slime.utils.preflight import PreflightError
+from slime.preflight import PreflightError
 from slime.utils.run_dirs import OutputPathError, SaveDirLockedError
 
 logger = logging.getLogger("slime.train")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slime.utils.preflight.cli import main
+from slime.preflight.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from slime.utils import preflight as pf
+from slime import preflight as pf
 from slime.utils.arguments import get_parser, parse_args
 
 BASE = ["--rollout-batch-size", "2", "--rollout-max-response-len", "16"]
@@ -298,7 +298,7 @@ def _args(**kw):
 
 
 def _target(pair, teacher_urls=None, teacher_path=None):
-    from slime.utils.preflight.probe import PreflightTarget
+    from slime.preflight.probe import PreflightTarget
 
     return PreflightTarget(
         pair.s.url, teacher_urls or [pair.t.url], str(pair.student), str(teacher_path or pair.teacher)
@@ -306,7 +306,7 @@ def _target(pair, teacher_urls=None, teacher_path=None):
 
 
 def _small(*only):
-    from slime.utils.preflight.probe import PreflightOptions
+    from slime.preflight.probe import PreflightOptions
 
     return PreflightOptions(num_rollouts=2, max_new_tokens=12, only=only or None)
 
@@ -342,7 +342,7 @@ def test_healthy_embedded_pair_passes_through_the_train_hook(pair, monkeypatch, 
 
 @pytest.mark.slow
 def test_off_by_one_extraction_is_caught(pair):
-    from slime.utils.preflight.probe import run_checks
+    from slime.preflight.probe import run_checks
 
     def off_by_one(args, samples):
         """A teacher-logprob extraction with the classic bug: it reads the log-prob one position early."""
@@ -368,7 +368,7 @@ def test_off_by_one_extraction_is_caught(pair):
 
 @pytest.mark.slow
 def test_tokenizer_mismatches_are_caught_on_a_live_pair(pair, tmp_path):
-    from slime.utils.preflight.probe import run_checks
+    from slime.preflight.probe import run_checks
 
     teacher_dir = tmp_path / "teacher_tok"
     _tokenizer(teacher_dir, chat_template=OTHER_TEMPLATE, eos="<|endoftext|>")
@@ -385,7 +385,7 @@ def test_tokenizer_mismatches_are_caught_on_a_live_pair(pair, tmp_path):
 
 @pytest.mark.slow
 def test_noisy_teacher_fails_determinism(pair):
-    from slime.utils.preflight.probe import run_checks
+    from slime.preflight.probe import run_checks
 
     stub = _StubTeacher(pair.t.url, "noise", sigma=0.05)
     try:
@@ -400,7 +400,7 @@ def test_noisy_teacher_fails_determinism(pair):
 
 @pytest.mark.slow
 def test_teacher_temperature_applied_by_the_embedded_server_and_ignored_by_a_stub(pair):
-    from slime.utils.preflight.probe import run_checks
+    from slime.preflight.probe import run_checks
 
     args = _args(opd_teacher_temperature=0.7, rollout_temperature=0.7)
     applied = run_checks(args, _target(pair), options=_small("teacher_temperature")).get("teacher_temperature")

@@ -27,7 +27,7 @@ from slime.utils.compat_flags import add_compat_arguments
 from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
 from slime.utils.lr_schedule import LR_DECAY_STYLES, resolve_lr_schedule_args
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
-from slime.utils.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
+from slime.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
 from ta_opd.loss_registry import LOSSES, loss_types_needing
 from ta_opd.losses import REDUCTIONS
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from slime.utils.preflight.report import FAIL, PASS, WARN, CheckResult
+from slime.preflight.report import FAIL, PASS, WARN, CheckResult
 
 # Conversations rendered by both chat templates (check_chat_template): one turn, a system prompt,
 # and a multi-turn history, which is where templates most often differ (thinking tags, separators).

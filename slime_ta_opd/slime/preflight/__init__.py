@@ -17,13 +17,13 @@ import copy
 import logging
 from typing import Any
 
-from slime.utils.preflight.answer_checks import (
+from slime.preflight.answer_checks import (
     check_determinism,
     check_position_alignment,
     check_teacher_temperature,
     check_topk,
 )
-from slime.utils.preflight.report import (
+from slime.preflight.report import (
     CHECK_NAMES,
     DETERMINISM_ABS_TOL,
     DETERMINISM_REL_TOL,
@@ -40,7 +40,7 @@ from slime.utils.preflight.report import (
     apply_downgrades,
     validate_check_names,
 )
-from slime.utils.preflight.tokenizer_checks import (
+from slime.preflight.tokenizer_checks import (
     DEFAULT_CONVERSATIONS,
     check_chat_template,
     check_eos_pad,
@@ -96,7 +96,7 @@ def run_preflight(args: Any, rollout_manager: Any) -> PreflightReport:
     """
     import ray
 
-    from slime.utils.preflight.probe import PreflightOptions, PreflightTarget, run_checks
+    from slime.preflight.probe import PreflightOptions, PreflightTarget, run_checks
 
     if not preflight_applies(args):
         logger.info("pre-flight: skipped (needs --use-opd --opd-type sglang: a teacher server to check)")

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from slime.utils import preflight as pf
-from slime.utils.preflight.probe import PreflightOptions, PreflightTarget, run_checks
+from slime import preflight as pf
+from slime.preflight.probe import PreflightOptions, PreflightTarget, run_checks
 
 
 def build_parser() -> argparse.ArgumentParser:

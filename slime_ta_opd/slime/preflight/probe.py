@@ -1,4 +1,4 @@
-"""The HTTP side of the OPD pre-flight: real rollouts, teacher scoring, then the checks of ``slime.utils.preflight``.
+"""The HTTP side of the OPD pre-flight: real rollouts, teacher scoring, then the checks of ``slime.preflight``.
 
 ``run_checks(args, target)`` loads both tokenizers, asks the student server for a few real rollouts
 (T = 1, with log-probs and top-K), scores them through the OPD module itself (its ``reward_func``
@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from slime.utils import preflight as pf
+from slime import preflight as pf
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)

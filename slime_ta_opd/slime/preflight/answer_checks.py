@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from slime.utils.preflight.report import (
+from slime.preflight.report import (
     DETERMINISM_ABS_TOL,
     DETERMINISM_REL_TOL,
     FAIL,
