@@ -123,6 +123,18 @@ def test_lm_eval_on_the_embedded_server_then_table3(eval_server, weights_root, t
             assert measured[(method, seed)]["ta_arith_mc"]["acc,none"] == pytest.approx(direct)
             assert measured[(method, seed)]["ta_arith_gen"]["sample_len"] == 8
 
+    # The same checkpoint through lm-eval's in-process `hf` model scores the same; chat completions generate.
+    common = ["--include-path", str(FIXTURES / "tasks"), "--only-include-path", "--data-dir", str(FIXTURES / "data")]
+    hf_out, chat_out = tmp_path / "other" / "hf", tmp_path / "other" / "chat"
+    rc = downstream.main(["--model-dir", str(weights_root / "teachability"), "--tasks", "ta_arith_mc",
+                          "--output-path", str(hf_out), "--max-length", "256", *common])  # fmt: skip
+    assert rc == 0
+    served = measured[("teachability", 0)]["ta_arith_mc"]["acc,none"]
+    assert _results(hf_out)["ta_arith_mc"]["acc,none"] == pytest.approx(served)
+    rc = downstream.main(["--server-url", eval_server.url, "--chat", "--tasks", "ta_arith_gen", "--limit", "2",
+                          "--output-path", str(chat_out), *common])  # fmt: skip
+    assert rc == 0 and _results(chat_out)["ta_arith_gen"]["sample_len"] == 2
+
     summary = tmp_path / "summary"
     assert aggregate.main([str(eval_root), "--out-dir", str(summary)]) == 0
     with open(summary / "table3.csv", newline="") as fh:

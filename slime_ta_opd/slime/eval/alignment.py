@@ -28,10 +28,6 @@ ALIGNMENT_KEY = "opd/overlap_ratio"
 MASS_KEY = "opd/teacher_mass_on_shared"
 
 
-def _group_label(run: Run) -> str:
-    return run.label
-
-
 def alignment_series(runs: Sequence[Run], key: str = ALIGNMENT_KEY) -> dict[str, dict[str, tuple[list, list]]]:
     """``{method label: {run dir: (steps, values)}}`` of ``key`` (runs without it are left out)."""
     out: dict[str, dict[str, tuple[list, list]]] = {}
@@ -39,7 +35,7 @@ def alignment_series(runs: Sequence[Run], key: str = ALIGNMENT_KEY) -> dict[str,
         recs = [r for r in run.records if isinstance(r.get("rollout_id"), int) and r["rollout_id"] >= 0]
         steps, values = series(recs, key)
         if steps:
-            out.setdefault(_group_label(run), {})[run.row["run_dir"]] = (steps, values)
+            out.setdefault(run.label, {})[run.row["run_dir"]] = (steps, values)
     return out
 
 
