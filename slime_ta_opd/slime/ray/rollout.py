@@ -91,9 +91,9 @@ class RolloutManager:
         self.server_restarts = 0  # servers found dead and restarted since start
         self.engine_restarts = 0  # of which student engines (a pushed-weights sender reconnects when it grows)
         self.step_retries = 0  # steps redone after a server restart
+        self.engines_lost: list[str] = []  # URLs of engines dropped because their node left the cluster
         self._configure_run()
         try:
-        self.engines_lost: list[str] = []  # URLs of engines dropped because their node left the cluster
             self._start_servers()
         except BaseException:
             self.shutdown()
@@ -121,7 +121,8 @@ class RolloutManager:
     # Flags the servers were started from: a run on the same servers (reconfigure) must have the same values.
     SERVER_FLAGS = (
         "hf_checkpoint", "opd_teacher_hf_checkpoint", "rollout_num_engines", "rollout_backend", "api_key",
-        "weight_update_mode", "use_opd", "opd_type", "colocate", "offload",
+        "weight_update_mode", "use_opd", "opd_type", "colocate", "offload", "rollout_ray_resource",
+        "teacher_ray_resource",
     )  # fmt: skip
 
     def reconfigure(self, args: Namespace) -> dict[str, Any]:
@@ -193,9 +194,9 @@ class RolloutManager:
         restarted = 0
         group = self._engine_group
         if group is not None:
+            restarted += self._drop_lost_engines()
             for i, engine in enumerate(group.engines):
                 if group.engine_alive(engine):
-            restarted += self._drop_lost_engines()
                     continue
                 logger.warning("engine %d (%s, pid %s) is not healthy: restarting it", i, engine.url, engine.pid)
                 group.restart_engine(engine)
@@ -210,8 +211,6 @@ class RolloutManager:
         self.server_restarts += restarted
         return restarted
 
-    def _reload_latest_weights(self, url: str) -> None:
-        if self._latest_weights is not None:
     def _drop_lost_engines(self) -> int:
         """Engines on a node that left the cluster are dropped and the router restarted with the others (the
         caller redoes the step's requests); returns how many. Raises when no engine is left."""
@@ -230,6 +229,8 @@ class RolloutManager:
             )
         return len(lost)
 
+    def _reload_latest_weights(self, url: str) -> None:
+        if self._latest_weights is not None:
             answer = run(post(f"{url}/update_weights_from_disk", {"model_path": self._latest_weights}))
             if not (isinstance(answer, dict) and answer.get("success")):
                 raise RuntimeError(f"restarted engine {url} could not load {self._latest_weights!r}: {answer}")
@@ -306,8 +307,6 @@ class RolloutManager:
         elif args.use_opd and args.opd_type == "sglang":
             self._check_external_teacher()
 
-    def _log_dir(self) -> str | None:
-        out = getattr(self.args, "output_dir", None)
     def _rollout_bundles(self) -> tuple[Any, list[int], list[Any]] | None:
         """The rollout part of the placement group when it reserved bundles for the engines, else None."""
         pg = self.pg
@@ -335,6 +334,8 @@ class RolloutManager:
         return {"rollout_manager": here, "router": router, "engines": engines, "teacher": teacher,
                 "engines_lost": list(self.engines_lost)}  # fmt: skip
 
+    def _log_dir(self) -> str | None:
+        out = getattr(self.args, "output_dir", None)
         if out is None:
             return None
         path = os.path.join(out, "logs")
@@ -375,19 +376,19 @@ class RolloutManager:
 
         answers = run(push())
         failed = [(u, a) for u, a in zip(urls, answers, strict=True) if not (isinstance(a, dict) and a.get("success"))]
-        if failed:
-            raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
         if failed and self._drop_lost_engines():  # an engine's node left the cluster: the others carry on
             failed = [(u, a) for u, a in failed if u not in self.engines_lost]
+        if failed:
+            raise RuntimeError(f"update_weights_from_disk({path!r}) failed on {failed}")
         self._latest_weights = path
         return list(answers)
 
-    def offload(self) -> None:
-        """Colocated runs: the engines free their weights and caches while the trainer runs
     def drop_lost_engines(self) -> int:
         """Drop the engines whose node left the cluster (a trainer's failed weight push asks); how many."""
         return 0 if self._engine_group is None else self._drop_lost_engines()
 
+    def offload(self) -> None:
+        """Colocated runs: the engines free their weights and caches while the trainer runs
         (``/release_memory_occupation``); no-op without engines of our own."""
         self._memory_call("/release_memory_occupation")
 
@@ -500,10 +501,10 @@ class RolloutManager:
         metrics["rollout/server_restarts"] = float(self.server_restarts - restarts_before)
         metrics["rollout/server_restarts_total"] = float(self.server_restarts)
         metrics["rollout/step_retries"] = float(retries)
-        metrics["rollout/time_s"] = time.perf_counter() - start
-        return data
         metrics["rollout/engines"] = float(len(self.engine_urls()))
         metrics["rollout/engines_lost_total"] = float(len(self.engines_lost))
+        metrics["rollout/time_s"] = time.perf_counter() - start
+        return data
 
     def _generate_once(self, rollout_id: int, return_samples: bool) -> dict[str, Any]:
         self.rollout_id = rollout_id
@@ -678,8 +679,8 @@ def create_rollout_manager(
     """Start the RolloutManager as a Ray actor (``ray.remote`` applied here) on the driver's node (where the router
     it starts serves the driver's pre-flight) and wait until it is up."""
     import ray
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     options = {"num_cpus": 0, "num_gpus": 0, "max_concurrency": 1, "scheduling_strategy": here}
     options.update(ray_options)
