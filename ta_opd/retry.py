@@ -11,12 +11,21 @@ exponential growth, a cap, and jitter in [0.5, 1.5) so that many clients do not 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["RETRYABLE_HTTP_STATUS", "RetriesExhausted", "RetryPolicy", "Transient", "describe_error", "retry_async"]
+__all__ = [
+    "RETRYABLE_HTTP_STATUS",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "Transient",
+    "describe_error",
+    "log_retry",
+    "retry_async",
+]
 
 T = TypeVar("T")
 
@@ -68,6 +77,22 @@ class RetriesExhausted(Exception):
 def describe_error(error: BaseException) -> str:
     """One line for logs and messages: a ``Transient``'s own message, else ``TypeName: message``."""
     return str(error) if isinstance(error, Transient) else f"{type(error).__name__}: {error}"
+
+
+def log_retry(
+    logger: logging.Logger, what: str, policy: RetryPolicy, counts: MutableMapping[str, int] | None = None
+) -> Callable[[int, BaseException, float], None]:
+    """An ``on_retry`` for ``retry_async``: a warning "<what> failed (<error>); retry r/N in d s", and
+    ``counts["retries"] += 1`` when ``counts`` is given (the caller's per-step metrics)."""
+
+    def on_retry(attempt: int, error: BaseException, delay: float) -> None:
+        if counts is not None:
+            counts["retries"] = counts.get("retries", 0) + 1
+        logger.warning(
+            "%s failed (%s); retry %d/%d in %.2fs", what, describe_error(error), attempt, policy.max_retries, delay
+        )
+
+    return on_retry
 
 
 async def retry_async(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -96,3 +97,12 @@ def test_exhausted_retries_raise_with_the_attempts_and_the_last_error(sleeps):
 
     with pytest.raises(RetriesExhausted, match="failed after 1 attempts"):
         asyncio.run(retry_async(down, RetryPolicy(max_retries=0), transient=(TimeoutError,)))
+
+
+def test_log_retry_counts_and_warns(caplog):
+    counts = {"requests": 1}
+    on_retry = retry.log_retry(logging.getLogger("t"), "POST http://x/generate", RetryPolicy(max_retries=4), counts)
+    with caplog.at_level(logging.WARNING, logger="t"):
+        on_retry(2, Transient("HTTP 502: bad gateway"), 1.25)
+    assert counts == {"requests": 1, "retries": 1}
+    assert caplog.messages == ["POST http://x/generate failed (HTTP 502: bad gateway); retry 2/4 in 1.25s"]

@@ -35,7 +35,7 @@ from slime.utils.misc import load_function
 from slime.utils.types import Sample
 from ta_opd.api import select_tokens
 from ta_opd.loss_mask import valid_loss_mask
-from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, describe_error, retry_async
+from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 from ta_opd.topk import TokenBatch
 
 from .tip_compat import FULL_MASK, selection_config_from_args, student_topk_required, topk_k
@@ -277,19 +277,7 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
             )
         return answer
 
-    def on_retry(attempt: int, error: BaseException, delay: float) -> None:
-        _http_stats["retries"] += 1
-        logger.warning(
-            "sample %s: %s to %s failed (%s); retry %d/%d in %.1fs",
-            sample.index,
-            what,
-            url,
-            describe_error(error),
-            attempt,
-            policy.max_retries,
-            delay,
-        )
-
+    on_retry = log_retry(logger, f"sample {sample.index}: {what} to {url}", policy, counts=_http_stats)
     _http_stats["requests"] += 1
     try:
         return await retry_async(attempt_once, policy, transient=_TRANSIENT_ERRORS, on_retry=on_retry)

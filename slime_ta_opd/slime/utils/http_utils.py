@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, describe_error, retry_async
+from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 
 logger = logging.getLogger(__name__)
 
@@ -165,18 +165,7 @@ async def _request(
                     status=resp.status,
                 ) from e
 
-    def on_retry(attempt: int, error: BaseException, delay: float) -> None:
-        _stats["retries"] += 1
-        logger.warning(
-            "%s %s attempt %d/%d failed (%s); retrying in %.2fs",
-            method,
-            url,
-            attempt,
-            policy.attempts,
-            describe_error(error),
-            delay,
-        )
-
+    on_retry = log_retry(logger, f"{method} {url}", policy, counts=_stats)
     try:
         return await retry_async(attempt_once, policy, transient=_TRANSIENT_ERRORS, on_retry=on_retry)
     except RetriesExhausted as e:
