@@ -6,13 +6,8 @@ Implementation and usage: ``slime.backends.megatron_utils.convert_cli`` (extra `
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    from slime.backends.megatron_utils.convert_cli import torch_dist_to_hf_main
-except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slime_ta_opd"))
-    from slime.backends.megatron_utils.convert_cli import torch_dist_to_hf_main
+from slime.backends.megatron_utils.convert_cli import torch_dist_to_hf_main
 
 if __name__ == "__main__":
     sys.exit(torch_dist_to_hf_main())

@@ -31,11 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    from ta_opd import math_eval as me
-except ImportError:  # run from a source checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ta_opd import math_eval as me
+from ta_opd import math_eval as me
 
 logger = logging.getLogger("eval_math")
 

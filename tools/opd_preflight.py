@@ -11,14 +11,8 @@ Usage:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    from slime.preflight.cli import main
-except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
-    root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(root), str(root / "slime_ta_opd")]
-    from slime.preflight.cli import main
+from slime.preflight.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

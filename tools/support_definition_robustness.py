@@ -6,13 +6,8 @@ Implementation and usage: ``ta_opd.diagnostics.cli.support_robustness``; see doc
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    from ta_opd.diagnostics.cli.support_robustness import main
-except ImportError:  # run from a source checkout without `pip install slime-ta-opd`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ta_opd.diagnostics.cli.support_robustness import main
+from ta_opd.diagnostics.cli.support_robustness import main
 
 if __name__ == "__main__":
     sys.exit(main())

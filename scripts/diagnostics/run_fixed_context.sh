@@ -22,6 +22,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 source "${ROOT}/scripts/lib/common.sh"
 PYTHON="${PYTHON:-${PY:-python}}" # PY: the release's name of the interpreter
 PROFILE="${PROFILE:-embedded}"
+export PYTHONPATH="${ROOT}/slime_ta_opd:${ROOT}${PYTHONPATH:+:${PYTHONPATH}}" # the tools import ta_opd and slime
 
 if [[ "${PROFILE}" == "release" ]]; then
   : "${TEACHER_MODEL:?set TEACHER_MODEL (teacher HF checkpoint)}"

@@ -41,4 +41,5 @@ EVAL_ARGS=(
 [[ -n "${EVAL_LIMIT:-}" ]] && EVAL_ARGS+=(--limit "$EVAL_LIMIT")
 [[ -n "$OUT_JSON" ]] && EVAL_ARGS+=(--out "$OUT_JSON")
 
+export PYTHONPATH="$TA_OPD_REPO_ROOT/slime_ta_opd:$TA_OPD_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" # the tool imports slime
 exec "$(ta_python)" "$TA_OPD_REPO_ROOT/tools/eval_task_accuracy.py" "${EVAL_ARGS[@]}"
