@@ -196,3 +196,28 @@ def test_convert_wrappers(tmp_path):
         r = run(path, {"HF_MODEL": str(tmp_path / "hf"), "SAVE_DIR": str(tmp_path / "out")})
         assert r.returncode == 2 and "already exists; FORCE=1" in r.stderr
         assert run(path, {}, "--help").stdout.startswith("The release's Qwen3-")
+
+
+def test_release_compat_doc_names_every_alias_column_flag_and_script():
+    from slime.utils.compat_flags import IGNORED_FLAGS
+    from ta_opd.aliases import METHOD_ALIASES
+    from ta_opd.token_bank import RELEASE_COLUMNS
+
+    doc = (REPO / "docs" / "release_compat.md").read_text()
+    for alias, mask in METHOD_ALIASES.items():
+        assert f"| `{alias}` | `{mask}` |" in doc, alias
+    for release, native in RELEASE_COLUMNS.items():
+        assert f"| `{release}` | `{native}` |" in doc, release
+    for flag in IGNORED_FLAGS:
+        assert f"| `{flag}` |" in doc, flag
+    pairs = ("14b_to_1p7b", "14b_to_4b", "8b_to_1p7b", "8b_to_4b", "4b_to_1p7b_gsm8k", "4b_to_1p7b_heldout")
+    scripts = [
+        "scripts/train/run_teachability_opd_method_suite.sh",
+        "scripts/train/run_opd_budget_ratio_sweep.sh",
+        *(f"scripts/diagnostics/run_{p}_fixed_context_300.sh" for p in pairs),
+        "scripts/convert/convert_qwen3_1_7b_to_torch_dist.sh",
+        "scripts/convert/convert_qwen3_4b_to_torch_dist.sh",
+    ]
+    for script in scripts:
+        assert (REPO / script).is_file(), script
+        assert Path(script).name in doc, script
