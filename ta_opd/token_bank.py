@@ -1,3 +1,4 @@
+# Over 600 lines: one on-disk format — its writer, both layouts (native, release) and the validating reader.
 """Token bank: every rollout step's per-token statistics written to disk (docs/method.md §2, §6.1).
 
 Native layout: one file per step and rank, ``step{rollout_id:07d}_rank{rank:03d}.{csv,jsonl,parquet}``, each row
