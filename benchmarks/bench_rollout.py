@@ -1,4 +1,4 @@
-"""Rollout throughput of the embedded engine: batched KV-cache decoding vs a naive loop.
+"""Rollout throughput of the embedded engine: against the floor of batched HF ``generate`` and a naive loop.
 
 Usage::
 
@@ -9,10 +9,13 @@ number of tokens (``ignore_eos``):
 
 * ``batched``: ``slime.backends.embedded_sglang.engine.Engine`` (continuous batching, KV cache,
   batched prefill, all prompts submitted at once);
+* ``hf_generate``: ``model.generate`` of transformers on the same batch at once (greedy, KV cache, the same
+  number of new tokens): the floor a user gets from the library itself, with no server and no scheduling;
 * ``naive``: one request at a time, one full forward over the whole sequence per new token
   (no KV cache) -- what a server without batching or caching does.
 
-Prints generated tokens/s of both and their ratio; ``run()`` returns the same numbers as a dict.
+Prints generated tokens/s of each and the ratios; ``run()`` returns the same numbers as a dict, with
+``ratios["rollout_tokens_per_s_vs_hf_generate"]`` (engine / HF generate; >= 1: at least as fast as the floor).
 """
 
 from __future__ import annotations
@@ -73,11 +76,20 @@ def run(
         batched_tokens = sum(len(r.output_ids) for r in results)
         model = AutoModelForCausalLM.from_pretrained(str(ckpt), local_files_only=True).eval()
         with torch.inference_mode():
+            ids = torch.tensor(batch)  # every prompt has prompt_len tokens: no padding on either side
+            hf_kwargs = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+            hf_kwargs["pad_token_id"] = model.config.pad_token_id
+            model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), **{**hf_kwargs, "max_new_tokens": 2})
+            t0 = time.perf_counter()
+            hf_out = model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kwargs)[:, prompt_len:]
+            hf_s = time.perf_counter() - t0
             _naive_generate(model, batch[0], 2)
             t0 = time.perf_counter()
             naive_out = [_naive_generate(model, p, new_tokens) for p in batch[:naive_prompts]]
             naive_s = time.perf_counter() - t0
     naive_tokens = sum(len(o) for o in naive_out)
+    hf_tokens = int(hf_out.numel())
+    hf_agree = sum(r.output_ids == o for r, o in zip(results, hf_out.tolist(), strict=True)) / len(results)
     # Greedy on both sides: the outputs must agree (up to float ties), a correctness check of the fast path.
     agree = sum(r.output_ids == o for r, o in zip(results, naive_out, strict=False)) / len(naive_out)
     out = {
@@ -89,11 +101,15 @@ def run(
         "naive_prompts": min(naive_prompts, prompts),
         "batched_tokens_per_s": batched_tokens / batched_s,
         "naive_tokens_per_s": naive_tokens / naive_s,
+        "hf_generate_tokens_per_s": hf_tokens / hf_s,
+        "hf_generate_seconds": hf_s,
+        "hf_generate_greedy_agreement": hf_agree,
         "batched_seconds": batched_s,
         "naive_seconds": naive_s,
         "speedup": (batched_tokens / batched_s) / (naive_tokens / naive_s),
         "greedy_agreement": agree,
         "torch_threads": torch.get_num_threads(),
+        "ratios": {"rollout_tokens_per_s_vs_hf_generate": (batched_tokens / batched_s) / (hf_tokens / hf_s)},
     }
     return out
 
@@ -108,8 +124,10 @@ def main() -> None:
     a = p.parse_args()
     res = run(a.prompts, a.new_tokens, a.size, naive_prompts=a.naive_prompts)
     print(
-        f"batched KV-cache: {res['batched_tokens_per_s']:.0f} tok/s  naive loop: {res['naive_tokens_per_s']:.0f} tok/s"
-        f"   ratio: {res['speedup']:.1f}x   greedy agreement: {res['greedy_agreement']:.2f}"
+        f"engine: {res['batched_tokens_per_s']:.0f} tok/s  HF generate: {res['hf_generate_tokens_per_s']:.0f} tok/s"
+        f"  naive loop: {res['naive_tokens_per_s']:.0f} tok/s   engine/HF generate: "
+        f"{res['ratios']['rollout_tokens_per_s_vs_hf_generate']:.2f}x   engine/naive: {res['speedup']:.1f}x   "
+        f"greedy agreement: {res['greedy_agreement']:.2f} (naive), {res['hf_generate_greedy_agreement']:.2f} (HF)"
     )
     print(json.dumps(res, indent=1))
     if a.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import os
 import pickle
@@ -54,13 +55,13 @@ async def _asgi_get(app, path: str, headers: list[tuple[bytes, bytes]]) -> int:
 
 def test_api_key_compared_in_constant_time(monkeypatch):
     calls = []
-    real = server_mod.hmac.compare_digest
+    real = hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(server_mod.hmac, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     args = Namespace(api_key="s3cret", weights_root=None, model_path="/nonexistent/model")
     app = server_mod.create_app(_Engine(), args)
     assert asyncio.run(_asgi_get(app, "/get_load", [(b"authorization", b"Bearer wrong")])) == 401

@@ -67,6 +67,7 @@ class Engine(PrefillMixin, DecodeMixin, WeightsMixin):
         random_seed: int = 0,
         context_length: int | None = None,
         prompt_cache_tokens: int = 65536,
+        scoring_prefix_reuse: bool = True,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,6 +100,7 @@ class Engine(PrefillMixin, DecodeMixin, WeightsMixin):
         self._pending_groups: set[str] = set()  # group names whose rendezvous runs on a helper thread
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.prompt_cache_tokens = int(prompt_cache_tokens)
+        self.scoring_prefix_reuse = bool(scoring_prefix_reuse)  # engine_prefill: shared prompts of scoring requests
         self._prompt_cache: OrderedDict[tuple[int, ...], _Prefilled] = OrderedDict()
         self._prompt_cache_size = 0
         self._queue: queue.Queue = queue.Queue()

@@ -79,6 +79,12 @@ class PrefillMixin:
 
     def _prefill(self, batch: list[tuple[GenRequest, Future]]) -> None:
         start = time.time()
+        scoring = [item for item in batch if self._scores_past_prefix(item[0])]
+        if scoring:
+            self._score_from_prefix(scoring, start)
+            batch = [item for item in batch if not self._scores_past_prefix(item[0])]
+            if not batch:
+                return
         prompts: dict[tuple[int, ...], _Prefilled | None] = {}
         for req, _ in batch:
             key = tuple(req.input_ids)
@@ -96,15 +102,15 @@ class PrefillMixin:
         for key in cache_keys & fresh:
             self._remember(key, prompts[key])
 
+        results = [GenResult(output_ids=[], finish_reason={}, prompt_tokens=len(req.input_ids)) for req, _ in batch]
+        self._input_logprobs(
+            [(req, prompts[tuple(req.input_ids)].hidden, 0, res) for (req, _), res in zip(batch, results, strict=True)]
+        )  # type: ignore[union-attr]
         gen_rows: list[_Row] = []
         gen_keys: list[tuple[int, ...]] = []
         reused: set[tuple[int, ...]] = set()
-        for req, fut in batch:
+        for (req, fut), result in zip(batch, results, strict=True):
             key = tuple(req.input_ids)
-            pre = prompts[key]
-            assert pre is not None
-            result = GenResult(output_ids=[], finish_reason={}, prompt_tokens=len(req.input_ids))
-            self._input_logprobs(req, pre.hidden, result)
             if req.max_new_tokens == 0:
                 result.finish_reason = {"type": "length", "length": 0}
                 result.e2e_latency = time.time() - start
@@ -189,33 +195,139 @@ class PrefillMixin:
         last = torch.zeros(len(rows), dtype=torch.long, device=self.device)
         return _Running(rows, DynamicCache(ddp_cache_data=layers), mask, lens, last, self.device)
 
-    def _input_logprobs(self, req: GenRequest, hidden: torch.Tensor, result: GenResult) -> None:
-        """Fill SGLang-layout input log-probs of one request from its prompt's hidden states ``[W, H]``."""
-        n = len(req.input_ids)
-        start = n if (not req.return_logprob or req.logprob_start_len < 0) else req.logprob_start_len
-        if start >= n:
+    def _scores_past_prefix(self, req: GenRequest) -> bool:
+        """A scoring request (no new tokens) whose log-probs start past its first token: its prefix
+        ``input_ids[:logprob_start_len]`` (the prompt, for a teacher scoring a sample) is prefilled once and kept in
+        the prompt cache, so the ``n`` samples of one prompt pay for one prefill of it."""
+        scoring = self.scoring_prefix_reuse and req.max_new_tokens == 0 and req.return_logprob
+        return scoring and 0 < req.logprob_start_len < len(req.input_ids)
+
+    def _score_from_prefix(self, items: list[tuple[GenRequest, Future]], start: float) -> None:
+        """Answer scoring requests from their prefixes' KV (prompt cache, or one batched prefill of the distinct
+        missing prefixes) plus one batched forward of the remaining tokens."""
+        keys = [tuple(req.input_ids[: req.logprob_start_len]) for req, _ in items]
+        prefixes: dict[tuple[int, ...], _Prefilled | None] = {}
+        for key in keys:
+            if key not in prefixes:
+                prefixes[key] = self._prompt_cache.get(key)
+                if prefixes[key] is not None:
+                    self._prompt_cache.move_to_end(key)
+        misses = [k for k, v in prefixes.items() if v is None]
+        if misses:
+            for key, pre in zip(misses, self._forward_prompts(misses, need_cache=True), strict=True):
+                prefixes[key] = pre
+                self._remember(key, pre)
+        pres = [prefixes[k] for k in keys]
+        hidden = self._forward_suffixes([req for req, _ in items], pres)  # type: ignore[arg-type]
+        results = [GenResult(output_ids=[], finish_reason={}, prompt_tokens=len(req.input_ids)) for req, _ in items]
+        self._input_logprobs(
+            [(req, h, req.logprob_start_len, res) for (req, _), h, res in zip(items, hidden, results, strict=True)]
+        )
+        fresh, done = set(misses), time.time()
+        for (_, fut), key, result in zip(items, keys, results, strict=True):
+            # a prefix prefilled earlier (prompt cache) or by an earlier request of this batch counts as cached
+            result.cached_tokens = len(key) if key not in fresh else 0
+            fresh.discard(key)
+            result.finish_reason = {"type": "length", "length": 0}
+            result.e2e_latency = done - start
+            fut.set_result(result)
+
+    def _forward_suffixes(self, reqs: list[GenRequest], pres: list[_Prefilled]) -> list[torch.Tensor]:
+        """Hidden states ``[n - s, H]`` of each request's tokens ``input_ids[s:]`` (s = its ``logprob_start_len``),
+        from one right-padded forward over the batch that reads its prefix's KV (``pres[b]``) as the past."""
+        from transformers import DynamicCache
+
+        dev = self.device
+        plens = torch.tensor([req.logprob_start_len for req in reqs], device=dev)
+        slens = torch.tensor([len(req.input_ids) - req.logprob_start_len for req in reqs], device=dev)
+        width, span = int(plens.max()), int(slens.max())
+        layers = []
+        for li in range(len(pres[0].kv)):  # type: ignore[arg-type]
+            ks, vs = [], []
+            for pre in pres:
+                k, v = pre.kv[li]  # type: ignore[index]
+                extra = width - k.shape[2]
+                if extra:
+                    k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])], 2)
+                    v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3])], 2)
+                ks.append(k)
+                vs.append(v)
+            layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+        ids = torch.zeros((len(reqs), span), dtype=torch.long, device=dev)
+        for b, req in enumerate(reqs):
+            tail = req.input_ids[req.logprob_start_len :]
+            ids[b, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=dev)
+        cols = torch.arange(max(width, span), device=dev)[None, :]
+        # the prefix columns past a row's own prefix are zero padding (masked); the suffix is right-padded (causal)
+        mask = torch.cat([(cols[:, :width] < plens[:, None]), (cols[:, :span] < slens[:, None])], 1).long()
+        pos = plens[:, None] + cols[:, :span]
+        out = self.decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=DynamicCache(ddp_cache_data=layers),
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state  # [B, S, H]
+        return [hidden[b, : int(slens[b])] for b in range(len(reqs))]
+
+    def _input_logprobs(self, items: list[tuple[GenRequest, torch.Tensor, int, GenResult]]) -> None:
+        """Fill the SGLang-layout input log-probs of requests, batched: ``(req, hidden, first, result)`` where
+        ``hidden[i]`` is the hidden state at prompt position ``first + i``. One lm-head, log-softmax and top-k per
+        chunk of ``_LOGPROB_CHUNK`` positions across all requests, one ``tolist`` per output."""
+        jobs = []  # (req, result, hidden rows, next ids)
+        for req, hidden, first, result in items:
+            n = len(req.input_ids)
+            start = n if (not req.return_logprob or req.logprob_start_len < 0) else req.logprob_start_len
+            if start >= n:
+                continue
+            ids = req.input_ids
+            result.input_token_logprobs_idx = list(ids[start:])
+            result.input_token_logprobs_val = [None]
+            if req.top_logprobs_num > 0:
+                result.input_top_logprobs_val, result.input_top_logprobs_idx = [None], [None]
+            if req.token_ids_logprob is not None:
+                result.input_token_ids_logprobs_val, result.input_token_ids_logprobs_idx = [None], [None]
+            if start < n - 1:  # position j predicts token j+1: positions start .. n-2 score tokens start+1 .. n-1
+                jobs.append((req, result, hidden[start - first : n - 1 - first], ids[start + 1 : n]))
+        if not jobs:
             return
-        ids = req.input_ids
-        result.input_token_logprobs_idx = list(ids[start:])
-        result.input_token_logprobs_val = [None]
-        want_top = req.top_logprobs_num > 0
-        want_ids = req.token_ids_logprob is not None
-        if want_top:
-            result.input_top_logprobs_val, result.input_top_logprobs_idx = [None], [None]
-        if want_ids:
-            result.input_token_ids_logprobs_val, result.input_token_ids_logprobs_idx = [None], [None]
-        temp = req.logprob_temperature or 1.0
-        # Position j predicts token j+1: positions start .. n-2 give the log-probs of tokens start+1 .. n-1.
-        for lo in range(start, n - 1, _LOGPROB_CHUNK):
-            hi = min(lo + _LOGPROB_CHUNK, n - 1)
-            logp = torch.log_softmax(self.lm_head(hidden[lo:hi]).float() / temp, dim=-1)  # [C, V]
-            nxt = torch.tensor(ids[lo + 1 : hi + 1], dtype=torch.long, device=logp.device)
-            result.input_token_logprobs_val += logp.gather(1, nxt[:, None])[:, 0].tolist()
-            if want_top:
-                vals, tids = topk_rows(logp, req.top_logprobs_num)
-                result.input_top_logprobs_val += vals.tolist()
-                result.input_top_logprobs_idx += tids.tolist()
-            if want_ids:
-                req_ids = torch.tensor(req.token_ids_logprob, dtype=torch.long, device=logp.device)
-                result.input_token_ids_logprobs_val += logp.index_select(1, req_ids).tolist()
-                result.input_token_ids_logprobs_idx += [list(req.token_ids_logprob)] * (hi - lo)
+        dev = self.device
+        rows = torch.cat([h for _, _, h, _ in jobs])  # [P, H]
+        nxt = torch.tensor([t for *_, nx in jobs for t in nx], dtype=torch.long, device=dev)
+        temps = torch.tensor(
+            [req.logprob_temperature or 1.0 for req, _, h, _ in jobs for _ in range(h.shape[0])], device=dev
+        )
+        k_max = max(req.top_logprobs_num for req, *_ in jobs)
+        offsets = [0]
+        for _, _, h, _ in jobs:
+            offsets.append(offsets[-1] + h.shape[0])
+        chosen, top_v, top_i = [], [], []
+        by_ids = [(j, job) for j, job in enumerate(jobs) if job[0].token_ids_logprob is not None]
+        ids_vals: dict[int, list[torch.Tensor]] = {j: [] for j, _ in by_ids}
+        for lo in range(0, rows.shape[0], _LOGPROB_CHUNK):
+            hi = min(lo + _LOGPROB_CHUNK, rows.shape[0])
+            logp = torch.log_softmax(self.lm_head(rows[lo:hi]).float() / temps[lo:hi, None], dim=-1)  # [C, V]
+            chosen.append(logp.gather(1, nxt[lo:hi, None])[:, 0])
+            if k_max > 0:
+                vals, tids = topk_rows(logp, k_max)
+                top_v.append(vals)
+                top_i.append(tids)
+            for j, (req, *_) in by_ids:
+                a, b = max(offsets[j], lo), min(offsets[j + 1], hi)
+                if a < b:
+                    want = torch.tensor(req.token_ids_logprob, dtype=torch.long, device=dev)
+                    ids_vals[j].append(logp[a - lo : b - lo].index_select(1, want))
+        chosen_l = torch.cat(chosen).tolist()
+        top_vl = torch.cat(top_v).tolist() if top_v else []
+        top_il = torch.cat(top_i).tolist() if top_i else []
+        for j, (req, result, _, _) in enumerate(jobs):
+            a, b = offsets[j], offsets[j + 1]
+            result.input_token_logprobs_val += chosen_l[a:b]
+            k = req.top_logprobs_num
+            if k > 0:
+                result.input_top_logprobs_val += [v[:k] for v in top_vl[a:b]]
+                result.input_top_logprobs_idx += [i[:k] for i in top_il[a:b]]
+            if req.token_ids_logprob is not None:
+                result.input_token_ids_logprobs_val += torch.cat(ids_vals[j]).tolist()
+                result.input_token_ids_logprobs_idx += [list(req.token_ids_logprob)] * (b - a)

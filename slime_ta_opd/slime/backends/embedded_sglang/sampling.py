@@ -82,6 +82,8 @@ def sample_next(logprobs: torch.Tensor, params: SamplingTensors) -> torch.Tensor
     renormalised top-k/top-p/min-p distribution.
     """
     greedy = params.temperature < _GREEDY_EPS
+    if bool(greedy.all()):  # no row samples: no truncation or noise to compute
+        return torch.argmax(logprobs, dim=-1)
     vocab = logprobs.shape[-1]
     masked = logprobs
     need_k = bool(((params.top_k > 0) & (params.top_k < vocab)).any())

@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import hmac
-import ipaddress
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,126 +47,26 @@ from slime.backends.embedded_sglang.engine import (
     GenRequest,
 )
 from slime.backends.embedded_sglang.protocol import RequestError, build_answer, parse_generate
+from slime.backends.embedded_sglang.server_guards import (  # noqa: F401  (importable from here, as before)
+    API_KEY_ENV,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    check_bind,
+    is_loopback,
+    resolve_api_key,
+    resolve_weights_path,
+)
 from slime.backends.embedded_sglang.weights_io import read_safetensors_dir
 
 logger = logging.getLogger("slime.embedded_sglang")
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 32  # SGLang requests nest a few levels; deeper bodies are refused before anything walks them
-API_KEY_ENV = "SGLANG_API_KEY"  # how launchers pass the key: never on the command line (/proc/PID/cmdline)
 SHUTDOWN_GRACE_S = 3  # SIGTERM: seconds in-flight requests get before the server exits anyway
 _OPEN_PATHS = ("/health", "/metrics")  # SGLang leaves health probes open even with an API key
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, api_key: str | None) -> None:
-    """Refuse to listen beyond loopback without an API key."""
-    if not is_loopback(host) and not api_key:
-        raise ValueError(
-            f"refusing to bind non-loopback host {host!r} without --api-key: anyone on the network could drive "
-            "the model and overwrite its weights; pass --api-key KEY or bind 127.0.0.1"
-        )
-
-
-def resolve_weights_path(requested: Any, roots: Path | Sequence[Path]) -> Path:
-    """The real directory ``requested`` names, if inside one of ``roots`` (no traversal, no symlink escape).
-
-    A relative path is taken relative to the first root.
-    """
-    if not isinstance(requested, str) or not requested:
-        raise ValueError(f"model_path must be a non-empty string, got {requested!r}")
-    root_list = [roots] if isinstance(roots, Path) else list(roots)
-    roots_real = [Path(r).resolve() for r in root_list]
-    target = Path(requested)
-    if not target.is_absolute():
-        target = roots_real[0] / target
-    real = target.resolve()
-    if not any(os.path.commonpath([str(real), str(r)]) == str(r) for r in roots_real):
-        shown = ", ".join(repr(str(r)) for r in roots_real)
-        raise ValueError(f"model_path {requested!r} resolves to {str(real)!r}, outside --weights-root {shown}")
-    if not real.is_dir():
-        raise ValueError(f"model_path {requested!r} is not a directory")
-    return real
-
-
 KEEP_ALIVE_S = 120
-
-
-def resolve_api_key(args: argparse.Namespace) -> str | None:
-    """The key from ``--api-key``, ``--api-key-file`` or ``$SGLANG_API_KEY`` (in that order); the variable is
-    removed from this process's environment once read."""
-    from_env = os.environ.pop(API_KEY_ENV, None) or None
-    if args.api_key:
-        return args.api_key
-    if args.api_key_file:
-        try:
-            key = Path(args.api_key_file).read_text().splitlines()[0].strip()
-        except (OSError, IndexError, UnicodeDecodeError) as exc:
-            raise ValueError(f"--api-key-file {args.api_key_file!r} could not be read: {exc}") from None
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file!r} holds an empty key")
-        return key
-    return from_env
-
-
-class BodyLimitMiddleware:
-    """ASGI middleware: 413 when the request body (declared or streamed) exceeds ``max_bytes``."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await _send_json(send, 413, {"error": {"message": self._msg(declared)}})
-                    return
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge(seen)
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge as exc:
-            await _send_json(send, 413, {"error": {"message": self._msg(exc.args[0])}})
-
-    def _msg(self, size: int) -> str:
-        return f"request body of {size} bytes exceeds --max-body-bytes {self.max_bytes}"
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Any, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -244,14 +141,8 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
     started = time.time()
     state = {"served": 0}
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Response:
-        if api_key and request.method != "OPTIONS" and not request.url.path.startswith(_OPEN_PATHS):
-            header = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(header.encode(), expected.encode()):
-                return _error(401, "Unauthorized: missing or wrong 'Authorization: Bearer <api key>' header")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, open_paths=_OPEN_PATHS)
 
     async def run_requests(reqs: list[GenRequest]) -> list[dict]:
         futs = [asyncio.wrap_future(f) for f in engine.submit_many(reqs)]
@@ -545,6 +436,11 @@ def get_parser() -> argparse.ArgumentParser:
         default=65536,
         help="prompt tokens whose prefill is kept for reuse by later samples of the same prompt (0: off)",
     )
+    p.add_argument(
+        "--disable-scoring-prefix-reuse",
+        action="store_true",
+        help="prefill every scoring request (max_new_tokens 0) whole, not from its prefix's cached KV",
+    )
     p.add_argument("--max-new-tokens-cap", type=int, default=32768, help="larger max_new_tokens get 400")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     p.add_argument(
@@ -593,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         random_seed=args.random_seed,
         context_length=args.context_length,
         prompt_cache_tokens=args.prompt_cache_tokens,
+        scoring_prefix_reuse=not args.disable_scoring_prefix_reuse,
     )
     app = create_app(engine, args)
     wrapped = BodyLimitMiddleware(app, args.max_body_bytes)
