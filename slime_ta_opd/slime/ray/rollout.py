@@ -277,6 +277,9 @@ class RolloutManager:
             if on_nodes:
                 from slime.backends.sglang_utils.engines import embedded_server_command, launch_sglang_engine_group
 
+                if args.weight_update_mode == "distributed":  # the trainer's rank 0 is on another node (keyed run)
+                    extra += ("--allow-remote-weight-update-master",)
+
                 self._engine_group = launch_sglang_engine_group(
                     args, log_dir=self._log_dir(), placement=on_nodes, command_fn=embedded_server_command,
                     num_engines=len(on_nodes[1]), extra_args=extra,
