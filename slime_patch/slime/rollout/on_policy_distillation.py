@@ -340,7 +340,7 @@ def _response_top_entries(
     for j, entry in enumerate(tail):
         if not isinstance(entry, list | tuple):
             raise ValueError(f"sample {sample.index}: {source} has no {key} at response position {j}: {entry!r}")
-    return [list(entry) for entry in tail]
+    return tail
 
 
 def _student_topk(sample: Sample) -> list[Any] | None:
@@ -512,7 +512,7 @@ def _topk_lists(
                 f"sample {sample.index}: metadata[{STUDENT_TOPK_KEY!r}] has {len(student)} entries, "
                 f"expected one per response token ({length})"
             )
-        student_top.append([list(entry) if entry is not None else [] for entry in student])
+        student_top.append(student)  # pack_topk reads the lists as they are (None = an empty row)
         teacher_top.append(_response_top_entries(answer, "input_top_logprobs", sample, length, "teacher answer"))
     teacher_ids: list[Any] | None = None
     if getattr(cfg, "exact_cmass", False):
