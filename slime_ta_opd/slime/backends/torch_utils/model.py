@@ -134,29 +134,51 @@ def _head_logits(hidden_rows, weight, bias, temperature: float) -> torch.Tensor:
     return logits
 
 
-class _SampledTokenLogProb(torch.autograd.Function):
-    """``log softmax((h Wᵀ + b) / τ)[y]`` per row, computed chunk by chunk; backward recomputes each chunk.
+def _tiles(n: int, width: int, vocab: int, chunk_rows: int) -> tuple[int, int]:
+    """(rows per block, vocabulary entries per tile) of the sparse head: each [rows, vocab slice] tile has
+    as many logits as a chunk of ``chunk_rows`` full rows. A block holds all rows while their [rows, H]
+    hidden states stay within that budget, so one slice of W serves every row at once (wide matmuls; W
+    is read once per block, not once per row chunk) and each slice of ∂W is written once."""
+    budget = max(chunk_rows * vocab, 1)
+    block = max(1, min(n, max(chunk_rows, budget // max(width, 1))))
+    return block, max(1, budget // block)
 
-    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward recomputes the logits in tiles
-    of [rows, vocab slice] (as many logits as a forward chunk): ``∂ log p(y) / ∂ logits =
-    (onehot(y) − softmax) / τ``, then ``∂h += g·W[slice]`` and ``∂W[slice] = gᵀ·h`` (in float32 for
-    half-precision weights).
+
+class _SampledTokenLogProb(torch.autograd.Function):
+    """``log softmax((h Wᵀ + b) / τ)[y]`` per row, in tiles of [rows, vocabulary slice] (``_tiles``).
+
+    Forward: the log-sum-exp of each row accumulated over the vocabulary slices (running max and sum).
+    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward recomputes the logits tile by
+    tile: ``∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ``, then ``∂h += g·W[slice]`` and
+    ``∂W[slice] = gᵀ·h`` (in float32 for half-precision weights).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, temperature: float, chunk_rows: int):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         out_dtype = torch.float32 if hidden.dtype in HALF_DTYPES else hidden.dtype
         logp = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
         lse = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
-        for s in range(0, n, chunk_rows):
-            logits = _head_logits(hidden[s : s + chunk_rows], weight, bias, temperature)  # [c, V]
-            y = target[s : s + chunk_rows].unsqueeze(-1)
-            # one fused log-softmax is ~2x faster on CPU than torch.logsumexp; lse = z_y − log p(y)
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, y).squeeze(-1)
-            logp[s : s + chunk_rows] = picked
-            lse[s : s + chunk_rows] = logits.gather(-1, y).squeeze(-1) - picked
-            del logits
+        block, tile = _tiles(n, hidden.shape[1], vocab, chunk_rows)
+        for r in range(0, n, block):
+            h, y = hidden[r : r + block], target[r : r + block]
+            # log-sum-exp over the vocabulary slices, online: running max m and Σ exp(z − m)
+            run_max = torch.full((h.shape[0],), float("-inf"), dtype=out_dtype, device=h.device)
+            run_sum = torch.zeros(h.shape[0], dtype=out_dtype, device=h.device)
+            picked = torch.empty(h.shape[0], dtype=out_dtype, device=h.device)  # z_y
+            for v in range(0, vocab, tile):
+                b = None if bias is None else bias[v : v + tile]
+                logits = _head_logits(h, weight[v : v + tile], b, temperature)  # [R, Vb]
+                hit = (y >= v) & (y < v + logits.shape[1])
+                if bool(hit.any()):
+                    rows = hit.nonzero().squeeze(-1)
+                    picked[rows] = logits[rows, y[rows] - v]
+                new_max = torch.maximum(run_max, logits.amax(dim=1))
+                run_sum.mul_(torch.exp(run_max - new_max)).add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+                run_max = new_max
+                del logits
+            lse[r : r + block] = run_max + torch.log(run_sum)
+            logp[r : r + block] = picked - lse[r : r + block]
         ctx.save_for_backward(hidden, weight, bias, target, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return logp
@@ -172,12 +194,7 @@ class _SampledTokenLogProb(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
         grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.empty(vocab, dtype=acc, device=weight.device) if need_b else None
-        # Tiles of [rows, vocab slice] with as many logits as a forward chunk: all rows at once while their
-        # [rows, H] gradient stays within that budget, so each slice of ∂W is written once (no pass of
-        # read-add-write over the whole [V, H] gradient per row chunk) and the matmuls are wide.
-        budget = max(chunk_rows * vocab, 1)
-        block = min(n, max(chunk_rows, budget // max(hidden.shape[1], 1)))
-        tile = max(1, budget // max(block, 1))
+        block, tile = _tiles(n, hidden.shape[1], vocab, chunk_rows)
         for r in range(0, n, block):
             h = hidden[r : r + block]  # [R, H]
             y = target[r : r + block]
