@@ -6,6 +6,7 @@
 # CHAT=1); DIR then names the tokenizer. Each entry writes RUN_DIR/NAME/seed$SEED/ (lm-eval results_*.json and a
 # DONE marker; an entry with DONE is skipped, as in the release), and its log to LOG_DIR. INCLUDE_PATH adds a
 # directory of task YAMLs; ONLY_INCLUDE_PATH=1 indexes only those (lm-eval's own index takes a minute to build).
+# Running again into RUN_DIR continues it; FORCE=1 moves it aside to RUN_DIR.replaced-<date>_<time> first.
 
 # shellcheck source=../lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
@@ -43,6 +44,11 @@ ta_eval_setup() {
     TA_EVAL_MODELS[$name]=$dir
     TA_EVAL_NAMES+=("$name")
   done
+  # Re-running continues the queue (entries with DONE are skipped, as in the release); FORCE=1 moves the earlier
+  # RUN_DIR aside (never deleted) and starts afresh.
+  ta_require_flag FORCE
+  if ((FORCE)); then RESUME=0; else RESUME=${RESUME:-1}; fi
+  ta_prepare_output_dir "evaluation directory (RUN_DIR)" "$RUN_DIR"
   mkdir -p "$RUN_DIR" "$LOG_DIR"
 }
 

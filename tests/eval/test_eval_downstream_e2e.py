@@ -1,8 +1,9 @@
 """End to end: lm-eval drives the real embedded server (local-completions) on the tiny fixture tasks, for the base
 student and two methods x two seeds, and the results are aggregated into the Table-3 layout.
 
-The checkpoints are the tiny random student and copies of it with seeded weight perturbations (a stand-in for
-trained runs: training is not what is tested here). Needs the optional extra ``eval`` (lm-eval); skipped without it.
+The checkpoints are the tiny random student (the base, evaluated with two lm-eval seeds) and, per method and seed,
+a copy of it with its own seeded weight perturbation (a stand-in for trained runs: training is not tested here).
+Needs the optional extra ``eval`` (lm-eval); skipped without it.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ pytestmark = pytest.mark.slow
 KEY = "downstream-e2e-key"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
 REPO = Path(__file__).resolve().parents[2]
-# (method, budget dir or None, checkpoint name); every entry is evaluated with lm-eval seeds 0 and 1
-ENTRIES = [("base", None, "base"), ("pure_opd", "1.0", "pure_opd"), ("teachability", "0.10", "teachability")]
+# (method, budget dir or None); every method is evaluated for seeds 0 and 1 (checkpoint <method>_s<seed>)
+ENTRIES = [("base", None), ("pure_opd", "1.0"), ("teachability", "0.10")]
 SEEDS = (0, 1)
+
+
+def _ckpt(method: str, seed: int) -> str:
+    return "base" if method == "base" else f"{method}_s{seed}"
 
 
 def _perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.5) -> Path:
@@ -54,8 +59,9 @@ def _perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.5) -> Path
 def weights_root(tmp_path_factory, tiny_student_dir):
     root = tmp_path_factory.mktemp("eval_weights")
     shutil.copytree(tiny_student_dir, root / "base")
-    _perturbed_copy(tiny_student_dir, root / "pure_opd", seed=1)
-    _perturbed_copy(tiny_student_dir, root / "teachability", seed=2)
+    for i, (method, _) in enumerate(ENTRIES[1:]):
+        for seed in SEEDS:
+            _perturbed_copy(tiny_student_dir, root / _ckpt(method, seed), seed=10 * i + seed + 1)
     return root
 
 
@@ -76,7 +82,7 @@ def _load(server, path: Path) -> None:
 def _direct_mc_accuracy(model_dir: Path) -> float:
     """The multiple-choice accuracy computed here with transformers (sum of continuation log-probs, argmax)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rows = [json.loads(line) for line in (FIXTURES / "data" / "ta_arith_mc" / "test.jsonl").read_text().splitlines()]
     right = 0
     for row in rows:
@@ -102,9 +108,9 @@ def test_lm_eval_on_the_embedded_server_then_table3(eval_server, weights_root, t
     monkeypatch.setenv("SGLANG_API_KEY", KEY)
     eval_root = tmp_path / "eval"
     measured: dict[tuple[str, int], dict] = {}
-    for method, budget, ckpt in ENTRIES:
-        _load(eval_server, weights_root / ckpt)
+    for method, budget in ENTRIES:
         for seed in SEEDS:
+            _load(eval_server, weights_root / _ckpt(method, seed))
             out = eval_root / method / (budget or "") / f"seed{seed}"
             rc = downstream.main([
                 "--server-url", eval_server.url, "--tokenizer", str(weights_root / "base"),
@@ -117,16 +123,16 @@ def test_lm_eval_on_the_embedded_server_then_table3(eval_server, weights_root, t
             measured[(method, seed)] = _results(out)
 
     # The log-likelihood path (echo + logprobs) gives the accuracy a direct forward pass gives.
-    for method, _, ckpt in ENTRIES:
-        direct = _direct_mc_accuracy(weights_root / ckpt)
+    for method, _ in ENTRIES:
         for seed in SEEDS:
+            direct = _direct_mc_accuracy(weights_root / _ckpt(method, seed))
             assert measured[(method, seed)]["ta_arith_mc"]["acc,none"] == pytest.approx(direct)
             assert measured[(method, seed)]["ta_arith_gen"]["sample_len"] == 8
 
     # The same checkpoint through lm-eval's in-process `hf` model scores the same; chat completions generate.
     common = ["--include-path", str(FIXTURES / "tasks"), "--only-include-path", "--data-dir", str(FIXTURES / "data")]
     hf_out, chat_out = tmp_path / "other" / "hf", tmp_path / "other" / "chat"
-    rc = downstream.main(["--model-dir", str(weights_root / "teachability"), "--tasks", "ta_arith_mc",
+    rc = downstream.main(["--model-dir", str(weights_root / _ckpt("teachability", 0)), "--tasks", "ta_arith_mc",
                           "--output-path", str(hf_out), "--max-length", "256", *common])  # fmt: skip
     assert rc == 0
     served = measured[("teachability", 0)]["ta_arith_mc"]["acc,none"]

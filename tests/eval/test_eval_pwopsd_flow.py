@@ -58,7 +58,7 @@ def test_lora_adapter_is_merged_into_its_base(tmp_path, tiny_student_dir):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_student_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     torch.manual_seed(0)
     lora = peft.get_peft_model(base, config)
@@ -69,7 +69,7 @@ def test_lora_adapter_is_merged_into_its_base(tmp_path, tiny_student_dir):
         expected = lora(ids).logits
     out = checkpoints.prepare(run, 100, base_model=str(tiny_student_dir))
     assert json.loads((out / checkpoints.READY_SENTINEL).read_text())["how"] == "lora-merged"
-    merged = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert (out / "tokenizer.json").is_file()

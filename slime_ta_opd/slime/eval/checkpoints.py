@@ -101,7 +101,7 @@ def _merge_adapter(adapter_dir: Path, base_model: str | None, out: Path) -> None
         raise ValueError(
             f"{adapter_dir}: the adapter's base model {base!r} is not a local directory; pass --base-model DIR"
         )
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base)
