@@ -1,17 +1,18 @@
 """HF causal-LM helpers for the torch trainer: batching of rollout samples and sampled-token log-probs.
 
-The sparse LM head (issue 9 item 1): the backbone runs over every token (attention needs the
+The sparse LM head: the backbone runs over every token (attention needs the
 whole context), but the LM head, the log-softmax and the gather run only on the rows whose
 log-prob is needed — for the loss these are the response positions with ``loss_mask = 1``.
 With ρ = 0.1 that is about a tenth of the [tokens × vocab] work and memory of the dense path.
 The dense path (``logits = model(ids).logits``) is kept behind a switch for comparison.
 
-On the sparse path the head, the log-softmax and the gather run in chunks of rows inside one
-autograd function that saves only the gathered hidden rows and one log-sum-exp per row; backward
-recomputes each chunk's logits. No ``[rows × vocab]`` tensor outlives its chunk, in the no-grad
-old-log-prob pass (all response tokens) and in the training pass alike, so the peak is bounded by
-the chunk (about 2^24 logits by default), not by the number of tokens. The price is one extra
-LM-head matmul over the kept rows in backward.
+On the sparse path the head, the log-softmax and the gather run in tiles of [rows, vocabulary
+slice] inside one autograd function that saves only the gathered hidden rows and one log-sum-exp
+per row; backward recomputes each tile's logits. A tile holds as many logits as a chunk of
+``--lm-head-chunk-size`` full rows (about 2^24 by default), so no ``[rows × vocab]`` tensor exists,
+in the no-grad old-log-prob pass (all response tokens) and in the training pass alike: the peak is
+bounded by the tile, not by the number of tokens. The price is one extra LM-head matmul over the
+kept rows in backward.
 
 Position convention: the hidden state at absolute position ``p`` predicts the token at ``p + 1``,
 so response token ``j`` of a sample with prompt length ``P`` is scored from the hidden state at
