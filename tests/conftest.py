@@ -27,14 +27,21 @@ def start_local_ray(num_cpus: int = 2):
     import ray
 
     path = os.pathsep.join([*map(str, RAY_TEST_PATHS), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        object_store_memory=RAY_OBJECT_STORE_BYTES,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    return ray
+    for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s for a node to register
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                object_store_memory=RAY_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+            )
+            return ray
+        except Exception as e:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
