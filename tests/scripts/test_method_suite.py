@@ -169,3 +169,60 @@ def test_two_entry_suite_end_to_end(tmp_path):
     summary = (suite / "summary.md").read_text()
     assert "Full OPD" in summary and "TA-OPD" in summary
     assert (suite / "plots" / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_two_entry_suite_writes_per_run_banks_and_the_budget_table(tmp_path):
+    """Two real runs on the embedded task, then the fixed-context evaluation (SKIP_EVAL=0): each run's own token
+    bank, shared contexts and θ0 scored once, each trained student scored, the Table-2 form table."""
+    env = {
+        "EMBEDDED_RECIPE": "fast-test",
+        "ASSETS_CACHE_DIR": str(tmp_path / "cache"),
+        "METHOD_LIST": "teachability:0.2:1,random:0.2:2",
+        "NUM_ROLLOUT": "2",
+        "ROLLOUT_BATCH_SIZE": "4",
+        "N_SAMPLES_PER_PROMPT": "2",
+        "ROLLOUT_MAX_RESPONSE_LEN": "12",
+        "EVAL_INTERVAL": "2",
+        "EVAL_MAX_RESPONSE_LEN": "8",
+        "OUTPUT_ROOT": str(tmp_path / "out"),
+        "TAG": "fc",
+        "SEED_LABEL": "seed1",
+        "SKIP_EVAL": "0",
+        "FC_NUM_CONTEXTS": "6",
+        "FC_RESPONSE_TOKENS": "8",
+        "BOOTSTRAP": "50",
+        "SUMMARIZE": "0",
+        "OMP_NUM_THREADS": "1",
+        "EXTRA_ARGS": "--rollout-num-engines 1",
+        "OPD_TOPK_METRICS_K": "4",
+    }
+    r = run_suite(env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    suite = tmp_path / "out" / "fc"  # TAG names the suite
+    runs = ["1_teachability_r0.2_s1234", "2_random_r0.2_s1234"]
+    owners = set()
+    for name in runs:
+        bank = suite / "runs" / name / "token_bank"
+        assert sorted(p.name for p in bank.glob("step*_rank000.csv")) == [
+            "step0000000_rank000.csv", "step0000001_rank000.csv"]  # fmt: skip
+        owners.add(json.loads((bank / "bank_owner.json").read_text())["owner"])
+        assert (suite / "runs" / name / "fixed_context" / "eval" / "token_stats.parquet").is_file()
+    assert len(owners) == 2  # one bank per run
+    fc = suite / "fixed_context"
+    assert (fc / "contexts.jsonl").is_file() and (fc / "theta0" / "token_stats.parquet").is_file()
+    with open(fc / "budget_table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["method"] for r in rows) == ["random", "teachability"]
+    for row in rows:
+        keep = float(row["keep"])
+        assert 0.2 <= keep < 1.0  # the realised budget (plus min-keep per sample) from the run's bank
+        g, lo, hi = float(row["G"]), float(row["G_ci_low"]), float(row["G_ci_high"])
+        assert lo <= g <= hi and float(row["G_per_keep"]) == pytest.approx(g / keep)
+        assert 0.0 <= float(row["q3_fraction"]) <= 1.0
+    table = (fc / "budget_table.md").read_text()
+    assert "| selector | seed | Keep @ 20 % | G @ 20 % [95 % CI] | G/K @ 20 % | Q3 frac @ 20 % |" in table
+    with open(suite / "method_mapping.csv", newline="") as f:
+        mapping = list(csv.DictReader(f))
+    assert list(mapping[0])[:5] == ["method", "mask", "ratio", "idx", "notes"]
+    assert {m["seed_label"] for m in mapping} == {"seed1"}
