@@ -15,6 +15,7 @@ from slime.embedded.assets import (
     Recipe,
     _encode_examples,
     _lr_at,
+    build_assets,
     ensure_assets,
     sft_train,
 )
@@ -159,3 +160,27 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
     # another recipe -> another cache directory
     d = ensure_assets(tmp_path, recipe=replace(TINY, seed=1))
     assert d.teacher_dir.parent != a.teacher_dir.parent
+
+
+@pytest.mark.slow
+def test_parallel_build_makes_the_sequential_pair(tmp_path):
+    """The teacher trained in a spawned process next to the student gives the weights and manifest entries of the
+    sequential build (one torch thread on both sides, so the arithmetic is the same)."""
+    from safetensors.torch import load_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = build_assets(tmp_path / "seq", TINY, parallel=False)
+        par = build_assets(tmp_path / "par", TINY, parallel=True)
+    finally:
+        torch.set_num_threads(threads)
+    for role in ("teacher", "student"):
+        a, b = (
+            load_file(tmp_path / "seq" / role / "model.safetensors"),
+            load_file(tmp_path / "par" / role / "model.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
+        same = {k: v for k, v in seq[role].items() if k != "build_seconds"}
+        assert same == {k: v for k, v in par[role].items() if k != "build_seconds"}, role
+    assert list(par) == ["recipe", "recipe_key", "builder", "teacher", "student", "build_seconds"]

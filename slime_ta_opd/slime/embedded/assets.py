@@ -335,10 +335,77 @@ def _is_complete(root: Path) -> bool:
     )
 
 
-def build_assets(out_dir: str | os.PathLike, recipe: Recipe) -> dict[str, Any]:
-    """Build every asset into ``out_dir`` (not atomic by itself; see ``ensure_assets``); returns the manifest."""
+def _train_role(
+    role: str,
+    r: ModelRecipe,
+    seed: int,
+    out_dir: str,
+    recipe: Recipe,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    dev_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    threads: int | None,
+) -> dict[str, Any]:
+    """Train, evaluate and save one model of the pair into ``out_dir/role``; returns its manifest entry. Runs in
+    the building process or in a spawned one (``threads``: torch threads for it; None leaves them)."""
     from slime.embedded.evaluate import evaluate_model
     from slime.embedded.models import build_tiny_model, save_model
+    from slime.embedded.tokenizer import load_tokenizer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    t_model = time.perf_counter()
+    model = build_tiny_model(r.size, seed=seed)
+    dev_history: list[tuple[int, float]] = []
+
+    def dev_accuracy(m: Any, step: int) -> float:
+        acc = evaluate_model(m, tokenizer, dev_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
+        dev_history.append((step, acc.accuracy))
+        return acc.accuracy
+
+    losses = sft_train(
+        model, input_ids, loss_mask, r, seed=seed, desc=f"train {role} ({r.size})", dev_accuracy=dev_accuracy
+    )
+    result = evaluate_model(model, tokenizer, eval_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
+    save_model(model, out / role, tokenizer_dir=out / "tokenizer")
+    steps_done = len(losses)
+    if r.stop_at_dev_accuracy is None:
+        stop_reason = "all steps"
+    elif dev_history and dev_history[-1][1] >= r.stop_at_dev_accuracy:
+        stop_reason = f"dev accuracy {dev_history[-1][1]:.1%} >= {r.stop_at_dev_accuracy:.1%}"
+    else:
+        stop_reason = f"all steps (dev accuracy never reached {r.stop_at_dev_accuracy:.1%})"
+        print(f"[assets] warning: {role} stopped at its {r.steps} steps without reaching the target dev accuracy")
+    logger.info("%s: held-out greedy accuracy %.3f", role, result.accuracy)
+    schedule = f"{steps_done} steps" + (
+        f" of a {r.schedule_len}-step schedule" if r.schedule_len != steps_done else ""
+    )
+    why = "" if stop_reason == "all steps" else f"; stopped: {stop_reason}"
+    print(f"[assets] {role}: held-out greedy accuracy {result.accuracy:.1%} ({r.size}, {schedule}{why})", flush=True)
+    return {
+        "size": r.size,
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": steps_done,
+        "stop_reason": stop_reason,
+        "sft": r.sft_summary(),
+        "lr_at_stop": _lr_at(steps_done - 1, r),
+        "final_sft_loss": losses[-1],  # the last step's batch
+        "final_sft_loss_mean_last20": sum(losses[-20:]) / len(losses[-20:]),
+        "heldout_accuracy_greedy": result.accuracy,
+        "dev_accuracy_checks": [[step, acc] for step, acc in dev_history],
+        "build_seconds": round(time.perf_counter() - t_model, 1),
+        "example": {"prompt": eval_rows[0]["prompt"], "response": result.responses[0]},
+    }
+
+
+def build_assets(out_dir: str | os.PathLike, recipe: Recipe, parallel: bool = True) -> dict[str, Any]:
+    """Build every asset into ``out_dir`` (not atomic by itself; see ``ensure_assets``); returns the manifest.
+
+    ``parallel`` (with 2 or more CPUs): the teacher trains in a spawned process while the student trains here,
+    each on half of torch's threads."""
     from slime.embedded.tokenizer import build_tokenizer
 
     out = Path(out_dir)
@@ -360,53 +427,27 @@ def build_assets(out_dir: str | os.PathLike, recipe: Recipe) -> dict[str, Any]:
     tokenizer = build_tokenizer(out / "tokenizer")
     input_ids, loss_mask = _encode_examples(tokenizer, pool)
     manifest: dict[str, Any] = {"recipe": asdict(recipe), "recipe_key": recipe.key(), "builder": BUILDER_VERSION}
-    for role, r, seed in (("teacher", recipe.teacher, recipe.seed), ("student", recipe.student, recipe.seed + 100)):
+    jobs = [("teacher", recipe.teacher, recipe.seed), ("student", recipe.student, recipe.seed + 100)]
+    for role, r, _ in jobs:
         if r.stop_at_dev_accuracy is not None and not dev_rows:
             raise ValueError(f"the {role} recipe stops at a dev accuracy, but the recipe has num_dev_prompts=0")
-        t_model = time.perf_counter()
-        model = build_tiny_model(r.size, seed=seed)
-        dev_history: list[tuple[int, float]] = []
+    shared = (str(out), recipe, input_ids, loss_mask, dev_rows, eval_rows)
+    if parallel and (os.cpu_count() or 1) >= 2:
+        # The teacher (most of the build) trains in a second process while the student trains here: each model
+        # depends only on its own seed and data (with one thread each, the sequential build's exact weights).
+        import multiprocessing
 
-        def dev_accuracy(m: Any, step: int, history: list[tuple[int, float]] = dev_history) -> float:
-            acc = evaluate_model(m, tokenizer, dev_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
-            history.append((step, acc.accuracy))
-            return acc.accuracy
-
-        losses = sft_train(
-            model, input_ids, loss_mask, r, seed=seed, desc=f"train {role} ({r.size})", dev_accuracy=dev_accuracy
-        )
-        result = evaluate_model(
-            model, tokenizer, eval_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0
-        )
-        save_model(model, out / role, tokenizer_dir=out / "tokenizer")
-        steps_done = len(losses)
-        if r.stop_at_dev_accuracy is None:
-            stop_reason = "all steps"
-        elif dev_history and dev_history[-1][1] >= r.stop_at_dev_accuracy:
-            stop_reason = f"dev accuracy {dev_history[-1][1]:.1%} >= {r.stop_at_dev_accuracy:.1%}"
-        else:
-            stop_reason = f"all steps (dev accuracy never reached {r.stop_at_dev_accuracy:.1%})"
-            print(f"[assets] warning: {role} stopped at its {r.steps} steps without reaching the target dev accuracy")
-        manifest[role] = {
-            "size": r.size,
-            "params": sum(p.numel() for p in model.parameters()),
-            "steps": steps_done,
-            "stop_reason": stop_reason,
-            "sft": r.sft_summary(),
-            "lr_at_stop": _lr_at(steps_done - 1, r),
-            "final_sft_loss": losses[-1],  # the last step's batch
-            "final_sft_loss_mean_last20": sum(losses[-20:]) / len(losses[-20:]),
-            "heldout_accuracy_greedy": result.accuracy,
-            "dev_accuracy_checks": [[step, acc] for step, acc in dev_history],
-            "build_seconds": round(time.perf_counter() - t_model, 1),
-            "example": {"prompt": eval_rows[0]["prompt"], "response": result.responses[0]},
-        }
-        logger.info("%s: held-out greedy accuracy %.3f", role, result.accuracy)
-        schedule = f"{steps_done} steps" + (
-            f" of a {r.schedule_len}-step schedule" if r.schedule_len != steps_done else ""
-        )
-        why = "" if stop_reason == "all steps" else f"; stopped: {stop_reason}"
-        print(f"[assets] {role}: held-out greedy accuracy {result.accuracy:.1%} ({r.size}, {schedule}{why})")
+        threads = torch.get_num_threads()
+        per_process = max(1, threads // 2)
+        with multiprocessing.get_context("spawn").Pool(1) as pool_:
+            teacher = pool_.apply_async(_train_role, (*jobs[0], *shared, per_process))
+            manifest["student"] = _train_role(*jobs[1], *shared, per_process)
+            manifest["teacher"] = teacher.get()
+        torch.set_num_threads(threads)
+    else:
+        for job in jobs:
+            manifest[job[0]] = _train_role(*job, *shared, None)
+    manifest = {k: manifest[k] for k in ("recipe", "recipe_key", "builder", "teacher", "student")}
     shutil.rmtree(out / "tokenizer")
     manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
