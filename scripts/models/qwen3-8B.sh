@@ -1,20 +1,4 @@
 # Qwen3-8B shape for the Megatron trainer (scale-out only; source it; do not run it).
 # Numbers from the model's config.json: 36 layers, hidden 4096, FFN 12288, 32 query / 8 KV heads of 128, untied embeddings.
-MODEL_ARGS=(
-  --swiglu
-  --num-layers 36
-  --hidden-size 4096
-  --ffn-hidden-size 12288
-  --num-attention-heads 32
-  --group-query-attention
-  --num-query-groups 8
-  --kv-channels 128
-  --use-rotary-position-embeddings
-  --rotary-base 1000000
-  --normalization RMSNorm
-  --norm-epsilon 1e-6
-  --qk-layernorm
-  --disable-bias-linear
-  --untie-embeddings-and-output-weights
-  --vocab-size 151936
-)
+source "$(dirname "${BASH_SOURCE[0]}")/qwen3_shape.bash"
+qwen3_model_args 36 4096 12288 32 untied
