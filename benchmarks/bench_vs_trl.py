@@ -28,7 +28,8 @@ CPU float32, one torch thread per process, AdamW at the same learning rate.
 Difference in work, stated: TRL's loss is the full-vocabulary reverse KL at every response position
 (student and teacher logits over the whole sequence, [B, L, V]); this stack's OPD loss is the
 sampled-token estimator of the same reverse KL (advantage = log p_T(y) − log p_S(y), policy gradient
-on the sampled token), with the teacher's top-K needed by selection. TRL's teacher reads every
+on the sampled token); this stack's generation and teacher scoring also return the top-K lists
+(K = 16 per token) that selection reads. TRL's teacher reads every
 sequence in the training process; here the teacher is a separate server. TRL has no weight sync.
 
 Measured in one process, interleaved: TRL's loop runs ``1 + --repeats`` steps and after each one
