@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_UPDATE_MODES = ("disk", "distributed", "tensor")
 DEFAULT_BUFFER_BYTES = 512 * 1024**2
+# The embedded engines' weight-update group timeout (per collective): an engine whose broadcast a lost engine broke
+# is free for the next push after it. (Real SGLang engines keep their own.)
+EMBEDDED_GROUP_TIMEOUT_S = 120.0
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -176,11 +179,14 @@ class DistributedWeightSender:
         restart_count: Callable[[], int] | None = None,
         engine_urls_fn: Callable[[], list[str]] | None = None,
         drop_lost_engines: Callable[[], int] | None = None,
+        engine_timeout_s: float | None = None,
     ):
         """``restart_count``: how many times the engine set changed so far (the RolloutManager's count); when
         it changed since the group was made, the next push first makes a new group (a restarted engine is not a
         member of the old one). ``engine_urls_fn``: the engines' URLs now, read at every new group.
-        ``drop_lost_engines``: called when a push fails; a positive answer (engines dropped) retries the push once."""
+        ``drop_lost_engines``: called when a push fails; a positive answer (engines dropped) retries the push once.
+        ``engine_timeout_s``: the engines' own group timeout (``timeout_s`` of the embedded engines' join request):
+        an engine left waiting for a broadcast that a lost engine broke gives up after it and takes the next push."""
         if not engine_urls:
             raise ValueError("distributed weight updates need the engines' URLs (this run owns no engines)")
         if buffer_bytes < 1:
@@ -194,6 +200,7 @@ class DistributedWeightSender:
         self.restart_count = restart_count
         self.engine_urls_fn = engine_urls_fn
         self.drop_lost_engines = drop_lost_engines
+        self.engine_timeout_s = engine_timeout_s
         self._restarts_seen: int | None = None
         self._connects = 0
 
@@ -223,6 +230,7 @@ class DistributedWeightSender:
                 "world_size": self.world_size,
                 "group_name": self.group_name,
                 "backend": self.backend,
+                **({"timeout_s": self.engine_timeout_s} if self.engine_timeout_s else {}),
             }
             for i in range(len(self.engine_urls))
         ]
@@ -480,6 +488,7 @@ def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSende
         engine_urls_fn=lambda: ray.get(rollout_manager.engine_urls.remote()),
         drop_lost_engines=lambda: ray.get(rollout_manager.drop_lost_engines.remote()),
         master_address=ray.util.get_node_ip_address(),  # engines on other nodes reach the trainer's node
+        engine_timeout_s=None if on_gpu else EMBEDDED_GROUP_TIMEOUT_S,
         backend="nccl" if on_gpu else "gloo",
         tp_size=tp_size,
         api_key=api_key,
