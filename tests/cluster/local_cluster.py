@@ -49,7 +49,7 @@ ENV = {
 # a lost node is declared dead within seconds (real clusters keep Ray's defaults: tens of seconds)
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_timeout_ms": 5000, "health_check_failure_threshold": 5}
 START_DEADLINE_S = 180  # one `ray start`
-ATTEMPTS = 3
+ATTEMPTS = 5
 
 
 @dataclass
@@ -189,7 +189,7 @@ def start_local_cluster(roles: dict[str, dict[str, Any]] = ROLES, gpus: dict[str
                 _kill_leftovers(temp_dirs[-1])
                 if attempt == ATTEMPTS - 1:
                     raise
-                print(f"starting the cluster failed ({str(e)[:300]}); starting it again")
+                print(f"starting the cluster failed ({str(e)[-300:]}); starting it again")
         print(f"{len(roles)}-node Ray cluster up in {time.perf_counter() - t0:.1f}s at {local.address}")
         yield local
     finally:
