@@ -175,6 +175,22 @@ def _completion_logprobs(answer: dict[str, Any], echo_ids: list[int] | None, eng
     }
 
 
+def _completion_response(
+    id_prefix: str, kind: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]
+) -> JSONResponse:
+    """The OpenAI answer envelope of a (chat) completion: a fresh id, the object kind, model, choices, usage."""
+    return JSONResponse(
+        {
+            "id": f"{id_prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage,
+        }
+    )
+
+
 def _usage(prompt_lengths: list[int], answers: list[dict[str, Any]]) -> dict[str, int]:
     completion = sum(int(a["meta_info"]["completion_tokens"]) for a in answers)
     prompt = sum(prompt_lengths)
@@ -198,17 +214,14 @@ def _prompts(prompt: Any) -> tuple[list[str] | None, list[list[int]] | None]:
     )
 
 
-def add_openai_routes(app: FastAPI, engine: Engine, args: Any, run_requests: RunRequests) -> None:
+def add_openai_routes(
+    app: FastAPI, engine: Engine, args: Any, run_requests: RunRequests, read_body: Callable[[Request], Awaitable[Any]]
+) -> None:
     """Register ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` on the embedded server's app.
 
-    ``run_requests`` runs validated requests on the engine and returns SGLang-shaped answers (the server's own).
+    ``run_requests`` runs validated requests on the engine and returns SGLang-shaped answers (the server's own);
+    ``read_body`` is the server's JSON reader (its size, depth and syntax limits).
     """
-    served_name = engine.model_path
-
-    async def read_body(request: Request) -> Any:
-        from slime.backends.embedded_sglang.server import read_json  # the server's JSON limits (depth, syntax)
-
-        return await read_json(request)
 
     async def run(reqs: list[GenRequest]) -> list[dict[str, Any]] | JSONResponse:
         refusal = engine.weights_state_error()
@@ -224,11 +237,11 @@ def add_openai_routes(app: FastAPI, engine: Engine, args: Any, run_requests: Run
     @app.get("/v1/models")
     async def models() -> Response:
         card = {
-            "id": served_name,
+            "id": engine.model_path,
             "object": "model",
             "created": 0,
             "owned_by": "slime-embedded",
-            "root": served_name,
+            "root": engine.model_path,
             "max_model_len": engine.context_length,
         }
         return JSONResponse({"object": "list", "data": [card]})
@@ -272,16 +285,8 @@ def add_openai_routes(app: FastAPI, engine: Engine, args: Any, run_requests: Run
                 choice["logprobs"] = _completion_logprobs(answer, req.input_ids if echo else None, engine, top)
             choice["finish_reason"] = _finish_reason(answer["meta_info"])
             choices.append(choice)
-        return JSONResponse(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": body.get("model") or served_name,
-                "choices": choices,
-                "usage": _usage([len(r.input_ids) for r in reqs[::n]], answers),
-            }
-        )
+        usage = _usage([len(r.input_ids) for r in reqs[::n]], answers)
+        return _completion_response("cmpl", "text_completion", body.get("model") or engine.model_path, choices, usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -316,15 +321,9 @@ def add_openai_routes(app: FastAPI, engine: Engine, args: Any, run_requests: Run
                 "finish_reason": _finish_reason(answer["meta_info"]),
             }
             choices.append(choice)
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model") or served_name,
-                "choices": choices,
-                "usage": _usage([len(prompt_ids)], answers),
-            }
+        usage = _usage([len(prompt_ids)], answers)
+        return _completion_response(
+            "chatcmpl", "chat.completion", body.get("model") or engine.model_path, choices, usage
         )
 
 

@@ -410,7 +410,7 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
 
     from slime.backends.embedded_sglang.openai_api import add_openai_routes  # /v1/completions, /v1/chat/...
 
-    add_openai_routes(app, engine, args, run_requests)
+    add_openai_routes(app, engine, args, run_requests, read_json)
     return app
 
 
