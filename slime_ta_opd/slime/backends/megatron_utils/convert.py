@@ -245,26 +245,25 @@ def pp_merge(stages: list[Tensors], shape: ModelShape) -> Tensors:
     return out
 
 
-def to_te_names(state: Tensors) -> Tensors:
-    """Local-spec names → Transformer-Engine-spec names (the two pre-norms fuse into the next linear)."""
+def _rename_layer_params(state: Tensors, names: dict[str, str]) -> Tensors:
+    """``decoder.layers.<i>.<param>`` → ``decoder.layers.<i>.<names[param]>`` for the params in ``names``."""
     out: Tensors = {}
     for name, value in state.items():
         m = _MG_LAYER.match(name)
-        if m is not None and m.group(2) in _TE_NAMES:
-            name = f"decoder.layers.{m.group(1)}.{_TE_NAMES[m.group(2)]}"
+        if m is not None and m.group(2) in names:
+            name = f"decoder.layers.{m.group(1)}.{names[m.group(2)]}"
         out[name] = value
     return out
+
+
+def to_te_names(state: Tensors) -> Tensors:
+    """Local-spec names → Transformer-Engine-spec names (the two pre-norms fuse into the next linear)."""
+    return _rename_layer_params(state, _TE_NAMES)
 
 
 def from_te_names(state: Tensors) -> Tensors:
-    inverse = {v: k for k, v in _TE_NAMES.items()}
-    out: Tensors = {}
-    for name, value in state.items():
-        m = _MG_LAYER.match(name)
-        if m is not None and m.group(2) in inverse:
-            name = f"decoder.layers.{m.group(1)}.{inverse[m.group(2)]}"
-        out[name] = value
-    return out
+    """Transformer-Engine-spec names → local-spec names (the inverse of ``to_te_names``)."""
+    return _rename_layer_params(state, {v: k for k, v in _TE_NAMES.items()})
 
 
 def hf_layer_count(hf: Tensors) -> int:
