@@ -1,6 +1,6 @@
 """CLI wrapper: ``python tools/summarize_suite.py --help`` (installed as ``summarize_suite``).
 
-Implementation and usage: ``slime.suite_report.summary``; see docs/method_suite.md.
+Implementation: ``slime.suite_report.cli``; usage: ``slime.suite_report.summary``; see docs/method_suite.md.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 try:
-    from slime.suite_report.summary import main
+    from slime.suite_report.cli import main
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slime_ta_opd"))
-    from slime.suite_report.summary import main
+    from slime.suite_report.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slime.suite_report.summary import main, summarize
+from slime.suite_report.cli import main, summarize
 
 
 def make_suite(root: Path, entries, steps: int = 4) -> Path:

@@ -16,7 +16,8 @@ docs/method_suite.md): accuracies as fractions, 95 % CIs from the paired seed ×
 method) and ``plots/{curves,accuracy_vs_budget}.png``, under ``--out-dir`` (default: the first suite
 directory); the table and the verdicts are printed.
 
-Usage (``tools/summarize_suite.py`` and the ``summarize_suite`` command wrap ``main``)::
+Usage (``tools/summarize_suite.py`` and the ``summarize_suite`` command wrap ``slime.suite_report.cli.main``,
+which writes this module's tables and ``slime.suite_report.plots``' figures)::
 
     python tools/summarize_suite.py --suite-dir outputs/method_suite/suite_20260101_120000
     python tools/summarize_suite.py --suite-dir SWEEP/budget_0.05 --suite-dir SWEEP/budget_0.1 --out-dir SWEEP
@@ -25,7 +26,6 @@ Usage (``tools/summarize_suite.py`` and the ``summarize_suite`` command wrap ``m
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -517,63 +517,3 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str]
     for r in rows:
         writer.writerow({k: "" if r[k] is None else r[k] for k in columns})
     _atomic_write(path, buf.getvalue())
-
-
-def summarize(
-    suite_dirs: Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike | None = None,
-    plots: bool = True,
-    tail: int = 3,
-    n_resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, Any]:
-    """Build the summary of one or more suites; returns the method rows, the run rows, the table, the verdict
-    lines and the written paths."""
-    if not suite_dirs:
-        raise ValueError("need at least one suite directory")
-    runs = [run for d in suite_dirs for run in load_suite(Path(d))]
-    if not runs:
-        raise ValueError(f"no runs in {list(map(str, suite_dirs))} (empty method_mapping.csv)")
-    run_rows = [summarize_run(r, tail) for r in runs]
-    rows = aggregate(runs, run_rows, n_resamples)
-    order = sorted(range(len(runs)), key=lambda i: (run_rows[i]["alias"] != "pure_opd", run_rows[i]["budget_nominal"],
-                                                   run_rows[i]["idx"], run_rows[i]["seed"] or 0))  # fmt: skip
-    runs, run_rows = [runs[i] for i in order], [run_rows[i] for i in order]
-    out = Path(out_dir) if out_dir is not None else Path(suite_dirs[0])
-    table = markdown_table(rows, tail)
-    lines = verdicts(rows)
-    write_csv(rows, out / "summary.csv", SUMMARY_COLUMNS)
-    write_csv(run_rows, out / "runs.csv")
-    _atomic_write(out / "summary.md", table + "\n" + "".join(f"- {line}\n" for line in lines))
-    paths = {"csv": out / "summary.csv", "markdown": out / "summary.md", "runs": out / "runs.csv"}
-    if plots:
-        from slime.suite_report.plots import plot_accuracy_vs_budget, plot_curves
-
-        paths["curves"] = plot_curves(runs, out / "plots" / "curves.png")
-        paths["accuracy_vs_budget"] = plot_accuracy_vs_budget(rows, out / "plots" / "accuracy_vs_budget.png")
-    return {"rows": rows, "runs": run_rows, "table": table, "verdicts": lines, "paths": paths}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite-dir", action="append", required=True, help="a suite directory (repeatable)")
-    parser.add_argument("--out-dir", default=None, help="default: the first --suite-dir")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--tail", type=int, default=3, help="final teacher KL = mean of the last N steps")
-    ns = parser.parse_args(argv)
-    if ns.tail < 1:
-        parser.error(f"--tail must be >= 1, got {ns.tail}")
-    try:
-        result = summarize(ns.suite_dir, ns.out_dir, plots=not ns.no_plots, tail=ns.tail)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, path in result["paths"].items():
-        print(f"{name}: {path}")
-    print(result["table"], end="")  # the table and the verdict lines come last
-    for line in result["verdicts"]:
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
