@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def _snapshot(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and ".git" not in p.relative_to(root).parts and "__pycache__" not in p.parts
+        if p.is_file() and not p.is_symlink() and not {".git", "__pycache__"} & set(p.relative_to(root).parts)
     }
 
 
@@ -222,3 +223,132 @@ def test_shell_wrapper_and_failed_verification(fake_slime: Path):
         installer.install(fake_slime, python=str(bare), log=lambda _: None)
     installer.uninstall(fake_slime, log=lambda _: None)
     assert _git(fake_slime, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+# ---------------------------------------------------------------- local edits and manifest safety (--no-verify)
+
+
+def _install(root: Path, *flags: str) -> int:
+    return installer.main([str(root), "--no-verify", *flags])
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [["slime/utils/arguments.py"], ["slime/rollout/on_policy_distillation.py", "slime/rollout/tip_compat.py"]],
+)
+def test_reinstall_refuses_to_overwrite_local_edits_and_force_backs_them_up(fake_slime, capsys, edited):
+    assert _install(fake_slime) == 0
+    for rel in edited:
+        (fake_slime / rel).write_text((fake_slime / rel).read_text() + "# my local edit\n")
+    before = _snapshot(fake_slime)
+    capsys.readouterr()
+    assert _install(fake_slime) == 1
+    err = capsys.readouterr().err
+    assert all(rel in err for rel in edited) and "--force" in err and "modified after the installer wrote" in err
+    assert _snapshot(fake_slime) == before  # nothing written, dry run included
+    assert _install(fake_slime, "--dry-run") == 1
+    assert _snapshot(fake_slime) == before
+
+    assert _install(fake_slime, "--force") == 0
+    out = capsys.readouterr().out
+    saved = sorted(d for d in (fake_slime / installer.EDITED_DIR).iterdir() if d.is_dir())
+    assert len(saved) == 1 and str(saved[0]) in out
+    for rel in edited:
+        assert (saved[0] / rel).read_text().endswith("# my local edit\n")  # the edit survives, next to the checkout
+        assert "# my local edit" not in (fake_slime / rel).read_text()
+    assert _git(fake_slime, "status", "--porcelain", "--untracked-files=all", "--", installer.EDITED_DIR) == ""
+    # the copies survive an uninstall (which removes the install backup directory)
+    assert installer.main([str(fake_slime), "--uninstall"]) == 0
+    assert (saved[0] / edited[0]).exists()
+    assert (fake_slime / "slime/utils/arguments.py").read_bytes() == UPSTREAM_ARGUMENTS
+
+
+def test_first_install_and_patch_updates_are_not_local_edits(fake_slime):
+    # first install over upstream files: the originals are the backup, no --force needed
+    assert _install(fake_slime) == 0
+    # an older patch version installed earlier (its content recorded in the manifest): a plain update
+    manifest_path = fake_slime / installer.BACKUP_DIR / installer.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    old = b"# tip_compat of an older patch version\n"
+    (fake_slime / "slime/rollout/tip_compat.py").write_bytes(old)
+    manifest["files"]["slime/rollout/tip_compat.py"]["installed_sha256"] = hashlib.sha256(old).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    changes = installer.install(fake_slime, verify=False, log=lambda _: None)
+    assert {c.path: c.action for c in changes}["slime/rollout/tip_compat.py"] == "updated"
+    assert not (fake_slime / installer.EDITED_DIR).exists()
+
+
+def test_uninstall_force_backs_up_edits_and_a_refusal_changes_nothing(fake_slime, capsys):
+    assert _install(fake_slime) == 0
+    (fake_slime / "slime/utils/ta_opd_arguments.py").write_text("# rewritten by the user\n")
+    before = _snapshot(fake_slime)
+    assert installer.main([str(fake_slime), "--uninstall"]) == 1
+    assert "ta_opd_arguments.py was modified" in capsys.readouterr().err
+    assert _snapshot(fake_slime) == before  # files sorted before it were not restored either
+    assert installer.main([str(fake_slime), "--uninstall", "--force"]) == 0
+    (saved,) = (d for d in (fake_slime / installer.EDITED_DIR).iterdir() if d.is_dir())
+    assert (saved / "slime/utils/ta_opd_arguments.py").read_text() == "# rewritten by the user\n"
+    assert not (fake_slime / "slime/utils/ta_opd_arguments.py").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"../victim.txt": {"action": "added", "backup": None}}, "'..'"),
+        ({"slime/../../victim.txt": {"action": "added", "backup": None}}, "'..'"),
+        ({"{victim}": {"action": "added", "backup": None}}, "not a relative path"),
+        ({"train.py": {"action": "added", "backup": None}}, "not one the installer manages"),
+        ({"./slime/rollout/tip_compat.py": {"action": "added", "backup": None}}, "'.'"),
+        (
+            {
+                "slime/rollout/tip_compat.py": {
+                    "action": "replaced",
+                    "backup": "../../victim.txt",
+                    "original_sha256": "0" * 64,
+                }
+            },
+            "'..'",
+        ),  # fmt: skip
+        (
+            {
+                "slime/rollout/tip_compat.py": {
+                    "action": "replaced",
+                    "backup": "files/train.py",
+                    "original_sha256": "0" * 64,
+                }
+            },
+            "expected 'files/",
+        ),  # fmt: skip
+        ({"slime/rollout/tip_compat.py": "added"}, "not an object"),
+    ],
+)
+def test_uninstall_refuses_a_manifest_path_outside_the_checkout_before_deleting_anything(
+    fake_slime, capsys, entry, message
+):
+    victim = fake_slime.parent / "victim.txt"
+    victim.write_text("not yours\n")
+    assert _install(fake_slime) == 0
+    manifest_path = fake_slime / installer.BACKUP_DIR / installer.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"].update({k.format(victim=victim): v for k, v in entry.items()})
+    manifest_path.write_text(json.dumps(manifest))
+    before = _snapshot(fake_slime)
+    capsys.readouterr()
+    assert installer.main([str(fake_slime), "--uninstall", "--force"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "nothing was changed" in err, err
+    assert victim.read_text() == "not yours\n"
+    assert _snapshot(fake_slime) == before
+    assert _install(fake_slime) == 1  # the install reads the same manifest: refused too
+
+
+def test_uninstall_refuses_a_manifest_file_that_is_a_symlink_out_of_the_checkout(fake_slime, capsys):
+    victim = fake_slime.parent / "victim.py"
+    victim.write_text("keep me\n")
+    assert _install(fake_slime) == 0
+    link = fake_slime / "slime/rollout/tip_compat.py"
+    link.unlink()
+    link.symlink_to(victim)
+    assert installer.main([str(fake_slime), "--uninstall", "--force"]) == 1
+    assert "outside" in capsys.readouterr().err
+    assert victim.read_text() == "keep me\n" and link.is_symlink()
