@@ -22,12 +22,12 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from slime.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
 from slime.ray.cluster import add_placement_arguments
 from slime.utils.compat_flags import add_compat_arguments
 from slime.utils.flag_ranges import check_numeric_flags, describe_flag_range
 from slime.utils.lr_schedule import LR_DECAY_STYLES, resolve_lr_schedule_args
 from slime.utils.opd_config import add_ta_opd_arguments, validate_ta_opd_args
-from slime.preflight import CHECK_NAMES as PREFLIGHT_CHECKS
 from ta_opd.loss_registry import LOSSES, loss_types_needing
 from ta_opd.losses import REDUCTIONS
 
@@ -218,6 +218,12 @@ def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last-n-checkpoints", type=int, default=None, help="Delete older checkpoints (default all).")
     g.add_argument("--no-save-optim", action="store_true", default=False)
+    g.add_argument(
+        "--no-load-optim",
+        action="store_true",
+        default=False,
+        help="Resume from --load without its optimizer state (fresh AdamW; the LR schedule still resumes).",
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=0.0, help="LR at the end of a linear/cosine decay (Megatron).")

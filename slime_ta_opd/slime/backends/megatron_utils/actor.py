@@ -480,7 +480,7 @@ class MegatronTrainRayActor(TrainStep, TrainRayActor):
 
     def _load_optimizer(self, ckpt_dir: Path) -> None:
         path = Path(ckpt_dir) / "optim" / f"rank{dist.get_rank():05d}.pt"
-        if getattr(self.args, "no_load_optim", False) or not path.is_file():
+        if self.args.no_load_optim or not path.is_file():
             return
         try:  # weights_only: a tampered optimizer file must never run code while it is read
             state = torch.load(path, weights_only=True)

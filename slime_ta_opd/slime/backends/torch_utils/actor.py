@@ -85,9 +85,7 @@ class TorchTrainRayActor(TrainStep, TrainRayActor):
         # --save without a checkpoint yet; anything else is refused rather than trained from scratch
         latest = ckpt.checkpoint_to_load(args.load, args.save)
         if latest is not None:
-            state = ckpt.load_checkpoint(
-                latest, self.model, None if getattr(args, "no_load_optim", False) else self.optimizer
-            )
+            state = ckpt.load_checkpoint(latest, self.model, None if args.no_load_optim else self.optimizer)
             self.global_step = int(state.get("global_step", 0))
             self.weight_version = int(state.get("weight_version", 0))
             self.last_rollout_id = int(state["rollout_id"])
