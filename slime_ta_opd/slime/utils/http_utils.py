@@ -136,34 +136,23 @@ async def _request(
     async def attempt_once(attempt: int) -> Any:
         session = _session()
         async with session.request(method, url, json=payload, headers=hdrs, timeout=client_timeout) as resp:
+
+            def failed(what: str) -> Exception:
+                return _failed(f"{method} {url} {what}", url=url, attempts=attempt, status=resp.status)
+
             body = await resp.text()
             if resp.status in RETRYABLE_HTTP_STATUS:
                 raise Transient(f"HTTP {resp.status}: {body[:300]}")
             if resp.status >= 400:
-                raise _failed(
-                    f"{method} {url} failed with HTTP {resp.status} (not retried): {body[:500]}",
-                    url=url,
-                    attempts=attempt,
-                    status=resp.status,
-                )
+                raise failed(f"failed with HTTP {resp.status} (not retried): {body[:500]}")
             if not expect_json:
                 return body
             if not body.strip():
-                raise _failed(
-                    f"{method} {url} returned HTTP {resp.status} with an empty body; expected JSON",
-                    url=url,
-                    attempts=attempt,
-                    status=resp.status,
-                )
+                raise failed(f"returned HTTP {resp.status} with an empty body; expected JSON")
             try:
                 return await resp.json(content_type=None)
             except ValueError as e:
-                raise _failed(
-                    f"{method} {url} returned a body that is not JSON: {body[:300]!r}",
-                    url=url,
-                    attempts=attempt,
-                    status=resp.status,
-                ) from e
+                raise failed(f"returned a body that is not JSON: {body[:300]!r}") from e
 
     on_retry = log_retry(logger, f"{method} {url}", policy, counts=_stats)
     try:
@@ -173,58 +162,20 @@ async def _request(
 
 
 async def post(
-    url: str,
-    payload: Any,
-    max_retries: int | None = None,
-    headers: dict[str, str] | None = None,
-    *,
-    api_key: str | None = None,
-    timeout: float | None = None,
-    backoff_base: float = DEFAULT_BACKOFF_BASE_S,
-    backoff_max: float = DEFAULT_BACKOFF_MAX_S,
+    url: str, payload: Any, max_retries: int | None = None, headers: dict[str, str] | None = None, **options: Any
 ) -> Any:
     """POST ``payload`` as JSON and return the decoded JSON answer (see the module doc for retries).
 
     ``max_retries`` counts retries after the first attempt (attempts = max_retries + 1).
     ``api_key`` (or the one from ``init_http_client``) is sent as ``Authorization: Bearer``.
+    Keyword ``options``: ``api_key``, ``timeout``, ``backoff_base``, ``backoff_max``, ``expect_json``.
     """
-    return await _request(
-        "POST",
-        url,
-        payload,
-        api_key=api_key,
-        headers=headers,
-        timeout=timeout,
-        max_retries=max_retries,
-        backoff_base=backoff_base,
-        backoff_max=backoff_max,
-    )
+    return await _request("POST", url, payload, max_retries=max_retries, headers=headers, **options)
 
 
-async def get(
-    url: str,
-    max_retries: int | None = None,
-    headers: dict[str, str] | None = None,
-    *,
-    api_key: str | None = None,
-    timeout: float | None = None,
-    backoff_base: float = DEFAULT_BACKOFF_BASE_S,
-    backoff_max: float = DEFAULT_BACKOFF_MAX_S,
-    expect_json: bool = True,
-) -> Any:
-    """GET ``url``; JSON answer decoded (or the text with ``expect_json=False``)."""
-    return await _request(
-        "GET",
-        url,
-        None,
-        api_key=api_key,
-        headers=headers,
-        timeout=timeout,
-        max_retries=max_retries,
-        backoff_base=backoff_base,
-        backoff_max=backoff_max,
-        expect_json=expect_json,
-    )
+async def get(url: str, max_retries: int | None = None, headers: dict[str, str] | None = None, **options: Any) -> Any:
+    """GET ``url``; JSON answer decoded (or the text with ``expect_json=False``); options as for ``post``."""
+    return await _request("GET", url, None, max_retries=max_retries, headers=headers, **options)
 
 
 def is_port_available(port: int, host: str = "127.0.0.1") -> bool:
