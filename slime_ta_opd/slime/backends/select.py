@@ -71,6 +71,15 @@ def gpus_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _gpu_backend(name: str, has_extra: bool, has_gpu: bool, no_gpu: str) -> str:
+    """``name``, a backend asked for by name: its extra (of the same name) installed and a GPU visible, or an error."""
+    if not has_extra:
+        raise MissingExtraError(install_hint(name))
+    if not has_gpu:
+        raise ValueError(no_gpu)
+    return name
+
+
 def choose_train_backend(requested: str, has_gpu: bool, has_megatron: bool) -> str:
     """``torch`` or ``megatron`` for ``--train-backend requested`` (pure: the facts are arguments)."""
     if requested not in TRAIN_BACKENDS:
@@ -78,14 +87,13 @@ def choose_train_backend(requested: str, has_gpu: bool, has_megatron: bool) -> s
     if requested == "torch":
         return "torch"
     if requested == "megatron":
-        if not has_megatron:
-            raise MissingExtraError(install_hint("megatron"))
-        if not has_gpu:
-            raise ValueError(
-                "--train-backend megatron needs CUDA GPUs (Megatron's optimizer and kernels are CUDA-only); "
-                "none is visible. Use --train-backend torch (or auto) on a CPU machine."
-            )
-        return "megatron"
+        return _gpu_backend(
+            "megatron",
+            has_megatron,
+            has_gpu,
+            "--train-backend megatron needs CUDA GPUs (Megatron's optimizer and kernels are CUDA-only); "
+            "none is visible. Use --train-backend torch (or auto) on a CPU machine.",
+        )
     if not has_gpu:
         return "torch"
     if not has_megatron:
@@ -105,14 +113,13 @@ def choose_rollout_backend(requested: str, has_gpu: bool, has_sglang: bool, exte
     if requested == "embedded":
         return "embedded"
     if requested == "sglang":
-        if not has_sglang:
-            raise MissingExtraError(install_hint("sglang"))
-        if not has_gpu:
-            raise ValueError(
-                "--rollout-backend sglang launches real SGLang engines, which need CUDA GPUs; none is visible. "
-                "Pass --sglang-router-ip/--sglang-router-port of a running router, or use the embedded engines."
-            )
-        return "sglang"
+        return _gpu_backend(
+            "sglang",
+            has_sglang,
+            has_gpu,
+            "--rollout-backend sglang launches real SGLang engines, which need CUDA GPUs; none is visible. "
+            "Pass --sglang-router-ip/--sglang-router-port of a running router, or use the embedded engines.",
+        )
     if has_gpu and has_sglang:
         return "sglang"
     if has_gpu:
