@@ -33,6 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from slime.eval.cli import run_printing_path
 from ta_opd.atomic_io import atomic_dir, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -165,14 +166,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        path = prepare(args.run_dir, args.checkpoint, args.out, args.base_model, args.force)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_printing_path(lambda a: prepare(a.run_dir, a.checkpoint, a.out, a.base_model, a.force), args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slime.eval.cli import run_printing_path
 from ta_opd.atomic_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -242,22 +243,19 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _checked_evaluate(args: argparse.Namespace) -> Path:
+    """``evaluate(args)`` after the checks of flag combinations and paths the parser cannot express."""
+    if args.server_url and not args.chat and args.tokenizer is None:
+        raise ValueError("--server-url needs --tokenizer DIR (the served model's tokenizer) unless --chat")
+    if args.tokenizer is not None and not args.tokenizer.is_dir():
+        raise ValueError(f"--tokenizer {str(args.tokenizer)!r} is not a directory")
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        raise ValueError(f"--model-dir {str(args.model_dir)!r} is not a directory")
+    return evaluate(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        if args.server_url and not args.chat and args.tokenizer is None:
-            raise ValueError("--server-url needs --tokenizer DIR (the served model's tokenizer) unless --chat")
-        if args.tokenizer is not None and not args.tokenizer.is_dir():
-            raise ValueError(f"--tokenizer {str(args.tokenizer)!r} is not a directory")
-        if args.model_dir is not None and not args.model_dir.is_dir():
-            raise ValueError(f"--model-dir {str(args.model_dir)!r} is not a directory")
-        path = evaluate(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_printing_path(_checked_evaluate, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
