@@ -36,15 +36,8 @@ class Features:
     d_median: float
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {
-            "h_norm": self.h,
-            "d_norm": self.d,
-            "c_norm": self.c,
-            "dc_norm": self.dc,
-            "d_learn": self.d_learn,
-            "d_incompat": self.d_incompat,
-            "is_q3": self.is_q3,
-        }
+        normalised = {"h_norm": self.h, "d_norm": self.d, "c_norm": self.c, "dc_norm": self.dc}
+        return normalised | {"d_learn": self.d_learn, "d_incompat": self.d_incompat, "is_q3": self.is_q3}
 
 
 def soft_or(a: Tensor, b: Tensor) -> Tensor:

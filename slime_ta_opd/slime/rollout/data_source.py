@@ -102,6 +102,10 @@ def _chat_messages(where: str, prompt: Any, tools: Any) -> list[dict]:
     return messages
 
 
+# the data source's position in the prompt data (integers), saved with its metadata by state_dict
+_POSITION_KEYS = ("sample_offset", "epoch_id", "sample_group_index", "sample_index")
+
+
 class Dataset:
     """Prompts of one JSONL file as ``Sample`` objects (prompt text after the chat template).
 
@@ -373,19 +377,11 @@ class RolloutDataSource(DataSource):
         raise RuntimeError(f"{type(self).__name__} is read-only; use RolloutDataSourceWithBuffer")
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "sample_offset": self.sample_offset,
-            "epoch_id": self.epoch_id,
-            "sample_group_index": self.sample_group_index,
-            "sample_index": self.sample_index,
-            "metadata": self.metadata,
-        }
+        return {**{key: getattr(self, key) for key in _POSITION_KEYS}, "metadata": self.metadata}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sample_offset = int(state.get("sample_offset", 0))
-        self.epoch_id = int(state.get("epoch_id", 0))
-        self.sample_group_index = int(state.get("sample_group_index", 0))
-        self.sample_index = int(state.get("sample_index", 0))
+        for key in _POSITION_KEYS:
+            setattr(self, key, int(state.get(key, 0)))  # a key missing from an older state starts at 0
         self.metadata = dict(state.get("metadata", {}))
         if self.dataset is not None and self.args.rollout_shuffle:
             self.dataset.shuffle(self.epoch_id)
