@@ -1,9 +1,9 @@
-"""A straightforward per-token reference of METHOD.md §2–5 and §9, written from the spec.
+"""A straightforward per-token reference of docs/method.md §2–5 and §9, written from the spec.
 
 Plain Python: one token at a time, dicts (id → log-prob) for the top-K lists, ``math.log`` /
 ``math.exp``, ``sorted`` with explicit key tuples. Nothing here calls the vectorised ``ta_opd``
-math; the tests compare the two (identical masks, statistics allclose) on random batches, and
-benchmarks/bench_selectors.py times both.
+math (only the list of selector names is imported); the tests compare the two (identical masks,
+statistics allclose) on random batches, and benchmarks/bench_selectors.py times both.
 
 Conventions both sides must share for bit-identical *rankings* (every value is float64):
 - soft-OR(a, b) is written 1 − (1 − a)(1 − b): the same number as a + b − ab, but exactly 1 when an
@@ -22,28 +22,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-FLOOR = 1e-12  # ŝ, t̂ floor after renormalisation on the union (METHOD.md §2)
-DEGENERATE = 1e-12  # |hi − lo| below this → every normalised value is 0 (METHOD.md §3)
+# the selector names are the shared contract (ta_opd.config.MASKS); every score below is written here from the spec
+from ta_opd.config import MASKS as ALL_MASKS
+
+FLOOR = 1e-12  # ŝ, t̂ floor after renormalisation on the union (docs/method.md §2)
+DEGENERATE = 1e-12  # |hi − lo| below this → every normalised value is 0 (docs/method.md §3)
 CEIL_TOL = 1e-9
 
-ALL_MASKS = (
-    "full",
-    "dlearn_high",
-    "ca_softor",
-    "entropy",
-    "tip",
-    "divergence",
-    "random",
-    "compatibility",
-    "dincompat_high",
-    "split_budget_ca",
-    "q3",
-    "q3_highc",
-    "q3_lowc",
-    "q3_dlearn_high",
-    "q3_dlearn_low",
-    "q3_dincompat_high",
-)
 Q3_MASKS = ("q3", "q3_highc", "q3_lowc", "q3_dlearn_high", "q3_dlearn_low", "q3_dincompat_high")
 ASCENDING_MASKS = ("q3_lowc", "q3_dlearn_low")  # lowest score first; ties: later position, then earlier sample
 NORMALIZATIONS = ("batch_quantile", "batch_minmax", "none")
@@ -70,7 +55,7 @@ class RefToken:
 
 @dataclass
 class RefConfig:
-    """The knobs of SelectionConfig that the reference reads (same names, METHOD.md defaults)."""
+    """The knobs of SelectionConfig that the reference reads (same names, docs/method.md defaults)."""
 
     mask: str = "full"
     ratio: float = 1.0
@@ -96,7 +81,7 @@ class RefConfig:
 @dataclass
 class RefResult:
     mask: list[bool]
-    stats: list[dict[str, float]]  # per token, METHOD.md §2 names as in ta_opd.stats.TokenStats
+    stats: list[dict[str, float]]  # per token, docs/method.md §2 names as in ta_opd.stats.TokenStats
     features: dict[str, list[float]] = field(default_factory=dict)  # h, d, c, dc, d_learn, d_incompat, is_q3
     scores: dict[str, list[float]] = field(default_factory=dict)  # every mask's score
     metrics: dict[str, float] = field(default_factory=dict)
@@ -172,7 +157,7 @@ def _rank(lst: dict[int, float], y: int) -> int:
 
 
 def token_stats(tok: RefToken, k: int) -> dict[str, float]:
-    """Every METHOD.md §2 statistic of one token from its two lists (K = the list width)."""
+    """Every docs/method.md §2 statistic of one token from its two lists (K = the list width)."""
     s = {v: math.exp(lp) for v, lp in tok.student.items()}  # s(v) on S_t
     t = {v: math.exp(lp) for v, lp in tok.teacher.items()}  # t(v) on T_t
     union = list(s) + [v for v in t if v not in s]  # U_t = S ∪ T
@@ -230,7 +215,7 @@ def _by_sample(tokens: list[RefToken]) -> dict[int, list[int]]:
 
 
 def exact_cmass(tokens: list[RefToken], cfg: RefConfig) -> list[float]:
-    """Exact C per token: true teacher mass on S_t (METHOD.md §2 exact mode).
+    """Exact C per token: true teacher mass on S_t (docs/method.md §2 exact mode).
 
     Per student entry the exact teacher log-prob is used where known (row available, value finite),
     else the lower-bound value t(v) from the teacher's top-K. Union overflow, per sample (the union
@@ -268,7 +253,7 @@ def exact_cmass(tokens: list[RefToken], cfg: RefConfig) -> list[float]:
 
 
 def prefix_ema(tokens: list[RefToken], values: list[float], alpha: float) -> list[float]:
-    """e_0 = x_0, e_t = α e_{t−1} + (1 − α) x_t over each sample's positions (METHOD.md §2)."""
+    """e_0 = x_0, e_t = α e_{t−1} + (1 − α) x_t over each sample's positions (docs/method.md §2)."""
     out = [0.0] * len(tokens)
     for rows in _by_sample(tokens).values():
         e = 0.0
@@ -293,7 +278,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def normalize(values: list[float], method: str, q_low: float = 0.05, q_high: float = 0.95) -> list[float]:
-    """Norm(z) = clip((z − lo)/(hi − lo), 0, 1); non-finite → 0; |hi − lo| < 1e-12 → all 0 (METHOD.md §3)."""
+    """Norm(z) = clip((z − lo)/(hi − lo), 0, 1); non-finite → 0; |hi − lo| < 1e-12 → all 0 (docs/method.md §3)."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return [0.0] * len(values)
@@ -319,7 +304,7 @@ def soft_or(a: float, b: float) -> float:
 
 
 def features(stats: list[dict[str, float]], cfg: RefConfig) -> dict[str, list[float]]:
-    """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag, token by token (METHOD.md §3–4)."""
+    """H̃, D̃, C̃, DC̃, D^L, D^I and the Q3 flag, token by token (docs/method.md §3–4)."""
 
     def norm(xs: list[float]) -> list[float]:
         return normalize(xs, cfg.normalization, cfg.q_low, cfg.q_high)
@@ -350,7 +335,7 @@ def random_scores(n: int, seed: int, rollout_index: int) -> list[float]:
 
 
 def score(name: str, i: int, f: dict[str, list[float]], cfg: RefConfig) -> float:
-    """The score of mask ``name`` for token i (METHOD.md §4); random is drawn in ``select``."""
+    """The score of mask ``name`` for token i (docs/method.md §4); random is drawn in ``select``."""
     h, d, c, dc, dl, di = f["h"][i], f["d"][i], f["c"][i], f["dc"][i], f["d_learn"][i], f["d_incompat"][i]
     if name == "full":
         return 1.0
@@ -422,7 +407,7 @@ def metrics(
     stats: list[dict[str, float]] | None,
     f: dict[str, list[float]] | None,
 ) -> dict[str, float]:
-    """METHOD.md §9: realised ratio; feature means over valid and kept; Q3 share; overlap; teacher mass
+    """docs/method.md §9: realised ratio; feature means over valid and kept; Q3 share; overlap; teacher mass
     on the shared set; reach_t1; mean sampled reverse KL (log p_S − log p_T) over valid and kept tokens."""
     kv = [k and v for k, v in zip(kept, valid, strict=True)]
     n_valid, n_kept = sum(valid), sum(kv)
