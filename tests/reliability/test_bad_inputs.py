@@ -27,8 +27,8 @@ from slime.rollout.data_source import Dataset
 from slime.rollout.teacher_check import check_same_tokenizer, check_teacher_server_info
 from slime.utils.arguments import parse_args
 from slime.utils.types import Sample
-from ta_opd.aliases import resolve_alias
 from slime_patch.slime.rollout import on_policy_distillation as opd
+from ta_opd.aliases import resolve_alias
 from ta_opd.topk import TokenBatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,35 +45,36 @@ def _jsonl(tmp_path: Path, *lines: str) -> str:
 # ------------------------------------------------------------------------------------- data
 
 
-def test_jsonl_malformed_line(tmp_path):
-    path = _jsonl(tmp_path, '{"input": "1+1=", "label": "2"}', '{"input": "2+2=" "label": "4"}')
-    with pytest.raises(ValueError, match=rf"^{path}:2: malformed JSON \(Expecting ',' delimiter at column 18\)$"):
-        Dataset(path, label_key="label")
-
-
-def test_jsonl_line_not_an_object(tmp_path):
-    path = _jsonl(tmp_path, '["1+1=", "2"]')
-    with pytest.raises(ValueError, match=rf"^{path}:1: expected a JSON object, got list$"):
-        Dataset(path)
-
-
-def test_missing_input_key(tmp_path):
-    path = _jsonl(tmp_path, '{"question": "1+1=", "label": "2"}')
-    msg = rf"{path}:1: missing prompt key 'input' \(--input-key\); keys: \['label', 'question'\]"
-    with pytest.raises(KeyError, match=msg):
-        Dataset(path, label_key="label")
-
-
-def test_missing_label_key(tmp_path):
-    path = _jsonl(tmp_path, '{"input": "1+1=", "label": "2"}', '{"input": "2+2="}')
-    with pytest.raises(KeyError, match=rf"{path}:2: missing label key 'label' \(--label-key\); keys: \['input'\]"):
-        Dataset(path, label_key="label")
-
-
-def test_empty_prompt(tmp_path):
-    path = _jsonl(tmp_path, '{"input": ""}')
-    with pytest.raises(ValueError, match=rf"^{path}:1: empty prompt under 'input'$"):
-        Dataset(path)
+@pytest.mark.parametrize(
+    ("lines", "label_key", "error", "message"),
+    [
+        (
+            ['{"input": "1+1=", "label": "2"}', '{"input": "2+2=" "label": "4"}'],
+            "label",
+            ValueError,
+            r"^{path}:2: malformed JSON \(Expecting ',' delimiter at column 18\)$",
+        ),
+        (['["1+1=", "2"]'], None, ValueError, r"^{path}:1: expected a JSON object, got list$"),
+        (
+            ['{"question": "1+1=", "label": "2"}'],
+            "label",
+            KeyError,
+            r"{path}:1: missing prompt key 'input' \(--input-key\); keys: \['label', 'question'\]",
+        ),
+        (
+            ['{"input": "1+1=", "label": "2"}', '{"input": "2+2="}'],
+            "label",
+            KeyError,
+            r"{path}:2: missing label key 'label' \(--label-key\); keys: \['input'\]",
+        ),
+        (['{"input": ""}'], None, ValueError, r"^{path}:1: empty prompt under 'input'$"),
+    ],
+    ids=["malformed_line", "line_not_an_object", "missing_input_key", "missing_label_key", "empty_prompt"],
+)
+def test_bad_jsonl_line_names_the_file_line_and_key(tmp_path, lines, label_key, error, message):
+    path = _jsonl(tmp_path, *lines)
+    with pytest.raises(error, match=message.replace("{path}", path)):
+        Dataset(path, label_key=label_key)
 
 
 def test_prompt_longer_than_max_prompt_len(tmp_path, tiny_tokenizer_dir):
