@@ -223,12 +223,17 @@ def add_openai_routes(
     ``read_body`` is the server's JSON reader (its size, depth and syntax limits).
     """
 
-    async def run(reqs: list[GenRequest]) -> list[dict[str, Any]] | JSONResponse:
+    async def run(native: dict[str, Any]) -> tuple[list[GenRequest], list[dict[str, Any]]] | JSONResponse:
+        """The native request parsed and run: ``(requests, answers)``, or the error response."""
+        try:
+            reqs, _ = parse_generate(native, engine, args.max_new_tokens_cap)
+        except RequestError as exc:
+            return _bad(str(exc))
         refusal = engine.weights_state_error()
         if refusal is not None:
             return _bad(refusal, status=503)
         try:
-            return await run_requests(reqs)
+            return reqs, await run_requests(reqs)
         except EngineUnavailable as exc:
             return _bad(str(exc), status=503)
         except EngineRequestError as exc:
@@ -267,12 +272,12 @@ def add_openai_routes(
             if top is not None:
                 native |= {"return_logprob": True, "top_logprobs_num": top, "return_text_in_logprobs": True}
                 native["logprob_start_len"] = 0 if echo else -1
-            reqs, _ = parse_generate(native, engine, args.max_new_tokens_cap)
         except RequestError as exc:
             return _bad(str(exc))
-        answers = await run(reqs)
-        if isinstance(answers, JSONResponse):
-            return answers
+        ran = await run(native)
+        if isinstance(ran, JSONResponse):
+            return ran
+        reqs, answers = ran
         n = len(reqs) // len(texts if texts is not None else token_lists)  # samples per prompt, prompt-major
         choices = []
         for index, (req, answer) in enumerate(zip(reqs, answers, strict=True)):
@@ -306,12 +311,12 @@ def add_openai_routes(
             native: dict[str, Any] = {"input_ids": prompt_ids, "sampling_params": _sampling_params(body, max_tokens)}
             if want_logprobs:
                 native |= {"return_logprob": True, "top_logprobs_num": top, "return_text_in_logprobs": True}
-            reqs, _ = parse_generate(native, engine, args.max_new_tokens_cap)
         except RequestError as exc:
             return _bad(str(exc))
-        answers = await run(reqs)
-        if isinstance(answers, JSONResponse):
-            return answers
+        ran = await run(native)
+        if isinstance(ran, JSONResponse):
+            return ran
+        answers = ran[1]
         choices = []
         for index, answer in enumerate(answers):
             choice: dict[str, Any] = {
