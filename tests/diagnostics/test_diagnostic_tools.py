@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,37 @@ def _bank(dir_, raw_topk, steps=(0, 1)):
     writer = TokenBankWriter(dir_, fmt="csv", raw_topk=raw_topk)
     for step in steps:
         writer.write_step(step, batch, result, [10 * step, 10 * step + 1])
+
+
+@pytest.mark.parametrize(
+    ("out", "relation"),
+    [
+        ("run_a/step000000_rank0.csv", "is the input"),  # the input file itself
+        ("run_a/merged.csv", "is inside the input"),
+        ("link_to_a/merged.csv", "is inside the input"),  # through a symlink
+        ("hardlink.csv", "is the input"),  # a hard link to an input file
+        (".", "contains the input"),
+    ],
+)
+def test_merge_token_banks_refuses_an_out_that_overlaps_an_input(tmp_path, out, relation):
+    from ta_opd.diagnostics.cli.merge_banks import main
+
+    bank_a, bank_b = tmp_path / "run_a", tmp_path / "run_b"
+    for bank in (bank_a, bank_b):
+        _bank(bank, raw_topk=False, steps=(0,))
+    (bank_file,) = bank_a.glob("step*_rank*.csv")
+    (tmp_path / "link_to_a").symlink_to(bank_a, target_is_directory=True)
+    os.link(bank_file, tmp_path / "hardlink.csv")
+    inputs = [str(bank_b), str(bank_file) if out in ("hardlink.csv", "run_a/step000000_rank0.csv") else str(bank_a)]
+    if out == "run_a/step000000_rank0.csv":
+        out = str(bank_file.relative_to(tmp_path))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        main([*inputs, "--out", str(tmp_path / out)])
+    message = str(exc.value)
+    assert relation in message and "--out" in message and any(i in message for i in inputs), message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert main([*inputs, "--out", str(tmp_path / "merged.csv")]) == 0  # outside every input: fine
 
 
 def test_merge_dedupes_and_rejects_mismatched_schemas(tmp_path):
