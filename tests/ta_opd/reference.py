@@ -1,3 +1,4 @@
+# Over 600 lines: one independent plain-Python reference of the whole spec, kept in one file so it reads as the spec.
 """A straightforward per-token reference of docs/method.md §2–5 and §9, written from the spec.
 
 Plain Python: one token at a time, dicts (id → log-prob) for the top-K lists, ``math.log`` /
