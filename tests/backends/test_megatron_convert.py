@@ -12,17 +12,8 @@ import torch
 pytest.importorskip("megatron.core", reason="needs megatron-core (pip install -e '.[megatron]')")
 pytestmark = pytest.mark.megatron
 
+from slime.backends.megatron_utils import convert  # noqa: E402
 from slime.backends.megatron_utils.config import shape_from_hf_config  # noqa: E402
-from slime.backends.megatron_utils.convert import (  # noqa: E402
-    from_te_names,
-    hf_to_megatron,
-    megatron_to_hf,
-    merge_tp,
-    pp_merge,
-    pp_stage,
-    shard_tp,
-    to_te_names,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +62,7 @@ def test_shape_reads_the_qwen3_facts(qwen3):
 
 def test_qkv_interleaving_per_query_group(qwen3):
     _, shape, hf = qwen3
-    mg = hf_to_megatron(hf, shape)
+    mg = convert.hf_to_megatron(hf, shape)
     qkv = mg["decoder.layers.0.self_attention.linear_qkv.weight"]
     d, h = shape.head_dim, shape.heads_per_group
     q = hf["model.layers.0.self_attn.q_proj.weight"]
@@ -87,7 +78,7 @@ def test_qkv_interleaving_per_query_group(qwen3):
 
 def test_gated_mlp_is_gate_then_up(qwen3):
     _, shape, hf = qwen3
-    fc1 = hf_to_megatron(hf, shape)["decoder.layers.1.mlp.linear_fc1.weight"]
+    fc1 = convert.hf_to_megatron(hf, shape)["decoder.layers.1.mlp.linear_fc1.weight"]
     assert torch.equal(fc1[: shape.ffn_hidden_size], hf["model.layers.1.mlp.gate_proj.weight"])
     assert torch.equal(fc1[shape.ffn_hidden_size :], hf["model.layers.1.mlp.up_proj.weight"])
 
@@ -95,15 +86,16 @@ def test_gated_mlp_is_gate_then_up(qwen3):
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_round_trip_is_exact_through_tp_and_pp(family, qwen3):
     _, shape, hf = qwen3 if family == "qwen3" else qwen2_untied()
-    full = hf_to_megatron(hf, shape)
+    full = convert.hf_to_megatron(hf, shape)
     for tp in (1, 2):
-        assert all(torch.equal(a, full[k]) for k, a in merge_tp([shard_tp(full, tp, r) for r in range(tp)]).items())
-    stages = [pp_stage(full, shape, 2, r) for r in range(2)]
+        merged_tp = convert.merge_tp([convert.shard_tp(full, tp, r) for r in range(tp)])
+        assert all(torch.equal(a, full[k]) for k, a in merged_tp.items())
+    stages = [convert.pp_stage(full, shape, 2, r) for r in range(2)]
     assert "embedding.word_embeddings.weight" not in stages[1]
     assert "decoder.layers.0.mlp.linear_fc2.weight" in stages[1]  # local layer id on stage 1
-    merged = pp_merge(stages, shape)
+    merged = convert.pp_merge(stages, shape)
     assert set(merged) == set(full)
-    back = megatron_to_hf(from_te_names(to_te_names(merged)), shape)
+    back = convert.megatron_to_hf(convert.from_te_names(convert.to_te_names(merged)), shape)
     expected = _drop_tied_head(hf, shape)
     assert set(back) == set(expected)
     for k, v in expected.items():
@@ -112,8 +104,8 @@ def test_round_trip_is_exact_through_tp_and_pp(family, qwen3):
 
 def test_tp_shard_shapes_follow_column_and_row_parallel(qwen3):
     _, shape, hf = qwen3
-    full = hf_to_megatron(hf, shape)
-    shard = shard_tp(full, 2, 1)
+    full = convert.hf_to_megatron(hf, shape)
+    shard = convert.shard_tp(full, 2, 1)
     name = "decoder.layers.0."
     assert (
         shard[name + "self_attention.linear_qkv.weight"].shape[0]
@@ -151,7 +143,7 @@ def test_unsupported_configs_are_refused():
 def test_unknown_hf_keys_are_an_error(qwen3):
     _, shape, hf = qwen3
     with pytest.raises(ValueError, match="does not know"):
-        hf_to_megatron({**hf, "model.layers.0.extra.weight": torch.zeros(1)}, shape)
+        convert.hf_to_megatron({**hf, "model.layers.0.extra.weight": torch.zeros(1)}, shape)
 
 
 def _tool(name, *args):
