@@ -339,7 +339,7 @@ class RolloutDataSource(DataSource):
         self.sample_offset = 0
         self.metadata: dict = {}
         self.dataset: Dataset | None = None
-        if getattr(args, "rollout_global_dataset", True) and args.prompt_data is not None:
+        if args.rollout_global_dataset and args.prompt_data is not None:
             self.dataset = dataset_from_args(args, args.prompt_data)
             if args.rollout_shuffle:
                 self.dataset.shuffle(self.epoch_id)
@@ -388,13 +388,13 @@ class RolloutDataSource(DataSource):
 
     def save(self, rollout_id: int) -> None:
         """Write the position to ``{--save}/rollout/global_dataset_state_dict_{rollout_id}.json`` (atomic)."""
-        if not getattr(self.args, "rollout_global_dataset", True) or self.args.save is None:
+        if not self.args.rollout_global_dataset or self.args.save is None:
             return
         atomic_write_json(_state_path(self.args.save, rollout_id), self.state_dict())
 
     def load(self, rollout_id: int | None = None) -> None:
         """Restore the position saved for ``rollout_id`` (the latest one when None) under ``--load``."""
-        if not getattr(self.args, "rollout_global_dataset", True) or self.args.load is None:
+        if not self.args.rollout_global_dataset or self.args.load is None:
             return
         if rollout_id is None:
             found = glob.glob(_state_path(self.args.load, "*"))
@@ -429,7 +429,7 @@ class RolloutDataSourceWithBuffer(RolloutDataSource):
     def __init__(self, args):
         super().__init__(args)
         self.buffer: list[list[Sample]] = []
-        path = getattr(args, "buffer_filter_path", None)
+        path = args.buffer_filter_path
         self.buffer_filter = pop_first if path is None else load_function(path)
 
     def get_samples(self, num_samples: int) -> list[list[Sample]]:
