@@ -136,19 +136,17 @@ class BackendChoice:
 def resolve_backends(args: Namespace, has_gpu: bool | None = None) -> BackendChoice:
     """Both choices for a run's flags; ``has_gpu`` defaults to :func:`gpus_available`."""
     gpu = gpus_available() if has_gpu is None else has_gpu
-    external = getattr(args, "sglang_router_ip", None) is not None and getattr(args, "sglang_router_port", None)
+    external = args.sglang_router_ip is not None and args.sglang_router_port
     return BackendChoice(
-        train=choose_train_backend(getattr(args, "train_backend", "auto"), gpu, extra_available("megatron")),
-        rollout=choose_rollout_backend(
-            getattr(args, "rollout_backend", "auto"), gpu, extra_available("sglang"), bool(external)
-        ),
+        train=choose_train_backend(args.train_backend, gpu, extra_available("megatron")),
+        rollout=choose_rollout_backend(args.rollout_backend, gpu, extra_available("sglang"), bool(external)),
     )
 
 
 def train_actor_class(args: Namespace, has_gpu: bool | None = None):
     """The training-rank class for the flags (imported only once chosen)."""
     gpu = gpus_available() if has_gpu is None else has_gpu
-    backend = choose_train_backend(getattr(args, "train_backend", "auto"), gpu, extra_available("megatron"))
+    backend = choose_train_backend(args.train_backend, gpu, extra_available("megatron"))
     if backend == "megatron":
         from slime.backends.megatron_utils.actor import MegatronTrainRayActor
 
