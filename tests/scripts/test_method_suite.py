@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,9 @@ def test_two_entry_suite_writes_per_run_banks_and_the_budget_table(tmp_path):
         "EXTRA_ARGS": "--rollout-num-engines 1",
         "OPD_TOPK_METRICS_K": "4",
     }
+    # the assets are built once up front (as a user's cache would hold them); the launcher then reads them
+    build = ["-m", "slime.embedded.assets", "--recipe", "fast-test", "--cache-dir", env["ASSETS_CACHE_DIR"]]
+    subprocess.run([sys.executable, *build, "--print", "student_dir"], capture_output=True, check=True, cwd=REPO)
     r = run_suite(env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     suite = tmp_path / "out" / "fc"  # TAG names the suite
