@@ -225,6 +225,11 @@ def position_weights(
 # ---------------------------------------------------------------------------------------------
 
 
+def chunk_rows(source: LogitSource, chunk_size: int | None) -> int:
+    """Rows per chunk: `chunk_size` when given, else `auto_chunk_size` for the source's vocabulary."""
+    return chunk_size or auto_chunk_size(vocab_size(source))
+
+
 def teacher_topk(
     teacher: LogitSource, k: int, temperature: float = 1.0, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -234,7 +239,7 @@ def teacher_topk(
         logp, ids = scaled_log_softmax(s, temperature).topk(min(k, s.shape[-1]), dim=-1)
         return {"ids": ids, "logp": logp}
 
-    stats = chunked_token_stats(fn, teacher, None, {}, chunk_size or auto_chunk_size(vocab_size(teacher)))
+    stats = chunked_token_stats(fn, teacher, None, {}, chunk_rows(teacher, chunk_size))
     return stats["ids"], stats["logp"]
 
 
@@ -247,5 +252,4 @@ def gather_logprobs(
         lp = scaled_log_softmax(s, temperature).gather(-1, ex["ids"].clamp_min(0))
         return {"logp": torch.where(ex["ids"] >= 0, lp, torch.full_like(lp, -math.inf))}
 
-    size = chunk_size or auto_chunk_size(vocab_size(source))
-    return chunked_token_stats(fn, source, None, {"ids": ids.long()}, size)["logp"]
+    return chunked_token_stats(fn, source, None, {"ids": ids.long()}, chunk_rows(source, chunk_size))["logp"]

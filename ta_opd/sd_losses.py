@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,16 +29,15 @@ from ta_opd.chunked import (
     LMHeadInput,
     LogitSource,
     TokenFn,
-    auto_chunk_size,
     chunked_loss,
     chunked_token_stats,
     materialize_logits,
     num_rows,
-    vocab_size,
 )
 from ta_opd.losses import LossOutput, Reduction
 from ta_opd.sd_kernels import (
     check_temperature,
+    chunk_rows,
     divergence_token,
     eopd_token,
     gather_logprobs,
@@ -77,26 +75,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Reduction:
-    """The loss mask, the public :class:`Reduction` over it, and PW-OPSD's extra constant factor w_t [N]."""
-
-    mask: Tensor  # [N] bool
-    reduce: Reduction
-    weights: Tensor | None = None
-
-
-def _reduction(
-    mask: Tensor,
-    mode: str,
-    sample_index: Tensor | None = None,
-    global_token_count: int | Tensor | None = None,
-    global_sample_count: int | Tensor | None = None,
-    weights: Tensor | None = None,
-) -> _Reduction:
-    return _Reduction(mask, Reduction(mode, sample_index, global_token_count, global_sample_count), weights)
-
-
 def _naive_path(student: LogitSource, chunk_size: int | None) -> bool:
     """True when `student` is evaluated in one pass over [N, V] (see the module doc for `chunk_size`)."""
     return chunk_size == 0 or (chunk_size is None and not isinstance(student, LMHeadInput))
@@ -107,11 +85,12 @@ def _run(
     student: LogitSource,
     teacher: LogitSource | None,
     extras: Mapping[str, Tensor],
-    red: _Reduction,
+    mask: Tensor,
+    reduce: Reduction,
     chunk_size: int | None,
+    weights: Tensor | None = None,
 ) -> LossOutput:
-    """Naive or chunked evaluation of `agg_loss(w · token_fn(...), mask, mode)`."""
-    mask = red.mask
+    """Naive or chunked `reduce(w · token_fn(...), mask)`; `weights` w [N]: PW-OPSD's constant factor."""
     if mask.dtype != torch.bool or mask.shape != (num_rows(student),):
         raise ValueError(f"loss_mask must be bool [N] = [{num_rows(student)}], got {mask.dtype} {tuple(mask.shape)}")
     if _naive_path(student, chunk_size):
@@ -119,15 +98,14 @@ def _run(
         t_logits = None if teacher is None else materialize_logits(teacher).detach()
         result = token_fn(s_logits, t_logits, extras)
         values, aux = (result[0], dict(result[1])) if isinstance(result, tuple) else (result, {})
-        weighted = values if red.weights is None else values * red.weights
-        loss = red.reduce(weighted, mask)
+        loss = reduce(values if weights is None else values * weights, mask)
         per_token = torch.where(mask, values.detach(), torch.zeros_like(values.detach()))
         aux = {k: torch.where(mask, v.detach(), torch.zeros_like(v.detach())) for k, v in aux.items()}
     else:
-        rows = chunk_size or auto_chunk_size(vocab_size(student))
-        coef = red.reduce.coefficients(mask)
-        if red.weights is not None:
-            coef = coef * red.weights.detach().to(coef.dtype)
+        rows = chunk_rows(student, chunk_size)
+        coef = reduce.coefficients(mask)
+        if weights is not None:
+            coef = coef * weights.detach().to(coef.dtype)
         loss, per_token, aux = chunked_loss(token_fn, student, teacher, extras, coef, rows)
     count = mask.sum().clamp_min(1)
     metrics = {f"{k}_mean": (v.double().sum() / count).detach() for k, v in aux.items()}
@@ -156,8 +134,8 @@ def opsd_loss(
     """OPSD (§7): ℓ_t = Σ_v min(p_T(v)(log p_T(v) − log p_S(v)), clip); loss = Σ ℓ_t / N_valid."""
     check_temperature(temperature)
     fn = partial(opsd_token, temperature=temperature, clip=clip)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
-    return _run(fn, student, teacher, {}, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    return _run(fn, student, teacher, {}, loss_mask, red, chunk_size)
 
 
 def pwopsd_loss(
@@ -190,8 +168,8 @@ def pwopsd_loss(
         # "mean over samples with a valid token" (§7): agg_loss's default counts every sample id.
         global_sample_count = int(torch.unique(sample_index[loss_mask]).numel())
     fn = partial(opsd_token, temperature=temperature, clip=clip)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count, weights)
-    out = _run(fn, student, teacher, {}, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    out = _run(fn, student, teacher, {}, loss_mask, red, chunk_size, weights)
     kept = loss_mask.bool()
     out.metrics["position_weight_mean"] = (weights[kept].sum() / kept.sum().clamp_min(1)).detach()
     return out
@@ -223,8 +201,8 @@ def eopd_loss(
     if old_logp is not None:
         extras["old_logp"] = old_logp.detach()
     fn = partial(eopd_token, temperature=temperature, eps_clip=eps_clip, gate=entropy_gate, k=topk)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
-    return _run(fn, student, teacher, extras, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    return _run(fn, student, teacher, extras, loss_mask, red, chunk_size)
 
 
 def reopold_loss(
@@ -257,8 +235,7 @@ def reopold_loss(
             stats = stat_fn(materialize_logits(student).detach(), t_logits.detach(), extras)
     else:
         rows = torch.nonzero(loss_mask).flatten()
-        size = chunk_size or auto_chunk_size(vocab_size(student))
-        stats = chunked_token_stats(stat_fn, student, teacher, extras, size, rows=rows)
+        stats = chunked_token_stats(stat_fn, student, teacher, extras, chunk_rows(student, chunk_size), rows=rows)
     reward = stats["logp_t"] - stats["logp_s"]  # R_t (detached)   [N]
     floor = math.log(lam / (1.0 - lam))
     reward_hat = reward.clamp_min(floor)  # R̂_t
@@ -272,7 +249,7 @@ def reopold_loss(
     mask = loss_mask & keep
     extras["reward"] = reward_hat.detach()
     fn = partial(reopold_token, temperature=temperature)
-    out = _run(fn, student, teacher, extras, _reduction(mask, "token-mean", None, global_token_count), chunk_size)
+    out = _run(fn, student, teacher, extras, mask, Reduction("token-mean", None, global_token_count), chunk_size)
     n_valid = loss_mask.sum().clamp_min(1)
     out.metrics["keep_ratio"] = (mask.sum() / n_valid).detach().double()
     out.metrics["reward_mean"] = (torch.where(loss_mask, reward, 0).sum() / n_valid).detach().double()
@@ -310,8 +287,8 @@ def topk_rkl_loss(
     if student_topk_old_logp is not None:
         extras["student_topk_old_logp"] = student_topk_old_logp.detach()
     fn = partial(topk_rkl_token, temperature=temperature, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
-    return _run(fn, student, None, extras, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    return _run(fn, student, None, extras, loss_mask, red, chunk_size)
 
 
 def topk_fkl_loss(
@@ -339,8 +316,8 @@ def topk_fkl_loss(
     check_temperature(temperature)
     extras = {"teacher_topk_ids": teacher_topk_ids.long(), "teacher_topk_logp": teacher_topk_logp.detach()}
     fn = partial(topk_fkl_token, temperature=temperature, tail_bucket=tail_bucket, renormalize=renormalize_teacher)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
-    return _run(fn, student, None, extras, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    return _run(fn, student, None, extras, loss_mask, red, chunk_size)
 
 
 def jsd_loss(
@@ -369,8 +346,8 @@ def jsd_loss(
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     fn = partial(jsd_token, temperature=temperature, beta=float(beta), normalize=normalize)
-    red = _reduction(loss_mask, reduction, sample_index, global_token_count, global_sample_count)
-    return _run(fn, student, teacher, {}, red, chunk_size)
+    red = Reduction(reduction, sample_index, global_token_count, global_sample_count)
+    return _run(fn, student, teacher, {}, loss_mask, red, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +367,7 @@ def student_topk(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """topk_rkl's inputs from full distributions: the student's top-k ids ``[N, k]``, their log-probs under the
     current (detached) student as the old policy, and the teacher's log-probs of the same ids."""
-    size = chunk_size or auto_chunk_size(vocab_size(student))
+    size = chunk_rows(student, chunk_size)
     ids, old = teacher_topk(_detached(student), k, temperature=temperature, chunk_size=size)
     return ids, old, gather_logprobs(teacher, ids, temperature=temperature, chunk_size=size)
 
@@ -404,7 +381,5 @@ def teacher_divergence(
     if rows.numel() == 0:
         return {}
     s = _detached(student)
-    stats = chunked_token_stats(
-        divergence_token, s, teacher, {}, chunk_size or auto_chunk_size(vocab_size(s)), rows=rows
-    )
+    stats = chunked_token_stats(divergence_token, s, teacher, {}, chunk_rows(s, chunk_size), rows=rows)
     return {f"teacher_{k}": v[rows].mean() for k, v in stats.items()}
