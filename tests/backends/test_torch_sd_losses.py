@@ -6,57 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slime.backends.torch_utils.actor import TorchTrainRayActor
 from slime.backends.torch_utils.distill import merged_lora_state_dict
 from slime.backends.torch_utils.model import build_response_batch, last_hidden_states
 from slime.backends.train_step import micro_batches
-from slime.utils.arguments import SD_LOSS_TYPES, parse_args
+from slime.utils.arguments import SD_LOSS_TYPES
 from ta_opd.loss_registry import loss_types_needing
+from tests.backends.torch_trainer_inputs import fake_rollout, make_trainer, trainer_args
 
 
 def make_args(student_dir, tmp_path, *extra: str):
-    return parse_args(
-        [
-            "--hf-checkpoint", str(student_dir),
-            "--rollout-batch-size", "4",
-            "--rollout-max-response-len", "8",
-            "--micro-batch-size", "2",
-            "--train-dtype", "float64",
-            "--lr", "1e-2",
-            "--clip-grad", "0",
-            "--output-dir", str(tmp_path / "out"),
-            *extra,
-        ]
-    )  # fmt: skip
+    return trainer_args(student_dir, tmp_path, *extra, micro_batch_size=2, lr=1e-2)
 
 
 def make_rollout(seed: int = 0, n: int = 4, keep: float = 0.4, teacher_prompts: bool = False) -> dict:
-    """A fake rollout-data dict (random ids and masks); sample 1 has no kept token."""
-    g = torch.Generator().manual_seed(seed)
-    data = {k: [] for k in ("tokens", "prompt_lengths", "response_lengths", "loss_masks", "rewards", "labels")}
-    if teacher_prompts:
-        data["sd_teacher_prompt_tokens"] = []
-    for i in range(n):
-        p, r = int(torch.randint(2, 5, (1,), generator=g)), int(torch.randint(4, 8, (1,), generator=g))
-        data["tokens"].append(torch.randint(3, 99, (p + r,), generator=g).tolist())
-        data["prompt_lengths"].append(p)
-        data["response_lengths"].append(r)
-        mask = (torch.rand(r, generator=g) < keep).int()
-        mask[int(torch.randint(0, r, (1,), generator=g))] = 1
-        if i == 1:
-            mask[:] = 0
-        data["loss_masks"].append(mask.tolist())
-        data["rewards"].append(0.0)
-        if teacher_prompts:  # a longer privileged prompt than the student's
-            data["sd_teacher_prompt_tokens"].append(torch.randint(3, 99, (p + 3,), generator=g).tolist())
-    data["metrics"] = {}
-    return data
-
-
-def make_trainer(args) -> TorchTrainRayActor:
-    trainer = TorchTrainRayActor(1, 0)
-    trainer.init(args)
-    return trainer
+    """Random ids and masks, no log-probs; sample 1 has no kept token."""
+    return fake_rollout(
+        seed, n, keep, min_response=4, min_token_id=3, log_probs=False, teacher_prompts=teacher_prompts
+    )
 
 
 def test_loss_type_choices_come_from_the_registry():

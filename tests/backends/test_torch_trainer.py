@@ -8,53 +8,16 @@ import pytest
 import torch
 
 from slime.backends.torch_utils.actor import TorchTrainRayActor
-from slime.utils.arguments import parse_args
+from tests.backends.torch_trainer_inputs import fake_rollout, make_trainer, trainer_args
+
+OPD_FLAGS = ("--use-opd", "--opd-type", "sglang", "--rm-url", "http://127.0.0.1:9/generate")
 
 
 def make_args(student_dir, tmp_path, *extra: str):
-    return parse_args(
-        [
-            "--hf-checkpoint", str(student_dir),
-            "--rollout-batch-size", "4",
-            "--rollout-max-response-len", "8",
-            "--micro-batch-size", "1",
-            "--use-opd", "--opd-type", "sglang", "--rm-url", "http://127.0.0.1:9/generate",
-            "--train-dtype", "float64",
-            "--lr", "1e-3",
-            "--clip-grad", "0",
-            "--output-dir", str(tmp_path / "out"),
-            *extra,
-        ]
-    )  # fmt: skip
+    return trainer_args(student_dir, tmp_path, *OPD_FLAGS, *extra)
 
 
-def make_rollout(seed: int = 0, n: int = 4, keep: float = 0.3, zero_sample: int | None = 1) -> dict:
-    """A fake rollout-data dict of the RolloutManager's shape (random ids, masks, teacher log-probs)."""
-    g = torch.Generator().manual_seed(seed)
-    data = {k: [] for k in ("tokens", "prompt_lengths", "response_lengths", "loss_masks", "teacher_log_probs",
-                            "rollout_log_probs", "rewards")}  # fmt: skip
-    for i in range(n):
-        p = int(torch.randint(2, 5, (1,), generator=g))
-        r = int(torch.randint(3, 8, (1,), generator=g))
-        data["tokens"].append(torch.randint(0, 99, (p + r,), generator=g).tolist())
-        data["prompt_lengths"].append(p)
-        data["response_lengths"].append(r)
-        mask = (torch.rand(r, generator=g) < keep).int()
-        mask[int(torch.randint(0, r, (1,), generator=g))] = 1
-        if i == zero_sample:
-            mask[:] = 0  # a sample whose tokens were all unselected
-        data["loss_masks"].append(mask.tolist())
-        data["teacher_log_probs"].append((-torch.rand(r, generator=g, dtype=torch.float64) * 6).tolist())
-        data["rollout_log_probs"].append((-torch.rand(r, generator=g, dtype=torch.float64) * 6).tolist())
-        data["rewards"].append(0.0)
-    data["metrics"] = {}
-    return data
-
-
-def make_trainer(args) -> TorchTrainRayActor:
-    trainer = TorchTrainRayActor(1, 0)
-    trainer.init(args)
-    return trainer
+make_rollout = fake_rollout
 
 
 def grads(trainer) -> dict[str, torch.Tensor]:
