@@ -122,7 +122,7 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     a = ensure_assets(tmp_path, recipe=TINY)
-    assert "building" in capsys.readouterr().out
+    assert "building" in capsys.readouterr().err  # progress on stderr: stdout is for --print
     for d in (a.teacher_dir, a.student_dir):
         model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
@@ -147,7 +147,7 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
     stamp = (a.teacher_dir / "model.safetensors").stat().st_mtime_ns
 
     b = ensure_assets(tmp_path, recipe=TINY)  # cached: no rebuild
-    assert "building" not in capsys.readouterr().out
+    assert "building" not in capsys.readouterr().err
     assert b == a and (b.teacher_dir / "model.safetensors").stat().st_mtime_ns == stamp
     assert not list(tmp_path.glob(".*.tmp*"))  # no temp dir left behind
 
@@ -184,3 +184,20 @@ def test_parallel_build_makes_the_sequential_pair(tmp_path):
         same = {k: v for k, v in seq[role].items() if k != "build_seconds"}
         assert same == {k: v for k, v in par[role].items() if k != "build_seconds"}, role
     assert list(par) == ["recipe", "recipe_key", "builder", "teacher", "student", "build_seconds"]
+
+
+@pytest.mark.slow
+def test_print_writes_only_the_path_on_a_fresh_cache(tmp_path):
+    """``--print KEY`` on a cache being built: stdout is the one path a shell script reads, even with the teacher
+    trained in a spawned process (whose stdout is this process's), all progress on stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "slime.embedded.assets", "--recipe", "fast-test", "--cache-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*cmd, "--print", "student_dir"], capture_output=True, text=True, env=env, check=True)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and Path(lines[0]).is_dir(), out.stdout
+    assert "[assets]" in out.stderr

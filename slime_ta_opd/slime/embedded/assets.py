@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -378,13 +379,21 @@ def _train_role(
         stop_reason = f"dev accuracy {dev_history[-1][1]:.1%} >= {r.stop_at_dev_accuracy:.1%}"
     else:
         stop_reason = f"all steps (dev accuracy never reached {r.stop_at_dev_accuracy:.1%})"
-        print(f"[assets] warning: {role} stopped at its {r.steps} steps without reaching the target dev accuracy")
+        print(
+            f"[assets] warning: {role} stopped at its {r.steps} steps without reaching the target dev accuracy",
+            file=sys.stderr,
+        )
     logger.info("%s: held-out greedy accuracy %.3f", role, result.accuracy)
     schedule = f"{steps_done} steps" + (
         f" of a {r.schedule_len}-step schedule" if r.schedule_len != steps_done else ""
     )
     why = "" if stop_reason == "all steps" else f"; stopped: {stop_reason}"
-    print(f"[assets] {role}: held-out greedy accuracy {result.accuracy:.1%} ({r.size}, {schedule}{why})", flush=True)
+    # stderr: this line also comes from the spawned teacher process, whose stdout is the caller's (--print)
+    print(
+        f"[assets] {role}: held-out greedy accuracy {result.accuracy:.1%} ({r.size}, {schedule}{why})",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         "size": r.size,
         "params": sum(p.numel() for p in model.parameters()),
@@ -469,7 +478,7 @@ def ensure_assets(
         for stale in cache.glob(f".{root.name}.tmp*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         if force or not _is_complete(root):
-            print(f"[assets] building the embedded teacher/student into {root} (cached for later runs)")
+            print(f"[assets] building the embedded pair into {root} (cached for later runs)", file=sys.stderr)
             with atomic_dir(root) as tmp:  # ".{root.name}.tmp*", what the sweep above removes
                 build_assets(tmp, recipe)
         info = json.loads((root / "manifest.json").read_text())
@@ -494,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     recipe = replace(RECIPES[ns.recipe], seed=ns.seed)
     if ns.print_key:
-        with contextlib.redirect_stdout(__import__("sys").stderr):
+        with contextlib.redirect_stdout(sys.stderr):  # progress of anything this process prints
             assets = ensure_assets(ns.cache_dir, ns.force, recipe)
         print(assets.as_dict()[ns.print_key])
     else:
