@@ -60,6 +60,17 @@ def post(server, payload, path="/generate", headers=AUTH):
     return requests.post(server.url + path, json=payload, headers=headers, timeout=120)
 
 
+def logprob_payload(sampling_params: dict, start: int = 0, **fields) -> dict:
+    """A /generate request over PROMPT that returns log-probs from position `start` on."""
+    return {
+        "input_ids": PROMPT,
+        "sampling_params": sampling_params,
+        "return_logprob": True,
+        "logprob_start_len": start,
+        **fields,
+    }
+
+
 def direct_logprobs(model, ids, temperature=1.0):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()
@@ -67,16 +78,7 @@ def direct_logprobs(model, ids, temperature=1.0):
 
 
 def test_plain_generate_has_contract_shape(server):
-    r = post(
-        server,
-        {
-            "input_ids": PROMPT,
-            "sampling_params": {"max_new_tokens": 5, "temperature": 0.7},
-            "return_logprob": True,
-            "logprob_start_len": 0,
-            "top_logprobs_num": 3,
-        },
-    )
+    r = post(server, logprob_payload({"max_new_tokens": 5, "temperature": 0.7}, top_logprobs_num=3))
     assert r.status_code == 200, r.text
     out = r.json()
     assert set(out) == {"text", "output_ids", "meta_info"}
@@ -102,17 +104,8 @@ def test_api_key_required_and_health_open(server):
 
 def test_prefill_scoring_matches_direct_forward(server, hf_model):
     k = 5
-    r = post(
-        server,
-        {
-            "input_ids": PROMPT,
-            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-            "return_logprob": True,
-            "logprob_start_len": 0,
-            "top_logprobs_num": k,
-            "token_ids_logprob": [3, 120],
-        },
-    )
+    payload = logprob_payload({"max_new_tokens": 0, "temperature": 0}, top_logprobs_num=k, token_ids_logprob=[3, 120])
+    r = post(server, payload)
     assert r.status_code == 200, r.text
     out = r.json()
     meta = out["meta_info"]
@@ -136,16 +129,7 @@ def test_prefill_scoring_matches_direct_forward(server, hf_model):
 
 def test_logprob_start_len_and_temperature_field(server, hf_model):
     s = 3
-    r = post(
-        server,
-        {
-            "input_ids": PROMPT,
-            "sampling_params": {"max_new_tokens": 0},
-            "return_logprob": True,
-            "logprob_start_len": s,
-            "logprob_temperature": 2.0,
-        },
-    )
+    r = post(server, logprob_payload({"max_new_tokens": 0}, s, logprob_temperature=2.0))
     meta = r.json()["meta_info"]
     # SGLang: len(input) - s entries for input_ids[s:], the first with a None log-prob.
     assert [e[1] for e in meta["input_token_logprobs"]] == PROMPT[s:]
@@ -156,16 +140,7 @@ def test_logprob_start_len_and_temperature_field(server, hf_model):
         torch.tensor([e[0] for e in meta["input_token_logprobs"][1:]]), torch.tensor(want), atol=1e-5
     )
     # Through the router the field is dropped; custom_labels carries it instead.
-    r2 = post(
-        server,
-        {
-            "input_ids": PROMPT,
-            "sampling_params": {"max_new_tokens": 0},
-            "return_logprob": True,
-            "logprob_start_len": s,
-            "custom_labels": {"logprob_temperature": "2.0"},
-        },
-    )
+    r2 = post(server, logprob_payload({"max_new_tokens": 0}, s, custom_labels={"logprob_temperature": "2.0"}))
     assert r2.json()["meta_info"]["input_token_logprobs"] == meta["input_token_logprobs"]
     # Default logprob_start_len (-1): no input log-probs, as in current SGLang.
     r3 = post(server, {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True})
@@ -360,12 +335,7 @@ def test_answers_match_upstream_fixture_structure(server):
 
 
 def test_update_weights_from_disk(server, weights_root):
-    probe = {
-        "input_ids": PROMPT,
-        "sampling_params": {"max_new_tokens": 0},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-    }
+    probe = logprob_payload({"max_new_tokens": 0})
     before = post(server, probe).json()["meta_info"]["input_token_logprobs"]
     bad = [str(weights_root / ".." / "elsewhere"), "/etc", "../../", str(weights_root / "notweights")]
     for path in bad:
