@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train one self-distillation method (OPSD, PW-OPSD, EOPD or REOPOLD; METHOD.md §7) with the torch trainer.
+# Train one self-distillation method (OPSD, PW-OPSD, EOPD or REOPOLD; docs/method.md §7) with the torch trainer.
 #
 # Usage:
 #   bash scripts/run_self_distillation.sh                          # METHOD=pwopsd, embedded defaults (CPU)
@@ -11,7 +11,7 @@
 #   bash scripts/run_self_distillation.sh --help
 #
 # METHOD: opsd | pwopsd | eopd | reopold (the --loss-type; hyper-parameters: the parser's defaults,
-# METHOD.md §7, overridable through EXTRA_ARGS, e.g. "--pwopsd-w-min 0.1").
+# docs/method.md §7, overridable through EXTRA_ARGS, e.g. "--pwopsd-w-min 0.1").
 # Teacher: TEACHER_MODEL unset → self-distillation (the student's own base weights on the privileged
 # prompt "--sd-teacher-prompt-template", SD_TEACHER_PROMPT_TEMPLATE here); TEACHER_MODEL=DIR → that
 # fixed teacher, loaded in the trainer, on the student's prompt. LORA_RANK > 0 (default: 8 embedded,

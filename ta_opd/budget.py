@@ -1,4 +1,4 @@
-"""The global token budget over all samples of one rollout step (METHOD.md §5).
+"""The global token budget over all samples of one rollout step (docs/method.md §5).
 
 n = max(1, ceil(ρ · N_valid)) tokens with the best scores are kept, pooled over every sample of
 the step (not a per-sequence quota). Ties: higher score first, then earlier position in its
@@ -35,7 +35,7 @@ class BudgetResult:
 
 
 def budget_size(ratio: float, n_valid: int) -> int:
-    """n = max(1, ceil(ρ · N_valid)), with a 1e-9 tolerance on the product (METHOD.md §5)."""
+    """n = max(1, ceil(ρ · N_valid)), with a 1e-9 tolerance on the product (docs/method.md §5)."""
     return max(1, math.ceil(ratio * n_valid - CEIL_TOLERANCE))
 
 
@@ -57,7 +57,7 @@ def _order_rows(rows: Tensor, score: Tensor, sample_index: Tensor, position: Ten
 
 
 def ranked_order(score: Tensor, sample_index: Tensor, position: Tensor, eligible: Tensor, ascending: bool) -> Tensor:
-    """Row indices, eligible rows first, each part in the budget's order (METHOD.md §5 tie rule)."""
+    """Row indices, eligible rows first, each part in the budget's order (docs/method.md §5 tie rule)."""
     eligible_rows = eligible.nonzero(as_tuple=True)[0]
     other_rows = (~eligible).nonzero(as_tuple=True)[0]
     return torch.cat(
@@ -146,7 +146,7 @@ def apply_global_budget(
     ascending: bool = False,
     candidates: Tensor | None = None,
 ) -> BudgetResult:
-    """Keep the n best-scored valid tokens of the step, then apply min-keep (METHOD.md §5).
+    """Keep the n best-scored valid tokens of the step, then apply min-keep (docs/method.md §5).
 
     All tensors are flat ``[N]`` rows of the step: ``score``/``fallback_score`` float, ``valid`` and
     ``candidates`` bool, ``sample_index``/``position`` int64.
@@ -176,7 +176,7 @@ def apply_split_budget(
     min_keep_per_sample: int,
     fallback_score: Tensor,
 ) -> BudgetResult:
-    """split_budget_ca (METHOD.md §4): round(γ·n) by the first score, n − that by the second.
+    """split_budget_ca (docs/method.md §4): round(γ·n) by the first score, n − that by the second.
 
     Both parts are picked from all valid tokens independently; when they overlap, the union is
     topped up to n by the fallback (ca_softor) score. round() is Python's (half to even), as in the

@@ -1,4 +1,4 @@
-"""Per-token statistics from the student's and teacher's top-K lists (METHOD.md §2).
+"""Per-token statistics from the student's and teacher's top-K lists (docs/method.md §2).
 
 All functions take a ``TokenBatch`` (rows = response tokens of one step) and return ``[N]``
 tensors, float64 for real values (so that the budget's ranking is reproducible to the last bit
@@ -26,14 +26,14 @@ from ta_opd._native import stats_kernel
 from ta_opd.config import SelectionConfig
 from ta_opd.topk import TokenBatch
 
-PROB_FLOOR = 1e-12  # ŝ, t̂ are floored here after renormalisation on U (METHOD.md §2)
+PROB_FLOOR = 1e-12  # ŝ, t̂ are floored here after renormalisation on U (docs/method.md §2)
 EMA_BLOCK = 256  # prefix-EMA scan block: α^-i stays far from float64 overflow inside a block
 F64 = torch.float64
 
 
 @dataclass
 class TokenStats:
-    """Per-token statistics, every field ``[N]`` (see METHOD.md §2 for each definition)."""
+    """Per-token statistics, every field ``[N]`` (see docs/method.md §2 for each definition)."""
 
     kl_f_union: Tensor  # D_t = Σ_U t̂ (log t̂ − log ŝ)
     kl_r_union: Tensor  # Σ_U ŝ (log ŝ − log t̂)
@@ -76,7 +76,7 @@ def _order_within_sample(sample_index: Tensor, position: Tensor) -> Tensor:
 
 
 def prefix_ema(values: Tensor, sample_index: Tensor, position: Tensor, alpha: float) -> Tensor:
-    """e_0 = x_0, e_t = α·e_{t−1} + (1 − α)·x_t along the positions of each sample (METHOD.md §2).
+    """e_0 = x_0, e_t = α·e_{t−1} + (1 − α)·x_t along the positions of each sample (docs/method.md §2).
 
     Vectorised over samples as a blocked scan over positions: inside a block of width W,
     e_{b+i} = α^{i+1}·e_{b−1} + α^i·Σ_{j≤i} w_j x_{b+j} α^{−j} is a cumulative sum; carrying e
@@ -122,7 +122,7 @@ def _exact_teacher_probs(
 
     An entry uses ``teacher_logp_on_student_topk`` when it is finite, its row is marked available and
     its sample's student-id union is within ``exact_cmass_max_union``; otherwise the lower-bound value
-    from the teacher's own top-K. Union overflow (METHOD.md §2): ``fallback`` keeps the lower bound for
+    from the teacher's own top-K. Union overflow (docs/method.md §2): ``fallback`` keeps the lower bound for
     the whole sample, ``truncate`` keeps exact values for the ``max_union`` ids with the highest
     student log-prob at any position of the sample (ties: lower id), ``error`` raises naming the sample.
     """
@@ -448,7 +448,7 @@ def _native_stats(lib, arrays: list[np.ndarray], k: int, want_t_on_s: bool) -> d
 
 
 def compute_token_stats(batch: TokenBatch, cfg: SelectionConfig) -> TokenStats:
-    """Every METHOD.md §2 statistic of every row of ``batch`` (vectorised over chunks of rows)."""
+    """Every docs/method.md §2 statistic of every row of ``batch`` (vectorised over chunks of rows)."""
     s_ids, t_ids = batch.student_topk_ids, batch.teacher_topk_ids
     k = s_ids.shape[1]
     n = s_ids.shape[0]

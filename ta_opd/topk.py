@@ -1,4 +1,4 @@
-"""Padded top-K tensors and the flattened token batch of one rollout step (METHOD.md §2).
+"""Padded top-K tensors and the flattened token batch of one rollout step (docs/method.md §2).
 
 Layout: all response tokens of one rollout step, flattened in sample order to N rows. Top-K
 lists are ids ``[N, K]`` int64 padded with ``-1`` and log-probs ``[N, K]`` padded with ``-inf``,
@@ -54,7 +54,7 @@ def _clean_row(row: Sequence[Entry] | None, k: int) -> list[tuple[float, int]]:
 def pack_topk(entries: Sequence[Sequence[Entry] | None], k: int) -> tuple[Tensor, Tensor]:
     """SGLang-shaped per-position lists → (ids [N, K] int64, logp [N, K] float32), padded.
 
-    Entries that are None, empty, or have a non-finite log-prob are dropped (METHOD.md §2);
+    Entries that are None, empty, or have a non-finite log-prob are dropped (docs/method.md §2);
     rows are sorted by log-prob descending and truncated to ``k``.
     """
     if k < 0:
@@ -175,7 +175,7 @@ class TokenBatch:
     exact_available: Tensor | None = None  # [N] bool: exact C known for this row (else lower bound)
     num_samples: int | None = None  # B (samples without response tokens still count)
     student_logp_known: Tensor | None = None  # [N] bool: False where rollout log-probs were not recorded
-    topk_missing: Tensor | None = None  # [N] bool: a top-K list was absent/short at this position (METHOD.md §2)
+    topk_missing: Tensor | None = None  # [N] bool: a top-K list was absent/short at this position (docs/method.md §2)
 
     @property
     def n_tokens(self) -> int:
@@ -242,7 +242,7 @@ class TokenBatch:
                 samples = torch.unique(self.sample_index[self.topk_missing]).tolist()
                 raise ValueError(
                     f"mask {cfg.mask!r} needs student and teacher top-K lists at every response position; "
-                    f"sample(s) {samples[:10]} have missing or short lists (METHOD.md §2)"
+                    f"sample(s) {samples[:10]} have missing or short lists (docs/method.md §2)"
                 )
         return self
 
@@ -269,7 +269,7 @@ class TokenBatch:
         """Build a batch from per-sample Python lists, one entry per response position.
 
         A sample's top-K lists must cover its whole response for a selector other than full
-        (METHOD.md §2). By default (``require_topk=None``) missing or short lists become empty rows
+        (docs/method.md §2). By default (``require_topk=None``) missing or short lists become empty rows
         flagged in ``topk_missing`` and ``validate(cfg)`` / ``select_tokens`` raise ValueError naming
         the sample only when the configured mask selects; ``require_topk=True`` raises here already.
         A None in ``student_logp_per_sample`` (rollout log-probs not recorded) becomes NaN with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fixed-context diagnostic (METHOD.md §6), one command:
+# Fixed-context diagnostic (docs/method.md §6), one command:
 #   context bank → short OPD run per selector (from θ0) → full-vocabulary eval of θ0 and each θτ
 #   against the teacher on the same contexts → gain analysis, matched top-N, support robustness,
 #   within-region analysis → OUTPUT_DIR/report/REPORT.md

@@ -1,4 +1,4 @@
-"""Fixed-context diagnostic math (METHOD.md §6): full-vocabulary statistics, gain analysis.
+"""Fixed-context diagnostic math (docs/method.md §6): full-vocabulary statistics, gain analysis.
 
 ``fullvocab`` — per-token statistics from full logits (chunked); ``gain`` — gain, bins,
 bootstrap, matching, OLS; ``selection`` — selector scores and top-N via ``ta_opd`` (the

@@ -1,4 +1,4 @@
-"""Fixed-context gain analysis math (METHOD.md §6.3–6.5): numpy in, numbers out.
+"""Fixed-context gain analysis math (docs/method.md §6.3–6.5): numpy in, numbers out.
 
 Gain, winsorising, quantile bins and the H×D quadrants, the high-C minus low-C gap,
 prompt-cluster bootstrap confidence intervals, the paired seed × prompt bootstrap of a method suite's
@@ -17,12 +17,12 @@ import numpy as np
 
 GAIN_MODES = ("relative", "absolute")
 GAIN_EPS = 1e-12
-# Quadrants of METHOD.md §4: Q1 hiH/hiD, Q2 hiH/loD, Q3 loH/hiD, Q4 loH/loD.
+# Quadrants of docs/method.md §4: Q1 hiH/hiD, Q2 hiH/loD, Q3 loH/hiD, Q4 loH/loD.
 QUADRANT_NAMES = {1: "Q1 hiH/hiD", 2: "Q2 hiH/loD", 3: "Q3 loH/hiD", 4: "Q4 loH/loD"}
 
 
 def gain(kl_f_before: np.ndarray, kl_f_after: np.ndarray, mode: str = "relative") -> np.ndarray:
-    """Per-token gain (METHOD.md §6.3): relative ``(KL0 − KLτ)/(KL0 + 1e-12)`` or absolute ``KL0 − KLτ``."""
+    """Per-token gain (docs/method.md §6.3): relative ``(KL0 − KLτ)/(KL0 + 1e-12)`` or absolute ``KL0 − KLτ``."""
     kl0 = np.asarray(kl_f_before, dtype=np.float64)
     klt = np.asarray(kl_f_after, dtype=np.float64)
     if mode == "relative":
@@ -81,7 +81,7 @@ def percentile_rank(x: np.ndarray) -> np.ndarray:
 
 
 def quadrants(h: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Quadrant 1..4 per token from the medians of H and D: hi means ``>= median`` (METHOD.md §4)."""
+    """Quadrant 1..4 per token from the medians of H and D: hi means ``>= median`` (docs/method.md §4)."""
     h = np.asarray(h, dtype=np.float64)
     d = np.asarray(d, dtype=np.float64)
     hi_h = h >= np.median(h)
@@ -322,7 +322,7 @@ def nearest_neighbour_matching(
 
     Distance: Euclidean on the standardised ``covariates`` ``[N, p]`` (H, D, position), matching
     with replacement; prompts lacking either group contribute no pairs. Returns the mean of
-    G_high − G_low over pairs (METHOD.md §6.4).
+    G_high − G_low over pairs (docs/method.md §6.4).
     """
     g = np.asarray(g, dtype=np.float64)
     c = np.asarray(c, dtype=np.float64)
@@ -355,7 +355,7 @@ def nearest_neighbour_matching(
 
 
 def budget_count(n_valid: int, ratio: float) -> int:
-    """Tokens kept at a budget ratio: max(1, ceil(ρ·N)) (METHOD.md §5)."""
+    """Tokens kept at a budget ratio: max(1, ceil(ρ·N)) (docs/method.md §5)."""
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"budget ratio must be in (0, 1], got {ratio}")
     return max(1, int(np.ceil(ratio * n_valid - 1e-9)))
@@ -367,7 +367,7 @@ def standardized_ols(
     clusters: np.ndarray | None = None,
     standardize_y: bool = False,
 ) -> dict[str, Any]:
-    """OLS of ``y`` on z-scored regressors with an intercept, via statsmodels (METHOD.md §6.4).
+    """OLS of ``y`` on z-scored regressors with an intercept, via statsmodels (docs/method.md §6.4).
 
     Standard errors are cluster-robust by ``clusters`` (prompts) when given, else HC1. Returns
     ``{"coef": {name: b}, "se": {...}, "pvalue": {...}, "ci_low": {...}, "ci_high": {...},
@@ -408,7 +408,7 @@ def standardized_ols(
 
 
 def ols_model_specs(has_teacher_entropy: bool = True) -> dict[str, Sequence[str]]:
-    """The regressor sets of METHOD.md §6.4 (names of columns built by the analysis tool).
+    """The regressor sets of docs/method.md §6.4 (names of columns built by the analysis tool).
 
     ``m1``: H + D + H·D + position (+ teacher entropy); ``m2``: m1 + C; ``m3``: D replaced by
     the learnable part D^L = D̃·C̃ and the incompatible part D^I = D̃·(1 − C̃).

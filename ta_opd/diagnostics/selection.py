@@ -1,4 +1,4 @@
-"""Selector scores and top-N masks on a fixed-context bank, through the training code (METHOD.md §3–5, §6.4).
+"""Selector scores and top-N masks on a fixed-context bank, through the training code (docs/method.md §3–5, §6.4).
 
 The bank's tokens are treated as one rollout step: the §2 statistics come from
 ``ta_opd.stats.compute_token_stats``, the normalised features and every selector's score from
@@ -74,7 +74,7 @@ def _exact_field() -> str:
 
 
 def selection_config(topk_k: int, exact: bool = False, **overrides: Any) -> Any:
-    """A ``SelectionConfig`` with METHOD.md defaults, the bank's K and optional overrides."""
+    """A ``SelectionConfig`` with docs/method.md defaults, the bank's K and optional overrides."""
     from ta_opd.config import SelectionConfig
 
     fields = {f.name for f in dataclasses.fields(SelectionConfig)}

@@ -1,4 +1,4 @@
-"""Full-vocabulary statistics (METHOD.md §6.2) against hand-computed cases on a vocabulary of 4."""
+"""Full-vocabulary statistics (docs/method.md §6.2) against hand-computed cases on a vocabulary of 4."""
 
 from __future__ import annotations
 

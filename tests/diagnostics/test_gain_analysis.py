@@ -1,4 +1,4 @@
-"""Gain analysis math (METHOD.md §6.3–6.4) on hand-computed cases and synthetic data with a known effect."""
+"""Gain analysis math (docs/method.md §6.3–6.4) on hand-computed cases and synthetic data with a known effect."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_ta_opd_three_steps_then_resume(tmp_path, ray_local):
     for r in records:
         realised = r["opd/realised_ratio"]
         assert r["opd/nominal_ratio"] == 0.1 and realised == pytest.approx(r["rollout/kept_token_ratio"])
-        # the global budget keeps ceil(0.1·N) tokens, then min-keep-per-sample tops up (METHOD.md §5)
+        # the global budget keeps ceil(0.1·N) tokens, then min-keep-per-sample tops up (docs/method.md §5)
         assert 0.1 <= realised < 1.0, realised
         assert r["train/kept_tokens"] == r["rollout/loss_mask_tokens"]
         assert r["train/kept_tokens"] < r["rollout/response_tokens"]

@@ -98,7 +98,7 @@ def make_sample(
 
 
 def opd_args(**overrides) -> argparse.Namespace:
-    """The args upstream OPD + the TA-OPD flags (defaults of METHOD.md) would give."""
+    """The args upstream OPD + the TA-OPD flags (defaults of docs/method.md) would give."""
     from slime_patch.slime.utils.ta_opd_arguments import add_ta_opd_arguments
 
     args = add_ta_opd_arguments(argparse.ArgumentParser()).parse_args([])

@@ -1,4 +1,4 @@
-"""select_tokens end to end (METHOD.md §2–5, §9): full mask, budgets, metrics, non-finite policy."""
+"""select_tokens end to end (docs/method.md §2–5, §9): full mask, budgets, metrics, non-finite policy."""
 
 from __future__ import annotations
 

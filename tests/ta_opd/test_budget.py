@@ -1,4 +1,4 @@
-"""METHOD.md §5 global budget: size, tie rules, Q3 candidates, min-keep, split budget, properties."""
+"""docs/method.md §5 global budget: size, tie rules, Q3 candidates, min-keep, split budget, properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""METHOD.md §1 loss pieces: agg_loss reductions by hand, micro-batch invariance, PPO-clip, advantages."""
+"""docs/method.md §1 loss pieces: agg_loss reductions by hand, micro-batch invariance, PPO-clip, advantages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""METHOD.md §3 batch normalisation: hand cases, non-finite and degenerate inputs, [0, 1] range."""
+"""docs/method.md §3 batch normalisation: hand cases, non-finite and degenerate inputs, [0, 1] range."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hand-computed cases, gradient checks and properties of ta_opd.sd_losses (METHOD.md §7–8).
+"""Hand-computed cases, gradient checks and properties of ta_opd.sd_losses (docs/method.md §7–8).
 
 Hand cases use V = 3, temperature 1 and probabilities chosen so that every number can be
 checked on paper (values in the comments, ln in nats).

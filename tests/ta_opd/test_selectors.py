@@ -1,4 +1,4 @@
-"""METHOD.md §3–4 features and every selector's score on a 4-token case computed by hand."""
+"""docs/method.md §3–4 features and every selector's score on a 4-token case computed by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""METHOD.md §2 statistics on cases small enough to check on paper (hand computation in comments)."""
+"""docs/method.md §2 statistics on cases small enough to check on paper (hand computation in comments)."""
 
 from __future__ import annotations
 

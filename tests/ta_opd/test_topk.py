@@ -1,4 +1,4 @@
-"""Packing SGLang-shaped top-K lists into padded tensors and building a step's TokenBatch (METHOD.md §2)."""
+"""Packing SGLang-shaped top-K lists into padded tensors and building a step's TokenBatch (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ intermediate result, then the final one after ``#``::
 Only the final answer is verified (``verify``), so a response with a sloppy chain but the right
 answer still counts, as with GSM8K-style ``#### 66`` answers. The chain gives the student many
 easy tokens (copied operands, ``=``, ``;``) and a few hard ones (the digits of each result), which
-is exactly the mix token selection (METHOD.md §4) is about.
+is exactly the mix token selection (docs/method.md §4) is about.
 
 Usage::
 

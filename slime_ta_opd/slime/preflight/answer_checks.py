@@ -207,7 +207,7 @@ def check_topk(
         return CheckResult("topk", FAIL, f"{source}: no top-K lists returned for {k} requested", values=values)
     if n_bad:
         detail = "\n".join(f"{kind}: {counts[kind]} (first: {first[kind]})" for kind in counts if counts[kind])
-        detail += "\nThe selectors read these lists as each side's top-K distribution (METHOD.md §2)."
+        detail += "\nThe selectors read these lists as each side's top-K distribution (docs/method.md §2)."
         return CheckResult("topk", FAIL, measured, detail, values)
     return CheckResult("topk", PASS, measured, values=values)
 

@@ -1,4 +1,4 @@
-"""The privileged teacher prompt of ``--self-distillation`` (METHOD.md §7, last bullet).
+"""The privileged teacher prompt of ``--self-distillation`` (docs/method.md §7, last bullet).
 
 The teacher is the student's own base weights; it reads the problem *and* the reference solution
 (the sample's label) through ``--sd-teacher-prompt-template``, while the student reads only the

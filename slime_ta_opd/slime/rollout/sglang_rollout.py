@@ -9,10 +9,10 @@ the prompt ids and ``return_logprob``; with OPD (``--use-opd`` and ``--opd-topk-
 also ``top_logprobs_num = K``, and the student's per-position top-K goes to
 ``sample.metadata["student_top_logprobs"]`` (one ``[[logprob, id, text], ...]`` list per
 response position). Then the reward plug-in (``--custom-rm-path``; for OPD the teacher prefill
-of METHOD.md §1) runs right after each generation, concurrently across samples.
+of docs/method.md §1) runs right after each generation, concurrently across samples.
 
 The reward *post-process* (``--custom-reward-post-process-path``; for TA-OPD the token
-selection of METHOD.md §2-5) is not called here: as upstream, the RolloutManager calls it on
+selection of docs/method.md §2-5) is not called here: as upstream, the RolloutManager calls it on
 the whole step's samples, so it also runs after a custom rollout function.
 """
 

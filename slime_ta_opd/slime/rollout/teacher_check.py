@@ -1,6 +1,6 @@
 """Refuse a teacher whose tokenizer differs from the student's, before any server starts or any step runs.
 
-OPD scores the student's token ids with the teacher (METHOD.md §1): the ids only mean the same
+OPD scores the student's token ids with the teacher (docs/method.md §1): the ids only mean the same
 text when both sides share one tokenizer. A different vocabulary would silently give the teacher's
 log-prob of another token at every position. The models' *padded* vocabularies (lm-head rows) may
 differ; the tokenizers may not.

@@ -275,7 +275,7 @@ def _add_algo_arguments(parser: argparse.ArgumentParser) -> None:
         "--eps-clip-high",
         type=float,
         default=0.28,
-        help="PPO upper clip (METHOD.md §1 default 0.28; upstream's default is --eps-clip).",
+        help="PPO upper clip (docs/method.md §1 default 0.28; upstream's default is --eps-clip).",
     )
     g.add_argument("--eps-clip-c", type=float, default=None, help="Dual-clip lower bound.")
     g.add_argument("--kl-coef", type=float, default=0.0, help="Reward-shaping KL coefficient (to the ref model).")
@@ -318,7 +318,7 @@ def _add_opd_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("on-policy distillation")
     g.add_argument("--use-opd", action="store_true", default=False, help="Enable on-policy distillation.")
     g.add_argument("--opd-type", type=str, default=None, choices=["sglang", "megatron"])
-    g.add_argument("--opd-kl-coef", type=float, default=1.0, help="λ of the OPD advantage (METHOD.md §1).")
+    g.add_argument("--opd-kl-coef", type=float, default=1.0, help="λ of the OPD advantage (docs/method.md §1).")
     g.add_argument("--opd-teacher-load", type=str, default=None, help="Teacher checkpoint for --opd-type megatron.")
     g.add_argument(
         "--opd-teacher-hf-checkpoint",
@@ -338,7 +338,7 @@ def _add_opd_arguments(parser: argparse.ArgumentParser) -> None:
 def _resolve_teacher_temperature(args: argparse.Namespace) -> None:
     """``--opd-teacher-temperature`` defaults to ``--rollout-temperature``; with ``--use-opd`` no other value.
 
-    The OPD advantage λ·(log p_T(y) − log p_S(y)) (METHOD.md §1), the sampled reverse-KL metrics and the
+    The OPD advantage λ·(log p_T(y) − log p_S(y)) (docs/method.md §1), the sampled reverse-KL metrics and the
     selection statistics compare the teacher's log-probs with the student's, and the student's are those of
     the distribution it samples from: ``log_softmax(logits / --rollout-temperature)`` (the engines' and both
     trainers'). Only a teacher scored at the same temperature gives log p_T − log p_S = log of the ratio of the
@@ -358,7 +358,8 @@ def _resolve_teacher_temperature(args: argparse.Namespace) -> None:
 
 def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     """Knobs of the full-vocabulary losses (``--loss-type opsd|pwopsd|eopd|reopold|topk_rkl|topk_fkl|jsd``,
-    METHOD.md §7-8), the trainer-side teacher, the self-distillation teacher and LoRA (docs/self_distillation.md)."""
+    docs/method.md §7-8), the trainer-side teacher, the self-distillation teacher and LoRA
+    (docs/self_distillation.md)."""
     g = parser.add_argument_group("self-distillation losses")
     g.add_argument(
         "--sd-temperature",
@@ -428,7 +429,7 @@ def _add_self_distillation_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=False,
         help="Teacher = the student's own base weights on a privileged prompt (problem + reference solution, "
-        "--sd-teacher-prompt-template); the student sees only the problem. METHOD.md §7.",
+        "--sd-teacher-prompt-template); the student sees only the problem. docs/method.md §7.",
     )
     g.add_argument(
         "--sd-teacher-prompt-template",

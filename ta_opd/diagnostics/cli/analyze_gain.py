@@ -1,4 +1,4 @@
-"""Fixed-context gain analysis: OLS, Q3 high-C vs low-C gap, matching, plots, report (METHOD.md §6.3–6.4).
+"""Fixed-context gain analysis: OLS, Q3 high-C vs low-C gap, matching, plots, report (docs/method.md §6.3–6.4).
 
 Usage:
     analyze_fixed_context_gain --stats OUT/token_stats.parquet --out-dir REPORT \
@@ -175,7 +175,7 @@ def report(tables: dict[str, Any], args: argparse.Namespace, bank: Bank) -> str:
         "",
         markdown_table(tables["summary"]),
         "",
-        "## Q3 high-C minus low-C gap (METHOD.md §6.4)",
+        "## Q3 high-C minus low-C gap (docs/method.md §6.4)",
         "",
         "Positive: inside Q3, tokens whose teacher mass on the student's top-K is high gain more.",
         "",

@@ -98,7 +98,7 @@ def bank_batch(frame: Any, reference: str, k: int, exact: bool) -> Any:
 
 
 def feature_arrays(features: Any) -> dict[str, np.ndarray]:
-    """The normalised features of ``ta_opd`` as numpy: H, D, C, DC, D_learn, D_incompat, q3 (METHOD.md §3–4)."""
+    """The normalised features of ``ta_opd`` as numpy: H, D, C, DC, D_learn, D_incompat, q3 (docs/method.md §3–4)."""
     names = {"H": "h", "D": "d", "C": "c", "DC": "dc", "D_learn": "d_learn", "D_incompat": "d_incompat", "q3": "is_q3"}
     out = {}
     for key, name in names.items():

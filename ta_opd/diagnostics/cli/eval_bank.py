@@ -1,4 +1,4 @@
-"""Score θ0, θτ... and the teacher on the same frozen contexts with full-vocabulary statistics (METHOD.md §6.2).
+"""Score θ0, θτ... and the teacher on the same frozen contexts with full-vocabulary statistics (docs/method.md §6.2).
 
 Usage:
     eval_fixed_context_bank --contexts contexts.jsonl --teacher TEACHER_HF \

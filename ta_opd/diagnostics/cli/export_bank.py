@@ -1,4 +1,4 @@
-"""Export a fixed-context bank: prompt + first N response tokens of frozen student rollouts (METHOD.md §6.1).
+"""Export a fixed-context bank: prompt + first N response tokens of frozen student rollouts (docs/method.md §6.1).
 
 Usage:
     export_fixed_context_bank --student STUDENT_HF --prompts train.jsonl --out contexts.jsonl \

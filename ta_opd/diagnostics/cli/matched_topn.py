@@ -1,4 +1,4 @@
-"""Matched top-N gain per selector score at several budgets, with bootstrap CIs (METHOD.md §6.4).
+"""Matched top-N gain per selector score at several budgets, with bootstrap CIs (docs/method.md §6.4).
 
 Usage:
     matched_fixed_context_topn --stats OUT/token_stats.parquet --out-dir REPORT \
@@ -9,7 +9,7 @@ Every selector's score is computed by ``ta_opd`` on θ0's statistics over the wh
 "rollout step": the same normalisation and score code as training); at each budget ρ the
 n = max(1, ceil(ρ·N)) highest-scored tokens (no min-keep top-up, so every selector keeps the same
 number: *matched*) are taken and their mean winsorised gain under each θτ reported with a
-prompt-cluster bootstrap CI. Selector names may be METHOD.md aliases (teachability, tip, ...).
+prompt-cluster bootstrap CI. Selector names may be docs/method.md aliases (teachability, tip, ...).
 Writes ``matched_topn.csv``, ``matched_topn.png``, ``matched_topn.md``.
 """
 

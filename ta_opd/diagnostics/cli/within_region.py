@@ -1,4 +1,4 @@
-"""Gain inside each H×D quadrant (Q1..Q4) by C tercile (METHOD.md §4, §6.4).
+"""Gain inside each H×D quadrant (Q1..Q4) by C tercile (docs/method.md §4, §6.4).
 
 Usage:
     within_region_analysis --stats OUT/token_stats.parquet --out-dir REPORT [--k 16] [--bins 3] [--bootstrap 1000]
