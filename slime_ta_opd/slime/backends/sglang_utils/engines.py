@@ -1,3 +1,4 @@
+# Over 600 lines: the managed SGLang engines and their router are one lifecycle (launch, health, restart, weights).
 """Managed real SGLang engines (extra ``sglang``; GPU only): N ``sglang.launch_server`` processes + the router.
 
 Built from the rollout flags: ``--rollout-num-gpus`` / ``--rollout-num-gpus-per-engine`` give the engine count
