@@ -428,11 +428,10 @@ def metrics(
             ("c", "c_norm"),
             ("d_learn", "d_learn"),
             ("d_incompat", "d_incompat"),
+            ("is_q3", "q3_share"),
         ):
             out[f"opd/{name}_valid"] = _mean(f[key], valid)
             out[f"opd/{name}_kept"] = _mean(f[key], kv)
-        out["opd/q3_share_valid"] = _mean(f["is_q3"], valid)
-        out["opd/q3_share_kept"] = _mean(f["is_q3"], kv)
     if stats is not None:
         for key, name in (
             ("overlap", "overlap_ratio"),
