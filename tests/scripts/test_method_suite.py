@@ -23,6 +23,20 @@ def run_suite(env_extra: dict[str, str], *args: str, timeout: float | None = Non
     )
 
 
+def tiny_suite_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The suite's settings for real runs at the tiniest size (fast-test assets, 2 rollouts of 4 prompts × 2)."""
+    return {
+        "EMBEDDED_RECIPE": "fast-test",
+        "ASSETS_CACHE_DIR": str(tmp_path / "cache"),
+        "NUM_ROLLOUT": "2",
+        "ROLLOUT_BATCH_SIZE": "4",
+        "N_SAMPLES_PER_PROMPT": "2",
+        "OUTPUT_ROOT": str(tmp_path / "out"),
+        "OMP_NUM_THREADS": "1",
+        **settings,
+    }
+
+
 @pytest.fixture
 def explicit_paths(tmp_path, tiny_student_dir, tiny_teacher_dir):
     from slime.embedded.task import write_splits
@@ -143,21 +157,15 @@ def test_help():
 @pytest.mark.slow
 def test_two_entry_suite_end_to_end(tmp_path):
     """Two real train.py runs at the tiniest size (fast-test assets), then the summary."""
-    env = {
-        "EMBEDDED_RECIPE": "fast-test",
-        "ASSETS_CACHE_DIR": str(tmp_path / "cache"),
-        "METHOD_LIST": "pure_opd:1.0:1 teachability:0.2:2",
-        "NUM_ROLLOUT": "2",
-        "ROLLOUT_BATCH_SIZE": "4",
-        "N_SAMPLES_PER_PROMPT": "2",
-        "ROLLOUT_MAX_RESPONSE_LEN": "16",
-        "EVAL_INTERVAL": "1",
-        "EVAL_MAX_RESPONSE_LEN": "16",
-        "OUTPUT_ROOT": str(tmp_path / "out"),
-        "SUITE_NAME": "e2e",
-        "OMP_NUM_THREADS": "1",
-        "EXTRA_ARGS": "--rollout-num-engines 1 --opd-topk-metrics-k 4",
-    }
+    env = tiny_suite_env(
+        tmp_path,
+        METHOD_LIST="pure_opd:1.0:1 teachability:0.2:2",
+        ROLLOUT_MAX_RESPONSE_LEN="16",
+        EVAL_INTERVAL="1",
+        EVAL_MAX_RESPONSE_LEN="16",
+        SUITE_NAME="e2e",
+        EXTRA_ARGS="--rollout-num-engines 1 --opd-topk-metrics-k 4",
+    )
     r = run_suite(env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     suite = tmp_path / "out" / "e2e"
@@ -176,28 +184,22 @@ def test_two_entry_suite_end_to_end(tmp_path):
 def test_two_entry_suite_writes_per_run_banks_and_the_budget_table(tmp_path):
     """Two real runs on the embedded task, then the fixed-context evaluation (SKIP_EVAL=0): each run's own token
     bank, shared contexts and θ0 scored once, each trained student scored, the Table-2 form table."""
-    env = {
-        "EMBEDDED_RECIPE": "fast-test",
-        "ASSETS_CACHE_DIR": str(tmp_path / "cache"),
-        "METHOD_LIST": "teachability:0.2:1,random:0.2:2",
-        "NUM_ROLLOUT": "2",
-        "ROLLOUT_BATCH_SIZE": "4",
-        "N_SAMPLES_PER_PROMPT": "2",
-        "ROLLOUT_MAX_RESPONSE_LEN": "12",
-        "EVAL_INTERVAL": "2",
-        "EVAL_MAX_RESPONSE_LEN": "8",
-        "OUTPUT_ROOT": str(tmp_path / "out"),
-        "TAG": "fc",
-        "SEED_LABEL": "seed1",
-        "SKIP_EVAL": "0",
-        "FC_NUM_CONTEXTS": "6",
-        "FC_RESPONSE_TOKENS": "8",
-        "BOOTSTRAP": "50",
-        "SUMMARIZE": "0",
-        "OMP_NUM_THREADS": "1",
-        "EXTRA_ARGS": "--rollout-num-engines 1",
-        "OPD_TOPK_METRICS_K": "4",
-    }
+    env = tiny_suite_env(
+        tmp_path,
+        METHOD_LIST="teachability:0.2:1,random:0.2:2",
+        ROLLOUT_MAX_RESPONSE_LEN="12",
+        EVAL_INTERVAL="2",
+        EVAL_MAX_RESPONSE_LEN="8",
+        TAG="fc",
+        SEED_LABEL="seed1",
+        SKIP_EVAL="0",
+        FC_NUM_CONTEXTS="6",
+        FC_RESPONSE_TOKENS="8",
+        BOOTSTRAP="50",
+        SUMMARIZE="0",
+        EXTRA_ARGS="--rollout-num-engines 1",
+        OPD_TOPK_METRICS_K="4",
+    )
     # the assets are built once up front (as a user's cache would hold them); the launcher then reads them
     build = ["-m", "slime.embedded.assets", "--recipe", "fast-test", "--cache-dir", env["ASSETS_CACHE_DIR"]]
     subprocess.run([sys.executable, *build, "--print", "student_dir"], capture_output=True, check=True, cwd=REPO)
