@@ -27,7 +27,6 @@ of wall and CPU time are reported, and the masks of the two are compared. The ra
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -37,16 +36,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+from common import add_run_options, emit, reference, spread  # noqa: E402
+
 TARGET_RATIO = 10.0
 FULL = {"samples": 32, "tokens": 7944, "k": 16}
 QUICK_KWARGS = {"samples": 4, "tokens": 256, "k": 8, "repeats": 2}
-
-
-def _reference():
-    sys.path.insert(0, str(ROOT / "tests" / "ta_opd"))
-    import reference  # noqa: PLC0415  (tests/ta_opd/reference.py)
-
-    return reference
 
 
 def _args(k: int, mask: str, ratio: float):
@@ -169,10 +164,6 @@ def _timed(fn):
     return value, time.perf_counter() - t0, time.process_time() - c0
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
-
-
 def run(
     samples: int = FULL["samples"],
     tokens: int = FULL["tokens"],
@@ -186,7 +177,7 @@ def run(
     import slime.rollout.on_policy_distillation as opd
     import ta_opd.topk as topk
 
-    ref = _reference()
+    ref = reference()
     torch.set_num_threads(threads)
     args = _args(k, mask, ratio)
     batch = make_samples(samples, tokens, k, seed)
@@ -254,9 +245,9 @@ def run(
         "rho": ratio,
         "repeats": repeats,
         "torch_threads": threads,
-        "wall_s": {key: _summary(v) for key, v in wall.items()},
-        "cpu_s": {key: _summary(v) for key, v in cpu.items()},
-        "inside_post_process_s": {key: _summary(v) for key, v in per_call.items()},
+        "wall_s": {key: spread(v) for key, v in wall.items()},
+        "cpu_s": {key: spread(v) for key, v in cpu.items()},
+        "inside_post_process_s": {key: spread(v) for key, v in per_call.items()},
         "post_process_vs_per_token_reference": ratio_value,
         "post_process_vs_per_token_reference_cpu_ratio": med_cpu["reference"] / med_cpu["post_process"],
         "identical_masks": got == want,
@@ -302,20 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--mask", default="dlearn_high")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK_KWARGS}")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_run_options(p, QUICK_KWARGS)
     a = p.parse_args(argv)
     kwargs = dict(samples=a.samples, tokens=a.tokens, k=a.k, ratio=a.ratio, mask=a.mask, repeats=a.repeats)
     kwargs["threads"] = a.threads
     if a.quick:
         kwargs.update(QUICK_KWARGS)
     res = run(**kwargs)
-    print(table(res))
-    if a.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(a.out, json.dumps(res, indent=1))
+    emit(table(res), res, a.out)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+from common import emit  # noqa: E402
 
 
 def _naive_generate(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -123,17 +128,13 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the JSON result here (atomically)")
     a = p.parse_args()
     res = run(a.prompts, a.new_tokens, a.size, naive_prompts=a.naive_prompts)
-    print(
+    line = (
         f"engine: {res['batched_tokens_per_s']:.0f} tok/s  HF generate: {res['hf_generate_tokens_per_s']:.0f} tok/s"
         f"  naive loop: {res['naive_tokens_per_s']:.0f} tok/s   engine/HF generate: "
         f"{res['ratios']['rollout_tokens_per_s_vs_hf_generate']:.2f}x   engine/naive: {res['speedup']:.1f}x   "
         f"greedy agreement: {res['greedy_agreement']:.2f} (naive), {res['hf_generate_greedy_agreement']:.2f} (HF)"
     )
-    print(json.dumps(res, indent=1))
-    if a.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(a.out, json.dumps(res, indent=1))
+    emit(line + "\n" + json.dumps(res, indent=1), res, a.out)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+from common import emit  # noqa: E402
 
 PHASES = ("train", "logprobs")
 VARIANTS = ("dense", "sparse")
@@ -298,11 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     phases = tuple(args.phases.split(","))
     res = run(args.quick, args.tokens, args.hidden, args.vocab, args.logprob_tokens, args.ratio, phases, args.seed)
-    print(table(res))
-    if args.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(res, indent=2))
+    emit(table(res), res, args.out, indent=2)
 
 
 if __name__ == "__main__":

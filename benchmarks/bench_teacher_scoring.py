@@ -26,10 +26,15 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+from common import emit  # noqa: E402
 
 QUICK_KWARGS = {"prompts": 8, "repeats": 3}
 
@@ -136,16 +141,12 @@ def main() -> None:
     a = p.parse_args()
     res = run(a.prompts, a.samples, a.prompt_len, a.response_len, a.size, a.repeats)
     ratio = res["ratios"]["teacher_scoring_time_prefix_reuse_vs_off"]
-    print(
+    line = (
         f"teacher scoring, {a.prompts} prompts x {a.samples} samples: prefix reuse {res['cpu_seconds_on_median']:.3f} "
         f"CPU s, off {res['cpu_seconds_off_median']:.3f} CPU s   ratio {ratio:.2f} "
         f"(wall {res['wall_time_ratio_on_vs_off']:.2f})"
     )
-    print(json.dumps(res, indent=1))
-    if a.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(a.out, json.dumps(res, indent=1))
+    emit(line + "\n" + json.dumps(res, indent=1), res, a.out)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,14 @@ are means over ``--steps`` measured steps. Target (issue 9): the selection share
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+from common import emit, train_data  # noqa: E402
 
 PHASES = ("generation", "teacher_scoring", "selection", "train", "weight_sync")
 FULL = {"prompts": 16, "samples": 4, "new_tokens": 64, "k": 16, "prompt_len": 32, "steps": 2}
@@ -162,15 +166,7 @@ def run(
                 seconds["selection"] = time.perf_counter() - t0
                 selected = sum(select_seconds)
 
-                data = {
-                    "tokens": [list(s.tokens) for s in batch],
-                    "response_lengths": [s.response_length for s in batch],
-                    "prompt_lengths": [len(s.tokens) - s.response_length for s in batch],
-                    "loss_masks": [list(s.loss_mask) for s in batch],
-                    "rewards": [0.0] * len(batch),
-                    "rollout_log_probs": [list(s.rollout_log_probs) for s in batch],
-                    "teacher_log_probs": [s.teacher_log_probs.tolist() for s in batch],
-                }
+                data = train_data(batch)
                 t0 = time.perf_counter()
                 metrics = trainer.train(step, data)
                 seconds["train"] = time.perf_counter() - t0
@@ -253,11 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = (args.prompts, args.samples, args.new_tokens, args.k, args.steps)
     res = run(args.quick, *sizes, ratio=args.ratio, seed=args.seed, threads=args.threads)
-    print(table(res))
-    if args.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(res, indent=2))
+    emit(table(res), res, args.out, indent=2)
 
 
 if __name__ == "__main__":

@@ -45,15 +45,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import os
 import shutil
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # for common.py
+from common import add_run_options, emit, spread, train_data  # noqa: E402
+
 FULL = {"prompts": 8, "samples": 4, "new_tokens": 64, "repeats": 5}
 QUICK_KWARGS = {"prompts": 2, "samples": 2, "new_tokens": 8, "repeats": 1, "recipe": "fast-test"}
 OURS_PHASES = ("generation", "teacher_scoring", "post_process", "train", "weight_sync")
@@ -179,15 +181,7 @@ class OurStack:
         opd.post_process_rewards(args, batch, rollout_id=step)
         seconds["post_process"] = time.perf_counter() - t0
 
-        data = {
-            "tokens": [list(s.tokens) for s in batch],
-            "response_lengths": [s.response_length for s in batch],
-            "prompt_lengths": [len(s.tokens) - s.response_length for s in batch],
-            "loss_masks": [list(s.loss_mask) for s in batch],
-            "rewards": [0.0] * len(batch),
-            "rollout_log_probs": [list(s.rollout_log_probs) for s in batch],
-            "teacher_log_probs": [s.teacher_log_probs.tolist() for s in batch],
-        }
+        data = train_data(batch)
         t0 = time.perf_counter()
         self.trainer.train(step, data)
         seconds["train"] = time.perf_counter() - t0
@@ -275,10 +269,6 @@ def _trl_trainer(tmp: str, assets, prompt_ids: list[list[int]], size: dict, temp
         data_collator=collate,
     )
     return trainer
-
-
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
 
 
 def run(
@@ -373,10 +363,10 @@ def run(
     def side(steps: list[dict], phases: tuple[str, ...]) -> dict:
         measured = steps[1:]  # the first step is a warm-up
         return {
-            "tokens_per_s": _summary([s["response_tokens"] / s["step_s"] for s in measured]),
-            "step_s": _summary([s["step_s"] for s in measured]),
-            "cpu_s": _summary([s["cpu_s"] for s in measured]),
-            "seconds": {p: _summary([s["seconds"][p] for s in measured]) for p in phases},
+            "tokens_per_s": spread([s["response_tokens"] / s["step_s"] for s in measured]),
+            "step_s": spread([s["step_s"] for s in measured]),
+            "cpu_s": spread([s["cpu_s"] for s in measured]),
+            "seconds": {p: spread([s["seconds"][p] for s in measured]) for p in phases},
             "response_tokens": measured[0]["response_tokens"],
             **({"kept_tokens": measured[0]["kept_tokens"]} if "kept_tokens" in measured[0] else {}),
         }
@@ -439,20 +429,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=FULL["repeats"], help="measured steps after one warm-up")
     p.add_argument("--recipe", default="demo", help="embedded assets recipe (demo, fast-test)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help=f"small sizes: {QUICK_KWARGS}")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    add_run_options(p, QUICK_KWARGS)
     a = p.parse_args(argv)
     kwargs = dict(prompts=a.prompts, samples=a.samples, new_tokens=a.new_tokens, temperature=a.temperature)
     kwargs.update(repeats=a.repeats, recipe=a.recipe, threads=a.threads)
     if a.quick:
         kwargs.update(QUICK_KWARGS)
     res = run(**kwargs)
-    print(table(res))
-    if a.out:
-        from ta_opd.atomic_io import atomic_write_text
-
-        atomic_write_text(a.out, json.dumps(res, indent=1))
+    emit(table(res), res, a.out)
 
 
 if __name__ == "__main__":
