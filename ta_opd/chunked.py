@@ -238,7 +238,7 @@ def chunked_loss(
         teacher: logits [N, V], LMHeadInput or None; never differentiated.
         extras: per-row tensors [N, ...] passed (sliced) to token_fn.
         coef: [N] reduction coefficients (0 = row skipped), e.g. from
-            `ta_opd.sd_losses.reduction_coefficients`; treated as a constant.
+            `ta_opd.losses.reduction_coefficients`; treated as a constant.
         chunk_size: rows per chunk (peak memory ~ a few [chunk_size, V] temporaries).
 
     Returns:

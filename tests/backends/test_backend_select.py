@@ -98,11 +98,13 @@ def test_train_actor_class_defaults_to_torch_without_gpu():
 
 
 def test_extra_available_does_not_raise_for_missing_packages():
+    from slime.backends import extras
+
     assert select.extra_available("megatron") in (True, False)
-    monkey_extra = dict(select.EXTRAS)
-    monkey_extra["nope"] = ("no_such_pkg.sub", "nothing")
-    select.EXTRAS["nope"] = monkey_extra["nope"]
+    extras.EXTRAS["nope"] = ("no_such_pkg.sub", "nothing")
     try:
-        assert select.extra_available("nope") is False
+        assert extras.extra_available("nope") is False
+        with pytest.raises(extras.MissingExtraError, match="pip install"):
+            extras.require_extra("nope")
     finally:
-        del select.EXTRAS["nope"]
+        del extras.EXTRAS["nope"]

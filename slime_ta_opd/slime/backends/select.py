@@ -19,42 +19,16 @@ rollout side: the stack then starts no engines (``external``).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from argparse import Namespace
 from dataclasses import dataclass
+
+from slime.backends.extras import MissingExtraError, extra_available, install_hint
 
 logger = logging.getLogger(__name__)
 
 TRAIN_BACKENDS = ("auto", "torch", "megatron")
 ROLLOUT_BACKENDS = ("auto", "embedded", "sglang")
-
-# extra name -> (module that must import, what the extra brings)
-EXTRAS = {
-    "megatron": ("megatron.core", "the Megatron-core trainer (--train-backend megatron)"),
-    "sglang": ("sglang", "real SGLang engines (--rollout-backend sglang)"),
-}
-
-
-class MissingExtraError(ValueError):
-    """A forced backend needs an optional extra that is not installed."""
-
-
-def install_hint(extra: str) -> str:
-    module, what = EXTRAS[extra]
-    return (
-        f"{what} needs the optional extra {extra!r} ({module} is not importable): "
-        f"pip install -e '.[{extra}]'  (or: pip install 'slime-ta-opd[{extra}]')"
-    )
-
-
-def extra_available(extra: str) -> bool:
-    """True when the extra's top module can be found (checked without importing it: no CUDA init)."""
-    module = EXTRAS[extra][0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing raises instead of returning None
-        return False
 
 
 def gpus_available() -> bool:

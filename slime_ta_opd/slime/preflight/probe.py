@@ -21,7 +21,9 @@ from typing import Any
 
 import aiohttp
 
-from slime import preflight as pf
+from slime.preflight import answer_checks as pf_answers
+from slime.preflight import report as pf_report
+from slime.preflight import tokenizer_checks as pf_tokenizer
 from slime.utils.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -46,15 +48,15 @@ class PreflightOptions:
     num_rollouts: int = 4
     max_new_tokens: int = 32
     repeats: int = 2  # scoring requests per teacher URL (determinism)
-    prompts: Sequence[Any] | None = None  # strings or message lists; default: pf.DEFAULT_CONVERSATIONS
-    conversations: Sequence[Sequence[dict[str, str]]] = pf.DEFAULT_CONVERSATIONS
-    position_tol: float = pf.POSITION_TOL
-    kl_tol: float = pf.SAMPLED_KL_TOL
-    determinism_rel_tol: float = pf.DETERMINISM_REL_TOL
-    determinism_abs_tol: float = pf.DETERMINISM_ABS_TOL
-    temperature_rel_tol: float = pf.TEMPERATURE_REL_TOL
+    prompts: Sequence[Any] | None = None  # strings or message lists; default: pf_tokenizer.DEFAULT_CONVERSATIONS
+    conversations: Sequence[Sequence[dict[str, str]]] = pf_tokenizer.DEFAULT_CONVERSATIONS
+    position_tol: float = pf_report.POSITION_TOL
+    kl_tol: float = pf_report.SAMPLED_KL_TOL
+    determinism_rel_tol: float = pf_report.DETERMINISM_REL_TOL
+    determinism_abs_tol: float = pf_report.DETERMINISM_ABS_TOL
+    temperature_rel_tol: float = pf_report.TEMPERATURE_REL_TOL
     timeout_s: float = 120.0
-    only: Sequence[str] | None = None  # run just these checks (default: all of pf.CHECK_NAMES)
+    only: Sequence[str] | None = None  # run just these checks (default: all of pf_report.CHECK_NAMES)
     allow_tokenizer_mismatch: bool = False  # only added/special tokens may differ (check_tokenizer)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -229,15 +231,15 @@ def _prompt_ids(tok: Any, prompts: Sequence[Any], n: int) -> list[list[int]]:
         if isinstance(p, str):
             ids = tok.encode(p, add_special_tokens=False)
         elif getattr(tok, "chat_template", None):
-            ids = pf.render_chat(tok, p)
+            ids = pf_tokenizer.render_chat(tok, p)
         else:
             ids = tok.encode("\n".join(m["content"] for m in p), add_special_tokens=False)
         out.append(list(ids))
     return out
 
 
-def _missing(name: str, why: str) -> pf.CheckResult:
-    return pf.CheckResult(name, pf.FAIL, why)
+def _missing(name: str, why: str) -> pf_report.CheckResult:
+    return pf_report.CheckResult(name, pf_report.FAIL, why)
 
 
 def _tail_logprobs(answers: list[dict[str, Any]], samples: list[Sample]) -> list[list[float]]:
@@ -277,14 +279,18 @@ def _tokenizer_checks(pair: _Pair, s_path: str | None, t_path: str | None, opts:
     if pair.s_tok is None or pair.t_tok is None:
         side, path = ("student", s_path) if pair.s_tok is None else ("teacher", t_path)
         why = f"the {side} tokenizer is not available on this machine (path {path!r}); pass the {side} checkpoint"
-        return [_missing(n, why) for n in pf.CHECK_NAMES if n in TOKENIZER_CHECKS]
+        return [_missing(n, why) for n in pf_report.CHECK_NAMES if n in TOKENIZER_CHECKS]
     s_gen = _json_file(s_path, "generation_config.json") or {}
     t_gen = _json_file(t_path, "generation_config.json") or {}
     return [
-        pf.check_tokenizer(pair.s_tok, pair.t_tok, opts.allow_tokenizer_mismatch),
-        pf.check_eos_pad(pair.s_tok, pair.t_tok, _ids(s_gen.get("eos_token_id")), _ids(t_gen.get("eos_token_id"))),
-        pf.check_padded_vocab(pair.s_tok, pair.t_tok, pair.s_rows, pair.t_rows, opts.allow_tokenizer_mismatch),
-        pf.check_chat_template(pair.s_tok, pair.t_tok, opts.conversations),
+        pf_tokenizer.check_tokenizer(pair.s_tok, pair.t_tok, opts.allow_tokenizer_mismatch),
+        pf_tokenizer.check_eos_pad(
+            pair.s_tok, pair.t_tok, _ids(s_gen.get("eos_token_id")), _ids(t_gen.get("eos_token_id"))
+        ),
+        pf_tokenizer.check_padded_vocab(
+            pair.s_tok, pair.t_tok, pair.s_rows, pair.t_rows, opts.allow_tokenizer_mismatch
+        ),
+        pf_tokenizer.check_chat_template(pair.s_tok, pair.t_tok, opts.conversations),
     ]
 
 
@@ -292,7 +298,7 @@ def _student_rollouts(args: Any, pair: _Pair, opts: PreflightOptions, k: int, ap
     if pair.s_tok is None:
         raise ValueError("no student tokenizer to build prompts with")
     limit = getattr(args, "rollout_max_response_len", None) or opts.max_new_tokens
-    prompt_ids = _prompt_ids(pair.s_tok, opts.prompts or pf.DEFAULT_CONVERSATIONS, opts.num_rollouts)
+    prompt_ids = _prompt_ids(pair.s_tok, opts.prompts or pf_tokenizer.DEFAULT_CONVERSATIONS, opts.num_rollouts)
     answers = _run(
         _generate(pair.student_url, prompt_ids, min(opts.max_new_tokens, limit), k, api_key, opts.timeout_s)
     )
@@ -312,21 +318,25 @@ def _teacher_checks(args: Any, pair: _Pair, samples: list[Sample], opts: Preflig
     rollout_lp = [list(s.rollout_log_probs or []) for s in samples]
     diffs = [abs(a - b) for ra, rb in zip(ref, rollout_lp, strict=True) for a, b in zip(ra, rb, strict=True)]
     signal = sum(diffs) / len(diffs) if diffs else math.nan  # the typical |log p_T - log p_S| of this pair
-    out = [pf.check_determinism(runs, signal, opts.determinism_rel_tol, opts.determinism_abs_tol)]
+    out = [pf_answers.check_determinism(runs, signal, opts.determinism_rel_tol, opts.determinism_abs_tol)]
     if k <= 0:
-        return out + [pf.CheckResult("topk", pf.SKIP, "--opd-topk-metrics-k 0: top-K lists are not used")]
+        return out + [
+            pf_report.CheckResult("topk", pf_report.SKIP, "--opd-topk-metrics-k 0: top-K lists are not used")
+        ]
     t_rows = pair.t_rows or len(pair.t_tok or pair.s_tok)
     s_rows = pair.s_rows or len(pair.s_tok)
-    teacher = pf.check_topk(_tail_top(first, samples), k, t_rows, _sampled(samples, ref), source="teacher")
+    teacher = pf_answers.check_topk(_tail_top(first, samples), k, t_rows, _sampled(samples, ref), source="teacher")
     student_lists = [s.metadata.get("student_top_logprobs") or [] for s in samples]
-    student = pf.check_topk(student_lists, k, s_rows, _sampled(samples, rollout_lp), source="student")
+    student = pf_answers.check_topk(student_lists, k, s_rows, _sampled(samples, rollout_lp), source="student")
     worst, other = (
-        (student, teacher) if student.status == pf.FAIL and teacher.status != pf.FAIL else (teacher, student)
+        (student, teacher)
+        if student.status == pf_report.FAIL and teacher.status != pf_report.FAIL
+        else (teacher, student)
     )
     values = {f"teacher_{n}": v for n, v in teacher.values.items()}
     values.update({f"student_{n}": v for n, v in student.values.items()})
     detail = "\n".join(d for d in (worst.detail, other.detail) if d)
-    return out + [pf.CheckResult("topk", worst.status, f"{worst.measured}; {other.measured}", detail, values)]
+    return out + [pf_report.CheckResult("topk", worst.status, f"{worst.measured}; {other.measured}", detail, values)]
 
 
 def _temperature_check(args: Any, pair: _Pair, samples: list[Sample], opts: PreflightOptions, k: int):
@@ -335,7 +345,7 @@ def _temperature_check(args: Any, pair: _Pair, samples: list[Sample], opts: Pref
     url = pair.teacher_urls[0]
     base = _run(_score_all(_scoring_args(args, url, opd_teacher_temperature=1.0, opd_topk_metrics_k=k_t), samples))
     scaled = _run(_score_all(_scoring_args(args, url, opd_topk_metrics_k=k_t), samples))
-    return pf.check_teacher_temperature(
+    return pf_answers.check_teacher_temperature(
         float(args.opd_teacher_temperature),
         float(getattr(args, "rollout_temperature", 1.0) or 1.0),
         _tail_logprobs(base, samples),
@@ -353,12 +363,12 @@ def run_checks(
     warn: Sequence[str] = (),
     options: PreflightOptions | None = None,
     extract: Extraction | None = None,
-) -> pf.PreflightReport:
+) -> pf_report.PreflightReport:
     """All checks (or ``options.only``) on a live pair; a check that cannot run is a FAIL saying why."""
     t0 = time.perf_counter()
     opts = options or PreflightOptions()
-    warn = pf.validate_check_names(warn)
-    wanted = set(pf.validate_check_names(opts.only) if opts.only else pf.CHECK_NAMES)
+    warn = pf_report.validate_check_names(warn)
+    wanted = set(pf_report.validate_check_names(opts.only) if opts.only else pf_report.CHECK_NAMES)
     extract = extract or opd_teacher_logprobs
     teacher_urls = [u.rstrip("/").removesuffix("/generate") for u in target.teacher_urls]
     if not teacher_urls:
@@ -376,7 +386,7 @@ def run_checks(
         _model_rows(s_info, s_path),
         _model_rows(t_info, t_path),
     )
-    results: list[pf.CheckResult] = []
+    results: list[pf_report.CheckResult] = []
     if wanted & TOKENIZER_CHECKS:
         results += _tokenizer_checks(pair, s_path, t_path, opts)
 
@@ -402,24 +412,28 @@ def run_checks(
             except Exception as e:
                 results.extend(_missing(n, f"{type(e).__name__}: {e}") for n in names)
 
-        def position() -> pf.CheckResult:
+        def position() -> pf_report.CheckResult:
             # the OPD scoring path with the student itself as the teacher: the copy must reproduce the rollout
             copy_args = _scoring_args(args, student_url, opd_teacher_temperature=1.0, opd_budget_mask="full")
             rollout_lp = [list(s.rollout_log_probs or []) for s in samples]
-            return pf.check_position_alignment(rollout_lp, extract(copy_args, samples), opts.position_tol, opts.kl_tol)
+            return pf_answers.check_position_alignment(
+                rollout_lp, extract(copy_args, samples), opts.position_tol, opts.kl_tol
+            )
 
         guarded(["position_alignment"], position)
         guarded(["determinism", "topk"], lambda: _teacher_checks(args, pair, samples, opts, k))
         temperature = float(getattr(args, "opd_teacher_temperature", 1.0) or 1.0)
         if temperature == 1.0 and "teacher_temperature" in wanted:
-            results.append(pf.check_teacher_temperature(1.0, float(getattr(args, "rollout_temperature", 1.0) or 1.0)))
+            results.append(
+                pf_answers.check_teacher_temperature(1.0, float(getattr(args, "rollout_temperature", 1.0) or 1.0))
+            )
         else:
             guarded(["teacher_temperature"], lambda: _temperature_check(args, pair, samples, opts, k))
 
     _reset_opd_http_stats()
-    order = {n: i for i, n in enumerate(pf.CHECK_NAMES)}
+    order = {n: i for i, n in enumerate(pf_report.CHECK_NAMES)}
     results = sorted((r for r in results if r.name in wanted), key=lambda r: order[r.name])
-    return pf.PreflightReport(pf.apply_downgrades(results, warn), elapsed_s=time.perf_counter() - t0)
+    return pf_report.PreflightReport(pf_report.apply_downgrades(results, warn), elapsed_s=time.perf_counter() - t0)
 
 
 def _reset_opd_http_stats() -> None:

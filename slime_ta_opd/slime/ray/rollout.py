@@ -548,7 +548,7 @@ class RolloutManager:
     def _log_eval_results(self, step: int, data: dict[str, Any]) -> None:
         """One JSON line per dataset: ``{"rollout_id", "dataset", "n_samples_per_prompt", "rewards"}`` with the
         rewards in eval order (prompt i's samples at ``i*n .. i*n+n-1``; a non-numeric reward is null). The suite
-        summary's paired bootstrap over eval prompts reads them (slime.utils.suite_summary)."""
+        summary's paired bootstrap over eval prompts reads them (slime.suite_report.summary)."""
         out = getattr(self.args, "output_dir", None)
         if out is None or not data:
             return

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 
 def require_megatron() -> None:
-    """Raise :class:`slime.backends.select.MissingExtraError` (with the pip line) when megatron-core is absent."""
-    from slime.backends.select import MissingExtraError, extra_available, install_hint
+    """Raise :class:`slime.backends.extras.MissingExtraError` (with the pip line) when megatron-core is absent."""
+    from slime.backends.extras import require_extra
 
-    if not extra_available("megatron"):
-        raise MissingExtraError(install_hint("megatron"))
+    require_extra("megatron")

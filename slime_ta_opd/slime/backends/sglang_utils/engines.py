@@ -653,7 +653,7 @@ def launch_sglang_engine_group(
     With ``placement`` (the rollout part of the Ray placement group) each engine runs on its bundles' node
     (``remote_engines``; ``num_engines``/``extra_args``: single-bundle embedded engines); without, they are
     processes of this one."""
-    from slime.backends.select import MissingExtraError, extra_available, install_hint
+    from slime.backends.extras import MissingExtraError, extra_available, install_hint
 
     if start and popen is subprocess.Popen and command_fn is server_command and not extra_available("sglang"):
         raise MissingExtraError(install_hint("sglang"))
