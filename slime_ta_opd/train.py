@@ -15,6 +15,7 @@ import sys  # noqa: E402
 import ray  # noqa: E402
 
 from slime.loop import RUN_STOPS, run_loop, should_run_periodic_action, stop_exit_code  # noqa: E402,F401
+from slime.preflight import run_preflight  # noqa: E402
 from slime.ray.cluster import init_ray  # noqa: E402
 from slime.ray.placement_group import (  # noqa: E402
     create_placement_groups,
@@ -24,7 +25,6 @@ from slime.ray.placement_group import (  # noqa: E402
 )
 from slime.utils.arguments import parse_args  # noqa: E402
 from slime.utils.logging_utils import MetricsLogger, configure_logger  # noqa: E402
-from slime.preflight import run_preflight  # noqa: E402
 from slime.utils.run_dirs import prepare_run_dirs  # noqa: E402
 
 logger = logging.getLogger("slime.train")

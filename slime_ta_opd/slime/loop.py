@@ -14,8 +14,8 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from slime.utils.nonfinite import NonFiniteError
 from slime.preflight import PreflightError
+from slime.utils.nonfinite import NonFiniteError
 from slime.utils.run_dirs import OutputPathError, SaveDirLockedError
 
 logger = logging.getLogger("slime.train")

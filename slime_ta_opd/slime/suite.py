@@ -42,13 +42,13 @@ from typing import Any  # noqa: E402
 import ray  # noqa: E402
 
 from slime.loop import RUN_STOPS, run_loop, stop_exit_code  # noqa: E402
+from slime.preflight import run_preflight  # noqa: E402
 from slime.ray.cluster import init_ray  # noqa: E402
 from slime.ray.placement_group import create_placement_groups, create_training_models, remove_placement_groups  # noqa: E402
 from slime.ray.rollout import create_rollout_manager  # noqa: E402
 from slime.utils.arguments import parse_args  # noqa: E402
 from slime.utils.logging_utils import MetricsLogger, configure_logger  # noqa: E402
 from slime.utils.misc import atomic_write_text  # noqa: E402
-from slime.preflight import run_preflight  # noqa: E402
 from slime.utils.run_dirs import prepare_run_dirs  # noqa: E402
 
 logger = logging.getLogger("slime.suite")
