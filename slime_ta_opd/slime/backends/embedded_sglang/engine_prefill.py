@@ -24,6 +24,23 @@ logger = logging.getLogger("slime.backends.embedded_sglang.engine")
 _LOGPROB_CHUNK = 1024  # prompt positions per lm-head chunk when computing input log-probs
 
 
+def _stack_prefix_kv(pres: list, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cached prefixes' per-layer (K, V), zero-padded to ``width`` positions and stacked on the batch."""
+    layers = []
+    for li in range(len(pres[0].kv)):
+        ks, vs = [], []
+        for pre in pres:
+            k, v = pre.kv[li]
+            extra = width - k.shape[2]
+            if extra:
+                k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])], 2)
+                v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3])], 2)
+            ks.append(k)
+            vs.append(v)
+        layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+    return layers
+
+
 class PrefillMixin:
     """Admission, prefill and the prompt cache of ``Engine`` (see its attributes)."""
 
@@ -178,18 +195,7 @@ class PrefillMixin:
         from transformers import DynamicCache
 
         width = max(len(r.req.input_ids) for r in rows)
-        layers = []
-        for li in range(len(pres[0].kv)):  # type: ignore[union-attr, arg-type]
-            ks, vs = [], []
-            for pre in pres:
-                k, v = pre.kv[li]  # type: ignore[union-attr, index]
-                extra = width - k.shape[2]
-                if extra:
-                    k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])], 2)
-                    v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3])], 2)
-                ks.append(k)
-                vs.append(v)
-            layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+        layers = _stack_prefix_kv(pres, width)
         lens = torch.tensor([len(r.req.input_ids) for r in rows], device=self.device)
         mask = (torch.arange(width, device=self.device)[None, :] < lens[:, None]).long()
         last = torch.zeros(len(rows), dtype=torch.long, device=self.device)
@@ -241,18 +247,7 @@ class PrefillMixin:
         plens = torch.tensor([req.logprob_start_len for req in reqs], device=dev)
         slens = torch.tensor([len(req.input_ids) - req.logprob_start_len for req in reqs], device=dev)
         width, span = int(plens.max()), int(slens.max())
-        layers = []
-        for li in range(len(pres[0].kv)):  # type: ignore[arg-type]
-            ks, vs = [], []
-            for pre in pres:
-                k, v = pre.kv[li]  # type: ignore[index]
-                extra = width - k.shape[2]
-                if extra:
-                    k = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])], 2)
-                    v = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3])], 2)
-                ks.append(k)
-                vs.append(v)
-            layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+        layers = _stack_prefix_kv(pres, width)
         ids = torch.zeros((len(reqs), span), dtype=torch.long, device=dev)
         for b, req in enumerate(reqs):
             tail = req.input_ids[req.logprob_start_len :]
