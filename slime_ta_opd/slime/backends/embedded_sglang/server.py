@@ -226,6 +226,11 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
     def answer(ok: bool, msg: str) -> Response:
         return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
 
+    async def settle(future) -> Response:
+        """The answer of an engine call that resolves to ``(ok, message)``."""
+        ok, msg = await asyncio.wrap_future(future)
+        return answer(ok, msg)
+
     def field_error(body: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> str | None:
         for name, types in fields.items():
             if not isinstance(body.get(name), types) or isinstance(body.get(name), bool) and bool not in types:
@@ -241,8 +246,7 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
         bad = check_group_spec(body, args.allow_remote_weight_update_master)
         if bad is not None:
             return answer(False, bad)
-        ok, msg = await asyncio.wrap_future(engine.init_weights_update_group(body))
-        return answer(ok, msg)
+        return await settle(engine.init_weights_update_group(body))
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request) -> Response:
@@ -271,8 +275,7 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
                 bad = str(exc)
         if bad is not None:
             return answer(False, bad)
-        ok, msg = await asyncio.wrap_future(engine.update_weights_from_distributed(body))
-        return answer(ok, msg)
+        return await settle(engine.update_weights_from_distributed(body))
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request) -> Response:
@@ -296,26 +299,22 @@ def create_app(engine: Engine, args: argparse.Namespace) -> FastAPI:
                 bad = str(exc)
         if bad is not None:
             return answer(False, bad)
-        ok, msg = await asyncio.wrap_future(engine.update_weights_from_tensor(body))
-        return answer(ok, msg)
+        return await settle(engine.update_weights_from_tensor(body))
 
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(request: Request) -> Response:
         body, error = await json_object(request)
         if error is not None:
             return error
-        ok, msg = await asyncio.wrap_future(engine.destroy_weights_update_group(str(body.get("group_name"))))
-        return answer(ok, msg)
+        return await settle(engine.destroy_weights_update_group(str(body.get("group_name"))))
 
     @app.post("/release_memory_occupation")
     async def release_memory_occupation() -> Response:
-        ok, msg = await asyncio.wrap_future(engine.release_memory_occupation())
-        return answer(ok, msg)
+        return await settle(engine.release_memory_occupation())
 
     @app.post("/resume_memory_occupation")
     async def resume_memory_occupation() -> Response:
-        ok, msg = await asyncio.wrap_future(engine.resume_memory_occupation())
-        return answer(ok, msg)
+        return await settle(engine.resume_memory_occupation())
 
     def model_info() -> dict[str, Any]:
         return {
