@@ -158,14 +158,6 @@ def normalize_with_ranks(
     return torch.from_numpy(out).to(x.device), quantiles
 
 
-def normalize_with_sorted(
-    x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95
-) -> tuple[Tensor, Tensor]:
-    """(Norm(x) [N] float64, the same values sorted ascending [N]) (docs/method.md §3)."""
-    out, _ = normalize_with_ranks(x, method, q_low, q_high)
-    return out, torch.sort(out).values
-
-
 def normalize(x: Tensor, method: str = "batch_quantile", q_low: float = 0.05, q_high: float = 0.95) -> Tensor:
     """Norm(z) = clip((z − lo)/(hi − lo), 0, 1) over the finite values of ``x [N]`` (docs/method.md §3).
 

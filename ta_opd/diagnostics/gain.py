@@ -291,18 +291,6 @@ def gap_statistic(g: np.ndarray, c: np.ndarray, region: np.ndarray, n_bins: int)
     return stat
 
 
-def mean_statistic(g: np.ndarray, selected: np.ndarray) -> Callable[[np.ndarray], float]:
-    """The statistic for :func:`cluster_bootstrap`: mean of ``g`` over the ``selected`` tokens."""
-    g = np.asarray(g, dtype=np.float64)
-    selected = np.asarray(selected, dtype=bool)
-
-    def stat(idx: np.ndarray) -> float:
-        idx = idx[selected[idx]]
-        return float(g[idx].mean()) if idx.size else float("nan")
-
-    return stat
-
-
 @dataclass(frozen=True)
 class MatchingResult:
     """Within-prompt nearest-neighbour matching of high-C to low-C tokens."""

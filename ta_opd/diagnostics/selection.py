@@ -103,12 +103,6 @@ def bank_scores(batch: Any, cfg: Any, rollout_index: int = 0) -> tuple[Any, Any,
     return result.stats, result.features, dict(result.scores)
 
 
-def selector_names() -> list[str]:
-    from ta_opd.selectors import SELECTORS
-
-    return list(SELECTORS)
-
-
 def topn_mask(name: str, scores: dict[str, torch.Tensor], batch: Any, features: Any, ratio: float) -> torch.Tensor:
     """Tokens kept by selector ``name`` at budget ``ratio`` with no min-keep top-up (matched top-N).
 

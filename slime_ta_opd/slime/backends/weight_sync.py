@@ -47,7 +47,6 @@ from slime.utils.nonfinite import check_finite_weights
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_UPDATE_MODES = ("disk", "distributed", "tensor")
 DEFAULT_BUFFER_BYTES = 512 * 1024**2
 # The embedded engines' weight-update group timeout (per collective): an engine whose broadcast a lost engine broke
 # is free for the next push after it. (Real SGLang engines keep their own.)

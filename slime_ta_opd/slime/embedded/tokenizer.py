@@ -12,7 +12,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -76,9 +75,3 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def describe(path: str | os.PathLike) -> str:
-    """One line that says what a tokenizer directory holds (for logs)."""
-    tok = load_tokenizer(path)
-    return json.dumps({"vocab": len(tok), "eos": tok.eos_token_id, "pad": tok.pad_token_id})

@@ -48,23 +48,6 @@ logger = logging.getLogger(__name__)
 # Per-prompt evaluation results of a run, one JSON line per eval step and dataset (RolloutManager._log_eval_results).
 EVAL_RESULTS_FILE = "eval_results.jsonl"
 
-# Per-sample keys of the rollout data dict (lists in sample order).
-PER_SAMPLE_KEYS = (
-    "tokens",
-    "response_lengths",
-    "prompt_lengths",
-    "loss_masks",
-    "rewards",
-    "raw_reward",
-    "truncated",
-    "sample_indices",
-    "rollout_ids",
-    "rollout_mask_sums",
-    "rollout_log_probs",
-    "teacher_log_probs",
-    "sd_teacher_prompt_tokens",
-)
-
 
 def _float_list(values: Any) -> list[float]:
     if torch.is_tensor(values):

@@ -41,19 +41,5 @@ def load_function(path: str) -> Callable[..., Any]:
     return fn
 
 
-class SingletonMeta(type):
-    """Metaclass giving one instance per class (upstream uses it for the rollout's global state)."""
-
-    _instances: dict[type, Any] = {}
-
-    def __call__(cls, *args, **kwargs):
-        if cls not in cls._instances:
-            cls._instances[cls] = super().__call__(*args, **kwargs)
-        return cls._instances[cls]
-
-    def clear_instances(cls) -> None:
-        cls._instances.pop(cls, None)
-
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -24,7 +24,6 @@ This module holds the scheduler (queue, worker loop, controls, public API); by r
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections import OrderedDict
@@ -333,8 +332,3 @@ class Engine(PrefillMixin, DecodeMixin, WeightsMixin):
         except Exception as exc:  # reported to the caller as success=False
             shown = arg[0] if kind == "update_weights" else arg if kind in ("destroy_group", "flush_cache") else ""
             fut.set_result((False, f"{kind} failed{f' ({shown!r})' if shown else ''}: {type(exc).__name__}: {exc}"))
-
-
-def engine_from_env() -> dict[str, str]:
-    """Environment knobs that affect numerics (reported by /get_server_info)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "CUDA_VISIBLE"))}

@@ -264,9 +264,3 @@ def to_te_names(state: Tensors) -> Tensors:
 def from_te_names(state: Tensors) -> Tensors:
     """Transformer-Engine-spec names → local-spec names (the inverse of ``to_te_names``)."""
     return _rename_layer_params(state, {v: k for k, v in _TE_NAMES.items()})
-
-
-def hf_layer_count(hf: Tensors) -> int:
-    """Number of decoder layers present in a HF state dict (a sanity check against the config)."""
-    ids = {int(m.group(1)) for k in hf if (m := _HF_LAYER.match(k))}
-    return max(ids) + 1 if ids else 0
