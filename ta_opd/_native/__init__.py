@@ -96,29 +96,42 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def _compiled(what: str, stem: str, source: Path, flags: tuple[str, ...], *extra: str, check=None) -> Path:
+    """The cached shared object of ``source``, built first if missing. Its name is keyed by the source, the
+    compiler, the flags, ``extra`` and the CPU; ``check`` (optional) runs once a compiler is found."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH)")
+    if check is not None:
+        check()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), cc, version, " ".join(flags), *extra, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    lib_path = _cache_dir() / f"{stem}_{key}.so"
+    if not lib_path.is_file():
+        logger.info("building the ta_opd %s: %s", what, lib_path)
+        _build(cc, lib_path, source, flags)
+    return lib_path
+
+
+def _unavailable(mode: str, what: str, fallback: str, error: Exception) -> None:
+    """A kernel failed to build or load: raise under ``TA_OPD_NATIVE=require``, else warn (None: the fallback)."""
+    if mode in ("1", "require"):
+        raise RuntimeError(f"TA_OPD_NATIVE={mode}: the {what} is unavailable: {error}") from error
+    logger.warning("ta_opd %s unavailable, %s: %s", what, fallback, error)
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> ctypes.CDLL | None:
     mode = native_mode()
     if mode in ("0", "off"):
         return None
     try:
-        cc = _compiler()
-        if cc is None:
-            raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH)")
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), cc, version, " ".join(CFLAGS), _cpu_signature()]).encode()
-        ).hexdigest()[:16]
-        lib_path = _cache_dir() / f"ta_opd_stats_{key}.so"
-        if not lib_path.is_file():
-            logger.info("building the ta_opd statistics kernel: %s", lib_path)
-            _build(cc, lib_path)
-        return _declare(ctypes.CDLL(str(lib_path)))
+        return _declare(ctypes.CDLL(str(_compiled("statistics kernel", "ta_opd_stats", SOURCE, CFLAGS))))
     except Exception as e:  # any failure: numpy does the same work, only slower
-        if mode in ("1", "require"):
-            raise RuntimeError(f"TA_OPD_NATIVE={mode}: the statistics kernel is unavailable: {e}") from e
-        logger.warning("ta_opd statistics kernel unavailable, using numpy (about 5x slower): %s", e)
-        return None
+        return _unavailable(mode, "statistics kernel", "using numpy (about 5x slower)", e)
 
 
 def stats_kernel() -> ctypes.CDLL | None:
@@ -132,31 +145,21 @@ def _load_pack() -> ctypes.PyDLL | None:
     if mode in ("0", "off"):
         return None
     try:
-        cc = _compiler()
-        if cc is None:
-            raise RuntimeError(f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH)")
         include = sysconfig.get_paths()["include"]
-        if not os.path.isfile(os.path.join(include, "Python.h")):
-            raise RuntimeError(f"no Python.h in {include} (install the interpreter's development headers)")
+
+        def check() -> None:
+            if not os.path.isfile(os.path.join(include, "Python.h")):
+                raise RuntimeError(f"no Python.h in {include} (install the interpreter's development headers)")
+
         flags = (*PACK_CFLAGS, f"-I{include}")
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(
-            "\0".join([PACK_SOURCE.read_text(), cc, version, " ".join(flags), sys.version, _cpu_signature()]).encode()
-        ).hexdigest()[:16]
-        lib_path = _cache_dir() / f"ta_opd_pack_{key}.so"
-        if not lib_path.is_file():
-            logger.info("building the ta_opd top-K packing kernel: %s", lib_path)
-            _build(cc, lib_path, PACK_SOURCE, flags)
+        lib_path = _compiled("top-K packing kernel", "ta_opd_pack", PACK_SOURCE, flags, sys.version, check=check)
         lib = ctypes.PyDLL(str(lib_path))  # PyDLL: the GIL stays held, the kernel reads Python objects
         i64, vp = ctypes.c_int64, ctypes.c_void_p
         lib.ta_pack_topk.argtypes = [ctypes.py_object, i64, i64, vp, vp, vp]
         lib.ta_pack_topk.restype = i64
         return lib
     except Exception as e:  # any failure: pack_topk does the same work in Python, only slower
-        if mode in ("1", "require"):
-            raise RuntimeError(f"TA_OPD_NATIVE={mode}: the top-K packing kernel is unavailable: {e}") from e
-        logger.warning("ta_opd top-K packing kernel unavailable, packing in Python (slower): %s", e)
-        return None
+        return _unavailable(mode, "top-K packing kernel", "packing in Python (slower)", e)
 
 
 def pack_kernel() -> ctypes.PyDLL | None:
