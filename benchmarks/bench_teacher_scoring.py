@@ -34,25 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
-from common import emit  # noqa: E402
+from common import emit, scoring_requests  # noqa: E402
 
 QUICK_KWARGS = {"prompts": 8, "repeats": 3}
-
-
-def _requests(batch: list[tuple[list[int], list[int]]], top_k: int):
-    from slime.backends.embedded_sglang.engine import GenRequest
-
-    return [
-        GenRequest(
-            rid=str(i),
-            input_ids=prompt + response,
-            max_new_tokens=0,
-            return_logprob=True,
-            logprob_start_len=len(prompt) - 1,
-            top_logprobs_num=top_k,
-        )  # fmt: skip
-        for i, (prompt, response) in enumerate(batch)
-    ]
 
 
 def run(
@@ -92,13 +76,13 @@ def run(
         }
         try:
             for engine in engines.values():  # warm-up (first-call allocations)
-                engine.generate(_requests(step_batch()[:samples], top_k))
+                engine.generate(scoring_requests(step_batch()[:samples], top_k))
             for _ in range(repeats):
                 batch = step_batch()  # new prompts every step: nothing cached from an earlier step
                 answers = {}
                 for name, engine in engines.items():
                     engine.flush_cache().result()
-                    reqs = _requests(batch, top_k)
+                    reqs = scoring_requests(batch, top_k)
                     t0, c0 = time.perf_counter(), time.process_time()
                     answers[name] = engine.generate(reqs)
                     times[name].append(time.perf_counter() - t0)

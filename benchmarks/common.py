@@ -42,6 +42,27 @@ def train_data(batch) -> dict:
     }
 
 
+def scoring_requests(batch: list[tuple[list[int], list[int]]], top_k: int, **per_request) -> list:
+    """Teacher-scoring requests (no new tokens, log-probs of the response) of ``(prompt, response)`` pairs.
+
+    ``per_request``: more ``GenRequest`` fields, each a function of the request's index.
+    """
+    from slime.backends.embedded_sglang.engine import GenRequest  # noqa: PLC0415
+
+    return [
+        GenRequest(
+            rid=str(i),
+            input_ids=prompt + response,
+            max_new_tokens=0,
+            return_logprob=True,
+            logprob_start_len=len(prompt) - 1,
+            top_logprobs_num=top_k,
+            **{name: field(i) for name, field in per_request.items()},
+        )
+        for i, (prompt, response) in enumerate(batch)
+    ]
+
+
 def add_run_options(parser: argparse.ArgumentParser, quick_kwargs: dict) -> None:
     """``--threads``, ``--quick`` (the module's ``QUICK_KWARGS``) and ``--out``."""
     parser.add_argument("--threads", type=int, default=1)

@@ -6,11 +6,17 @@ The answers must equal a whole prefill of each request (``scoring_prefix_reuse=F
 forward, for every log-prob output (chosen token, top-k, token_ids_logprob, logprob temperature).
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from slime.backends.embedded_sglang.engine import Engine, GenRequest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the scoring requests it measures
+from common import scoring_requests  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +40,12 @@ def _batch():
 
 
 def _requests(batch):
-    return [
-        GenRequest(
-            rid=str(i),
-            input_ids=p + r,
-            max_new_tokens=0,
-            return_logprob=True,
-            logprob_start_len=len(p) - 1,
-            top_logprobs_num=3,
-            token_ids_logprob=[4, 9] if i % 4 == 0 else None,
-            logprob_temperature=0.5 if i % 3 == 0 else None,
-        )  # fmt: skip
-        for i, (p, r) in enumerate(batch)
-    ]
+    return scoring_requests(
+        batch,
+        3,
+        token_ids_logprob=lambda i: [4, 9] if i % 4 == 0 else None,
+        logprob_temperature=lambda i: 0.5 if i % 3 == 0 else None,
+    )
 
 
 def test_prefix_reuse_matches_whole_prefill_and_hf_forward(engines, tiny_teacher_dir):
