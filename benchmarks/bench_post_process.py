@@ -26,7 +26,6 @@ of wall and CPU time are reported, and the masks of the two are compared. The ra
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -37,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
-from common import add_run_options, emit, reference, spread  # noqa: E402
+from common import add_run_options, emit, met, parser, reference, spread  # noqa: E402
 
 TARGET_RATIO = 10.0
 FULL = {"samples": 32, "tokens": 7944, "k": 16}
@@ -280,13 +279,13 @@ def table(res: dict) -> str:
     lines.append(
         f"ratio {res['post_process_vs_per_token_reference']:.1f}x (cpu "
         f"{res['post_process_vs_per_token_reference_cpu_ratio']:.1f}x), target >= {res['target_ratio']:.0f}x: "
-        f"{'MET' if res['meets_target'] else 'NOT MET'}; identical masks: {res['identical_masks']}"
+        f"{met(res['meets_target'])}; identical masks: {res['identical_masks']}"
     )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--samples", type=int, default=FULL["samples"])
     p.add_argument("--tokens", type=int, default=FULL["tokens"], help="response tokens of the whole step")
     p.add_argument("--k", type=int, default=FULL["k"])

@@ -20,7 +20,6 @@ Prints generated tokens/s of each and the ratios; ``run()`` returns the same num
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
-from common import emit  # noqa: E402
+from common import emit, parser  # noqa: E402
 
 
 def _naive_generate(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -120,7 +119,7 @@ def run(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--size", default="student")

@@ -22,7 +22,6 @@ prompt tokens, ~17 response tokens); ``run()`` returns a dict with
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
-from common import emit, scoring_requests  # noqa: E402
+from common import emit, parser, scoring_requests  # noqa: E402
 
 QUICK_KWARGS = {"prompts": 8, "repeats": 3}
 
@@ -114,7 +113,7 @@ def run(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--samples", type=int, default=4, help="samples per prompt (n)")
     p.add_argument("--prompt-len", type=int, default=26)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
-from common import emit, train_data  # noqa: E402
+from common import emit, met, train_data  # noqa: E402
 
 PHASES = ("generation", "teacher_scoring", "selection", "train", "weight_sync")
 FULL = {"prompts": 16, "samples": 4, "new_tokens": 64, "k": 16, "prompt_len": 32, "steps": 2}
@@ -229,7 +229,7 @@ def table(res: dict) -> str:
             old = res["seconds"]["train_old_log_probs"]
             lines.append(f"{'  of which old log-probs':<28} {old:9.3f} {old / max(res['step_seconds'], 1e-12):8.2%}")
     lines.append(f"{'step (serial sum)':<28} {res['step_seconds']:9.3f} {1:8.2%}")
-    verdict = "MET" if res["meets_selection_target"] else "NOT MET"
+    verdict = met(res["meets_selection_target"])
     lines.append(f"target: select_tokens share < {TARGET_SELECTION_SHARE:.0%} -> {verdict}")
     return "\n".join(lines)
 

@@ -42,7 +42,6 @@ Without ``trl`` installed, ``run()`` returns ``{"skipped": reason}``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import os
@@ -54,7 +53,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # for common.py
-from common import add_run_options, emit, spread, train_data  # noqa: E402
+from common import add_run_options, emit, met, parser, spread, train_data  # noqa: E402
 
 FULL = {"prompts": 8, "samples": 4, "new_tokens": 64, "repeats": 5}
 QUICK_KWARGS = {"prompts": 2, "samples": 2, "new_tokens": 8, "repeats": 1, "recipe": "fast-test"}
@@ -416,13 +415,13 @@ def table(res: dict) -> str:
     lines.append(
         f"tokens/s vs TRL: {res['tokens_per_s_ratio']:.2f}x (full), {res['tokens_per_s_ratio_selected']:.2f}x "
         f"(dlearn_high rho=0.1); CPU seconds TRL/this stack {res['cpu_time_ratio_trl_vs_ours']:.2f}x; "
-        f"target >= {res['target_ratio']}x: {'MET' if res['meets_target'] else 'NOT MET'}"
+        f"target >= {res['target_ratio']}x: {met(res['meets_target'])}"
     )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--prompts", type=int, default=FULL["prompts"])
     p.add_argument("--samples", type=int, default=FULL["samples"], help="samples per prompt")
     p.add_argument("--new-tokens", type=int, default=FULL["new_tokens"])

@@ -63,6 +63,16 @@ def scoring_requests(batch: list[tuple[list[int], list[int]]], top_k: int, **per
     ]
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A command line whose ``--help`` shows the module docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def met(ok: bool) -> str:
+    """A target's verdict in a table."""
+    return "MET" if ok else "NOT MET"
+
+
 def add_run_options(parser: argparse.ArgumentParser, quick_kwargs: dict) -> None:
     """``--threads``, ``--quick`` (the module's ``QUICK_KWARGS``) and ``--out``."""
     parser.add_argument("--threads", type=int, default=1)
