@@ -115,23 +115,28 @@ def _compiled(what: str, stem: str, source: Path, flags: tuple[str, ...], *extra
     return lib_path
 
 
-def _unavailable(mode: str, what: str, fallback: str, error: Exception) -> None:
-    """A kernel failed to build or load: raise under ``TA_OPD_NATIVE=require``, else warn (None: the fallback)."""
-    if mode in ("1", "require"):
-        raise RuntimeError(f"TA_OPD_NATIVE={mode}: the {what} is unavailable: {error}") from error
-    logger.warning("ta_opd %s unavailable, %s: %s", what, fallback, error)
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _load() -> ctypes.CDLL | None:
+def _kernel(what: str, fallback: str, open_lib):
+    """``open_lib()`` unless ``TA_OPD_NATIVE`` is off. On any failure the caller's fallback does the same work,
+    only slower: None and a warning, or an error under ``TA_OPD_NATIVE=require``."""
     mode = native_mode()
     if mode in ("0", "off"):
         return None
     try:
-        return _declare(ctypes.CDLL(str(_compiled("statistics kernel", "ta_opd_stats", SOURCE, CFLAGS))))
-    except Exception as e:  # any failure: numpy does the same work, only slower
-        return _unavailable(mode, "statistics kernel", "using numpy (about 5x slower)", e)
+        return open_lib()
+    except Exception as e:
+        if mode in ("1", "require"):
+            raise RuntimeError(f"TA_OPD_NATIVE={mode}: the {what} is unavailable: {e}") from e
+        logger.warning("ta_opd %s unavailable, %s: %s", what, fallback, e)
+        return None
+
+
+def _open_stats() -> ctypes.CDLL:
+    return _declare(ctypes.CDLL(str(_compiled("statistics kernel", "ta_opd_stats", SOURCE, CFLAGS))))
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL | None:
+    return _kernel("statistics kernel", "using numpy (about 5x slower)", _open_stats)
 
 
 def stats_kernel() -> ctypes.CDLL | None:
@@ -139,27 +144,25 @@ def stats_kernel() -> ctypes.CDLL | None:
     return _load()
 
 
+def _open_pack() -> ctypes.PyDLL:
+    include = sysconfig.get_paths()["include"]
+
+    def check() -> None:
+        if not os.path.isfile(os.path.join(include, "Python.h")):
+            raise RuntimeError(f"no Python.h in {include} (install the interpreter's development headers)")
+
+    flags = (*PACK_CFLAGS, f"-I{include}")
+    lib_path = _compiled("top-K packing kernel", "ta_opd_pack", PACK_SOURCE, flags, sys.version, check=check)
+    lib = ctypes.PyDLL(str(lib_path))  # PyDLL: the GIL stays held, the kernel reads Python objects
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.ta_pack_topk.argtypes = [ctypes.py_object, i64, i64, vp, vp, vp]
+    lib.ta_pack_topk.restype = i64
+    return lib
+
+
 @functools.lru_cache(maxsize=1)
 def _load_pack() -> ctypes.PyDLL | None:
-    mode = native_mode()
-    if mode in ("0", "off"):
-        return None
-    try:
-        include = sysconfig.get_paths()["include"]
-
-        def check() -> None:
-            if not os.path.isfile(os.path.join(include, "Python.h")):
-                raise RuntimeError(f"no Python.h in {include} (install the interpreter's development headers)")
-
-        flags = (*PACK_CFLAGS, f"-I{include}")
-        lib_path = _compiled("top-K packing kernel", "ta_opd_pack", PACK_SOURCE, flags, sys.version, check=check)
-        lib = ctypes.PyDLL(str(lib_path))  # PyDLL: the GIL stays held, the kernel reads Python objects
-        i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.ta_pack_topk.argtypes = [ctypes.py_object, i64, i64, vp, vp, vp]
-        lib.ta_pack_topk.restype = i64
-        return lib
-    except Exception as e:  # any failure: pack_topk does the same work in Python, only slower
-        return _unavailable(mode, "top-K packing kernel", "packing in Python (slower)", e)
+    return _kernel("top-K packing kernel", "packing in Python (slower)", _open_pack)
 
 
 def pack_kernel() -> ctypes.PyDLL | None:
