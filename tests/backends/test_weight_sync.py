@@ -208,3 +208,13 @@ def test_a_restarted_engine_gets_a_new_group(server, weights_root, tiny_teacher_
     finally:
         sender.close()
         post(server, "/update_weights_from_disk", {"model_path": str(weights_root / "student")})
+
+
+def test_group_master_is_loopback_for_local_engines_else_the_node_ip(monkeypatch):
+    import ray
+
+    from slime.backends.weight_sync import _group_master_address
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "192.0.2.2")
+    assert _group_master_address(["http://127.0.0.1:3000", "http://localhost:3001"]) == "127.0.0.1"
+    assert _group_master_address(["http://127.0.0.1:3000", "http://192.0.2.7:3001"]) == "192.0.2.2"

@@ -13,29 +13,21 @@ import math
 
 import pytest
 
-from slime.embedded.models import build_tiny_checkpoint
-from slime.embedded.task import write_splits
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import read_metrics
 from tests.e2e.test_opd_end_to_end import load_train_module
+from tests.e2e.tiny_runs import opd_argv, tiny_pair
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["distributed", "tensor"])
 def test_pushed_updates_with_offload(tmp_path, ray_local, mode):
-    student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
-    teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
-    train_jsonl, _ = write_splits(tmp_path / "data", num_train=32, num_eval=4, seed=0)
-    out = tmp_path / "out"
-    argv = [
-        "--hf-checkpoint", str(student), "--prompt-data", str(train_jsonl),
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template",
-        "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "8",
-        "--rollout-num-engines", "1", "--num-rollout", "3",
-        "--use-opd", "--opd-type", "sglang", "--opd-teacher-hf-checkpoint", str(teacher),
-        "--micro-batch-size", "4", "--lr", "1e-2", "--output-dir", str(out),
+    student, teacher, train_jsonl, _ = tiny_pair(tmp_path, num_train=32)
+    argv = opd_argv(student, teacher, train_jsonl, tmp_path / "out", batch=4, n=2, max_len=8, num_rollout=3, extra=[
+        "--rollout-num-engines", "1", "--micro-batch-size", "4", "--lr", "1e-2",
         "--weight-update-mode", mode, "--update-weight-buffer-size", "65536", "--offload",
-    ]  # fmt: skip
+    ])  # fmt: skip
+    out = tmp_path / "out"
     train = load_train_module()
     train.train(parse_args(argv))
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("rollout_id", -1) >= 0]

@@ -8,11 +8,10 @@ import math
 
 import pytest
 
-from slime.embedded.models import build_tiny_checkpoint
-from slime.embedded.task import write_splits
 from slime.utils.arguments import parse_args
 from slime.utils.logging_utils import read_metrics
 from tests.e2e.test_opd_end_to_end import load_train_module
+from tests.e2e.tiny_runs import opd_argv, tiny_pair
 
 
 def test_sft_baseline_flags_are_checked_at_start(tmp_path):
@@ -26,16 +25,10 @@ def test_sft_baseline_flags_are_checked_at_start(tmp_path):
 
 @pytest.mark.slow
 def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):
-    student = build_tiny_checkpoint(tmp_path / "student", size="nano", seed=0)
-    teacher = build_tiny_checkpoint(tmp_path / "teacher", size="nano", seed=1)
-    train_jsonl, eval_jsonl = write_splits(tmp_path / "data", num_train=64, num_eval=4, seed=0)
+    student, teacher, train_jsonl, eval_jsonl = tiny_pair(tmp_path, num_train=64)
     out = tmp_path / "out"
-    argv = [
-        "--hf-checkpoint", str(student), "--prompt-data", str(train_jsonl),
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template",
-        "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "12",
-        "--rollout-temperature", "0.8", "--rollout-num-engines", "1", "--num-rollout", "4",
-        "--use-opd", "--opd-type", "sglang", "--opd-teacher-hf-checkpoint", str(teacher),
+    argv = opd_argv(student, teacher, train_jsonl, out, batch=4, n=2, max_len=12, num_rollout=4, extra=[
+        "--rollout-temperature", "0.8", "--rollout-num-engines", "1",
         "--opd-budget-mask", "full", "--opd-topk-metrics-k", "0",
         "--custom-generate-function-path", "slime.rollout.sft_baseline.generate_with_teacher",
         "--loss-type", "sft_loss",
@@ -43,8 +36,7 @@ def test_sft_on_teacher_samples_trains_the_student(tmp_path, ray_local):
         "--micro-batch-size", "4", "--skip-preflight",
         "--eval-prompt-data", "heldout", str(eval_jsonl), "--eval-interval", "2",
         "--eval-custom-rm-path", "slime.embedded.task.reward_func", "--eval-max-response-len", "12",
-        "--output-dir", str(out),
-    ]  # fmt: skip
+    ])  # fmt: skip
     load_train_module().train(parse_args(argv))
     records = [r for r in read_metrics(out / "metrics.jsonl") if r["rollout_id"] >= 0]
     assert [r["rollout_id"] for r in records] == [0, 1, 2, 3]

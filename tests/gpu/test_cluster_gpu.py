@@ -38,24 +38,21 @@ def test_cluster_run_with_real_sglang_and_megatron(tiny_student_dir, tiny_teache
     pytest.importorskip("psutil")
     from slime.embedded.task import write_splits
     from tests.cluster.local_cluster import start_local_cluster
+    from tests.e2e.tiny_runs import opd_argv
 
     n = torch.cuda.device_count()
     gpus = {role: str(i if n >= len(ROLES) else 0) for i, role in enumerate(ROLES)}
     train, _ = write_splits(tmp_path / "data", num_train=24, num_eval=4, seed=0)
     out = tmp_path / "out"
-    argv = [
-        "--hf-checkpoint", str(tiny_student_dir), "--prompt-data", str(train),
-        "--input-key", "prompt", "--label-key", "label", "--apply-chat-template",
-        "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "8",
-        "--num-rollout", "3", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
-        "--use-opd", "--opd-type", "sglang", "--opd-teacher-hf-checkpoint", str(tiny_teacher_dir),
+    argv = opd_argv(tiny_student_dir, tiny_teacher_dir, train, out, batch=2, n=2, max_len=8, num_rollout=3, extra=[
+        "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
         "--opd-topk-metrics-k", "4", "--skip-preflight",
         "--train-backend", "megatron", "--rollout-backend", "sglang",
         "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "1",
         "--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "1", "--weight-update-mode", mode,
         "--actor-ray-resource", "trainer", "--rollout-ray-resource", "rollout", "--teacher-ray-resource", "teacher",
-        "--api-key", "cluster-test-key", "--output-dir", str(out),
-    ]  # fmt: skip
+        "--api-key", "cluster-test-key",
+    ])  # fmt: skip
     with start_local_cluster(ROLES, gpus=gpus) as cluster:
         r = subprocess.run([sys.executable, str(TRAIN_PY), *argv], env=cluster.env(), capture_output=True,
                            text=True, timeout=3600)  # fmt: skip

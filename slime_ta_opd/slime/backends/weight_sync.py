@@ -93,6 +93,19 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterat
         yield bucket
 
 
+def _group_master_address(urls: list[str]) -> str:
+    """Where the engines reach the trainer's rank 0: loopback when every engine runs on this machine's loopback
+    (the embedded servers refuse another master unless told), else the trainer's node IP (engines on other nodes,
+    started with ``--allow-remote-weight-update-master``)."""
+    from urllib.parse import urlsplit
+
+    if all(urlsplit(u).hostname in ("127.0.0.1", "localhost", "::1") for u in urls):
+        return "127.0.0.1"
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -486,7 +499,7 @@ def weight_sender_for(args: Any, rollout_manager: Any) -> DistributedWeightSende
         restart_count=lambda: ray.get(rollout_manager.engine_restart_count.remote()),
         engine_urls_fn=lambda: ray.get(rollout_manager.engine_urls.remote()),
         drop_lost_engines=lambda: ray.get(rollout_manager.drop_lost_engines.remote()),
-        master_address=ray.util.get_node_ip_address(),  # engines on other nodes reach the trainer's node
+        master_address=_group_master_address(urls),
         engine_timeout_s=None if on_gpu else EMBEDDED_GROUP_TIMEOUT_S,
         backend="nccl" if on_gpu else "gloo",
         tp_size=tp_size,
