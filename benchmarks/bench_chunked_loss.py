@@ -1,4 +1,4 @@
-"""Chunked vs naive full-vocabulary loss (OPSD, METHOD.md §7) at Qwen3's vocabulary (issue 9 item 2).
+"""Chunked vs naive full-vocabulary loss (OPSD, docs/method.md §7) at Qwen3's vocabulary.
 
 Usage::
 
@@ -20,7 +20,7 @@ the OS high-water mark `ru_maxrss` (Linux, KiB). The reported peak is `ru_maxrss
 set-up, i.e. the extra memory the loss needed (inputs, weights and the weight gradient are
 the same in every variant; the [V, H] weight gradient is part of the extra in every variant).
 Time is the wall clock of that one forward + backward after a small warm-up call.
-Targets (issue 9): fused peak <= 0.25x naive, fused time <= 1.3x naive.
+Targets: fused peak <= 0.25x naive, fused time <= 1.3x naive.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse vs dense LM head of the torch trainer at Qwen3's vocabulary (issue 9 item 1).
+"""Sparse vs dense LM head of the torch trainer at Qwen3's vocabulary.
 
 Usage::
 
@@ -27,7 +27,7 @@ Memory is measured honestly: each (phase, variant) runs in a fresh subprocess; a
 the inputs (initialised in place, so set-up itself makes no larger transient) and a warm-up on 8
 tokens, we read the resident set size (``psutil``), run one step, and read the OS high-water mark
 ``ru_maxrss``. The reported peak is ``ru_maxrss`` − RSS after set-up: the extra memory the step
-needed. Time is the wall clock of that one step. Targets (issue 9, train phase): sparse peak
+needed. Time is the wall clock of that one step. Targets (train phase): sparse peak
 <= 0.2x dense, sparse time <= 0.3x dense.
 """
 

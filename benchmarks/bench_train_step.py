@@ -1,4 +1,4 @@
-"""Where the time of one embedded TA-OPD training step goes (issue 9 item 4).
+"""Where the time of one embedded TA-OPD training step goes.
 
 Usage::
 
@@ -29,7 +29,7 @@ machine, small ops such as selection's ``[N, K]`` tensors can be tens of times s
 
 Prompts are random token ids; generation ignores EOS, so every response has exactly
 ``--new-tokens`` tokens. The first step is a warm-up and is not counted; the reported seconds
-are means over ``--steps`` measured steps. Target (issue 9): the selection share < 1 %.
+are means over ``--steps`` measured steps. Target: the selection share < 1 %.
 """
 
 from __future__ import annotations

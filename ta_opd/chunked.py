@@ -1,4 +1,4 @@
-"""Full-vocabulary per-token losses computed over chunks of tokens (issue 9 item 2).
+"""Full-vocabulary per-token losses computed over chunks of tokens.
 
 A full-vocabulary loss (OPSD, generalised JSD, top-K forward KL against the full student
 log-softmax, ...) needs the `[N, V]` logits of every supervised token. With V = 151,936 and

@@ -1,4 +1,4 @@
-"""Per-step selection metrics (METHOD.md §9), as a flat dict of floats with ``opd/`` keys."""
+"""Per-step selection metrics (docs/method.md §9), as a flat dict of floats with ``opd/`` keys."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def _pack_clean_rows(entries: Sequence[Sequence[Entry] | None], k: int, ids: Ten
 
     A server's lists are nearly always clean (at most k entries, finite log-probs, distinct
     non-negative integer ids, best first); for such a row ``_clean_row`` returns it unchanged, so
-    one tensor conversion of all entries replaces a Python loop per entry (issue 9: selection must
+    one tensor conversion of all entries replaces a Python loop per entry (selection must
     cost next to nothing). Any other row, and every row if an entry is not a plain
     ``[number, int, ...]``, goes through ``_clean_row``, which also raises its errors.
     """

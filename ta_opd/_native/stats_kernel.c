@@ -1,4 +1,4 @@
-/* Fused passes of ta_opd.stats (METHOD.md §2), called through ctypes by ta_opd/_native/__init__.py.
+/* Fused passes of ta_opd.stats (docs/method.md §2), called through ctypes by ta_opd/_native/__init__.py.
  *
  * The numpy path in ta_opd/stats.py is the specification: this file does the same IEEE operations in the
  * same order, so its results are bit-identical to it (tests/ta_opd/test_native_stats.py checks every

@@ -1,4 +1,4 @@
-"""Sparse LM head (issue 9 item 1): same log-probs and gradients as the dense path; batching coordinates."""
+"""Sparse LM head: same log-probs and gradients as the dense path; batching coordinates."""
 
 from __future__ import annotations
 

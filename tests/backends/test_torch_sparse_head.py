@@ -1,4 +1,4 @@
-"""The chunked sparse LM head (issue 9 item 1): dense values and gradients, and no [rows × V] tensor kept."""
+"""The chunked sparse LM head: dense values and gradients, and no [rows × V] tensor kept."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def assert_grads_close(a, b, atol):
 
 
 def test_loss_by_hand_per_sample_mean(tiny_student_dir, tmp_path):
-    """At ratio 1 the PPO-clip loss is -A; default reduction: Σ_i mean_{kept}(-A_i) / B (METHOD.md §1)."""
+    """At ratio 1 the PPO-clip loss is -A; default reduction: Σ_i mean_{kept}(-A_i) / B (docs/method.md §1)."""
     trainer = make_trainer(make_args(tiny_student_dir, tmp_path))
     data = make_rollout(0)
     old = trainer.compute_log_probs(data)

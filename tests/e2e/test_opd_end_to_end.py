@@ -1,4 +1,4 @@
-"""Acceptance (issue 4): TA-OPD end to end at tiny size with every real component.
+"""Acceptance: TA-OPD end to end at tiny size with every real component.
 
 Tiny Qwen3 student and teacher from a config, the offline tokenizer, real Ray, the embedded
 SGLang-API student engine behind a real sglang-router plus an embedded teacher server on

@@ -1,4 +1,4 @@
-"""Second-pass hardening of the embedded server (issue 17): each test drives a real server over HTTP on 127.0.0.1."""
+"""Second-pass hardening of the embedded server: each test drives a real server over HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training-step, checkpoint and metrics-log safety (issue 17 items 2, 6, 7, 9, 10, 11, 12).
+"""Training-step, checkpoint and metrics-log safety.
 
 Real components at tiny size: the torch trainer on the nano student, real checkpoints on disk, the real
 ``train.py`` loop in Ray with the stand-in RolloutManager of tests/e2e, real ``flock`` between processes.

@@ -1,4 +1,4 @@
-"""Chunked full-vocabulary losses equal the naive form, values and gradients (issue 9 item 2)."""
+"""Chunked full-vocabulary losses equal the naive form, values and gradients."""
 
 from __future__ import annotations
 

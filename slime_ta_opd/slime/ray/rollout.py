@@ -648,7 +648,7 @@ class RolloutManager:
         if "raw_reward" in data:
             metrics["rollout/raw_reward_mean"] = sum(data["raw_reward"]) / len(samples)
         if teacher and "rollout_log_probs" in data:
-            # mean sampled-token reverse KL estimate log p_S - log p_T (METHOD.md §9), over all tokens
+            # mean sampled-token reverse KL estimate log p_S - log p_T (docs/method.md §9), over all tokens
             student_lp = torch.tensor([x for row in data["rollout_log_probs"] for x in row], dtype=torch.float64)
             teacher_lp = torch.tensor([x for row in teacher for x in row], dtype=torch.float64)
             diff = student_lp - teacher_lp
