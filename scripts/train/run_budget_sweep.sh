@@ -99,7 +99,7 @@ done
 suite_args=()
 for suite in "${SUITES[@]}"; do suite_args+=(--suite-dir "$suite"); done
 "$(ta_python)" "$REPO_ROOT/tools/summarize_suite.py" "${suite_args[@]}" --out-dir "$SWEEP_DIR"
-if ((!SKIP_EVAL)); then # one table and the curve over every suite of the sweep
+if ((!SKIP_EVAL)) && [[ "${DRY_RUN:-0}" != 1 ]]; then # one table and the curve over every suite of the sweep
   PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$(ta_python)" -m ta_opd.diagnostics.cli.suite_eval table \
     "${suite_args[@]}" --out-dir "$SWEEP_DIR/fixed_context" --curve --bootstrap "${BOOTSTRAP:-1000}"
 fi
