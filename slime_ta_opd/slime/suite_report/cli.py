@@ -15,7 +15,6 @@ from typing import Any
 from slime.suite_report.summary import (
     BOOTSTRAP_RESAMPLES,
     SUMMARY_COLUMNS,
-    _atomic_write,
     aggregate,
     load_suite,
     markdown_table,
@@ -26,6 +25,7 @@ from slime.suite_report.summary import (
 from slime.suite_report.summary import (
     __doc__ as SUMMARY_DOC,
 )
+from ta_opd.atomic_io import atomic_write_text
 
 
 def summarize(
@@ -52,7 +52,7 @@ def summarize(
     lines = verdicts(rows)
     write_csv(rows, out / "summary.csv", SUMMARY_COLUMNS)
     write_csv(run_rows, out / "runs.csv")
-    _atomic_write(out / "summary.md", table + "\n" + "".join(f"- {line}\n" for line in lines))
+    atomic_write_text(out / "summary.md", table + "\n" + "".join(f"- {line}\n" for line in lines))
     paths = {"csv": out / "summary.csv", "markdown": out / "summary.md", "runs": out / "runs.csv"}
     if plots:
         from slime.suite_report.plots import plot_accuracy_vs_budget, plot_curves

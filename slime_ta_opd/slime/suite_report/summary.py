@@ -30,13 +30,13 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ta_opd.atomic_io import atomic_write_text
 
 # Display names of the script aliases (the release's table); unknown aliases show as themselves.
 PAPER_NAMES = {
@@ -502,18 +502,10 @@ def runs_markdown_table(rows: Sequence[dict[str, Any]], tail: int = 3) -> str:
     return _markdown(cols, rows, lambda r, key: _fmt(key, r[key]))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns))
     writer.writeheader()
     for r in rows:
         writer.writerow({k: "" if r[k] is None else r[k] for k in columns})
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
