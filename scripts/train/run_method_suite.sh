@@ -17,7 +17,8 @@
 # entry runs once per seed, and all entries of one seed use that seed (--seed, and --rollout-seed
 # unless ROLLOUT_SEED is set): the same prompts in the same order from the same student weights, so
 # methods are compared pairwise. SHARED_SERVERS=1 (the default of the embedded profile) runs every
-# entry in one process sharing Ray, the engines and the teacher (python -m slime.suite);
+# entry in one process sharing Ray, the engines and the teacher (python -m slime.suite); SUITE_LANES=N
+# (default 1) runs N entries at once there, each lane on its own engines, teacher and trainer;
 # SHARED_SERVERS=0 starts one train.py per entry. Every entry and every path is checked before
 # anything starts. Outputs: $OUTPUT_ROOT/$SUITE_NAME/{method_mapping.csv,
 # runs/<idx>_<alias>_r<ratio>_s<seed>/, summary.csv, summary.md, runs.csv, plots/}.
@@ -81,6 +82,12 @@ for i in "${!SEED_ARRAY[@]}"; do
   SEED_ARRAY[i]=$seed
 done
 [[ -z "${ROLLOUT_SEED:-}" ]] || ta_require_uint ROLLOUT_SEED "$ROLLOUT_SEED" "$TA_SEED_MAX"
+SUITE_LANES=${SUITE_LANES:-1} # SHARED_SERVERS=1: entries running at once, each lane on its own servers
+ta_require_uint SUITE_LANES "$SUITE_LANES" 1024
+((SUITE_LANES >= 1)) || ta_die "SUITE_LANES=$SUITE_LANES: expected an integer >= 1 (sets of servers running entries at once)"
+[[ "${SHARED_SERVERS:-}" != 0 ]] || ((SUITE_LANES == 1)) \
+  || ta_die "SUITE_LANES=$SUITE_LANES needs SHARED_SERVERS=1 (lanes run in the one shared-servers process);" \
+    "SHARED_SERVERS=0 runs one train.py at a time"
 for name in NUM_ROLLOUT SAVE_INTERVAL ROLLOUT_BATCH_SIZE N_SAMPLES_PER_PROMPT GLOBAL_BATCH_SIZE; do
   [[ -z "${!name:-}" ]] || ta_require_uint "$name" "${!name}" 1000000000
 done
@@ -152,6 +159,7 @@ FIXED_ROLLOUT_SEED=${ROLLOUT_SEED:-} # unset: each seed's prompt order is drawn 
 # methods of the seed); set: one prompt order for every seed
 SHARED_SERVERS=${SHARED_SERVERS:-$([[ "$PROFILE" == embedded ]] && echo 1 || echo 0)}
 ta_require_flag SHARED_SERVERS
+((SUITE_LANES == 1 || SHARED_SERVERS)) || ta_die "SUITE_LANES=$SUITE_LANES needs SHARED_SERVERS=1 (the default of the embedded profile)"
 ta_require_uint ROLLOUT_BATCH_SIZE "$ROLLOUT_BATCH_SIZE" 1000000000
 ta_require_uint N_SAMPLES_PER_PROMPT "$N_SAMPLES_PER_PROMPT" 1000000000
 ta_require_uint NUM_ROLLOUT "$NUM_ROLLOUT" 1000000000
@@ -324,7 +332,7 @@ ta_check_train_args "${ARG_FILES[@]}" || ta_die "the train.py flags of an entry 
 # ---------------------------------------------------------------- method_mapping.csv
 printf '%s\n' "${MAPPING[@]}" > "$SUITE_DIR/method_mapping.csv.tmp"
 mv "$SUITE_DIR/method_mapping.csv.tmp" "$SUITE_DIR/method_mapping.csv"
-ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s) (seeds: ${SEED_ARRAY[*]}; shared servers: $SHARED_SERVERS); mapping in method_mapping.csv"
+ta_log "suite $SUITE_DIR: ${#RUN_NAMES[@]} run(s) (seeds: ${SEED_ARRAY[*]}; shared servers: $SHARED_SERVERS; lanes: $SUITE_LANES); mapping in method_mapping.csv"
 if ((TA_RESUMING)); then
   for name in "${RUN_NAMES[@]}"; do
     case ${PLAN[$name]} in
@@ -380,7 +388,7 @@ if ((SHARED_SERVERS)); then
   ta_log "shared servers: every entry in one process (python -m slime.suite); log: $SUITE_DIR/suite.log"
   rc=0
   ta_run_tracked "$SUITE_DIR/suite.log" "$PYTHON" -m slime.suite --plan "$plan_file" \
-    --continue-on-error "$CONTINUE_ON_ERROR" || rc=$?
+    --continue-on-error "$CONTINUE_ON_ERROR" --lanes "$SUITE_LANES" || rc=$?
   ((rc == 130)) && exit 130
   for name in "${RUN_NAMES[@]}"; do # the driver writes launcher.json and complete.json per entry
     [[ ${PLAN[$name]} == skip || -f "$SUITE_DIR/runs/$name/$TA_COMPLETE_MARKER" ]] || FAILED+=("$name")

@@ -95,12 +95,17 @@ def alive_node_ids() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
-def check_role_resources(needs: dict[str, float]) -> None:
-    """Raise ValueError naming the resource when the cluster offers less of it than the bundles/actors need."""
+def missing_resources(needs: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """``{name: (needed, offered)}`` for every resource of ``needs`` the cluster offers less of (in total)."""
     import ray
 
     total = ray.cluster_resources()
-    short = {name: (n, total.get(name, 0)) for name, n in needs.items() if total.get(name, 0) < n}
+    return {name: (n, total.get(name, 0)) for name, n in needs.items() if total.get(name, 0) < n}
+
+
+def check_role_resources(needs: dict[str, float]) -> None:
+    """Raise ValueError naming the resource when the cluster offers less of it than the bundles/actors need."""
+    short = missing_resources(needs)
     if short:
         detail = "; ".join(f"{name!r}: needs {n:g}, the cluster offers {have:g}" for name, (n, have) in short.items())
         raise ValueError(

@@ -80,6 +80,19 @@ def bundle_specs(args: Namespace, use_gpu: bool) -> list[dict[str, float]]:
     return specs
 
 
+def run_resource_needs(args: Namespace, use_gpu: bool) -> dict[str, float]:
+    """The Ray resources one run holds: its placement group's bundles, and one unit of ``--teacher-ray-resource``
+    for a teacher server it starts there."""
+    needs: dict[str, float] = {}
+    for spec in bundle_specs(args, use_gpu):
+        for name, n in spec.items():
+            needs[name] = needs.get(name, 0) + n
+    starts_teacher = args.use_opd and args.opd_type == "sglang" and args.rm_url is None
+    if starts_teacher and args.teacher_ray_resource:
+        needs[args.teacher_ray_resource] = needs.get(args.teacher_ray_resource, 0) + 1
+    return needs
+
+
 def _create_placement_group(specs: list[dict[str, float]], use_gpu: bool, role_slices: list[slice]):
     """Reserve ``specs``; returns ``(pg, bundle_indices, gpu_ids)`` with the indices ordered by node and GPU within
     each of ``role_slices`` (GPU) or in layout order (CPU)."""

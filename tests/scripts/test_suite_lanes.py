@@ -1,0 +1,101 @@
+"""Lanes of the shared-servers suite (``python -m slime.suite --lanes N``, the launcher's ``SUITE_LANES``).
+
+Real Ray, real embedded engines, router and teacher at the tiniest size: a 2-lane suite writes every entry's
+files, and each entry's metrics equal those of the same entry run on one lane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from test_suite_shared import REPO, SUITE, dry_run, entry_args
+
+from slime.suite import Entry, LaneResourceError, _lanes, lane_needs, run_suite, start_ray
+
+# what differs between two runs of one entry by design: timings and where the processes ran
+_TIMING = ("perf/", "time", "_s", "wall")
+
+
+def _steps(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not any(t in k for t in _TIMING)} for r in rows]
+
+
+def _suite(tmp_path, student, teacher, method_list: str) -> tuple[list[Entry], object]:
+    suite = dry_run(
+        tmp_path, student, teacher, method_list, "5", LR="0.05",
+        EXTRA_ARGS="--rollout-num-engines 1 --opd-topk-metrics-k 4",
+    )  # fmt: skip
+    names = sorted(p.name for p in (suite / "runs").iterdir())
+    return [Entry(n, "fresh", suite / "runs" / n, entry_args(suite, n)) for n in names], suite
+
+
+def test_lanes_value_is_checked():
+    assert _lanes("2") == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(Exception, match="expected an integer >= 1"):
+            _lanes(bad)
+    with pytest.raises(ValueError, match="lanes=0"):
+        run_suite([], lanes=0)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SUITE_LANES": "0"}, "SUITE_LANES=0"),
+        ({"SUITE_LANES": "x"}, "SUITE_LANES=x"),
+        ({"SUITE_LANES": "2", "SHARED_SERVERS": "0"}, "SHARED_SERVERS=1"),
+    ],
+)
+def test_launcher_refuses_bad_lanes_before_any_work(tmp_path, env, message):
+    full = {k: v for k, v in os.environ.items() if k not in ("SUITE_LANES", "SHARED_SERVERS")}
+    full.update(OUTPUT_ROOT=str(tmp_path / "out"), SUITE_NAME="s", PROFILE="embedded", DRY_RUN="1", **env)
+    r = subprocess.run(["bash", str(SUITE)], env=full, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # refused before the suite directory was made
+
+
+def test_lanes_must_fit_the_cluster(tmp_path, tiny_student_dir, tiny_teacher_dir):
+    import ray
+
+    entries, _ = _suite(tmp_path, tiny_student_dir, tiny_teacher_dir, "pure_opd:1.0:1")
+    args = entries[0].args
+    assert lane_needs(args, 3, use_gpu=False) == {"CPU": 3}  # one training rank's bundle per lane
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        assert start_ray(args, 1) is False  # one lane fits one CPU
+        with pytest.raises(LaneResourceError, match=r"2 lane\(s\) need CPU 2 \(the cluster offers 1\)"):
+            start_ray(args, 2)
+    finally:
+        ray.shutdown()
+    assert start_ray(args, 64) is True  # a Ray of our own gets a logical CPU per lane, whatever the cores
+    try:
+        assert ray.cluster_resources()["CPU"] >= 64
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir):
+    methods = "pure_opd:1.0:1 random:0.2:2 teachability:0.2:3"
+    entries, _ = _suite(tmp_path / "two", tiny_student_dir, tiny_teacher_dir, methods)
+    assert run_suite(entries, lanes=2) == 0
+    trainers = set()
+    for e in entries:
+        run = e.run_dir
+        assert json.loads((run / "launcher.json").read_text())["exit_code"] == 0
+        assert (run / "complete.json").is_file() and (run / "eval_results.jsonl").is_file()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["rollout_id"] for r in records] == [-1, 0, 1] and records[0]["perf/startup_s"] > 0
+        assert any((run / "token_bank").iterdir())
+        trainers.add(json.loads((run / "placement.json").read_text())["trainer"][0]["pid"])
+    assert len(trainers) == 2  # both lanes ran entries
+
+    # the first two entries on one lane (the second on reused servers), against the 2-lane runs (fresh servers)
+    ones, _ = _suite(tmp_path / "one", tiny_student_dir, tiny_teacher_dir, "pure_opd:1.0:1 random:0.2:2")
+    assert run_suite(ones, lanes=1) == 0
+    for one, two in zip(ones, entries[:2], strict=True):
+        assert _steps(one.run_dir) == _steps(two.run_dir), one.name
