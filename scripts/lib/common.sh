@@ -205,8 +205,11 @@ ta_run_single_method() {
 
 # ta_set_rollout_args: ROLLOUT_ARGS, the rollout flags of train.py, from PROMPT_DATA, INPUT_KEY, LABEL_KEY,
 # ROLLOUT_SEED, NUM_ROLLOUT, ROLLOUT_BATCH_SIZE, N_SAMPLES_PER_PROMPT, ROLLOUT_MAX_RESPONSE_LEN,
-# ROLLOUT_TEMPERATURE and GLOBAL_BATCH_SIZE.
+# ROLLOUT_TEMPERATURE, GLOBAL_BATCH_SIZE and SGLANG_BATCH_REQUESTS (default 1: the per-sample /generate requests
+# in flight together go out as batched SGLang requests, --sglang-batch-requests; 0 sends one request per sample).
 ta_set_rollout_args() {
+  local batch=${SGLANG_BATCH_REQUESTS:-1}
+  [[ "$batch" == 0 || "$batch" == 1 ]] || ta_die "SGLANG_BATCH_REQUESTS=$batch: expected 0 or 1"
   ROLLOUT_ARGS=(
     --prompt-data "$PROMPT_DATA"
     --input-key "$INPUT_KEY"
@@ -220,6 +223,7 @@ ta_set_rollout_args() {
     --rollout-max-response-len "$ROLLOUT_MAX_RESPONSE_LEN"
     --rollout-temperature "$ROLLOUT_TEMPERATURE"
     --global-batch-size "$GLOBAL_BATCH_SIZE"
+    "$( ((batch)) && echo --sglang-batch-requests || echo --no-sglang-batch-requests)"
   )
 }
 

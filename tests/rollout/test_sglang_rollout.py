@@ -116,3 +116,35 @@ def test_missing_router_is_a_clear_error(tmp_path, tiny_student_dir):
     )  # fmt: skip
     with pytest.raises(ValueError, match="--sglang-router-ip"):
         generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+
+
+@pytest.mark.slow
+def test_batched_requests_give_the_per_sample_answers_in_fewer_requests(tmp_path, servers, tiny_student_dir):
+    """--sglang-batch-requests: the rollout (top-k 1: greedy, so comparable) and the OPD patch's teacher scoring send
+    batched /generate requests; tokens and log-probs equal the one-request-per-sample path's."""
+    from slime.rollout import on_policy_distillation as opd
+
+    student, teacher = servers
+    results = {}
+    for mode in ("--no-sglang-batch-requests", "--sglang-batch-requests"):
+        args = rollout_args(
+            tmp_path, tiny_student_dir, student.url, mode,
+            "--use-opd", "--opd-type", "sglang", "--rm-url", f"{teacher.url}/generate", "--opd-topk-metrics-k", "4",
+            "--custom-rm-path", "slime.rollout.on_policy_distillation.reward_func", "--rollout-top-k", "1",
+        )  # fmt: skip
+        opd.reset_http_stats()
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args))
+        samples = [s for g in out.samples for s in g]
+        results[mode] = (
+            [s.tokens for s in samples],
+            [s.rollout_log_probs for s in samples],
+            [[e[0] for e in s.reward["meta_info"]["input_token_logprobs"]] for s in samples],
+            out.metrics["rollout/http_requests"],
+            opd.reset_http_stats()["requests"],
+        )
+    one, batched = results["--no-sglang-batch-requests"], results["--sglang-batch-requests"]
+    assert batched[0] == one[0]  # the same greedy responses
+    for a, b in zip(one[1] + one[2], batched[1] + batched[2], strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert one[3] == 4 and one[4] == 4  # one student and one teacher request per sample
+    assert batched[3] == 1 and 1 <= batched[4] < 4  # one batch; teacher batches per distinct prompt length

@@ -22,6 +22,7 @@ This file is an adapter: Sample → lists/tensors → ``ta_opd`` → Sample. No 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -34,6 +35,7 @@ import torch
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 from ta_opd.api import select_tokens
+from ta_opd.coalesce import GenerateCoalescer
 from ta_opd.loss_mask import valid_loss_mask
 from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 from ta_opd.topk import TokenBatch
@@ -241,11 +243,54 @@ def _exact_cmass_request_ids(args: Any, sample: Sample) -> list[int]:
 
 
 async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str, sample: Sample) -> dict[str, Any]:
-    """POST with a timeout and bounded retries (connection errors, timeouts, 429/5xx; ``ta_opd.retry``), then raise.
+    """POST one sample's request with a timeout and bounded retries (connection errors, timeouts, 429/5xx;
+    ``ta_opd.retry``), then raise; the answer must be SGLang's dict with ``meta_info``.
 
     ``--http-timeout`` (seconds per attempt) and ``--http-max-retries`` (retries after the first
-    attempt) are read when the checkout defines them; otherwise 600 s and 5 retries.
+    attempt) are read when the checkout defines them; otherwise 600 s and 5 retries. With
+    ``--sglang-batch-requests`` (this project's stack; an upstream checkout does not define it, so it is off
+    there) the requests in flight together are sent as batched ``/generate`` requests (``ta_opd.coalesce``).
     """
+    if getattr(args, "sglang_batch_requests", False):
+        answer = await _coalescer(args, what).submit(url, payload)
+    else:
+        answer = await _post_any(args, url, payload, what=what, where=f"sample {sample.index}")
+    if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
+        _http_stats["failures"] += 1
+        raise TeacherScoringError(
+            f"sample {sample.index}: {what} answer from {url} has no 'meta_info' dict "
+            f"(got {type(answer).__name__} {str(answer)[:200]})"
+        )
+    return answer
+
+
+_COALESCERS: dict[tuple[int, str], tuple[Any, GenerateCoalescer]] = {}
+
+
+def _coalescer(args: Any, what: str) -> GenerateCoalescer:
+    """This event loop's coalescer for ``what`` requests (one batch = one HTTP request of ``_post_any``)."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), what)
+    entry = _COALESCERS.get(key)
+    if entry is None or entry[0] is not loop:
+
+        async def send(url: str, body: dict[str, Any]) -> Any:
+            n = (
+                len(body["input_ids"])
+                if isinstance(body.get("input_ids"), list)
+                and body["input_ids"]
+                and (isinstance(body["input_ids"][0], list))
+                else 1
+            )
+            return await _post_any(args, url, body, what=what, where=f"a batch of {n} sample(s)")
+
+        entry = (loop, GenerateCoalescer(send, max_batch=int(getattr(args, "sglang_batch_max_size", None) or 256)))
+        _COALESCERS[key] = entry
+    return entry[1]
+
+
+async def _post_any(args: Any, url: str, payload: dict[str, Any], *, what: str, where: str) -> Any:
+    """POST ``payload`` with the timeout and retries of :func:`_post_json`; the decoded JSON answer."""
     timeout = aiohttp.ClientTimeout(total=float(getattr(args, "http_timeout", None) or DEFAULT_TIMEOUT_S))
     retries = getattr(args, "http_max_retries", None)
     policy = RetryPolicy(
@@ -258,9 +303,9 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
 
     def failed(message: str) -> TeacherScoringError:
         _http_stats["failures"] += 1
-        return TeacherScoringError(f"sample {sample.index}: {what} {message}")
+        return TeacherScoringError(f"{where}: {what} {message}")
 
-    async def attempt_once(attempt: int) -> dict[str, Any]:
+    async def attempt_once(attempt: int) -> Any:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.post(url, json=payload, headers=headers) as resp:
                 if resp.status in RETRYABLE_HTTP_STATUS:
@@ -268,16 +313,11 @@ async def _post_json(args: Any, url: str, payload: dict[str, Any], *, what: str,
                 if resp.status >= 400:
                     raise failed(f"request to {url} failed with HTTP {resp.status}: {(await resp.text())[:500]}")
                 try:
-                    answer = await resp.json(content_type=None)
+                    return await resp.json(content_type=None)
                 except ValueError as e:
                     raise failed(f"answer from {url} is not JSON: {e}") from e
-        if not isinstance(answer, dict) or not isinstance(answer.get("meta_info"), dict):
-            raise failed(
-                f"answer from {url} has no 'meta_info' dict (got {type(answer).__name__} {str(answer)[:200]})"
-            )
-        return answer
 
-    on_retry = log_retry(logger, f"sample {sample.index}: {what} to {url}", policy, counts=_http_stats)
+    on_retry = log_retry(logger, f"{where}: {what} to {url}", policy, counts=_http_stats)
     _http_stats["requests"] += 1
     try:
         return await retry_async(attempt_once, policy, transient=_TRANSIENT_ERRORS, on_retry=on_retry)

@@ -28,7 +28,7 @@ from typing import Any
 
 from slime.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
 from slime.utils.async_utils import run
-from slime.utils.http_utils import post, reset_retry_stats
+from slime.utils.http_utils import post, post_generate, reset_retry_stats
 from slime.utils.misc import load_function
 from slime.utils.opd_config import needs_student_topk
 from slime.utils.types import Sample
@@ -130,7 +130,9 @@ async def generate(
     if not sample.tokens:
         sample.tokens = list(prompt_ids)
 
-    output = await post(url, payload)
+    # the router spreads batched requests round-robin: one batch per engine keeps every engine busy
+    chunks = max(1, int(args.rollout_num_engines or 1)) if url == get_model_url(args) else 1
+    output = await post_generate(url, payload, chunks=chunks)
     meta = output.get("meta_info") if isinstance(output, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"sample {sample.index}: answer from {url} has no meta_info: {str(output)[:300]}")

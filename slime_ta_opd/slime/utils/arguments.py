@@ -146,6 +146,18 @@ def _add_rollout_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sglang-router-ip", type=str, default=None, help="Router IP (set by the RolloutManager).")
     g.add_argument("--sglang-router-port", type=int, default=None, help="Router port (set by the RolloutManager).")
     g.add_argument("--sglang-server-concurrency", type=int, default=512, help="In-flight requests per engine.")
+    g.add_argument(
+        "--sglang-batch-requests",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Send the per-sample /generate requests in flight together (sampling, teacher scoring, evaluation) "
+        "as batched SGLang requests (input_ids as a list; one batch per engine behind the router). The plug-ins "
+        "still see one request and one answer per sample; most of a small model's server time is per-request "
+        "HTTP work. The launchers turn it on (SGLANG_BATCH_REQUESTS=1).",
+    )
+    g.add_argument(
+        "--sglang-batch-max-size", type=int, default=256, help="Most prompts in one batched /generate request."
+    )
     g.add_argument("--api-key", type=str, default=None, help="API key of our own servers (Authorization: Bearer).")
     g.add_argument("--http-timeout", type=float, default=600.0, help="Seconds per HTTP request to a server.")
     g.add_argument("--http-max-retries", type=int, default=5, help="Retries of a transient HTTP failure.")

@@ -57,6 +57,7 @@ FLAG_RANGES: dict[str, Range] = {
     "update_weight_buffer_size": _at_least(1),
     "sglang_router_port": Range(1, 65535),
     "sglang_server_concurrency": POSITIVE,
+    "sglang_batch_max_size": POSITIVE,
     "http_timeout": POSITIVE,
     "http_max_retries": NON_NEGATIVE,
     "rollout_step_retries": NON_NEGATIVE,

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from ta_opd.coalesce import GenerateCoalescer
 from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ _config: dict[str, Any] = {
     "max_retries": DEFAULT_MAX_RETRIES,
     "api_key": None,
     "connection_limit": DEFAULT_CONNECTION_LIMIT,
+    "batch_requests": False,  # --sglang-batch-requests: post_generate batches concurrent requests
+    "batch_max_size": 256,
 }
 _sessions: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = {}
 # Counters for metrics: "retries" (transient failures that were retried), "failures"
@@ -66,6 +69,8 @@ def init_http_client(args) -> None:
     _config["timeout"] = float(args.http_timeout)
     _config["max_retries"] = int(args.http_max_retries)
     _config["api_key"] = args.api_key
+    _config["batch_requests"] = bool(args.sglang_batch_requests)
+    _config["batch_max_size"] = int(args.sglang_batch_max_size)
     concurrency = args.sglang_server_concurrency
     if concurrency:
         _config["connection_limit"] = max(DEFAULT_CONNECTION_LIMIT, int(concurrency))
@@ -171,6 +176,25 @@ async def post(
     Keyword ``options``: ``api_key``, ``timeout``, ``backoff_base``, ``backoff_max``, ``expect_json``.
     """
     return await _request("POST", url, payload, max_retries=max_retries, headers=headers, **options)
+
+
+_coalescers: dict[int, tuple[asyncio.AbstractEventLoop, GenerateCoalescer]] = {}
+
+
+async def post_generate(url: str, payload: dict[str, Any], chunks: int = 1) -> Any:
+    """POST one prompt's SGLang ``/generate`` request; its answer dict.
+
+    With ``--sglang-batch-requests`` (``init_http_client``) the requests in flight together go out as
+    batched requests (``ta_opd.coalesce``), split into ``chunks`` batches (one per engine behind the
+    router); each HTTP request has ``post``'s timeout and retries. Otherwise this is ``post``."""
+    if not _config["batch_requests"]:
+        return await post(url, payload)
+    loop = asyncio.get_running_loop()
+    entry = _coalescers.get(id(loop))
+    if entry is None or entry[0] is not loop or entry[1].max_batch != _config["batch_max_size"]:
+        entry = (loop, GenerateCoalescer(post, max_batch=_config["batch_max_size"]))
+        _coalescers[id(loop)] = entry
+    return await entry[1].submit(url, payload, chunks=chunks)
 
 
 async def get(url: str, max_retries: int | None = None, headers: dict[str, str] | None = None, **options: Any) -> Any:
