@@ -5,7 +5,8 @@
 2. Runs ``scripts/train/run_method_suite.sh``: full OPD, TA-OPD (teachability), random, TIP and
    entropy at a 10 % token budget and the SFT baseline (off-policy SFT on teacher samples), each for
    3 seeds, paired (all methods of a seed see the same prompts in the same order from the same
-   student weights), in one process sharing Ray, the engines and the teacher (SHARED_SERVERS=1).
+   student weights), in one process sharing Ray, the engines and the teacher (SHARED_SERVERS=1),
+   two runs at a time, each on its own engines, teacher and trainer (SUITE_LANES=2, ``--lanes``).
 3. Prints the summary table (accuracy with 95 % CIs, gain vs random, teacher KL, wall time), one
    verdict line per method, the wall time of every run and in all, and where the plots are.
 
@@ -73,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-root", default=None, help="default: <repo>/outputs/demo")
     parser.add_argument("--cache-dir", default=None, help="asset cache (default $SLIME_TA_OPD_CACHE or ~/.cache/...)")
     parser.add_argument("--seed", type=int, default=None, help="one seed only (SEEDS=SEED)")
+    parser.add_argument(
+        "--lanes", type=int, default=None, help="runs at once, each on its own servers (SUITE_LANES; default 2)"
+    )
     ns = parser.parse_args(argv)
 
     from slime.embedded.assets import ensure_assets
@@ -114,12 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("CONTINUE_ON_ERROR", "1")  # one failed run still leaves the others' table
     env.setdefault("SEEDS", DEFAULT_SEEDS)  # paired: every method once per seed
     env.setdefault("SHARED_SERVERS", "1")  # one Ray session, one set of engines and one teacher for every run
+    # two runs at once (each lane its own engines, teacher and trainer): one run leaves a core idle most of the time
+    env.setdefault("SUITE_LANES", "2")
     if ns.num_rollout is not None:
         env["NUM_ROLLOUT"] = str(ns.num_rollout)
     if ns.seeds is not None:
         env["SEEDS"] = ns.seeds
     if ns.seed is not None:
         env["SEEDS"] = str(ns.seed)
+    if ns.lanes is not None:
+        env["SUITE_LANES"] = str(ns.lanes)
     suite_dir = Path(env["OUTPUT_ROOT"]) / env["SUITE_NAME"]
     n_runs = len(env["METHOD_LIST"].split()) * len(env["SEEDS"].split())
     print(f"== 2/3 method suite: {n_runs} runs -> {suite_dir}", flush=True)
