@@ -1,13 +1,16 @@
-"""The chunked sparse LM head: dense values and gradients, and no [rows × V] tensor kept."""
+"""The chunked sparse LM head: dense values and gradients, what it keeps for backward, and the weight gradient
+written in place into a persistent buffer (accumulation over micro-batches, zeroing between steps)."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from slime.backends.torch_utils.model import (
+    attach_head_grad_buffer,
     build_response_batch,
     lm_head_chunk_rows,
     sampled_token_log_probs,
@@ -120,29 +123,186 @@ def test_bfloat16_head_matches_float64_reference():
         torch.testing.assert_close(grads_h[name].double(), grads_r[name], atol=0.05 * scale, rtol=0, msg=name)
 
 
-def _largest_saved(model, batch, **kw) -> int:
-    """The largest tensor autograd saves for backward, weights and the backbone's hidden states excepted."""
+def _saved_shapes(model, batch, **kw) -> list[tuple[int, ...]]:
+    """The shapes of the tensors autograd saves for backward, weights and the backbone's hidden states excepted."""
     params = {p.data_ptr() for p in model.parameters()}
-    sizes: list[int] = []
+    shapes: list[tuple[int, ...]] = []
 
     def pack(t):
         if t.data_ptr() not in params:
-            sizes.append(t.numel())
+            shapes.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logp = sampled_token_log_probs(model, batch, **kw)
     assert logp.requires_grad
-    return max(sizes, default=0)
+    return shapes
 
 
-def test_sparse_head_saves_no_rows_by_vocab_tensor():
-    """Memory bound: backward keeps [rows, H] and [rows] tensors, never [rows, V] (the dense path does)."""
+def _saved_sizes(model, batch, **kw) -> list[int]:
+    return [math.prod(shape) for shape in _saved_shapes(model, batch, **kw)]
+
+
+def test_sparse_head_saves_no_rows_by_vocab_tensor_above_h_rows():
+    """Memory bound: with more rows than H, backward keeps [rows, H] and [rows] tensors, never [rows, V] (the
+    dense path does)."""
     rows, width, vocab = 30, 4, 257
     model = HeadOnlyLM(length=rows + 2, width=width, vocab=vocab, bias=True)
     batch = _batch(rows + 2, vocab, seed=4)
-    assert _largest_saved(model, batch, chunk_size=8) <= rows * width
-    assert _largest_saved(model, batch, sparse=False) >= rows * vocab
+    assert max(_saved_sizes(model, batch, chunk_size=8)) <= rows * width
+    assert max(_saved_sizes(model, batch, sparse=False)) >= rows * vocab
+
+
+def test_sparse_head_keeps_the_logits_up_to_h_rows():
+    """rows ≤ H: forward keeps the rows' logits (rows·V numbers, in tiles) so backward skips the recompute."""
+    width, vocab = 8, 257
+    model = HeadOnlyLM(length=12, width=width, vocab=vocab, bias=True)
+    batch = _batch(12, vocab, seed=4)
+    select = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    select[:width] = True  # exactly H rows
+    tiles = [s for s in _saved_shapes(model, batch, select=select, chunk_size=2) if len(s) == 2 and s[1] != width]
+    assert tiles == [(width, 64)] * 4 + [(width, 1)]  # 2 rows' worth of logits per tile: [8, 64] × 4 + [8, 1]
+    select[width] = True  # H + 1 rows: recomputed in backward
+    assert max(_saved_sizes(model, batch, select=select, chunk_size=2)) <= (width + 1) * width
+
+
+# ---------------------------------------------------------------- the weight gradient in a persistent buffer
+
+
+def test_in_place_weight_gradient_two_micro_batches_by_hand():
+    """H = 2, V = 3, one row per micro-batch: ∂ log p(y) / ∂W = (onehot(y) − softmax(W h)) hᵀ. The two
+    micro-batches' gradients add up in the buffer, which is ``weight.grad``; ∂h = Wᵀ (onehot(y) − softmax)."""
+    model = HeadOnlyLM(length=3, width=2, vocab=3, bias=False)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    h = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(w)
+        model.base_model.hidden[0, :2] = h
+    buffer = attach_head_grad_buffer(model)
+    assert buffer is model.lm_head.weight.main_grad and model.lm_head.weight.grad is None
+    batch = build_response_batch([[0, 2, 0]], [1], [2])  # hidden row 0 predicts y = 2, row 1 predicts y = 0
+    expected = torch.zeros(3, 2, dtype=torch.float64)
+    for row, y in ((0, 2), (1, 0)):
+        sampled_token_log_probs(model, batch, select=torch.tensor([row])).sum().backward()
+        diff = torch.nn.functional.one_hot(torch.tensor(y), 3).double() - torch.softmax(w @ h[row], 0)
+        expected += torch.outer(diff, h[row])
+        assert model.lm_head.weight.grad is buffer  # written in place: no [V, H] gradient from autograd
+        torch.testing.assert_close(buffer, expected, atol=1e-12, rtol=0)
+        torch.testing.assert_close(model.base_model.hidden.grad[0, row], w.t() @ diff, atol=1e-12, rtol=0)
+
+
+def _micro_batch(length: int, seed: int, share: float = 0.5):
+    gen = torch.Generator().manual_seed(seed)
+    select = torch.rand(length - 2, generator=gen) < share
+    select[seed % (length - 2)] = True
+    return select, torch.randn(int(select.sum()), generator=gen, dtype=torch.float64)
+
+
+def _backward(model, batch, select, weights, **kw):
+    (sampled_token_log_probs(model, batch, select=select, **kw) * weights).sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("width", "vocab", "share", "chunk_size"),
+    [(6, 37, 0.5, None), (6, 37, 0.5, 1), (16, 20, 1.0, 1), (3, 40, 1.0, 2)],
+    ids=["kept-logits", "kept-logits-tiles", "kept-logits-row-blocks", "recompute-row-blocks"],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_in_place_accumulation_equals_sum_of_dense_gradients(width, vocab, share, chunk_size, bias):
+    """Two micro-batches into the buffer = the sum of their dense gradients; a step after zeroing (either way)
+    = a fresh step, in the same buffer."""
+    length = 12
+    model = HeadOnlyLM(length=length, width=width, vocab=vocab, bias=bias, seed=7)
+    ref = HeadOnlyLM(length=length, width=width, vocab=vocab, bias=bias, seed=7)  # no buffer, dense path
+    buffer = attach_head_grad_buffer(model)
+    batch = _batch(length, vocab, seed=7)
+    mbs = [_micro_batch(length, seed) for seed in (1, 2, 3)]
+    kw = {"temperature": 0.8, "chunk_size": chunk_size}
+    for select, weights in mbs[:2]:
+        _backward(model, batch, select, weights, **kw)
+        _backward(ref, batch, select, weights, temperature=0.8, sparse=False)
+    assert model.lm_head.weight.grad is buffer
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, atol=1e-10, rtol=0, msg=name)
+    for set_to_none in (True, False):  # the actor's zeroing (buffer overwritten), and zeroing in place
+        model.zero_grad(set_to_none=set_to_none)
+        ref.zero_grad(set_to_none=True)
+        _backward(model, batch, *mbs[2], **kw)
+        _backward(ref, batch, *mbs[2], temperature=0.8, sparse=False)
+        assert model.lm_head.weight.grad is buffer
+        for name, p in ref.named_parameters():
+            got = dict(model.named_parameters())[name].grad
+            torch.testing.assert_close(got, p.grad, atol=1e-10, rtol=0, msg=name)
+
+
+def test_stale_buffer_is_overwritten_not_added():
+    """After ``zero_grad(set_to_none=True)`` the buffer's old values (here NaN, as after a skipped non-finite
+    step) never reach the next gradient; no rows at all gives a zero gradient."""
+    model = HeadOnlyLM(length=10, width=4, vocab=23, bias=False)
+    ref = HeadOnlyLM(length=10, width=4, vocab=23, bias=False)
+    attach_head_grad_buffer(model).fill_(float("nan"))
+    batch = _batch(10, 23, seed=8)
+    select, weights = _micro_batch(10, 4)
+    _backward(model, batch, select, weights, chunk_size=1)
+    _backward(ref, batch, select, weights, sparse=False)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, atol=1e-10, rtol=0)
+    model.zero_grad(set_to_none=True)
+    model.lm_head.weight.main_grad.fill_(float("nan"))
+    none = torch.zeros(batch.num_tokens, dtype=torch.bool)
+    sampled_token_log_probs(model, batch, select=none).sum().backward()
+    assert torch.equal(model.lm_head.weight.grad, torch.zeros(23, 4, dtype=torch.float64))
+
+
+def test_no_weight_sized_allocation_in_backward_with_the_buffer():
+    """The profiler's largest allocation in backward: a [V, H] gradient without the buffer, none with it."""
+    profiler = pytest.importorskip("torch.profiler")
+    width, vocab = 16, 512
+    largest = []
+    for attach in (False, True):
+        model = HeadOnlyLM(length=10, width=width, vocab=vocab, bias=False)
+        if attach:
+            attach_head_grad_buffer(model)
+        logp = sampled_token_log_probs(model, _batch(10, vocab), select=torch.arange(4))
+        with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            logp.sum().backward()
+        largest.append(max(e.cpu_memory_usage for e in prof.events()))
+    weight_bytes = vocab * width * 8
+    assert largest[0] >= weight_bytes > largest[1]
+
+
+def test_gradient_hooks_and_autograd_grad_still_get_the_weight_gradient():
+    """In place only where ``.backward()`` accumulates into ``.grad`` unobserved: ``torch.autograd.grad`` and
+    ``backward(inputs=...)`` leave ``.grad`` alone, and a gradient hook on the weight sees the gradient."""
+    model = HeadOnlyLM(length=10, width=4, vocab=23, bias=False)
+    ref = HeadOnlyLM(length=10, width=4, vocab=23, bias=False)
+    attach_head_grad_buffer(model)
+    batch = _batch(10, 23, seed=9)
+    select, weights = _micro_batch(10, 5)
+    _backward(ref, batch, select, weights, sparse=False)
+    weight = model.lm_head.weight
+    logp = sampled_token_log_probs(model, batch, select=select)
+    (got,) = torch.autograd.grad((logp * weights).sum(), [weight])
+    torch.testing.assert_close(got, ref.lm_head.weight.grad, atol=1e-10, rtol=0)
+    (sampled_token_log_probs(model, batch, select=select) * weights).sum().backward(inputs=[model.base_model.hidden])
+    assert weight.grad is None
+    seen = []
+    handle = weight.register_hook(lambda g: seen.append(g.clone()))
+    _backward(model, batch, select, weights)
+    handle.remove()
+    assert len(seen) == 1 and weight.grad is not weight.main_grad
+    torch.testing.assert_close(seen[0], ref.lm_head.weight.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weight.grad, ref.lm_head.weight.grad, atol=1e-10, rtol=0)
+
+
+def test_attach_head_grad_buffer_only_where_the_sparse_head_can_use_it():
+    model = HeadOnlyLM(length=4, width=3, vocab=5, bias=False)
+    buffer = attach_head_grad_buffer(model)
+    assert buffer.shape == (5, 3) and attach_head_grad_buffer(model) is buffer  # idempotent
+    half = HeadOnlyLM(length=4, width=3, vocab=5, bias=False).to(torch.bfloat16)
+    frozen = HeadOnlyLM(length=4, width=3, vocab=5, bias=False)
+    frozen.lm_head.weight.requires_grad_(False)
+    assert attach_head_grad_buffer(half) is None and attach_head_grad_buffer(frozen) is None
+    assert not hasattr(half.lm_head.weight, "main_grad")
 
 
 def test_lm_head_chunk_rows():

@@ -27,6 +27,7 @@ import torch
 from slime.backends.torch_utils import checkpoint as ckpt
 from slime.backends.torch_utils.distill import Distiller
 from slime.backends.torch_utils.model import (
+    attach_head_grad_buffer,
     load_hf_model,
     sampled_token_log_probs,
     sparse_head_matches_dense,
@@ -74,6 +75,10 @@ class TorchTrainRayActor(TrainStep, TrainRayActor):
             logger.warning("logits != lm_head(last_hidden_state) for this model: using the dense LM-head path")
             self.sparse = False
         self.optimizer = adamw(self.model, args)
+        # the sparse head writes the LM-head weight gradient straight into this persistent buffer (model.py), so a
+        # step allocates no [V, H] gradient; zeroing with set_to_none keeps it (the next backward overwrites it)
+        wants_logp = self.sparse and "logp" in self.loss_spec.wants
+        self.head_grad_buffer = attach_head_grad_buffer(self.model) if wants_logp else None
         self.lr_schedule = LRSchedule.from_args(args)  # --lr-decay-style & co. (slime.utils.lr_schedule)
         self.global_step = 0
         self.skipped_steps = 0  # optimizer steps dropped for a non-finite loss / grad norm (--nonfinite-policy skip)

@@ -7,12 +7,18 @@ With ρ = 0.1 that is about a tenth of the [tokens × vocab] work and memory of 
 The dense path (``logits = model(ids).logits``) is kept behind a switch for comparison.
 
 On the sparse path the head, the log-softmax and the gather run in tiles of [rows, vocabulary
-slice] inside one autograd function that saves only the gathered hidden rows and one log-sum-exp
-per row; backward recomputes each tile's logits. A tile holds as many logits as a chunk of
-``--lm-head-chunk-size`` full rows (about 2^24 by default), so no ``[rows × vocab]`` tensor exists,
-in the no-grad old-log-prob pass (all response tokens) and in the training pass alike: the peak is
-bounded by the tile, not by the number of tokens. The price is one extra LM-head matmul over the
-kept rows in backward.
+slice] inside one autograd function. A tile holds as many logits as a chunk of
+``--lm-head-chunk-size`` full rows (about 2^24 by default), so no ``[rows × vocab]`` temporary exists
+in the no-grad old-log-prob pass (all response tokens), whose peak is bounded by the tile, not by
+the number of tokens. With grad, forward keeps the rows' logits for backward while they hold no more
+numbers than the weight (rows ≤ H), so backward does two matmuls, not three; above that it keeps
+one log-sum-exp per row and recomputes each tile's logits.
+
+The weight gradient: :func:`attach_head_grad_buffer` gives the head weight a persistent buffer
+(``weight.main_grad``, Megatron's name for its gradient-accumulation-fusion buffer). Backward then
+writes ∂W tile by tile straight into ``weight.grad`` (into the buffer when ``.grad`` is None, adding
+when it is set), so no ``[V, H]`` gradient is allocated per step, and ``.grad`` holds exactly what
+plain autograd would have accumulated.
 
 Position convention: the hidden state at absolute position ``p`` predicts the token at ``p + 1``,
 so response token ``j`` of a sample with prompt length ``P`` is scored from the hidden state at
@@ -145,13 +151,83 @@ def _tiles(n: int, width: int, vocab: int, chunk_rows: int) -> tuple[int, int]:
     return block, max(1, budget // block)
 
 
+def attach_head_grad_buffer(model) -> torch.Tensor | None:
+    """Give the LM-head weight a persistent float32/float64 gradient buffer, ``weight.main_grad``; returns it.
+
+    The sparse head's backward then writes the weight gradient in place: into ``weight.grad`` when it is set
+    (accumulation over micro-batches), else into the buffer, which becomes ``weight.grad``. Zeroing with
+    ``set_to_none=True`` needs no memset (the next step overwrites the buffer), and a step without a backward
+    leaves ``.grad`` None as usual. Returns None (nothing attached) when the head is not a plain
+    ``nn.Linear``, its weight is frozen, or half precision (its gradient is accumulated in float32).
+    """
+    try:
+        _, head = _backbone_and_head(model)
+    except TypeError:
+        return None
+    weight = head.weight if _is_plain_linear(head) else None
+    if weight is None or not weight.requires_grad or weight.dtype in HALF_DTYPES:
+        return None
+    buffer = getattr(weight, "main_grad", None)
+    if not _fits(buffer, weight):
+        buffer = weight.main_grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    return buffer
+
+
+def _fits(t: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the weight gradient can be written into ``t`` in place."""
+    return (
+        t is not None
+        and t.shape == weight.shape
+        and t.dtype == weight.dtype
+        and t.device == weight.device
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not t.requires_grad
+    )
+
+
+def _grad_accumulated(weight: torch.Tensor) -> bool:
+    """Whether the running backward accumulates into ``weight.grad`` (``.backward()`` reaching the weight; not
+    ``torch.autograd.grad`` nor ``backward(inputs=...)`` without it). Only valid inside a backward."""
+    try:
+        return bool(torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(weight).node))
+    except (AttributeError, RuntimeError):  # autograd.grad() raises here: it returns the gradient instead
+        return False
+
+
+def _weight_grad_target(weight: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """(tensor to write ∂W into in place, whether it holds nothing of this backward yet); (None, _) = return ∂W.
+
+    In place only for a weight with :func:`attach_head_grad_buffer`'s buffer and no gradient hooks (they must see
+    the gradient), in a backward that accumulates into ``.grad``: add to ``.grad`` if it is set, else overwrite
+    the buffer and make it ``.grad``.
+    """
+    buffer = getattr(weight, "main_grad", None)
+    hooked = weight._backward_hooks or weight._post_accumulate_grad_hooks
+    if buffer is None or hooked or not weight.is_leaf or not _grad_accumulated(weight):
+        return None, False
+    if weight.grad is not None:
+        return (weight.grad, False) if _fits(weight.grad, weight) else (None, False)
+    if not _fits(buffer, weight):
+        return None, False
+    weight.grad = buffer
+    return buffer, True
+
+
+def _keeps_logits(n: int, width: int) -> bool:
+    """Forward keeps the rows' logits for backward while they hold no more numbers than the weight (n·V ≤ V·H):
+    at most the size of the weight gradient that the in-place accumulation no longer allocates."""
+    return 0 < n <= width
+
+
 class _SampledTokenLogProb(torch.autograd.Function):
     """``log softmax((h Wᵀ + b) / τ)[y]`` per row, in tiles of [rows, vocabulary slice] (``_tiles``).
 
-    Forward: the log-sum-exp of each row accumulated over the vocabulary slices (running max and sum).
-    Saves hidden [n, H], targets [n] and log-sum-exp [n] only. Backward recomputes the logits tile by
-    tile: ``∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ``, then ``∂h += g·W[slice]`` and
-    ``∂W[slice] = gᵀ·h`` (in float32 for half-precision weights).
+    Forward: the log-sum-exp of each row accumulated over the vocabulary slices (running max and sum). Saves
+    hidden [n, H], targets [n], log-sum-exp [n] and, with grad and n ≤ H (``_keeps_logits``), the tiles'
+    logits. Backward takes each tile's logits (kept, or recomputed): ``∂ log p(y) / ∂ logits = (onehot(y) −
+    softmax) / τ``, then ``∂h += g·W[slice]`` and ``∂W[slice] += gᵀ·h`` (in float32 for half-precision
+    weights), ∂W in place into ``weight.grad`` where :func:`_weight_grad_target` allows.
     """
 
     @staticmethod
@@ -160,6 +236,8 @@ class _SampledTokenLogProb(torch.autograd.Function):
         out_dtype = torch.float32 if hidden.dtype in HALF_DTYPES else hidden.dtype
         logp = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
         lse = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
+        keep = any(ctx.needs_input_grad[:3]) and _keeps_logits(n, hidden.shape[1])
+        kept: list[torch.Tensor] = []  # the tiles' logits, block by block, slice by slice
         block, tile = _tiles(n, hidden.shape[1], vocab, chunk_rows)
         for r in range(0, n, block):
             h, y = hidden[r : r + block], target[r : r + block]
@@ -175,27 +253,36 @@ class _SampledTokenLogProb(torch.autograd.Function):
                     rows = hit.nonzero().squeeze(-1)
                     picked[rows] = logits[rows, y[rows] - v]
                 new_max = torch.maximum(run_max, logits.amax(dim=1))
-                run_sum.mul_(torch.exp(run_max - new_max)).add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+                if keep:
+                    kept.append(logits)
+                    shifted = logits - new_max[:, None]
+                else:
+                    shifted = logits.sub_(new_max[:, None])
+                run_sum.mul_(torch.exp(run_max - new_max)).add_(shifted.exp_().sum(dim=1))
                 run_max = new_max
-                del logits
+                del logits, shifted
             lse[r : r + block] = run_max + torch.log(run_sum)
             logp[r : r + block] = picked - lse[r : r + block]
-        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.save_for_backward(hidden, weight, bias, target, lse, *kept)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, weight, bias, target, lse = ctx.saved_tensors
+        hidden, weight, bias, target, lse, *kept = ctx.saved_tensors
         temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         acc = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w, fresh = _weight_grad_target(weight) if need_w else (None, False)
+        in_place = grad_w is not None
+        if need_w and not in_place:
+            grad_w, fresh = torch.empty(weight.shape, dtype=acc, device=weight.device), True
         grad_b = torch.empty(vocab, dtype=acc, device=weight.device) if need_b else None
         block, tile = _tiles(n, hidden.shape[1], vocab, chunk_rows)
+        tiles = iter(kept)
         for r in range(0, n, block):
             h = hidden[r : r + block]  # [R, H]
             y = target[r : r + block]
@@ -205,7 +292,8 @@ class _SampledTokenLogProb(torch.autograd.Function):
                 w = weight[v : v + tile]  # [Vb, H]
                 b = None if bias is None else bias[v : v + tile]
                 # ∂ log p(y) / ∂ logits = (onehot(y) − softmax) / τ, scaled by the incoming gradient g
-                grad_logits = _head_logits(h, w, b, temperature).sub_(row_lse).exp_().mul_(-g)  # [R, Vb]
+                logits = next(tiles).sub(row_lse) if kept else _head_logits(h, w, b, temperature).sub_(row_lse)
+                grad_logits = logits.exp_().mul_(-g)  # [R, Vb]
                 hit = (y >= v) & (y < v + w.shape[0])
                 if bool(hit.any()):
                     rows = hit.nonzero().squeeze(-1)
@@ -217,8 +305,8 @@ class _SampledTokenLogProb(torch.autograd.Function):
                         grad_h[r : r + block].addmm_(grad_logits, w)
                     else:
                         grad_h[r : r + block] += (grad_logits.to(weight.dtype) @ w).to(acc)
-                if grad_w is not None:  # [Vb, H], written in place (out=): no [Vb, H] temporary
-                    if r == 0:
+                if grad_w is not None:  # [Vb, H], written in place (out=, addmm_): no [Vb, H] temporary
+                    if r == 0 and fresh:
                         torch.mm(grad_logits.t(), h.to(acc), out=grad_w[v : v + tile])
                     else:
                         grad_w[v : v + tile].addmm_(grad_logits.t(), h.to(acc))
@@ -228,14 +316,16 @@ class _SampledTokenLogProb(torch.autograd.Function):
                         grad_b[v : v + tile] = gb
                     else:
                         grad_b[v : v + tile] += gb
-                del grad_logits
+                del logits, grad_logits
         if n == 0:
-            for t in (grad_w, grad_b):
+            for t in (grad_w if fresh else None, grad_b):
                 if t is not None:
                     t.zero_()
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
-        if grad_w is not None:
+        if in_place:
+            grad_w = None  # already in weight.grad
+        elif grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
