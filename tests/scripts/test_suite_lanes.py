@@ -7,12 +7,18 @@ files, and each entry's metrics equal those of the same entry run on one lane.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
 from test_suite_shared import REPO, SUITE, dry_run, entry_args
 
+import slime.suite as suite_module
 from slime.suite import Entry, LaneResourceError, _lanes, lane_needs, run_suite, start_ray
 
 # what differs between two runs of one entry by design: timings and where the processes ran
@@ -79,12 +85,94 @@ def test_lanes_must_fit_the_cluster(tmp_path, tiny_student_dir, tiny_teacher_dir
         ray.shutdown()
 
 
+class _Servers:
+    """The lane's servers as the suite sees them; ``rollout_manager`` hands run_loop this object."""
+
+    made: list[_Servers] = []
+
+    def __init__(self, entries, preflight=True):
+        self.first, self.preflight = entries[0].name, preflight
+        self.closed = threading.Event()
+        self.rollout_manager, self.actor_model = self, None
+        _Servers.made.append(self)
+
+    def start_entry(self, args):
+        if self.closed.is_set():
+            raise RuntimeError("servers closed")
+        args.start_rollout_id = 0
+
+    def close(self):
+        self.closed.set()
+
+
+def _lanes_with(monkeypatch, tmp_path, student, teacher, run_loop):
+    """Three real entries on two lanes whose servers and step loop are ``_Servers`` and ``run_loop``."""
+    entries, _ = _suite(tmp_path, student, teacher, "pure_opd:1.0:1 random:0.2:2 tip:0.2:3")
+    _Servers.made = []
+    monkeypatch.setattr(suite_module, "SharedServers", _Servers)
+    monkeypatch.setattr(suite_module, "run_loop", run_loop)
+    return entries, suite_module.Lanes(entries, 2, continue_on_error=False, t_process=time.perf_counter())
+
+
+def _code(entry) -> int | None:
+    path = entry.run_dir / "launcher.json"
+    return json.loads(path.read_text())["exit_code"] if path.is_file() else None
+
+
+def test_an_interrupt_stops_every_lane_and_keeps_what_finished(monkeypatch, tmp_path, tiny_student_dir,
+                                                               tiny_teacher_dir):  # fmt: skip
+    running: list[str] = []
+
+    def run_loop(args, servers, actor, metrics_logger, startup_s):
+        if args.output_dir.endswith("1_pure_opd_r1.0_s5"):
+            return {}
+        running.append(args.output_dir)
+        if len(running) == 2:  # both lanes busy: Ctrl-C
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if not servers.closed.wait(60):  # the interrupt did not close this lane's servers: the entry "finishes"
+            return {}
+        raise RuntimeError("the actor died")  # what a closed server's pending call raises
+
+    entries, lanes = _lanes_with(monkeypatch, tmp_path, tiny_student_dir, tiny_teacher_dir, run_loop)
+    assert lanes.run() == 130
+    assert [_code(e) for e in entries] == [0, 130, 130]
+    assert [(e.run_dir / "complete.json").is_file() for e in entries] == [True, False, False]
+    lane1, lane2 = _Servers.made  # lane 1 runs the pre-flight, lane 2 does not; both are closed
+    assert (lane1.first, lane1.preflight, lane1.closed.is_set()) == (entries[0].name, True, True)
+    assert lane2.first in (entries[1].name, entries[2].name) and not lane2.preflight and lane2.closed.is_set()
+
+
+def test_a_failed_entry_stops_new_entries_and_lets_the_running_one_finish(monkeypatch, tmp_path, tiny_student_dir,
+                                                                          tiny_teacher_dir):  # fmt: skip
+    second_started = threading.Event()
+    suite: dict[str, suite_module.Lanes] = {}
+
+    def run_loop(args, servers, actor, metrics_logger, startup_s):
+        if args.output_dir.endswith("1_pure_opd_r1.0_s5"):
+            assert second_started.wait(60)
+            raise ValueError("a broken entry")
+        second_started.set()
+        assert suite["lanes"].stop.wait(60)  # still running when the first entry fails
+        return {}
+
+    entries, lanes = _lanes_with(monkeypatch, tmp_path, tiny_student_dir, tiny_teacher_dir, run_loop)
+    suite["lanes"] = lanes
+    assert lanes.run() == 1
+    assert [_code(e) for e in entries] == [1, 0, None]  # the third entry never started
+    assert all(s.closed.is_set() for s in _Servers.made)
+
+
 @pytest.mark.slow
-def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir):
+def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir, caplog):
     methods = "pure_opd:1.0:1 random:0.2:2 teachability:0.2:3"
     entries, _ = _suite(tmp_path / "two", tiny_student_dir, tiny_teacher_dir, methods)
-    assert run_suite(entries, lanes=2) == 0
-    trainers = set()
+    with caplog.at_level(logging.INFO, logger="slime.suite"):
+        assert run_suite(entries, lanes=2) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    started = [m.groups() for m in map(re.compile(r"\[lane (\d)\] \[(\d)/3\] (\S+) \(fresh\)$").match, messages) if m]
+    assert sorted(n for _, n, _ in started) == ["1", "2", "3"]  # each entry once, taken in plan order
+    assert {lane for lane, _, _ in started} == {"1", "2"}  # both lanes ran entries
+    assert [name for _, _, name in sorted(started, key=lambda s: s[1])] == [e.name for e in entries]
     for e in entries:
         run = e.run_dir
         assert json.loads((run / "launcher.json").read_text())["exit_code"] == 0
@@ -92,8 +180,6 @@ def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_d
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["rollout_id"] for r in records] == [-1, 0, 1] and records[0]["perf/startup_s"] > 0
         assert any((run / "token_bank").iterdir())
-        trainers.add(json.loads((run / "placement.json").read_text())["trainer"][0]["pid"])
-    assert len(trainers) == 2  # both lanes ran entries
 
     # the first two entries on one lane (the second on reused servers), against the 2-lane runs (fresh servers)
     ones, _ = _suite(tmp_path / "one", tiny_student_dir, tiny_teacher_dir, "pure_opd:1.0:1 random:0.2:2")
