@@ -227,10 +227,10 @@ def start_ray(args: Namespace, lanes: int) -> bool:
     """Join ``$RAY_ADDRESS`` or start a local Ray with logical CPUs for every lane; returns whether this call
     connected. Raises LaneResourceError naming what the cluster lacks for ``lanes`` lanes."""
     options = {}
-    if not ray.is_initialized() and ray_address() == "local":
+    if lanes > 1 and not ray.is_initialized() and ray_address() == "local":
         # a lane's processes are mostly idle on one thread each: its one-CPU bundles may share the cores
         per_lane = max(run_resource_needs(args, use_gpu).get("CPU", 0) for use_gpu in (False, True))
-        options["num_cpus"] = max(os.cpu_count() or 1, int(lanes * per_lane))
+        options["num_cpus"] = max(_ray_cpu_count(), int(lanes * per_lane))
     started = init_ray(**options)
     try:
         needs = lane_needs(args, lanes, cluster_has_gpus())
@@ -246,6 +246,15 @@ def start_ray(args: Namespace, lanes: int) -> bool:
             ray.shutdown()
         raise
     return started
+
+
+def _ray_cpu_count() -> int:
+    """The CPUs a local Ray would register by itself (it honours the container's CPU quota)."""
+    try:
+        from ray._private.utils import get_num_cpus
+    except ImportError:  # a Ray without it: the cores of this machine
+        return os.cpu_count() or 1
+    return int(get_num_cpus())
 
 
 _LANE = threading.local()  # .number: the lane (1, 2, ...) the current thread drives; unset in other threads

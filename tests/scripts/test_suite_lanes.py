@@ -6,6 +6,7 @@ files, and each entry's metrics equal those of the same entry run on one lane.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import pytest
 from test_suite_shared import REPO, SUITE, dry_run, entry_args
 
 import slime.suite as suite_module
-from slime.suite import Entry, LaneResourceError, _lanes, lane_needs, run_suite, start_ray
+from slime.suite import Entry, LaneResourceError, _lanes, _ray_cpu_count, lane_needs, run_suite, start_ray
 
 # what differs between two runs of one entry by design: timings and where the processes ran
 _TIMING = ("perf/", "time", "_s", "wall")
@@ -77,7 +78,7 @@ def test_lanes_must_fit_the_cluster(tmp_path, tiny_student_dir, tiny_teacher_dir
             start_ray(args, 2)
     finally:
         ray.shutdown()
-    lanes = (os.cpu_count() or 1) + 1
+    lanes = _ray_cpu_count() + 1
     assert start_ray(args, lanes) is True  # a Ray of our own gets a logical CPU per lane, whatever the cores
     try:
         assert ray.cluster_resources()["CPU"] == lanes
@@ -162,8 +163,29 @@ def test_a_failed_entry_stops_new_entries_and_lets_the_running_one_finish(monkey
     assert all(s.closed.is_set() for s in _Servers.made)
 
 
+def _start_of_training(run_dir) -> tuple[list, dict]:
+    """What an entry's trainer saw: each step's prompts in order, and at step 0 the student's and the teacher's
+    top-1 token and probability at each response's first position (context: the prompt alone, so they depend
+    only on the prompt and the weights)."""
+    bank = run_dir / "token_bank"
+    prompts = [
+        [(c["sample_id"], c["prompt_token_ids"]) for c in map(json.loads, path.read_text().splitlines())]
+        for path in sorted(bank.glob("contexts_step*_rank000.jsonl"))
+    ]
+    with open(bank / "step0000000_rank000.csv", newline="") as f:
+        first = {
+            int(r["sample_id"]): (r["student_top1_id"], float(r["student_top1_prob"]),
+                                  r["teacher_top1_id"], float(r["teacher_top1_prob"]))
+            for r in csv.DictReader(f) if r["position"] == "0"
+        }  # fmt: skip
+    return prompts, first
+
+
 @pytest.mark.slow
-def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir, caplog):
+def test_two_lanes_write_every_entry_and_pair_with_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir, caplog):
+    """Every entry's files with 2 lanes; each entry sees the prompts of its 1-lane run in the same order and starts
+    from the same weights. (The engines' sampling RNG runs on from their start, so an entry on reused servers
+    samples other responses than on fresh ones: the metrics after step 0 are not compared.)"""
     methods = "pure_opd:1.0:1 random:0.2:2 teachability:0.2:3"
     entries, _ = _suite(tmp_path / "two", tiny_student_dir, tiny_teacher_dir, methods)
     with caplog.at_level(logging.INFO, logger="slime.suite"):
@@ -179,10 +201,16 @@ def test_two_lanes_write_every_entry_and_match_one_lane(tmp_path, tiny_student_d
         assert (run / "complete.json").is_file() and (run / "eval_results.jsonl").is_file()
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["rollout_id"] for r in records] == [-1, 0, 1] and records[0]["perf/startup_s"] > 0
-        assert any((run / "token_bank").iterdir())
 
-    # the first two entries on one lane (the second on reused servers), against the 2-lane runs (fresh servers)
-    ones, _ = _suite(tmp_path / "one", tiny_student_dir, tiny_teacher_dir, "pure_opd:1.0:1 random:0.2:2")
+    # the same entries on one lane: the 2nd and 3rd on reused servers, a reset trainer
+    ones, _ = _suite(tmp_path / "one", tiny_student_dir, tiny_teacher_dir, methods)
     assert run_suite(ones, lanes=1) == 0
-    for one, two in zip(ones, entries[:2], strict=True):
-        assert _steps(one.run_dir) == _steps(two.run_dir), one.name
+    for one, two in zip(ones, entries, strict=True):
+        prompts_one, first_one = _start_of_training(one.run_dir)
+        prompts_two, first_two = _start_of_training(two.run_dir)
+        assert len(prompts_one) == 2 and prompts_one == prompts_two, one.name
+        assert first_one.keys() == first_two.keys() and len(first_one) == 8
+        for sample, (s_id, s_prob, t_id, t_prob) in first_one.items():
+            assert (s_id, t_id) == (first_two[sample][0], first_two[sample][2]), (one.name, sample)
+            assert (s_prob, t_prob) == pytest.approx((first_two[sample][1], first_two[sample][3]), rel=1e-5)
+        assert _steps(one.run_dir)[0] == _steps(two.run_dir)[0]  # the greedy evaluation before training
