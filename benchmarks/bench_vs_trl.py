@@ -18,6 +18,8 @@ CPU float32, one torch thread per process, AdamW at the same learning rate.
   (``post_process_rewards``: teacher log-probs, token selection), ``train`` (``TorchTrainRayActor.train``:
   old log-probs, OPD advantage, fwd + bwd with the sparse LM head, optimizer step) and ``weight_sync``
   (the new weights to the student server; TRL samples from the trained model in process and needs none).
+  The samples of a step are in flight together and go out as batched ``/generate`` requests
+  (``--sglang-batch-requests``, as the launchers run it).
   Two selections, same step otherwise: ``full`` (the OPD loss on every response token, as TRL) and
   ``dlearn_high`` at ρ = 0.1 (the loss on the kept 10 %).
 * **TRL**: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda = 1`` (always on-policy) and ``beta = 1``
@@ -107,6 +109,7 @@ class OurStack:
     def __init__(self, tmp: str, assets, size: dict, temperature: float):
         from slime.backends.embedded_sglang.launch import launch_server
         from slime.backends.torch_utils.actor import TorchTrainRayActor
+        from slime.utils.http_utils import init_http_client
 
         models = os.path.join(tmp, "models")  # the engines accept weight pushes below the model's parent
         student = shutil.copytree(assets.student_dir, os.path.join(models, "student"))
@@ -122,6 +125,7 @@ class OurStack:
         }
         self.trainer = TorchTrainRayActor(1, 0)
         self.trainer.init(self.args["full"])
+        init_http_client(self.args["full"])  # timeouts, retries and request batching, as the RolloutManager does
         self.pids = [s.pid for s in self.servers if s.pid is not None]
 
     def _args(self, student, teacher_url, student_url, models, mask, ratio, temperature):
@@ -141,6 +145,7 @@ class OurStack:
                 "--opd-budget-mask", mask, "--opd-budget-ratio", str(ratio), "--opd-topk-metrics-k", "16",
                 "--micro-batch-size", str(n), "--global-batch-size", str(n),
                 "--train-dtype", "float32", "--lr", str(LR), "--output-dir", os.path.join(models, "out"),
+                "--sglang-batch-requests",  # as the launchers run it: the samples in flight go out as batches
             ]
         )  # fmt: skip
 

@@ -174,6 +174,20 @@ def test_shared_server_suite_end_to_end(tmp_path):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [rec["rollout_id"] for rec in records] == [-1, 0, 1] and (run / "complete.json").is_file()
         assert json.loads((run / "launcher.json").read_text())["exit_code"] == 0
+    # the evaluation before training (greedy, the checkpoint's weights) ran once and the later entries reused it
+    before = {
+        name: [json.loads(line) for line in (suite / "runs" / name / "eval_results.jsonl").read_text().splitlines()][0]
+        for name in ("1_pure_opd_r1.0_s1", "2_random_r0.2_s1", "1_pure_opd_r1.0_s2", "2_random_r0.2_s2")
+    }
+    assert all(rec["rollout_id"] == -1 for rec in before.values())
+    assert len({json.dumps(rec["rewards"]) for rec in before.values()}) == 1
+    reused = [
+        json.loads((suite / "runs" / name / "metrics.jsonl").read_text().splitlines()[0])[
+            "eval/reused_from_earlier_run"
+        ]
+        for name in before
+    ]
+    assert sorted(reused) == [0.0, 1.0, 1.0, 1.0]
     with open(suite / "summary.csv", newline="") as f:
         rows = {row["alias"]: row for row in csv.DictReader(f)}
     assert rows["pure_opd"]["seeds"] == "2" and rows["pure_opd"]["accuracy_after_ci_low"] != ""

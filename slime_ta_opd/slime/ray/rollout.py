@@ -74,6 +74,7 @@ class RolloutManager:
         self.server_restarts = 0  # servers found dead and restarted since start
         self.engine_restarts = 0  # of which student engines (a pushed-weights sender reconnects when it grows)
         self.step_retries = 0  # steps redone after a server restart
+        self._before_training_evals: dict[str, tuple[dict, dict]] = {}  # eval(): reused by later runs
         self.engines_lost: list[str] = []  # URLs of engines dropped because their node left the cluster
         self._configure_run()
         try:
@@ -522,11 +523,51 @@ class RolloutManager:
 
         The per-prompt rewards go to ``<output-dir>/eval_results.jsonl`` too (:meth:`_log_eval_results`), under
         ``log_id`` (the step the caller logs this evaluation at: -1 before training) or ``rollout_id``.
+
+        The evaluation before training (``log_id`` -1) of a run on shared servers (slime.suite) is computed once
+        and reused by every later run with the same starting weights and evaluation (:meth:`_before_training_key`):
+        greedy decoding of the same weights on the same prompts gives the same answers.
         """
-        out = call_rollout_fn(self.eval_generate_rollout, self.args, rollout_id, self.data_source, evaluation=True)
-        data = {name: {k: v for k, v in entry.items() if k != "samples"} for name, entry in (out.data or {}).items()}
+        key = self._before_training_key() if log_id == -1 else None
+        reused = key is not None and key in self._before_training_evals
+        if reused:
+            metrics, data = copy.deepcopy(self._before_training_evals[key])
+            logger.info("evaluation before training: same weights and greedy evaluation as an earlier run: reused")
+        else:
+            out = call_rollout_fn(self.eval_generate_rollout, self.args, rollout_id, self.data_source, evaluation=True)
+            entries = (out.data or {}).items()
+            data = {name: {k: v for k, v in entry.items() if k != "samples"} for name, entry in entries}
+            metrics = dict(out.metrics or {})
+            if key is not None:
+                self._before_training_evals[key] = copy.deepcopy((metrics, data))
+        if key is not None:  # 1: an earlier run's evaluation before training (same weights, greedy), not recomputed
+            metrics["eval/reused_from_earlier_run"] = float(reused)
         self._log_eval_results(rollout_id if log_id is None else log_id, data)
-        return {"rollout_id": rollout_id, "metrics": dict(out.metrics or {}), "data": data}
+        return {"rollout_id": rollout_id, "metrics": metrics, "data": data}
+
+    # what decides the answers of the evaluation before training, besides the servers (which a run shares)
+    _EVAL_FLAGS = (
+        "hf_checkpoint", "load", "eval_datasets", "input_key", "label_key", "metadata_key", "apply_chat_template",
+        "rollout_max_prompt_len", "rollout_filter_long_prompts", "n_samples_per_eval_prompt", "eval_custom_rm_path",
+        "eval_rm_type", "eval_reward_key", "reward_key", "custom_rm_path", "rm_type", "custom_generate_function_path",
+        "eval_function_path", "rollout_function_path", "use_opd", "opd_topk_metrics_k",
+    )  # fmt: skip
+
+    def _before_training_key(self) -> str | None:
+        """The evaluation before training's identity, or None when its answers may differ between runs (not greedy,
+        or a custom evaluation function): the starting weights, the flags of ``_EVAL_FLAGS``, the sampling."""
+        from slime.rollout.sglang_rollout import build_sampling_params
+
+        args = self.args
+        if args.eval_function_path not in (None, DEFAULT_ROLLOUT_FUNCTION) or (
+            args.rollout_function_path != DEFAULT_ROLLOUT_FUNCTION
+        ):
+            return None
+        params = build_sampling_params(args, evaluation=True)
+        if params["temperature"] != 0 and params["top_k"] != 1:
+            return None
+        flags = {name: getattr(args, name, None) for name in self._EVAL_FLAGS}
+        return json.dumps({"flags": flags, "sampling": params}, sort_keys=True, default=repr)
 
     def _log_eval_results(self, step: int, data: dict[str, Any]) -> None:
         """One JSON line per dataset: ``{"rollout_id", "dataset", "n_samples_per_prompt", "rewards"}`` with the
