@@ -153,17 +153,24 @@ def test_sparse_head_saves_no_rows_by_vocab_tensor_above_h_rows():
     assert max(_saved_sizes(model, batch, sparse=False)) >= rows * vocab
 
 
-def test_sparse_head_keeps_the_logits_up_to_h_rows():
-    """rows ≤ H: forward keeps the rows' logits (rows·V numbers, in tiles) so backward skips the recompute."""
+def test_sparse_head_keeps_the_logits_up_to_h_rows_with_a_gradient_buffer():
+    """With the weight-gradient buffer and rows ≤ H, forward keeps the rows' logits (rows·V numbers, in tiles) so
+    backward skips the recompute; without the buffer, or with H + 1 rows, it recomputes them."""
     width, vocab = 8, 257
     model = HeadOnlyLM(length=12, width=width, vocab=vocab, bias=True)
     batch = _batch(12, vocab, seed=4)
     select = torch.zeros(batch.num_tokens, dtype=torch.bool)
     select[:width] = True  # exactly H rows
-    tiles = [s for s in _saved_shapes(model, batch, select=select, chunk_size=2) if len(s) == 2 and s[1] != width]
-    assert tiles == [(width, 64)] * 4 + [(width, 1)]  # 2 rows' worth of logits per tile: [8, 64] × 4 + [8, 1]
-    select[width] = True  # H + 1 rows: recomputed in backward
-    assert max(_saved_sizes(model, batch, select=select, chunk_size=2)) <= (width + 1) * width
+
+    def tiles():
+        shapes = _saved_shapes(model, batch, select=select, chunk_size=2)
+        return [s for s in shapes if len(s) == 2 and s[1] != width]
+
+    assert tiles() == []  # no buffer: recomputed
+    attach_head_grad_buffer(model)
+    assert tiles() == [(width, 64)] * 4 + [(width, 1)]  # 2 rows' worth of logits per tile: [8, 64] × 4 + [8, 1]
+    select[width] = True  # H + 1 rows: recomputed
+    assert tiles() == []
 
 
 # ---------------------------------------------------------------- the weight gradient in a persistent buffer

@@ -10,9 +10,10 @@ On the sparse path the head, the log-softmax and the gather run in tiles of [row
 slice] inside one autograd function. A tile holds as many logits as a chunk of
 ``--lm-head-chunk-size`` full rows (about 2^24 by default), so no ``[rows × vocab]`` temporary exists
 in the no-grad old-log-prob pass (all response tokens), whose peak is bounded by the tile, not by
-the number of tokens. With grad, forward keeps the rows' logits for backward while they hold no more
-numbers than the weight (rows ≤ H), so backward does two matmuls, not three; above that it keeps
-one log-sum-exp per row and recomputes each tile's logits.
+the number of tokens. For backward it keeps the gathered hidden rows and one log-sum-exp per row,
+and recomputes each tile's logits; with the weight-gradient buffer below and rows ≤ H it keeps the
+rows' logits instead (no more numbers than the ``[V, H]`` gradient the buffer saves), so backward
+does two matmuls, not three.
 
 The weight gradient: :func:`attach_head_grad_buffer` gives the head weight a persistent buffer
 (``weight.main_grad``, Megatron's name for its gradient-accumulation-fusion buffer). Backward then
@@ -214,18 +215,19 @@ def _weight_grad_target(weight: torch.Tensor) -> tuple[torch.Tensor | None, bool
     return buffer, True
 
 
-def _keeps_logits(n: int, width: int) -> bool:
-    """Forward keeps the rows' logits for backward while they hold no more numbers than the weight (n·V ≤ V·H):
-    at most the size of the weight gradient that the in-place accumulation no longer allocates."""
-    return 0 < n <= width
+def _keeps_logits(n: int, weight: torch.Tensor) -> bool:
+    """Forward keeps the rows' logits for backward when the weight has a gradient buffer and they hold no more
+    numbers than the weight (n·V ≤ V·H): at most the [V, H] gradient the in-place accumulation no longer
+    allocates, so the peak stays below that of the head without the buffer (which recomputes them)."""
+    return 0 < n <= weight.shape[1] and weight.requires_grad and _fits(getattr(weight, "main_grad", None), weight)
 
 
 class _SampledTokenLogProb(torch.autograd.Function):
     """``log softmax((h Wᵀ + b) / τ)[y]`` per row, in tiles of [rows, vocabulary slice] (``_tiles``).
 
     Forward: the log-sum-exp of each row accumulated over the vocabulary slices (running max and sum). Saves
-    hidden [n, H], targets [n], log-sum-exp [n] and, with grad and n ≤ H (``_keeps_logits``), the tiles'
-    logits. Backward takes each tile's logits (kept, or recomputed): ``∂ log p(y) / ∂ logits = (onehot(y) −
+    hidden [n, H], targets [n], log-sum-exp [n] and, with a gradient buffer and n ≤ H (``_keeps_logits``), the
+    tiles' logits. Backward takes each tile's logits (kept, or recomputed): ``∂ log p(y) / ∂ logits = (onehot(y) −
     softmax) / τ``, then ``∂h += g·W[slice]`` and ``∂W[slice] += gᵀ·h`` (in float32 for half-precision
     weights), ∂W in place into ``weight.grad`` where :func:`_weight_grad_target` allows.
     """
@@ -236,7 +238,7 @@ class _SampledTokenLogProb(torch.autograd.Function):
         out_dtype = torch.float32 if hidden.dtype in HALF_DTYPES else hidden.dtype
         logp = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
         lse = torch.empty(n, dtype=out_dtype, device=hidden.device)  # [n]
-        keep = any(ctx.needs_input_grad[:3]) and _keeps_logits(n, hidden.shape[1])
+        keep = any(ctx.needs_input_grad[:3]) and _keeps_logits(n, weight)
         kept: list[torch.Tensor] = []  # the tiles' logits, block by block, slice by slice
         block, tile = _tiles(n, hidden.shape[1], vocab, chunk_rows)
         for r in range(0, n, block):
