@@ -232,3 +232,14 @@ def test_two_entry_suite_writes_per_run_banks_and_the_budget_table(tmp_path):
         mapping = list(csv.DictReader(f))
     assert list(mapping[0])[:5] == ["method", "mask", "ratio", "idx", "notes"]
     assert {m["seed_label"] for m in mapping} == {"seed1"}
+
+
+def test_sglang_batch_requests_is_on_by_default_and_checked(explicit_paths):
+    env = {**explicit_paths, "METHOD_LIST": "tip:0.1:1", "DRY_RUN": "1"}
+    args = Path(env["OUTPUT_ROOT"]) / "s" / "runs" / "1_tip_r0.1_s1234" / "train_args.txt"
+    assert run_suite(env).returncode == 0
+    assert "--sglang-batch-requests" in args.read_text().splitlines()
+    assert run_suite({**env, "SGLANG_BATCH_REQUESTS": "0", "FORCE": "1"}).returncode == 0
+    assert "--no-sglang-batch-requests" in args.read_text().splitlines()
+    r = run_suite({**env, "SGLANG_BATCH_REQUESTS": "yes", "FORCE": "1"})
+    assert r.returncode != 0 and "SGLANG_BATCH_REQUESTS=yes: expected 0 or 1" in r.stderr
