@@ -204,7 +204,7 @@ def _child(phase: str, variant: str, tokens: int, hidden: int, vocab: int, ratio
         "norm": norm,
         "kept_tokens": n_keep if phase == "train" else tokens,
         "chunk_rows": chunk_size if (sparse and phase == "logprobs") else None,
-        "keeps_logits": bool(sparse and phase == "train" and n_keep <= hidden),
+        "keeps_logits": bool(sparse and grad_buffer and n_keep <= hidden),  # two backward matmuls, not three
         "torch_threads": torch.get_num_threads(),
     }
 
