@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("CONTINUE_ON_ERROR", "1")  # one failed run still leaves the others' table
     env.setdefault("SEEDS", DEFAULT_SEEDS)  # paired: every method once per seed
     env.setdefault("SHARED_SERVERS", "1")  # one Ray session, one set of engines and one teacher for every run
+    # the comparison reads the evaluations, not the token banks; writing a bank (57 columns per token as CSV) is
+    # about a third of the rollout side's CPU per step here. OPD_TOKEN_BANK=1 keeps them (docs/method_suite.md).
+    env.setdefault("OPD_TOKEN_BANK", "0")
     # two runs at once (each lane its own engines, teacher and trainer): one run leaves a core idle most of the time
     env.setdefault("SUITE_LANES", "2")
     if ns.num_rollout is not None:
