@@ -7,8 +7,7 @@ held-out dev prompts right, at most 900 steps); the student is smaller
 and stops mid-learning, on a prefix of a longer LR schedule, once it gets ~30 % of held-out dev
 prompts right: past the plateau where it writes the format but gets the digits wrong, with most
 answers still wrong, which leaves on-policy distillation room (and a gradient) to improve it. With 2 or more
-CPUs the two train at once, in two processes; the teacher, most of the build, takes the student's core once the
-student is done (if no other process is using it).
+CPUs the two train at once, in two processes, one thread each on 2 cores.
 
 Everything is cached under ``$SLIME_TA_OPD_CACHE`` (default ``~/.cache/slime-ta-opd/embedded-v1``)
 in a directory named by a hash of the recipe, so a second call returns at once and a changed
@@ -51,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the builder's code changes in a way that changes its output for the same recipe.
 # 2: dev split drawn after eval (changes the SFT pool), SFT recipe in the manifest; 3: the teacher stops at a dev
-# accuracy and takes the student's thread once it is done, CPU seconds per model in the manifest
+# accuracy, CPU seconds per model in the manifest
 BUILDER_VERSION = 3
 CACHE_ENV = "SLIME_TA_OPD_CACHE"
 DEFAULT_CACHE = Path("~/.cache/slime-ta-opd/embedded-v1")
@@ -264,12 +263,8 @@ def sft_train(
     seed: int,
     desc: str = "sft",
     dev_accuracy: Callable[[Any, int], float] | None = None,
-    before_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Supervised fine-tuning on response tokens (token-mean NLL); returns the loss per step taken.
-
-    ``before_step(step)``, if given, runs before each 0-based step (the parallel build uses it to hand the
-    teacher a second thread once the student is done).
 
     With ``r.stop_at_dev_accuracy`` set, ``dev_accuracy(model, steps_taken)`` (required then; it must leave the
     model's train/eval mode and the global RNG as it found them) is called after every
@@ -286,8 +281,6 @@ def sft_train(
     losses: list[float] = []
     bar = tqdm(range(r.steps), desc=desc, unit="step", dynamic_ncols=True)
     for step in bar:
-        if before_step is not None:
-            before_step(step)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, r)
         idx = torch.randint(0, input_ids.shape[0], (r.batch_size,), generator=gen)
@@ -365,12 +358,9 @@ def _train_role(
     dev_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]],
     threads: int | None,
-    threads_later: int | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and save one model of the pair into ``out_dir/role``; returns its manifest entry. Runs in
-    the building process or in a spawned one (``threads``: torch threads for it; None leaves them). With
-    ``threads_later``, in a process started by ``build_assets``'s pool, it switches to that many threads once the
-    building process sets the pool's event (the other model is done)."""
+    the building process or in a spawned one (``threads``: torch threads for it; None leaves them)."""
     from slime.embedded.evaluate import evaluate_model
     from slime.embedded.models import build_tiny_model, save_model
     from slime.embedded.tokenizer import load_tokenizer
@@ -382,16 +372,6 @@ def _train_role(
     t_model, cpu_model = time.perf_counter(), time.process_time()
     model = build_tiny_model(r.size, seed=seed)
     dev_history: list[tuple[int, float]] = []
-    switched_at: list[int] = []
-
-    def before_step(step: int) -> None:
-        # Only onto idle cores: on a busy machine the extra OpenMP thread spins against other processes (15 SFT
-        # steps of the teacher took 4x the wall time on 2 threads at a load average of ~8 on 2 cores).
-        if switched_at or _OTHER_DONE is None or not _OTHER_DONE.is_set() or step % 10:
-            return
-        if os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5:
-            torch.set_num_threads(threads_later)
-            switched_at.append(step)
 
     def dev_accuracy(m: Any, step: int) -> float:
         acc = evaluate_model(m, tokenizer, dev_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
@@ -399,14 +379,7 @@ def _train_role(
         return acc.accuracy
 
     losses = sft_train(
-        model,
-        input_ids,
-        loss_mask,
-        r,
-        seed=seed,
-        desc=f"train {role} ({r.size})",
-        dev_accuracy=dev_accuracy,
-        before_step=before_step if threads_later is not None and threads_later != threads else None,
+        model, input_ids, loss_mask, r, seed=seed, desc=f"train {role} ({r.size})", dev_accuracy=dev_accuracy
     )
     result = evaluate_model(model, tokenizer, eval_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
     save_model(model, out / role, tokenizer_dir=out / "tokenizer")
@@ -445,27 +418,17 @@ def _train_role(
         "dev_accuracy_checks": [[step, acc] for step, acc in dev_history],
         "build_seconds": round(time.perf_counter() - t_model, 1),
         "cpu_seconds": round(time.process_time() - cpu_model, 1),  # this process's CPU time, all its threads
-        # the step from which it trained on threads_later threads (None: never switched); not in the weights
-        "threads_switched_at_step": switched_at[0] if switched_at else None,
         "example": {"prompt": eval_rows[0]["prompt"], "response": result.responses[0]},
     }
-
-
-# Set in a process of build_assets's pool: the event the building process sets once its own model is done.
-_OTHER_DONE: Any = None
-
-
-def _init_pool_process(other_done: Any) -> None:
-    global _OTHER_DONE
-    _OTHER_DONE = other_done
 
 
 def build_assets(out_dir: str | os.PathLike, recipe: Recipe, parallel: bool = True) -> dict[str, Any]:
     """Build every asset into ``out_dir`` (not atomic by itself; see ``ensure_assets``); returns the manifest.
 
     ``parallel`` (with 2 or more CPUs): the teacher trains in a spawned process while the student trains here,
-    each on half of torch's threads; once the student is done the teacher takes all of them (the student trains
-    for a fraction of the teacher's time, which would leave a core idle for most of the build)."""
+    each on half of torch's threads. (The teacher does not take the student's thread once the student is done:
+    measured on 2 cores, 2 threads made its steps 1.2x faster at a load average of ~1 but 3-8x slower at ~2,
+    OpenMP threads waiting on each other.)"""
     from slime.embedded.tokenizer import build_tokenizer
 
     out = Path(out_dir)
@@ -497,17 +460,11 @@ def build_assets(out_dir: str | os.PathLike, recipe: Recipe, parallel: bool = Tr
         # depends only on its own seed and data (with one thread each, the sequential build's exact weights).
         import multiprocessing
 
-        # Measured on the demo's teacher: 15 SFT steps on 1 and on 2 threads give bitwise-equal weights (torch's
-        # CPU kernels here split work over output elements, not over a reduction), so the hand-over changes the
-        # build's time, not its result; the parallel-vs-sequential test checks the weights at one thread.
         threads = torch.get_num_threads()
         per_process = max(1, threads // 2)
-        ctx = multiprocessing.get_context("spawn")
-        student_done = ctx.Event()
-        with ctx.Pool(1, initializer=_init_pool_process, initargs=(student_done,)) as pool_:
-            teacher = pool_.apply_async(_train_role, (*jobs[0], *shared, per_process, threads))
+        with multiprocessing.get_context("spawn").Pool(1) as pool_:
+            teacher = pool_.apply_async(_train_role, (*jobs[0], *shared, per_process))
             manifest["student"] = _train_role(*jobs[1], *shared, per_process)
-            student_done.set()
             manifest["teacher"] = teacher.get()
         torch.set_num_threads(threads)
     else:
