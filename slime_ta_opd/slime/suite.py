@@ -306,6 +306,7 @@ class Lanes:
         self.stop = threading.Event()  # no lane takes another entry
         self.interrupted = threading.Event()  # the servers are being closed under the running entries
         self.up = [threading.Event() for _ in range(lanes)]  # lane k's servers started (or failed): k+1 may start
+        self.done = [threading.Event() for _ in range(lanes)]  # lane k's thread has finished (its files written)
         self.servers: list[SharedServers | None] = [None] * lanes
         self.failed: list[str] = []
         self.stopped_by_interrupt = False  # an entry ended with 130
@@ -318,6 +319,12 @@ class Lanes:
             return self.queue.popleft()
 
     def _lane(self, k: int) -> None:
+        try:
+            self._drive(k)
+        finally:
+            self.done[k].set()
+
+    def _drive(self, k: int) -> None:
         if self.lanes > 1:
             _LANE.number = k + 1
         t_entry = self.t_process if k == 0 else None
@@ -386,15 +393,17 @@ class Lanes:
         ]
         for t in threads:
             t.start()
+        # the main thread waits on events, not Thread.join: a KeyboardInterrupt landing inside join can leave the
+        # thread looking finished while it still runs
         try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=1.0)  # short waits: the main thread stays responsive to SIGINT/SIGTERM
+            for done in self.done:
+                while not done.wait(timeout=1.0):  # short waits: the main thread stays responsive to SIGINT/SIGTERM
+                    pass
         except KeyboardInterrupt:
             logger.warning("interrupted: stopping %s", "every lane" if self.lanes > 1 else "the suite")
             self.close_all()
-            for t in threads:  # each lane writes the files of its interrupted entry
-                t.join(timeout=120)
+            for done in self.done:  # each lane writes the files of its interrupted entry
+                done.wait(timeout=120)
             return 130
         if self.startup_error is not None:
             raise self.startup_error

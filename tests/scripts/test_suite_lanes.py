@@ -21,6 +21,7 @@ from test_suite_shared import REPO, SUITE, dry_run, entry_args
 
 import slime.suite as suite_module
 from slime.suite import Entry, LaneResourceError, _lanes, _ray_cpu_count, lane_needs, run_suite, start_ray
+from slime.utils.arguments import parse_args
 
 # what differs between two runs of one entry by design: timings and where the processes ran
 _TIMING = ("perf/", "time", "_s", "wall")
@@ -31,13 +32,26 @@ def _steps(run_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if not any(t in k for t in _TIMING)} for r in rows]
 
 
-def _suite(tmp_path, student, teacher, method_list: str) -> tuple[list[Entry], object]:
-    suite = dry_run(
-        tmp_path, student, teacher, method_list, "5", LR="0.05",
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, tiny_student_dir, tiny_teacher_dir):
+    """The launcher's flags (DRY_RUN) for three entries of seed 5, written once; each test runs a copy."""
+    return dry_run(
+        tmp_path_factory.mktemp("planned"), tiny_student_dir, tiny_teacher_dir,
+        "pure_opd:1.0:1 random:0.2:2 teachability:0.2:3", "5", LR="0.05",
         EXTRA_ARGS="--rollout-num-engines 1 --opd-topk-metrics-k 4",
     )  # fmt: skip
-    names = sorted(p.name for p in (suite / "runs").iterdir())
-    return [Entry(n, "fresh", suite / "runs" / n, entry_args(suite, n)) for n in names], suite
+
+
+def _copy(planned, dest) -> list[Entry]:
+    """The planned entries under ``dest``: their flags with every path into the planned suite moved there."""
+    entries = []
+    for run in sorted((planned / "runs").iterdir()):
+        argv = [a.replace(str(planned), str(dest)) for a in (run / "train_args.txt").read_text().splitlines()]
+        run_dir = dest / "runs" / run.name
+        run_dir.mkdir(parents=True)
+        (run_dir / "train_args.txt").write_text("\n".join(argv) + "\n")
+        entries.append(Entry(run.name, "fresh", run_dir, parse_args(argv)))
+    return entries
 
 
 def test_lanes_value_is_checked():
@@ -65,11 +79,10 @@ def test_launcher_refuses_bad_lanes_before_any_work(tmp_path, env, message):
     assert not (tmp_path / "out").exists()  # refused before the suite directory was made
 
 
-def test_lanes_must_fit_the_cluster(tmp_path, tiny_student_dir, tiny_teacher_dir):
+def test_lanes_must_fit_the_cluster(planned):
     import ray
 
-    entries, _ = _suite(tmp_path, tiny_student_dir, tiny_teacher_dir, "pure_opd:1.0:1")
-    args = entries[0].args
+    args = entry_args(planned, "1_pure_opd_r1.0_s5")
     assert lane_needs(args, 3, use_gpu=False) == {"CPU": 3}  # one training rank's bundle per lane
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
@@ -106,9 +119,9 @@ class _Servers:
         self.closed.set()
 
 
-def _lanes_with(monkeypatch, tmp_path, student, teacher, run_loop):
+def _lanes_with(monkeypatch, tmp_path, planned, run_loop):
     """Three real entries on two lanes whose servers and step loop are ``_Servers`` and ``run_loop``."""
-    entries, _ = _suite(tmp_path, student, teacher, "pure_opd:1.0:1 random:0.2:2 tip:0.2:3")
+    entries = _copy(planned, tmp_path / "suite")
     _Servers.made = []
     monkeypatch.setattr(suite_module, "SharedServers", _Servers)
     monkeypatch.setattr(suite_module, "run_loop", run_loop)
@@ -120,8 +133,7 @@ def _code(entry) -> int | None:
     return json.loads(path.read_text())["exit_code"] if path.is_file() else None
 
 
-def test_an_interrupt_stops_every_lane_and_keeps_what_finished(monkeypatch, tmp_path, tiny_student_dir,
-                                                               tiny_teacher_dir):  # fmt: skip
+def test_an_interrupt_stops_every_lane_and_keeps_what_finished(monkeypatch, tmp_path, planned):
     running: list[str] = []
 
     def run_loop(args, servers, actor, metrics_logger, startup_s):
@@ -134,7 +146,7 @@ def test_an_interrupt_stops_every_lane_and_keeps_what_finished(monkeypatch, tmp_
             return {}
         raise RuntimeError("the actor died")  # what a closed server's pending call raises
 
-    entries, lanes = _lanes_with(monkeypatch, tmp_path, tiny_student_dir, tiny_teacher_dir, run_loop)
+    entries, lanes = _lanes_with(monkeypatch, tmp_path, planned, run_loop)
     assert lanes.run() == 130
     assert [_code(e) for e in entries] == [0, 130, 130]
     assert [(e.run_dir / "complete.json").is_file() for e in entries] == [True, False, False]
@@ -143,8 +155,7 @@ def test_an_interrupt_stops_every_lane_and_keeps_what_finished(monkeypatch, tmp_
     assert lane2.first in (entries[1].name, entries[2].name) and not lane2.preflight and lane2.closed.is_set()
 
 
-def test_a_failed_entry_stops_new_entries_and_lets_the_running_one_finish(monkeypatch, tmp_path, tiny_student_dir,
-                                                                          tiny_teacher_dir):  # fmt: skip
+def test_a_failed_entry_stops_new_entries_and_lets_the_running_one_finish(monkeypatch, tmp_path, planned):
     second_started = threading.Event()
     suite: dict[str, suite_module.Lanes] = {}
 
@@ -156,7 +167,7 @@ def test_a_failed_entry_stops_new_entries_and_lets_the_running_one_finish(monkey
         assert suite["lanes"].stop.wait(60)  # still running when the first entry fails
         return {}
 
-    entries, lanes = _lanes_with(monkeypatch, tmp_path, tiny_student_dir, tiny_teacher_dir, run_loop)
+    entries, lanes = _lanes_with(monkeypatch, tmp_path, planned, run_loop)
     suite["lanes"] = lanes
     assert lanes.run() == 1
     assert [_code(e) for e in entries] == [1, 0, None]  # the third entry never started
@@ -182,12 +193,11 @@ def _start_of_training(run_dir) -> tuple[list, dict]:
 
 
 @pytest.mark.slow
-def test_two_lanes_write_every_entry_and_pair_with_one_lane(tmp_path, tiny_student_dir, tiny_teacher_dir, caplog):
+def test_two_lanes_write_every_entry_and_pair_with_one_lane(tmp_path, planned, caplog):
     """Every entry's files with 2 lanes; each entry sees the prompts of its 1-lane run in the same order and starts
     from the same weights. (The engines' sampling RNG runs on from their start, so an entry on reused servers
     samples other responses than on fresh ones: the metrics after step 0 are not compared.)"""
-    methods = "pure_opd:1.0:1 random:0.2:2 teachability:0.2:3"
-    entries, _ = _suite(tmp_path / "two", tiny_student_dir, tiny_teacher_dir, methods)
+    entries = _copy(planned, tmp_path / "two")
     with caplog.at_level(logging.INFO, logger="slime.suite"):
         assert run_suite(entries, lanes=2) == 0
     messages = [r.getMessage() for r in caplog.records]
@@ -203,7 +213,7 @@ def test_two_lanes_write_every_entry_and_pair_with_one_lane(tmp_path, tiny_stude
         assert [r["rollout_id"] for r in records] == [-1, 0, 1] and records[0]["perf/startup_s"] > 0
 
     # the same entries on one lane: the 2nd and 3rd on reused servers, a reset trainer
-    ones, _ = _suite(tmp_path / "one", tiny_student_dir, tiny_teacher_dir, methods)
+    ones = _copy(planned, tmp_path / "one")
     assert run_suite(ones, lanes=1) == 0
     for one, two in zip(ones, entries, strict=True):
         prompts_one, first_one = _start_of_training(one.run_dir)
@@ -213,4 +223,7 @@ def test_two_lanes_write_every_entry_and_pair_with_one_lane(tmp_path, tiny_stude
         for sample, (s_id, s_prob, t_id, t_prob) in first_one.items():
             assert (s_id, t_id) == (first_two[sample][0], first_two[sample][2]), (one.name, sample)
             assert (s_prob, t_prob) == pytest.approx((first_two[sample][1], first_two[sample][3]), rel=1e-5)
-        assert _steps(one.run_dir)[0] == _steps(two.run_dir)[0]  # the greedy evaluation before training
+        before_one, before_two = _steps(one.run_dir)[0], _steps(two.run_dir)[0]  # greedy evaluation before training
+        assert {k: v for k, v in before_one.items() if k.startswith("eval/heldout/")} == {
+            k: v for k, v in before_two.items() if k.startswith("eval/heldout/")
+        }
