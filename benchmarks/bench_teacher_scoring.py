@@ -95,7 +95,10 @@ def _server_paths(ckpt: str, tmp: str, batches: list, top_k: int) -> dict:
                     f"{servers[srv].url}/generate",
                     "--opd-topk-metrics-k",
                     str(top_k),
-                    "--rollout-batch-size", "1", "--rollout-max-response-len", "1",
+                    "--rollout-batch-size",
+                    "1",
+                    "--rollout-max-response-len",
+                    "1",
                     "--sglang-batch-requests" if batched else "--no-sglang-batch-requests",
                 ]
             )  # fmt: skip
