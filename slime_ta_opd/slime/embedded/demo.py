@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("SUITE_LANES", "2")
     if ns.num_rollout is not None:
         env["NUM_ROLLOUT"] = str(ns.num_rollout)
+        if "LR_WARMUP_ITERS" not in os.environ:  # the warm-up must end before the decay does: half a short run
+            env["LR_WARMUP_ITERS"] = str(min(10, ns.num_rollout // 2))
     if ns.seeds is not None:
         env["SEEDS"] = ns.seeds
     if ns.seed is not None:
