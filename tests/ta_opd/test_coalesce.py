@@ -178,3 +178,17 @@ def test_merge_payloads_lists_rids_and_keeps_shared_fields():
 def test_bad_max_batch_is_refused(bad):
     with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
         GenerateCoalescer(FakeServer().send, max_batch=bad)
+
+
+def test_loads_json_matches_the_standard_library_including_nan_and_infinity():
+    import json
+    import math
+
+    from ta_opd.coalesce import loads_json
+
+    text = '{"meta_info": {"lp": [[-0.25, 3, null], [-1e-07, 4, null]], "ok": true}, "text": "12"}'
+    assert loads_json(text) == json.loads(text) == loads_json(text.encode())
+    inf, nan, one = loads_json(b"[-Infinity, NaN, 1]")  # tokens orjson refuses: the standard library's values
+    assert inf == -math.inf and math.isnan(nan) and one == 1
+    with pytest.raises(ValueError):
+        loads_json(b"{not json")

@@ -35,7 +35,7 @@ import torch
 from slime.utils.misc import load_function
 from slime.utils.types import Sample
 from ta_opd.api import select_tokens
-from ta_opd.coalesce import GenerateCoalescer
+from ta_opd.coalesce import GenerateCoalescer, loads_json
 from ta_opd.loss_mask import valid_loss_mask
 from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 from ta_opd.topk import TokenBatch
@@ -313,7 +313,7 @@ async def _post_any(args: Any, url: str, payload: dict[str, Any], *, what: str, 
                 if resp.status >= 400:
                     raise failed(f"request to {url} failed with HTTP {resp.status}: {(await resp.text())[:500]}")
                 try:
-                    return await resp.json(content_type=None)
+                    return loads_json(await resp.read())
                 except ValueError as e:
                     raise failed(f"answer from {url} is not JSON: {e}") from e
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from ta_opd.coalesce import GenerateCoalescer
+from ta_opd.coalesce import GenerateCoalescer, loads_json
 from ta_opd.retry import RETRYABLE_HTTP_STATUS, RetriesExhausted, RetryPolicy, Transient, log_retry, retry_async
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ async def _request(
             if not body.strip():
                 raise failed(f"returned HTTP {resp.status} with an empty body; expected JSON")
             try:
-                return await resp.json(content_type=None)
+                return loads_json(body)
             except ValueError as e:
                 raise failed(f"returned a body that is not JSON: {body[:300]!r}") from e
 
