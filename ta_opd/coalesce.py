@@ -11,7 +11,8 @@ the plug-ins see.
 dict a single request would have got. Requests are grouped by URL and by every payload field except
 ``input_ids``, ``sampling_params`` and ``rid`` (two requests with a different ``logprob_start_len`` or
 ``top_logprobs_num`` go in different groups, so a router that only knows scalar fields forwards the
-batch unchanged). ``sampling_params`` and ``rid`` become per-prompt lists when they differ. A group is
+batch unchanged). ``sampling_params`` becomes a per-prompt list when the prompts' differ; ``rid`` is a
+per-prompt list whenever the requests carry one (all or none of a batch do). A group is
 sent once the event loop has run one full round without a new request joining it (the requests of one
 ``asyncio.gather`` all join within that round), or as soon as it holds ``max_batch`` requests. With
 ``chunks`` > 1 a group is split into that many batches sent concurrently (one per engine behind a
