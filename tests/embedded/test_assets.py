@@ -14,11 +14,11 @@ from slime.embedded.assets import (
     ModelRecipe,
     Recipe,
     _encode_examples,
-    _lr_at,
     build_assets,
     ensure_assets,
-    sft_train,
 )
+from slime.embedded.sft import lr_at as _lr_at
+from slime.embedded.sft import sft_train
 from slime.embedded.task import generate_splits, read_jsonl
 
 TINY = replace(
@@ -26,7 +26,10 @@ TINY = replace(
     num_train_prompts=16,
     num_eval_prompts=4,
     sft_pool=64,
-    teacher=ModelRecipe("nano", steps=3, lr=5e-3, batch_size=4),
+    # two half-batch gradients per step, dev checks it never passes: the parallel build's second process joins it
+    teacher=ModelRecipe(
+        "nano", steps=6, lr=5e-3, batch_size=4, grad_shards=2, stop_at_dev_accuracy=1.0, dev_check_every=2
+    ),
     # a prefix of a longer schedule with a dev-accuracy stop it cannot reach: checked once, after step 2
     student=ModelRecipe(
         "nano", steps=3, lr=5e-3, batch_size=4, schedule_steps=10, stop_at_dev_accuracy=1.0, dev_check_every=2
@@ -141,8 +144,10 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
         assert entry["sft"]["warmup_steps"] == r.warmup_steps and "cosine" in entry["sft"]["decay"]
         assert math.isfinite(entry["final_sft_loss"]) and math.isfinite(entry["final_sft_loss_mean_last20"])
         assert entry["build_seconds"] >= 0 and entry["cpu_seconds"] >= 0
-    assert manifest["teacher"]["stop_reason"] == "all steps" and manifest["teacher"]["dev_accuracy_checks"] == []
-    assert manifest["student"]["stop_reason"].startswith("all steps (dev accuracy never reached")
+    for role in ("teacher", "student"):
+        assert manifest[role]["stop_reason"].startswith("all steps (dev accuracy never reached")
+    assert [step for step, _ in manifest["teacher"]["dev_accuracy_checks"]] == [2, 4]
+    assert manifest["teacher"]["sft"]["grad_shards"] == 2 and manifest["student"]["sft"]["grad_shards"] == 1
     assert [step for step, _ in manifest["student"]["dev_accuracy_checks"]] == [2]
     stamp = (a.teacher_dir / "model.safetensors").stat().st_mtime_ns
 
@@ -164,8 +169,9 @@ def test_ensure_assets_builds_once_then_reuses(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_parallel_build_makes_the_sequential_pair(tmp_path):
-    """The teacher trained in a spawned process next to the student gives the weights and manifest entries of the
-    sequential build (one torch thread on both sides, so the arithmetic is the same)."""
+    """The teacher trained in a spawned process next to the student, and joined by this process once the student
+    is done (each computing one half of every batch), gives the weights and manifest entries of the sequential
+    build, which computes both halves in one process (one torch thread on both sides)."""
     from safetensors.torch import load_file
 
     threads = torch.get_num_threads()
@@ -181,9 +187,13 @@ def test_parallel_build_makes_the_sequential_pair(tmp_path):
             load_file(tmp_path / "par" / role / "model.safetensors"),
         )
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), role
-        timings = ("build_seconds", "cpu_seconds")
+        timings = ("build_seconds", "cpu_seconds", "second_process_from_step")
         same = {k: v for k, v in seq[role].items() if k not in timings}
         assert same == {k: v for k, v in par[role].items() if k not in timings}, role
+    assert seq["teacher"]["second_process_from_step"] is None
+    # the student's 3 steps end seconds before the spawned teacher has imported torch: it joins at the start
+    assert par["teacher"]["second_process_from_step"] is not None
+    assert par["teacher"]["steps"] == 6 and len(par["teacher"]["dev_accuracy_checks"]) == 2  # after steps 2 and 4
     assert list(par) == ["recipe", "recipe_key", "builder", "teacher", "student", "build_seconds"]
 
 

@@ -30,19 +30,19 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slime.embedded.sft import JoinListener, JoinPoint, ModelRecipe, join_sft, lr_at, sft_train
 from slime.embedded.task import TaskConfig, build_prompt, generate_splits, read_jsonl, to_record, write_jsonl
 from ta_opd.atomic_io import atomic_dir
 
@@ -50,89 +50,11 @@ logger = logging.getLogger(__name__)
 
 # Bump when the builder's code changes in a way that changes its output for the same recipe.
 # 2: dev split drawn after eval (changes the SFT pool), SFT recipe in the manifest; 3: the teacher stops at a dev
-# accuracy, CPU seconds per model in the manifest
-BUILDER_VERSION = 3
+# accuracy, CPU seconds per model in the manifest; 4: the teacher's gradient is the sum of two half-batch gradients
+# (grad_shards=2), which the building process helps compute once the student is done
+BUILDER_VERSION = 4
 CACHE_ENV = "SLIME_TA_OPD_CACHE"
 DEFAULT_CACHE = Path("~/.cache/slime-ta-opd/embedded-v1")
-
-
-@dataclass(frozen=True)
-class ModelRecipe:
-    """How one model is trained by SFT: AdamW, linear warm-up, then cosine decay.
-
-    The LR schedule spans ``schedule_steps`` (default ``steps``) and training stops after
-    ``steps`` of them. ``steps < schedule_steps`` trains a prefix of a longer schedule: the model
-    stops mid-learning, at a still-high LR, instead of being annealed onto a plateau (this is how
-    the demo's cold student gets past the "format right, digits wrong" plateau without learning
-    the task fully).
-
-    ``stop_at_dev_accuracy`` stops training earlier, at the first check (every ``dev_check_every``
-    steps from ``dev_check_from`` on) where greedy accuracy on the recipe's dev prompts (disjoint
-    from the SFT pool and the eval prompts) reaches it; ``steps`` is then the most steps taken.
-    Mid-schedule the accuracy climbs steeply (0.3 to 1 point per step) from a step that varies with
-    the seed and data by 200 steps or more, so stopping at a target accuracy, not a fixed step, is
-    what lands a student reliably in a band.
-    """
-
-    size: str  # a key of slime.embedded.models.SIZES
-    steps: int  # optimizer steps actually taken
-    lr: float  # peak LR
-    batch_size: int = 64
-    warmup_frac: float = 0.05  # of schedule_steps
-    final_lr_frac: float = 0.1  # cosine decay to lr * final_lr_frac at the end of the schedule
-    schedule_steps: int | None = None  # length of the LR schedule; None = steps
-    stop_at_dev_accuracy: float | None = None  # None: always train `steps` steps
-    dev_check_every: int = 10
-    dev_check_from: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"ModelRecipe.steps must be >= 1, got {self.steps}")
-        if self.schedule_steps is not None and self.schedule_steps < self.steps:
-            raise ValueError(
-                f"ModelRecipe.schedule_steps ({self.schedule_steps}) must be >= steps ({self.steps}): "
-                "training runs a prefix of the schedule, never past its end"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"ModelRecipe.lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"ModelRecipe.batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"ModelRecipe.warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if not 0 <= self.final_lr_frac <= 1:
-            raise ValueError(f"ModelRecipe.final_lr_frac must be in [0, 1], got {self.final_lr_frac}")
-        if self.stop_at_dev_accuracy is not None and not 0 < self.stop_at_dev_accuracy <= 1:
-            raise ValueError(f"ModelRecipe.stop_at_dev_accuracy must be in (0, 1], got {self.stop_at_dev_accuracy}")
-        if self.dev_check_every < 1 or self.dev_check_from < 0:
-            raise ValueError(
-                f"ModelRecipe needs dev_check_every >= 1 and dev_check_from >= 0, "
-                f"got {self.dev_check_every} and {self.dev_check_from}"
-            )
-
-    @property
-    def schedule_len(self) -> int:
-        return self.steps if self.schedule_steps is None else self.schedule_steps
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, int(self.warmup_frac * self.schedule_len))
-
-    def sft_summary(self) -> dict[str, Any]:
-        """The SFT recipe as recorded in the manifest (with the derived warm-up steps)."""
-        return {
-            "max_steps": self.steps,
-            "schedule_steps": self.schedule_len,
-            "lr": self.lr,
-            "batch_size": self.batch_size,
-            "warmup_steps": self.warmup_steps,
-            "warmup": "linear",
-            "decay": f"cosine to {self.final_lr_frac:g} x lr at schedule_steps",
-            "final_lr_frac": self.final_lr_frac,
-            "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0), grad clip 1.0",
-            "stop_at_dev_accuracy": self.stop_at_dev_accuracy,
-            "dev_check_every": self.dev_check_every,
-            "dev_check_from": self.dev_check_from,
-        }
 
 
 @dataclass(frozen=True)
@@ -150,7 +72,13 @@ class Recipe:
     # with the 96.5 % held-out accuracy of the full schedule (dev accuracy at steps 700/750/800: 88/92/94 %).
     teacher: ModelRecipe = field(
         default_factory=lambda: ModelRecipe(
-            "teacher", steps=900, lr=3e-3, stop_at_dev_accuracy=0.94, dev_check_every=50, dev_check_from=750
+            "teacher",
+            steps=900,
+            lr=3e-3,
+            stop_at_dev_accuracy=0.94,
+            dev_check_every=50,
+            dev_check_from=750,
+            grad_shards=2,
         )
     )
     # The student trains on a 1,350-step schedule (which would take it to ~92 %) and stops at the
@@ -246,76 +174,6 @@ def _encode_examples(tokenizer: Any, problems: Sequence[Any]) -> tuple[torch.Ten
     return input_ids, loss_mask
 
 
-def _lr_at(step: int, r: ModelRecipe) -> float:
-    """LR of 0-based ``step`` on ``r``'s schedule, which spans ``r.schedule_len`` steps (not ``r.steps``)."""
-    total, warmup = r.schedule_len, r.warmup_steps
-    if step < warmup:
-        return r.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return r.lr * (r.final_lr_frac + (1 - r.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def sft_train(
-    model: Any,
-    input_ids: torch.Tensor,
-    loss_mask: torch.Tensor,
-    r: ModelRecipe,
-    seed: int,
-    desc: str = "sft",
-    dev_accuracy: Callable[[Any, int], float] | None = None,
-) -> list[float]:
-    """Supervised fine-tuning on response tokens (token-mean NLL); returns the loss per step taken.
-
-    With ``r.stop_at_dev_accuracy`` set, ``dev_accuracy(model, steps_taken)`` (required then; it must leave the
-    model's train/eval mode and the global RNG as it found them) is called after every
-    ``r.dev_check_every``-th step from ``r.dev_check_from`` on, and training stops once it reaches
-    the target; ``len(result)`` is the number of steps taken.
-    """
-    from tqdm import tqdm
-
-    if r.stop_at_dev_accuracy is not None and dev_accuracy is None:
-        raise ValueError(f"{desc}: the recipe stops at a dev accuracy, but no dev_accuracy function was given")
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(range(r.steps), desc=desc, unit="step", dynamic_ncols=True)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, r)
-        idx = torch.randint(0, input_ids.shape[0], (r.batch_size,), generator=gen)
-        ids, mask = input_ids[idx], loss_mask[idx]
-        width = int(mask.any(0).nonzero().max()) + 1  # drop all-padding columns
-        ids, mask = ids[:, :width], mask[:, :width]
-        # right padding + causal attention: real tokens never see the pads, whose loss is masked
-        logits = model(input_ids=ids).logits  # [B, L, V]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]: token t+1 predicted at t
-        target_mask = mask[:, 1:]
-        loss = (nll * target_mask).sum() / target_mask.sum().clamp_min(1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == r.steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        n = step + 1
-        if (
-            r.stop_at_dev_accuracy is not None
-            and n < r.steps
-            and n >= r.dev_check_from
-            and (n - r.dev_check_from) % r.dev_check_every == 0
-        ):
-            acc = dev_accuracy(model, n)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", dev=f"{acc:.1%}")
-            if acc >= r.stop_at_dev_accuracy:
-                break
-    bar.close()
-    model.eval()
-    return losses
-
-
 # --------------------------------------------------------------------------- build + cache
 
 
@@ -358,9 +216,11 @@ def _train_role(
     dev_rows: list[dict[str, Any]],
     eval_rows: list[dict[str, Any]],
     threads: int | None,
+    join_address: tuple[str, int] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and save one model of the pair into ``out_dir/role``; returns its manifest entry. Runs in
-    the building process or in a spawned one (``threads``: torch threads for it; None leaves them)."""
+    the building process or in a spawned one (``threads``: torch threads for it; None leaves them;
+    ``join_address``: a :class:`JoinPoint` where the building process may join the SFT once it is free)."""
     from slime.embedded.evaluate import evaluate_model
     from slime.embedded.models import build_tiny_model, save_model
     from slime.embedded.tokenizer import load_tokenizer
@@ -378,9 +238,11 @@ def _train_role(
         dev_history.append((step, acc.accuracy))
         return acc.accuracy
 
+    listener = JoinListener(join_address) if join_address is not None else None
     losses = sft_train(
-        model, input_ids, loss_mask, r, seed=seed, desc=f"train {role} ({r.size})", dev_accuracy=dev_accuracy
-    )
+        model, input_ids, loss_mask, r, seed=seed, desc=f"train {role} ({r.size})", dev_accuracy=dev_accuracy,
+        join=listener,
+    )  # fmt: skip
     result = evaluate_model(model, tokenizer, eval_rows, max_new_tokens=recipe.eval_max_new_tokens, temperature=0.0)
     save_model(model, out / role, tokenizer_dir=out / "tokenizer")
     steps_done = len(losses)
@@ -411,11 +273,13 @@ def _train_role(
         "steps": steps_done,
         "stop_reason": stop_reason,
         "sft": r.sft_summary(),
-        "lr_at_stop": _lr_at(steps_done - 1, r),
+        "lr_at_stop": lr_at(steps_done - 1, r),
         "final_sft_loss": losses[-1],  # the last step's batch
         "final_sft_loss_mean_last20": sum(losses[-20:]) / len(losses[-20:]),
         "heldout_accuracy_greedy": result.accuracy,
         "dev_accuracy_checks": [[step, acc] for step, acc in dev_history],
+        # the step from which a second process shared the SFT (None: one process); the weights are the same either way
+        "second_process_from_step": None if listener is None else listener.joined_at,
         "build_seconds": round(time.perf_counter() - t_model, 1),
         "cpu_seconds": round(time.process_time() - cpu_model, 1),  # this process's CPU time, all its threads
         "example": {"prompt": eval_rows[0]["prompt"], "response": result.responses[0]},
@@ -426,9 +290,10 @@ def build_assets(out_dir: str | os.PathLike, recipe: Recipe, parallel: bool = Tr
     """Build every asset into ``out_dir`` (not atomic by itself; see ``ensure_assets``); returns the manifest.
 
     ``parallel`` (with 2 or more CPUs): the teacher trains in a spawned process while the student trains here,
-    each on half of torch's threads. (The teacher does not take the student's thread once the student is done:
-    measured on 2 cores, 2 threads made its steps 1.2x faster at a load average of ~1 but 3-8x slower at ~2,
-    OpenMP threads waiting on each other.)"""
+    each on half of torch's threads; once the student is done, this process computes half of every teacher
+    batch (data parallel, when the teacher's recipe has ``grad_shards=2``; the weights do not change). (Not a
+    second thread for the teacher: measured on 2 cores, 2 threads made its steps 1.2x faster at a load average
+    of ~1 but 3-8x slower at ~2, OpenMP threads waiting on each other.)"""
     from slime.embedded.tokenizer import build_tokenizer
 
     out = Path(out_dir)
@@ -458,13 +323,20 @@ def build_assets(out_dir: str | os.PathLike, recipe: Recipe, parallel: bool = Tr
     if parallel and (os.cpu_count() or 1) >= 2:
         # The teacher (most of the build) trains in a second process while the student trains here: each model
         # depends only on its own seed and data (with one thread each, the sequential build's exact weights).
+        # Once the student is done, this process joins the teacher's SFT and computes half of each batch
+        # (recipe.teacher.grad_shards == 2; slime.embedded.sft: the weights do not change).
         import multiprocessing
 
         threads = torch.get_num_threads()
         per_process = max(1, threads // 2)
+        point = JoinPoint() if recipe.teacher.grad_shards == 2 else None
         with multiprocessing.get_context("spawn").Pool(1) as pool_:
-            teacher = pool_.apply_async(_train_role, (*jobs[0], *shared, per_process))
+            address = None if point is None else point.address
+            teacher = pool_.apply_async(_train_role, (*jobs[0], *shared, per_process, address))
             manifest["student"] = _train_role(*jobs[1], *shared, per_process)
+            if point is not None:
+                print("[assets] student done: this process now shares the teacher's SFT", file=sys.stderr, flush=True)
+                join_sft(point, recipe.teacher, input_ids, loss_mask)
             manifest["teacher"] = teacher.get()
         torch.set_num_threads(threads)
     else:
