@@ -6,11 +6,15 @@ STAMP := .cache/install.stamp
 .PHONY: install demo test test-cluster test-megatron lint bench clean
 
 # torch first, pinned: on these machines 2.13.0 is a local CPU build; an unpinned torch pulls CUDA wheels.
+# With the build backend already installed (setuptools >= 68) the editable install skips pip's isolated build
+# environment (about 5 s of 16); otherwise, or if that fails, it takes the standard isolated build.
 $(STAMP): pyproject.toml
 	@mkdir -p .cache
 	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
 		|| $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PYTHON) -c "import setuptools, sys; sys.exit(0 if int(setuptools.__version__.split('.')[0]) >= 68 else 1)" \
+		2>/dev/null && $(PIP) install -q --no-build-isolation -e '.[dev]' \
+		|| $(PIP) install -q -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)
